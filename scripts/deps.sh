@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Installs everything upsync needs on a fresh Debian 12 (bookworm), as root. Idempotent:
+# a second run finds everything in place and changes nothing.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+say() { printf 'deps: %s\n' "$*"; }
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "deps: must run as root (it installs Debian packages); try: sudo make deps" >&2
+    exit 1
+fi
+
+# Debian packages. nginx and nginx-dev must be the same version (the module is built against
+# nginx-dev's headers and loaded into nginx); apt installs the candidate of both together.
+packages=(
+    nginx nginx-dev libclang-dev pkg-config curl ca-certificates
+    wrk dnsperf bind9-dnsutils
+    dnsmasq-base unbound
+    podman runc busybox-static uidmap slirp4netns fuse-overlayfs
+    python3-pip python3-venv
+    iproute2 procps psmisc
+)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    say "installing Debian packages: ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+else
+    say "Debian packages already installed (${#packages[@]})"
+fi
+
+# The unbound package enables a system service listening on port 53; we only want its binary.
+if systemctl is-enabled unbound >/dev/null 2>&1; then systemctl disable --now unbound >/dev/null 2>&1 || true; fi
+
+nginx_v="$(dpkg-query -W -f='${Version}' nginx)"
+dev_v="$(dpkg-query -W -f='${Version}' nginx-dev)"
+if [ "$nginx_v" != "$dev_v" ]; then
+    echo "deps: nginx $nginx_v and nginx-dev $dev_v differ; install the same version of both (apt-get install nginx=$dev_v)" >&2
+    exit 1
+fi
+say "nginx and nginx-dev $nginx_v"
+
+"$here/scripts/install-consul.sh"
+"$here/scripts/install-etcd.sh"
+say "done"

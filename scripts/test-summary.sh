@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Passes cargo test's output through and ends with one summary line per test binary plus the
+# totals, so the end of `make test` tells at a glance what ran and what failed. Exits non-zero
+# if any test failed or cargo itself failed.
+set -uo pipefail
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+tee "$log"
+status=${PIPESTATUS[0]}
+echo
+echo "==== summary ===="
+awk '
+  /^ *(Running|Doc-tests) / { line=$0; sub(/^ *(Running|Doc-tests) +(unittests +)?/, "", line); sub(/ \(.*$/, "", line); bin=line }
+  /^test result:/ { printf "%-60s %s\n", bin, $0;
+                    for (i=1;i<=NF;i++) { if ($(i+1) ~ /^passed;?$/) p+=$i; if ($(i+1) ~ /^failed;?$/) f+=$i; if ($(i+1) ~ /^ignored;?$/) ig+=$i } }
+  END { printf "total: %d passed, %d failed, %d ignored\n", p, f, ig; if (f>0) exit 1 }
+' "$log" || status=1
+if grep -qE '^error(\[|:)|could not compile' "$log"; then status=1; fi
+exit "$status"

@@ -1,0 +1,26 @@
+//! The integration-test harness: every test in `tests/tests/` drives real processes through it.
+//!
+//! - [`consul::Consul`]: a real Consul agent (dev mode, or a server of a loopback cluster) on free
+//!   ports, with KV and service helpers that talk to its HTTP API directly (not through
+//!   `upsync-discovery`, so a bug there cannot hide behind the harness).
+//! - [`nginx::Nginx`]: Debian's `/usr/sbin/nginx` with the built module, its own prefix, config,
+//!   pid file and logs in the test's directory.
+//! - [`backend::Backend`]: small HTTP servers that answer with their own name.
+//! - [`TestDir`]: a per-test directory, removed when the test passes, kept (and its path printed)
+//!   when it fails, so the logs of a failed test can be read.
+//!
+//! Every process is started in its own process group and stopped by PID/PGID when its guard is
+//! dropped, including during a panic; children also get `PR_SET_PDEATHSIG` so they die with the
+//! test process if it is killed.
+
+pub mod backend;
+pub mod consul;
+pub mod net;
+pub mod nginx;
+pub mod paths;
+pub mod proc;
+mod testdir;
+pub mod wait;
+
+pub use testdir::TestDir;
+pub use wait::{wait_for, wait_until};

@@ -1,0 +1,290 @@
+//! Debian's nginx (or `UPSYNC_NGINX`) with the built module, run in the foreground with its own
+//! prefix, config, pid file and logs inside the test's directory.
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use crate::net::{free_port, port_open};
+use crate::proc::{alive, children_of, cmdline, Proc};
+use crate::wait::wait_until;
+
+/// An nginx.conf built from the harness's template. `http` is the body of the `http {}` block;
+/// in it (and in `main`), `{{port}}` is replaced with the port the harness picked, `{{dir}}`
+/// with the nginx prefix directory, and `{{portN}}` (N = 1..9) with further free ports.
+#[derive(Clone, Debug)]
+pub struct NginxConf {
+    pub workers: usize,
+    pub load_module: bool,
+    pub main: String,
+    pub http: String,
+    pub error_log_level: String,
+}
+
+impl NginxConf {
+    pub fn new(http: &str) -> NginxConf {
+        NginxConf {
+            workers: 1,
+            load_module: true,
+            main: String::new(),
+            http: http.to_string(),
+            error_log_level: "info".into(),
+        }
+    }
+
+    pub fn workers(mut self, n: usize) -> Self {
+        self.workers = n;
+        self
+    }
+
+    /// Without the `load_module` line (stock nginx).
+    pub fn without_module(mut self) -> Self {
+        self.load_module = false;
+        self
+    }
+
+    /// Extra lines for the main context (e.g. `env CONSUL_TOKEN;`).
+    pub fn main(mut self, text: &str) -> Self {
+        self.main.push_str(text);
+        self.main.push('\n');
+        self
+    }
+
+    pub fn log_level(mut self, level: &str) -> Self {
+        self.error_log_level = level.into();
+        self
+    }
+
+    fn render(&self, dir: &Path, ports: &[u16]) -> String {
+        let module = if self.load_module {
+            format!("load_module {};", crate::paths::module_so().display())
+        } else {
+            String::new()
+        };
+        let d = dir.display().to_string();
+        let mut text = format!(
+            "{module}
+daemon off;
+master_process on;
+user root root;
+worker_processes {workers};
+worker_shutdown_timeout 60s;
+error_log {d}/error.log {level};
+pid {d}/nginx.pid;
+{main}
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/tmp/body;
+    proxy_temp_path {d}/tmp/proxy;
+    fastcgi_temp_path {d}/tmp/fastcgi;
+    uwsgi_temp_path {d}/tmp/uwsgi;
+    scgi_temp_path {d}/tmp/scgi;
+{http}
+}}
+",
+            workers = self.workers,
+            level = self.error_log_level,
+            main = self.main,
+            http = self.http,
+        );
+        text = text.replace("{{dir}}", &d).replace("{{port}}", &ports[0].to_string());
+        for (i, p) in ports.iter().enumerate().skip(1) {
+            text = text.replace(&format!("{{{{port{i}}}}}"), &p.to_string());
+        }
+        text
+    }
+}
+
+/// The outcome of `nginx -t`.
+pub struct ConfigTest {
+    pub ok: bool,
+    /// nginx's stderr (where `nginx -t` reports).
+    pub output: String,
+}
+
+/// A running nginx master and its workers. Stopped (QUIT, then KILL of the group) when dropped.
+pub struct Nginx {
+    proc: Option<Proc>,
+    dir: PathBuf,
+    ports: Vec<u16>,
+    conf: NginxConf,
+}
+
+impl Nginx {
+    fn prepare(dir: &Path, conf: &NginxConf, ports: &[u16]) -> PathBuf {
+        std::fs::create_dir_all(dir.join("tmp")).expect("nginx tmp dir");
+        std::fs::create_dir_all(dir.join("logs")).expect("nginx logs dir");
+        let path = dir.join("nginx.conf");
+        std::fs::write(&path, conf.render(dir, ports)).expect("writing nginx.conf");
+        path
+    }
+
+    fn fresh_ports() -> Vec<u16> {
+        (0..10).map(|_| free_port()).collect()
+    }
+
+    /// Runs `nginx -t` on `conf` in `dir`.
+    pub fn test_config(dir: &Path, conf: &NginxConf) -> ConfigTest {
+        let path = Nginx::prepare(dir, conf, &Nginx::fresh_ports());
+        Nginx::test_config_file(dir, &path)
+    }
+
+    /// Runs `nginx -t -c FILE` with `dir` as prefix (for example configs of the repository).
+    pub fn test_config_file(dir: &Path, file: &Path) -> ConfigTest {
+        std::fs::create_dir_all(dir.join("logs")).ok();
+        let out = Command::new(crate::paths::nginx_bin())
+            .arg("-t")
+            .arg("-p")
+            .arg(dir)
+            .arg("-c")
+            .arg(file)
+            .arg("-e")
+            .arg(dir.join("error.log"))
+            .output()
+            .expect("running nginx -t");
+        ConfigTest { ok: out.status.success(), output: String::from_utf8_lossy(&out.stderr).into_owned() }
+    }
+
+    /// Starts nginx with `conf` and waits until it accepts connections on `{{port}}`.
+    pub fn start(dir: &Path, conf: NginxConf) -> Nginx {
+        let mut last = String::new();
+        for _ in 0..3 {
+            let ports = Nginx::fresh_ports();
+            let mut n = Nginx { proc: None, dir: dir.to_path_buf(), ports, conf: conf.clone() };
+            match n.launch() {
+                Ok(()) => return n,
+                Err(e) => {
+                    last = e.to_string();
+                    if !last.contains("Address already in use") {
+                        break;
+                    }
+                }
+            }
+        }
+        panic!("nginx did not start: {last}");
+    }
+
+    /// Starts nginx and returns the error instead of panicking (for start-up failure tests).
+    pub fn try_start(dir: &Path, conf: NginxConf) -> anyhow::Result<Nginx> {
+        let mut n = Nginx { proc: None, dir: dir.to_path_buf(), ports: Nginx::fresh_ports(), conf };
+        n.launch()?;
+        Ok(n)
+    }
+
+    fn launch(&mut self) -> anyhow::Result<()> {
+        let path = Nginx::prepare(&self.dir, &self.conf, &self.ports);
+        let mut cmd = Command::new(crate::paths::nginx_bin());
+        cmd.arg("-p").arg(&self.dir).arg("-c").arg(&path).arg("-e").arg(self.dir.join("error.log"));
+        let mut proc = Proc::spawn("nginx", cmd, &self.dir.join("nginx.stderr.log"))?;
+        let start = std::time::Instant::now();
+        loop {
+            if port_open(self.ports[0]) {
+                break;
+            }
+            if let Some(st) = proc.try_wait() {
+                anyhow::bail!(
+                    "nginx exited ({st}) at start-up:\n{}\n{}",
+                    proc.log(),
+                    std::fs::read_to_string(self.dir.join("error.log")).unwrap_or_default()
+                );
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                anyhow::bail!("nginx did not listen on 127.0.0.1:{} within 30 s", self.ports[0]);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.proc = Some(proc);
+        let want = self.conf.workers;
+        wait_until("nginx workers", Duration::from_secs(30), || self.worker_pids().len() >= want);
+        Ok(())
+    }
+
+    /// The port `{{port}}` was replaced with.
+    pub fn port(&self) -> u16 {
+        self.ports[0]
+    }
+
+    /// The port `{{portN}}` was replaced with.
+    pub fn extra_port(&self, n: usize) -> u16 {
+        self.ports[n]
+    }
+
+    /// `http://127.0.0.1:PORT` + `path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.ports[0])
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn master_pid(&self) -> u32 {
+        self.proc.as_ref().map(|p| p.pid()).unwrap_or(0)
+    }
+
+    /// PIDs of the master's children that are worker processes (including ones shutting down).
+    pub fn worker_pids(&self) -> Vec<u32> {
+        children_of(self.master_pid()).into_iter().filter(|p| cmdline(*p).contains("worker process")).collect()
+    }
+
+    /// Workers not shutting down.
+    pub fn active_worker_pids(&self) -> Vec<u32> {
+        children_of(self.master_pid())
+            .into_iter()
+            .filter(|p| {
+                let c = cmdline(*p);
+                c.contains("worker process") && !c.contains("shutting down")
+            })
+            .collect()
+    }
+
+    /// The error log so far.
+    pub fn error_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("error.log")).unwrap_or_default()
+    }
+
+    /// Replaces the `http {}` body and sends SIGHUP (`nginx -s reload`); waits until a new set
+    /// of workers is running.
+    pub fn reload_with(&mut self, conf: NginxConf) {
+        self.conf = conf;
+        Nginx::prepare(&self.dir, &self.conf, &self.ports);
+        self.reload();
+    }
+
+    /// SIGHUP to the master; waits until the new workers run (the old ones may still exit).
+    pub fn reload(&mut self) {
+        let before = self.worker_pids();
+        self.proc.as_ref().expect("nginx running").signal(libc::SIGHUP);
+        let want = self.conf.workers;
+        wait_until("new nginx workers after reload", Duration::from_secs(30), || {
+            self.active_worker_pids().iter().filter(|p| !before.contains(p)).count() >= want
+        });
+    }
+
+    /// Graceful stop (SIGQUIT), SIGKILL of the group after `grace`. Returns whether it exited in time.
+    pub fn quit(&mut self, grace: Duration) -> bool {
+        let Some(mut p) = self.proc.take() else { return true };
+        p.signal(libc::SIGQUIT);
+        let exited = p.wait_exit(grace).is_some();
+        p.stop_with(libc::SIGKILL, Duration::from_secs(1));
+        exited
+    }
+
+    /// SIGKILL to master and workers.
+    pub fn kill(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
+    }
+
+    /// Whether every PID in `pids` has exited.
+    pub fn all_exited(pids: &[u32]) -> bool {
+        pids.iter().all(|p| !alive(*p))
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        self.quit(Duration::from_secs(10));
+    }
+}

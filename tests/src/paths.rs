@@ -1,0 +1,73 @@
+//! Where the things under test are. Every path can be overridden by an environment variable so
+//! the suite can run against another build or another nginx.
+use std::path::PathBuf;
+
+/// The repository root (the workspace directory).
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+}
+
+/// `build/` at the repository root, where `make build` leaves its outputs.
+pub fn build_dir() -> PathBuf {
+    repo_root().join("build")
+}
+
+fn from_env_or(var: &str, default: PathBuf) -> PathBuf {
+    std::env::var_os(var).map(PathBuf::from).unwrap_or(default)
+}
+
+fn must_exist(path: PathBuf, what: &str, hint: &str) -> PathBuf {
+    assert!(path.exists(), "{what} not found at {}: {hint}", path.display());
+    path
+}
+
+/// The built nginx module (`UPSYNC_MODULE` overrides).
+pub fn module_so() -> PathBuf {
+    must_exist(
+        from_env_or("UPSYNC_MODULE", build_dir().join("ngx_http_upsync_module.so")),
+        "the upsync module",
+        "run `make build` first (or set UPSYNC_MODULE)",
+    )
+}
+
+/// The nginx binary the module is built for (`UPSYNC_NGINX` overrides).
+pub fn nginx_bin() -> PathBuf {
+    must_exist(
+        from_env_or("UPSYNC_NGINX", PathBuf::from("/usr/sbin/nginx")),
+        "nginx",
+        "run `make deps` (installs Debian's nginx) or set UPSYNC_NGINX",
+    )
+}
+
+/// The Consul binary (`CONSUL_BIN` overrides; else `/usr/local/bin/consul` from `make deps`, else PATH).
+pub fn consul_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("CONSUL_BIN") {
+        return must_exist(PathBuf::from(p), "consul", "CONSUL_BIN points nowhere");
+    }
+    for p in ["/usr/local/bin/consul", "/usr/bin/consul"] {
+        if std::path::Path::new(p).exists() {
+            return PathBuf::from(p);
+        }
+    }
+    panic!("consul not found in /usr/local/bin or /usr/bin: run `make deps` (or set CONSUL_BIN)");
+}
+
+/// A binary built by this workspace (`upsync-dns`, `upsync-sidecar`, `upsync-backend`): from
+/// `build/` when `make build` ran, else from cargo's target directory.
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let env_var = format!("{}_BIN", name.to_uppercase().replace('-', "_"));
+    if let Some(p) = std::env::var_os(&env_var) {
+        return must_exist(PathBuf::from(p), name, &format!("{env_var} points nowhere"));
+    }
+    let candidates = [
+        build_dir().join(name),
+        repo_root().join("target/release").join(name),
+        repo_root().join("target/debug").join(name),
+    ];
+    for c in &candidates {
+        if c.exists() {
+            return c.clone();
+        }
+    }
+    panic!("{name} not found in build/ or target/: run `make build` (or set {env_var})");
+}
