@@ -1,0 +1,445 @@
+//! The registry as the DNS server sees it: an immutable snapshot built from the instances the
+//! Consul feed delivers, indexed for answering. A new snapshot is built aside and swapped in
+//! whole ([`crate::state::Shared`]), so answering never waits for an update.
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use hickory_proto::rr::rdata::{A, AAAA, NS, SOA};
+use hickory_proto::rr::{Name, RData, Record};
+use ipnet::IpNet;
+
+use crate::names::addr_name;
+
+/// An instance's address: an IP, or a host name (SRV only, see the README).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Host {
+    Ip(IpAddr),
+    Name(String),
+}
+
+/// Aggregated health of an instance (its own checks and its node's checks).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Health {
+    Passing,
+    Warning,
+    Critical,
+}
+
+/// One registered service instance, as the feed delivers it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Instance {
+    pub service: String,
+    pub id: String,
+    pub node: String,
+    pub host: Host,
+    pub port: u16,
+    pub tags: Vec<String>,
+    pub meta: BTreeMap<String, String>,
+    /// upsync weight (tag `weight=N`), the SRV weight.
+    pub weight: u32,
+    /// tag `backup`: a larger SRV priority; in A/AAAA only when no other instance is usable.
+    pub backup: bool,
+    /// tag `down`: never in answers.
+    pub down: bool,
+    pub health: Health,
+}
+
+/// SRV priority of ordinary instances and of backups (lower is preferred, RFC 2782).
+pub const PRIORITY_PRIMARY: u16 = 1;
+pub const PRIORITY_BACKUP: u16 = 2;
+
+/// What the zone looks like, from the configuration. Shared by every snapshot.
+#[derive(Clone, Debug)]
+pub struct ZoneConfig {
+    /// Lower-case, absolute (`service.upsync.`).
+    pub zone: Name,
+    /// TTL of positive answers.
+    pub ttl: u32,
+    /// TTL of the SOA in negative answers and its MINIMUM field (RFC 2308).
+    pub negative_ttl: u32,
+    /// Target of the zone's NS record (`ns.ZONE` by default).
+    pub ns_name: Name,
+    /// Addresses served for `ns_name` when it is inside the zone.
+    pub ns_addrs: Vec<IpAddr>,
+    /// RNAME of the SOA.
+    pub hostmaster: Name,
+    /// Leave instances whose checks are `warning` out of answers (only `passing` ones are served).
+    pub only_passing: bool,
+    /// Reverse zones served authoritatively (NXDOMAIN for unknown addresses inside them).
+    pub reverse_zones: Vec<ReverseZone>,
+}
+
+#[derive(Clone, Debug)]
+pub struct ReverseZone {
+    pub name: Name,
+    pub net: IpNet,
+}
+
+impl ZoneConfig {
+    /// Defaults for `zone`, as the configuration would give them.
+    pub fn new(zone: Name) -> ZoneConfig {
+        let label = |l: &str| Name::from_ascii(l).and_then(|n| n.append_domain(&zone)).unwrap_or_else(|_| zone.clone());
+        ZoneConfig {
+            ns_name: label("ns"),
+            hostmaster: label("hostmaster"),
+            zone,
+            ttl: 5,
+            negative_ttl: 5,
+            ns_addrs: Vec::new(),
+            only_passing: true,
+            reverse_zones: Vec::new(),
+        }
+    }
+}
+
+/// An instance prepared for answering.
+#[derive(Debug)]
+pub(crate) struct Inst {
+    pub id: String,
+    pub node: String,
+    pub host: Host,
+    pub ip: Option<IpAddr>,
+    /// SRV target: `LABEL.addr.ZONE` for IPs, the host name otherwise.
+    pub target: Name,
+    pub port: u16,
+    pub priority: u16,
+    pub weight: u16,
+    pub meta: BTreeMap<String, String>,
+}
+
+/// A set of usable instances answered together (a whole service, or one tag of it).
+#[derive(Debug, Default)]
+pub(crate) struct View {
+    /// Distinct IPv4 / IPv6 addresses for A / AAAA: of the primaries, or of the backups when
+    /// no primary is usable.
+    pub v4: Vec<Ipv4Addr>,
+    pub v6: Vec<Ipv6Addr>,
+    /// Every usable instance (primaries and backups), indexes into `Service::insts`.
+    pub srv: Vec<u32>,
+    /// One instance per distinct address among `srv`: the glue of an SRV answer.
+    pub glue: Vec<u32>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Service {
+    pub insts: Vec<Inst>,
+    pub all: View,
+    /// Lower-case tag → its view. Tags of registered but unusable instances are present
+    /// with an empty view, so their names answer NODATA rather than NXDOMAIN.
+    pub tags: HashMap<Box<[u8]>, View>,
+}
+
+/// Counts a snapshot was built from, for logs and metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub services: usize,
+    pub instances: usize,
+    pub usable: usize,
+    /// Services or tags that cannot be a DNS label (dots, too long), left out.
+    pub unnamable: usize,
+}
+
+/// An immutable view of the registry, indexed for answering.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// Consul index the data is from (0 before the first sync).
+    pub index: u64,
+    /// When it was built (monotonic, for staleness) and the wall-clock time (for logs).
+    pub built: Instant,
+    pub built_wall: SystemTime,
+    pub zone: Arc<ZoneConfig>,
+    pub stats: Stats,
+    pub(crate) services: HashMap<Box<[u8]>, Service>,
+    /// Every registered instance address → services with an instance there (PTR).
+    pub(crate) addrs: HashMap<IpAddr, Vec<Name>>,
+    /// Reverse-zone empty non-terminals (partial reverse names above known addresses).
+    pub(crate) reverse_ents: HashSet<IpNet>,
+    pub(crate) soa: Record,
+    pub(crate) ns: Record,
+    pub(crate) ns_glue: Vec<Record>,
+    /// Whether the zone has `addr.ZONE` names (any instance with an IP).
+    pub(crate) has_addrs: bool,
+}
+
+/// A label usable in a DNS name: 1..=63 bytes, no dot. Lower-cased.
+fn dns_label(s: &str) -> Option<Box<[u8]>> {
+    (!s.is_empty() && s.len() <= 63 && !s.contains('.')).then(|| s.to_ascii_lowercase().into_bytes().into_boxed_slice())
+}
+
+impl Snapshot {
+    /// An empty snapshot (before the first sync with Consul).
+    pub fn empty(zone: Arc<ZoneConfig>) -> Snapshot {
+        Snapshot::build(0, zone, Vec::new())
+    }
+
+    /// Indexes `instances` (any order) for answering.
+    pub fn build(index: u64, zone: Arc<ZoneConfig>, mut instances: Vec<Instance>) -> Snapshot {
+        // Stable order: answers (before rotation) and SRV lists do not depend on Consul's order.
+        instances.sort_by(|a, b| (&a.service, &a.host, a.port, &a.id).cmp(&(&b.service, &b.host, b.port, &b.id)));
+        let mut stats = Stats { instances: instances.len(), ..Stats::default() };
+        let mut by_service: HashMap<Box<[u8]>, Vec<Instance>> = HashMap::new();
+        let mut addrs: HashMap<IpAddr, Vec<Name>> = HashMap::new();
+        for inst in instances {
+            let Some(key) = dns_label(&inst.service) else {
+                stats.unnamable += 1;
+                continue;
+            };
+            by_service.entry(key).or_default().push(inst);
+        }
+        let mut services = HashMap::with_capacity(by_service.len());
+        for (key, list) in by_service {
+            let fqdn = Name::from_labels([&key[..]]).and_then(|n| n.append_domain(&zone.zone));
+            let Ok(fqdn) = fqdn else {
+                // The service label plus the zone exceed 255 bytes.
+                stats.unnamable += 1;
+                continue;
+            };
+            for inst in &list {
+                if let Host::Ip(ip) = inst.host {
+                    let names = addrs.entry(ip).or_default();
+                    if !names.contains(&fqdn) {
+                        names.push(fqdn.clone());
+                    }
+                }
+            }
+            let (service, usable, unnamable) = Service::build(list, &zone);
+            stats.usable += usable;
+            stats.unnamable += unnamable;
+            services.insert(key, service);
+        }
+        stats.services = services.len();
+        let reverse_ents = if zone.reverse_zones.is_empty() { HashSet::new() } else { reverse_ents(addrs.keys()) };
+        let (soa, ns, ns_glue) = apex_records(&zone, index);
+        Snapshot {
+            index,
+            built: Instant::now(),
+            built_wall: SystemTime::now(),
+            has_addrs: !addrs.is_empty(),
+            stats,
+            services,
+            addrs,
+            reverse_ents,
+            soa,
+            ns,
+            ns_glue,
+            zone,
+        }
+    }
+}
+
+impl Service {
+    /// Returns the service, its number of usable instances and of unnamable tags.
+    fn build(list: Vec<Instance>, zone: &ZoneConfig) -> (Service, usize, usize) {
+        let usable_health = |h: Health| h == Health::Passing || (h == Health::Warning && !zone.only_passing);
+        let mut insts = Vec::new();
+        let mut tag_members: HashMap<Box<[u8]>, Vec<u32>> = HashMap::new();
+        let mut unnamable = 0;
+        for inst in list {
+            let usable = !inst.down && usable_health(inst.health);
+            let idx = insts.len() as u32;
+            for tag in &inst.tags {
+                let Some(t) = dns_label(tag) else {
+                    unnamable += 1;
+                    continue;
+                };
+                let members = tag_members.entry(t).or_default();
+                if usable && members.last() != Some(&idx) {
+                    members.push(idx);
+                }
+            }
+            if !usable {
+                continue;
+            }
+            let (ip, target) = match &inst.host {
+                Host::Ip(ip) => (Some(*ip), addr_name(*ip, &zone.zone)),
+                Host::Name(h) => {
+                    let mut n = Name::from_ascii(h).unwrap_or_else(|_| zone.zone.clone());
+                    n.set_fqdn(true);
+                    (None, n)
+                }
+            };
+            insts.push(Inst {
+                id: inst.id,
+                node: inst.node,
+                host: inst.host,
+                ip,
+                target,
+                port: inst.port,
+                priority: if inst.backup { PRIORITY_BACKUP } else { PRIORITY_PRIMARY },
+                weight: inst.weight.min(u32::from(u16::MAX)) as u16,
+                meta: inst.meta,
+            });
+        }
+        let usable = insts.len();
+        let all = View::build(&insts, 0..insts.len() as u32);
+        let tags = tag_members.into_iter().map(|(t, members)| (t, View::build(&insts, members))).collect();
+        (Service { insts, all, tags }, usable, unnamable)
+    }
+}
+
+impl View {
+    fn build(insts: &[Inst], members: impl IntoIterator<Item = u32>) -> View {
+        let srv: Vec<u32> = members.into_iter().collect();
+        let any_primary = srv.iter().any(|&i| insts[i as usize].priority == PRIORITY_PRIMARY);
+        let mut v4 = Vec::new();
+        let mut v6 = Vec::new();
+        for &i in &srv {
+            let inst = &insts[i as usize];
+            if any_primary && inst.priority != PRIORITY_PRIMARY {
+                continue;
+            }
+            match inst.ip {
+                Some(IpAddr::V4(a)) => v4.push(a),
+                Some(IpAddr::V6(a)) => v6.push(a),
+                None => {}
+            }
+        }
+        v4.sort_unstable();
+        v4.dedup();
+        v6.sort_unstable();
+        v6.dedup();
+        let mut by_ip: Vec<(IpAddr, u32)> = srv.iter().filter_map(|&i| insts[i as usize].ip.map(|ip| (ip, i))).collect();
+        by_ip.sort_unstable();
+        by_ip.dedup_by_key(|(ip, _)| *ip);
+        let glue = by_ip.into_iter().map(|(_, i)| i).collect();
+        View { v4, v6, srv, glue }
+    }
+}
+
+/// Every partial reverse name above the known addresses (`0.127.in-addr.arpa.` above
+/// 127.0.0.5), so they answer NODATA: an NXDOMAIN there would hide the names below
+/// (RFC 8020).
+fn reverse_ents<'a>(addrs: impl Iterator<Item = &'a IpAddr>) -> HashSet<IpNet> {
+    let mut ents = HashSet::new();
+    for ip in addrs {
+        let (max, step) = match ip {
+            IpAddr::V4(_) => (32u8, 8u8),
+            IpAddr::V6(_) => (128, 4),
+        };
+        let mut len = step;
+        while len < max {
+            if let Ok(net) = IpNet::new(*ip, len) {
+                ents.insert(net.trunc());
+            }
+            len += step;
+        }
+    }
+    ents
+}
+
+fn apex_records(zone: &ZoneConfig, index: u64) -> (Record, Record, Vec<Record>) {
+    // The SOA serial is 32 bits; Consul's index is 64. Serial arithmetic (RFC 1982) only
+    // matters for zone transfers, which this server does not offer.
+    let serial = (index & 0xffff_ffff) as u32;
+    let soa = Record::from_rdata(
+        zone.zone.clone(),
+        zone.negative_ttl,
+        RData::SOA(SOA::new(zone.ns_name.clone(), zone.hostmaster.clone(), serial, 3600, 600, 86400, zone.negative_ttl)),
+    );
+    let ns = Record::from_rdata(zone.zone.clone(), zone.ttl, RData::NS(NS(zone.ns_name.clone())));
+    let glue = if zone.zone.zone_of(&zone.ns_name) {
+        zone.ns_addrs
+            .iter()
+            .map(|ip| {
+                let rdata = match ip {
+                    IpAddr::V4(a) => RData::A(A(*a)),
+                    IpAddr::V6(a) => RData::AAAA(AAAA(*a)),
+                };
+                Record::from_rdata(zone.ns_name.clone(), zone.ttl, rdata)
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    (soa, ns, glue)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::names::parse_zone;
+
+    pub fn inst(service: &str, id: &str, ip: &str, port: u16) -> Instance {
+        Instance {
+            service: service.into(),
+            id: id.into(),
+            node: "node1".into(),
+            host: match ip.parse() {
+                Ok(ip) => Host::Ip(ip),
+                Err(_) => Host::Name(ip.into()),
+            },
+            port,
+            tags: Vec::new(),
+            meta: BTreeMap::new(),
+            weight: 1,
+            backup: false,
+            down: false,
+            health: Health::Passing,
+        }
+    }
+
+    pub fn zone() -> Arc<ZoneConfig> {
+        let mut z = ZoneConfig::new(parse_zone("service.upsync.").unwrap());
+        z.ns_addrs = vec!["127.0.0.53".parse().unwrap()];
+        Arc::new(z)
+    }
+
+    #[test]
+    fn unusable_instances_are_left_out_but_keep_their_tags_known() {
+        let mut bad = inst("web", "w2", "10.0.0.2", 80);
+        bad.health = Health::Critical;
+        bad.tags = vec!["canary".into()];
+        let mut down = inst("web", "w3", "10.0.0.3", 80);
+        down.down = true;
+        let mut warn = inst("web", "w4", "10.0.0.4", 80);
+        warn.health = Health::Warning;
+        let s = Snapshot::build(7, zone(), vec![inst("web", "w1", "10.0.0.1", 80), bad, down, warn]);
+        let web = &s.services[&b"web"[..]];
+        assert_eq!(web.all.v4, vec!["10.0.0.1".parse::<Ipv4Addr>().unwrap()]);
+        assert!(web.tags[&b"canary"[..]].srv.is_empty());
+        assert_eq!(s.stats, Stats { services: 1, instances: 4, usable: 1, unnamable: 0 });
+        // Every registered address has its PTR, healthy or not.
+        assert_eq!(s.addrs.len(), 4);
+    }
+
+    #[test]
+    fn warning_instances_are_served_when_only_passing_is_off() {
+        let mut z = (*zone()).clone();
+        z.only_passing = false;
+        let mut warn = inst("web", "w4", "10.0.0.4", 80);
+        warn.health = Health::Warning;
+        let s = Snapshot::build(1, Arc::new(z), vec![warn]);
+        assert_eq!(s.stats.usable, 1);
+    }
+
+    #[test]
+    fn backups_are_served_by_a_only_without_usable_primaries() {
+        let mut b = inst("web", "b", "10.0.0.9", 80);
+        b.backup = true;
+        let s = Snapshot::build(1, zone(), vec![inst("web", "p", "10.0.0.1", 80), b.clone()]);
+        let web = &s.services[&b"web"[..]];
+        assert_eq!(web.all.v4.len(), 1);
+        assert_eq!(web.all.srv.len(), 2);
+        let s = Snapshot::build(1, zone(), vec![b]);
+        assert_eq!(s.services[&b"web"[..]].all.v4, vec!["10.0.0.9".parse::<Ipv4Addr>().unwrap()]);
+    }
+
+    #[test]
+    fn names_that_cannot_be_labels_are_counted_not_served() {
+        let mut t = inst("web", "w1", "10.0.0.1", 80);
+        t.tags = vec!["a.b".into(), "x".repeat(64)];
+        let s = Snapshot::build(1, zone(), vec![inst("my.service", "x", "10.0.0.1", 80), t]);
+        assert_eq!(s.stats.unnamable, 3);
+        assert_eq!(s.services.len(), 1);
+    }
+
+    #[test]
+    fn same_address_twice_gives_one_a_record() {
+        let s = Snapshot::build(1, zone(), vec![inst("web", "a", "10.0.0.1", 80), inst("web", "b", "10.0.0.1", 81)]);
+        let web = &s.services[&b"web"[..]];
+        assert_eq!(web.all.v4.len(), 1);
+        assert_eq!(web.all.srv.len(), 2);
+    }
+}
