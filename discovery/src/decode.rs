@@ -369,8 +369,12 @@ fn kv_endpoint(name: &str, value: Option<&str>) -> Result<Endpoint, String> {
             .decode(b64)
             .map_err(|err| format!("value is not valid base64 ({err})"))?,
     };
-    if raw.iter().all(u8::is_ascii_whitespace) {
-        return Ok(e);
+    let not_object = |why: String| format!("value {:?} is not a JSON object of weight/max_fails/fail_timeout/down/backup ({why})", lossy_prefix(&raw));
+    match raw.iter().find(|b| !b.is_ascii_whitespace()) {
+        None => return Ok(e),
+        Some(b'{') => {}
+        // serde would read a JSON array into the struct field by field.
+        Some(_) => return Err(not_object("not an object".into())),
     }
     let attrs: KvAttrs = serde_json::from_slice(&raw).map_err(|err| {
         format!(
