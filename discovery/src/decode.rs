@@ -689,3 +689,6 @@ pub fn decode_services(body: &[u8]) -> Result<BTreeMap<String, Vec<String>>, Dec
 
 #[cfg(test)]
 mod tests;
+
+mod node_dump;
+pub use node_dump::{decode_check_states, decode_node_dump, CheckState};
