@@ -12,20 +12,9 @@ use ipnet::IpNet;
 
 use crate::names::addr_name;
 
-/// An instance's address: an IP, or a host name (SRV only, see the README).
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Host {
-    Ip(IpAddr),
-    Name(String),
-}
-
-/// Aggregated health of an instance (its own checks and its node's checks).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Health {
-    Passing,
-    Warning,
-    Critical,
-}
+/// An instance's address (a host name is served in SRV only, see the README) and its
+/// aggregated health (its own checks and its node's), as the discovery library models them.
+pub use upsync_discovery::{Health, Host};
 
 /// One registered service instance, as the feed delivers it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -146,6 +135,9 @@ pub struct Stats {
 pub struct Snapshot {
     /// Consul index the data is from (0 before the first sync).
     pub index: u64,
+    /// False for the placeholder served before the first read of Consul: in-zone questions
+    /// then get SERVFAIL (try again), not an NXDOMAIN that resolvers would cache.
+    pub synced: bool,
     /// When it was built (monotonic, for staleness) and the wall-clock time (for logs).
     pub built: Instant,
     pub built_wall: SystemTime,
@@ -171,7 +163,7 @@ fn dns_label(s: &str) -> Option<Box<[u8]>> {
 impl Snapshot {
     /// An empty snapshot (before the first sync with Consul).
     pub fn empty(zone: Arc<ZoneConfig>) -> Snapshot {
-        Snapshot::build(0, zone, Vec::new())
+        Snapshot { synced: false, ..Snapshot::build(0, zone, Vec::new()) }
     }
 
     /// Indexes `instances` (any order) for answering.
@@ -214,6 +206,7 @@ impl Snapshot {
         let (soa, ns, ns_glue) = apex_records(&zone, index);
         Snapshot {
             index,
+            synced: true,
             built: Instant::now(),
             built_wall: SystemTime::now(),
             has_addrs: !addrs.is_empty(),

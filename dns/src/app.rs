@@ -1,0 +1,96 @@
+//! Wiring: sockets, the Consul feed, the HTTP endpoint, graceful shutdown.
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use arc_swap::ArcSwap;
+use hickory_server::server::Server;
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::config::{Config, LogFormat};
+use crate::feed::Feed;
+use crate::forward::Forwarder;
+use crate::metrics::Metrics;
+use crate::server::{Responder, Shared, TcpHandler, UdpServer};
+use crate::snapshot::Snapshot;
+
+/// Largest TCP answer queue per connection (answers waiting to be written).
+const TCP_RESPONSE_BUFFER: usize = 32;
+/// How long in-flight TCP answers and forwarded queries get at shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Logs to stderr as text or JSON lines. RUST_LOG wins over the configured level; hickory's
+/// per-query logs are kept at warn unless RUST_LOG asks for them.
+pub fn init_logging(cfg: &Config) {
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(f) if !f.is_empty() => f,
+        _ => format!("{},hickory_server=warn,hickory_net=warn,hickory_resolver=warn,hickory_proto=warn", cfg.log_level.as_deref().unwrap_or("info")),
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|e| {
+        eprintln!("upsync-dns: log filter `{filter}`: {e}; using `info`");
+        tracing_subscriber::EnvFilter::new("info")
+    });
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal());
+    match cfg.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+/// Runs the server until SIGTERM or SIGINT, then stops gracefully.
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    let zone = Arc::new(cfg.zone.clone());
+    let shared = Arc::new(Shared { snapshot: ArcSwap::from_pointee(Snapshot::empty(zone.clone())), metrics: Metrics::new() });
+    let forwarder = Forwarder::new(&cfg.forward)?;
+    let responder = Arc::new(Responder::new(shared.clone(), forwarder, &cfg.server));
+
+    // Bind everything before starting anything: a taken port is a start-up error.
+    let mut terminate = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let udp = UdpServer::start(&cfg.server.listen, cfg.server.udp_workers, responder.clone(), tokio::runtime::Handle::current())?;
+    let mut tcp = Server::new(TcpHandler(responder.clone()));
+    for addr in &udp.bound {
+        let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding TCP {addr}"))?;
+        tcp.register_listener(l, cfg.server.tcp_idle_timeout, TCP_RESPONSE_BUFFER);
+    }
+    let http = match cfg.metrics_listen {
+        Some(a) => {
+            let l = tokio::net::TcpListener::bind(a).await.with_context(|| format!("binding the metrics endpoint {a}"))?;
+            let bound = l.local_addr()?;
+            Some((tokio::spawn(crate::http::serve(l, shared.clone())), bound))
+        }
+        None => None,
+    };
+    let feed = tokio::spawn(Feed::new(cfg.feed.clone(), zone.clone(), shared.clone())?.run());
+
+    let listen: Vec<String> = udp.bound.iter().map(SocketAddr::to_string).collect();
+    let consul: Vec<String> = cfg.feed.consul.addresses.iter().map(|a| a.to_string()).collect();
+    tracing::info!(
+        zone = %zone.zone,
+        listen = %listen.join(","),
+        udp_workers = cfg.server.udp_workers,
+        consul = %consul.join(","),
+        forwarding = !cfg.forward.upstreams.is_empty(),
+        metrics = %http.as_ref().map_or("off".to_string(), |(_, a)| format!("http://{a}/metrics")),
+        "upsync-dns started"
+    );
+
+    tokio::select! {
+        _ = terminate.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = interrupt.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+    feed.abort();
+    if let Some((h, _)) = http {
+        h.abort();
+    }
+    // UDP threads finish the packet in hand (at most one receive timeout).
+    let stop_udp = tokio::task::spawn_blocking(move || udp.stop());
+    if tokio::time::timeout(SHUTDOWN_GRACE, tcp.shutdown_gracefully()).await.is_err() {
+        tracing::warn!("TCP connections still open after {SHUTDOWN_GRACE:?}; closing them");
+    }
+    let _ = stop_udp.await;
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,554 @@
+//! Configuration: a TOML file (`--config`) and command-line flags, flags winning. Every value
+//! has a default, so `upsync-dns --consul 127.0.0.1:8500 --listen 127.0.0.1:5353` is a
+//! complete configuration. `dns/README.md` documents every key.
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use hickory_proto::rr::Name;
+use ipnet::IpNet;
+use serde::Deserialize;
+use upsync_discovery::{Consistency, ConsulConfig, Secret, TlsOptions};
+
+use crate::names::parse_zone;
+use crate::snapshot::{ReverseZone, ZoneConfig};
+
+/// Command line. Flags override the config file.
+#[derive(Parser, Debug, Default)]
+#[command(name = "upsync-dns", version, about = "DNS server for the services registered in Consul, answering from memory")]
+pub struct Cli {
+    /// TOML configuration file (see dns/README.md).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Consul HTTP API address(es), tried in order: `127.0.0.1:8500`, `https://consul:8501`.
+    #[arg(long, value_name = "ADDR[,ADDR...]")]
+    pub consul: Option<String>,
+    /// Address(es) to answer DNS on, UDP and TCP (default 127.0.0.1:53). Repeat or separate with commas.
+    #[arg(long, value_name = "IP:PORT", value_delimiter = ',')]
+    pub listen: Vec<SocketAddr>,
+    /// The zone served (default `service.upsync.`).
+    #[arg(long, value_name = "ZONE")]
+    pub zone: Option<String>,
+    /// Consul datacenter (`?dc=`).
+    #[arg(long, value_name = "DC")]
+    pub datacenter: Option<String>,
+    /// Consul read consistency: default, stale or consistent.
+    #[arg(long, value_name = "MODE")]
+    pub consistency: Option<String>,
+    /// File holding the Consul ACL token (else `token`/`token_file` in the config, else the
+    /// CONSUL_HTTP_TOKEN environment variable).
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Upstream resolver(s) for names outside the zone (`IP[:PORT]`); none: refuse them.
+    #[arg(long, value_name = "IP[:PORT],...", value_delimiter = ',', value_parser = parse_upstream)]
+    pub forward: Vec<SocketAddr>,
+    /// Networks whose clients may have names outside the zone resolved (default loopback).
+    #[arg(long, value_name = "CIDR,...", value_delimiter = ',')]
+    pub allow_recursion: Vec<IpNet>,
+    /// Address of the HTTP endpoint serving /metrics (Prometheus) and /health.
+    #[arg(long, value_name = "IP:PORT")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// TTL of answers, in seconds (default 5).
+    #[arg(long, value_name = "SECONDS")]
+    pub ttl: Option<u32>,
+    /// UDP sockets/threads (SO_REUSEPORT) per listen address (default: one per CPU).
+    #[arg(long, value_name = "N")]
+    pub udp_workers: Option<usize>,
+    /// Log format: text or json.
+    #[arg(long, value_name = "FORMAT")]
+    pub log_format: Option<LogFormat>,
+    /// Check the configuration, print what would run, and exit (0: valid, 1: invalid).
+    #[arg(long)]
+    pub check_config: bool,
+}
+
+/// `1.1.1.1`, `1.1.1.1:53`, `[::1]:5353`, `::1`.
+pub fn parse_upstream(s: &str) -> Result<SocketAddr, String> {
+    let s = s.trim();
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    s.parse::<IpAddr>()
+        .map(|ip| SocketAddr::new(ip, 53))
+        .map_err(|_| format!("upstream resolver `{s}`: give IP or IP:PORT (a resolver is an address, not a name)"))
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+impl FromStr for LogFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            o => Err(format!("log format `{o}`: use text or json")),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The file, as written.
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct FileConfig {
+    consul: ConsulFile,
+    dns: DnsFile,
+    forward: ForwardFile,
+    metrics: MetricsFile,
+    log: LogFile,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct ConsulFile {
+    addresses: Vec<String>,
+    token: Option<String>,
+    token_file: Option<PathBuf>,
+    datacenter: Option<String>,
+    consistency: String,
+    tls: Option<TlsFile>,
+    #[serde(with = "humantime_serde")]
+    wait: Duration,
+    #[serde(with = "humantime_serde")]
+    resync_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    connect_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    request_timeout: Duration,
+}
+
+impl Default for ConsulFile {
+    fn default() -> Self {
+        let d = ConsulConfig::default();
+        ConsulFile {
+            addresses: vec!["127.0.0.1:8500".into()],
+            token: None,
+            token_file: None,
+            datacenter: None,
+            consistency: "default".into(),
+            tls: None,
+            wait: Duration::from_secs(60),
+            resync_interval: Duration::from_secs(600),
+            connect_timeout: d.connect_timeout,
+            request_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct TlsFile {
+    ca_file: Option<PathBuf>,
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+    server_name: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct DnsFile {
+    listen: Vec<SocketAddr>,
+    zone: String,
+    ttl: u32,
+    negative_ttl: u32,
+    only_passing: bool,
+    udp_workers: usize,
+    max_udp_payload: u16,
+    udp_answer_limit: usize,
+    ns_name: Option<String>,
+    ns_addresses: Vec<IpAddr>,
+    hostmaster: Option<String>,
+    reverse_zones: Vec<String>,
+    #[serde(with = "humantime_serde")]
+    tcp_idle_timeout: Duration,
+}
+
+impl Default for DnsFile {
+    fn default() -> Self {
+        DnsFile {
+            listen: vec![SocketAddr::from(([127, 0, 0, 1], 53))],
+            zone: "service.upsync.".into(),
+            ttl: 5,
+            negative_ttl: 5,
+            only_passing: true,
+            udp_workers: 0,
+            max_udp_payload: 1232,
+            udp_answer_limit: 0,
+            ns_name: None,
+            ns_addresses: Vec::new(),
+            hostmaster: None,
+            reverse_zones: Vec::new(),
+            tcp_idle_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct ForwardFile {
+    upstreams: Vec<String>,
+    allow_recursion: Vec<IpNet>,
+    cache_size: u64,
+    #[serde(with = "humantime_serde")]
+    timeout: Duration,
+}
+
+impl Default for ForwardFile {
+    fn default() -> Self {
+        ForwardFile { upstreams: Vec::new(), allow_recursion: default_allow_recursion(), cache_size: 10_000, timeout: Duration::from_secs(2) }
+    }
+}
+
+fn default_allow_recursion() -> Vec<IpNet> {
+    vec![IpNet::new_assert(IpAddr::from([127, 0, 0, 0]), 8), IpNet::new_assert(IpAddr::from(std::net::Ipv6Addr::LOCALHOST), 128)]
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct MetricsFile {
+    listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct LogFile {
+    format: LogFormat,
+    /// A tracing filter (`info`, `upsync_dns=debug`); RUST_LOG wins.
+    level: Option<String>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// The resolved configuration.
+
+/// How the Consul feed watches Consul (see dns/README.md, "Watch plan").
+#[derive(Clone, Debug)]
+pub struct FeedConfig {
+    pub consul: ConsulConfig,
+    /// Blocking-query wait of the change detectors.
+    pub wait: Duration,
+    /// A full re-read of the catalog at least this often, changes or not.
+    pub resync_interval: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub listen: Vec<SocketAddr>,
+    pub udp_workers: usize,
+    pub max_udp_payload: u16,
+    pub udp_answer_limit: usize,
+    pub tcp_idle_timeout: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct ForwardConfig {
+    /// Empty: forwarding off, names outside the zones are REFUSED.
+    pub upstreams: Vec<SocketAddr>,
+    pub allow_recursion: Vec<IpNet>,
+    pub cache_size: u64,
+    pub timeout: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub feed: FeedConfig,
+    pub zone: ZoneConfig,
+    pub server: ServerConfig,
+    pub forward: ForwardConfig,
+    pub metrics_listen: Option<SocketAddr>,
+    pub log_format: LogFormat,
+    pub log_level: Option<String>,
+}
+
+impl Config {
+    /// The file named by `--config` (if any) with `cli` applied over it. `env_token` is the
+    /// CONSUL_HTTP_TOKEN environment variable, used when neither the file nor the flags name
+    /// a token.
+    pub fn load(cli: &Cli, env_token: Option<String>) -> anyhow::Result<Config> {
+        let file = match &cli.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        Config::resolve(file, cli, env_token).with_context(|| match &cli.config {
+            Some(p) => format!("invalid configuration (file {} and command line)", p.display()),
+            None => "invalid command line".to_string(),
+        })
+    }
+
+    fn resolve(f: FileConfig, cli: &Cli, env_token: Option<String>) -> anyhow::Result<Config> {
+        // Consul.
+        let addresses = cli.consul.clone().unwrap_or_else(|| f.consul.addresses.join(","));
+        let mut consul = ConsulConfig::from_addresses(&addresses).map_err(|e| anyhow::anyhow!("{e}"))?;
+        consul.datacenter = cli.datacenter.clone().or(f.consul.datacenter);
+        let consistency = cli.consistency.as_deref().unwrap_or(&f.consul.consistency);
+        consul.consistency = Consistency::from_str(consistency).map_err(|e| anyhow::anyhow!("{e}"))?;
+        match (&cli.token_file, f.consul.token, f.consul.token_file) {
+            (Some(p), _, _) => consul.token_file = Some(p.clone()),
+            (None, Some(_), Some(_)) => bail!("[consul]: set either token or token_file, not both"),
+            (None, Some(t), None) => consul.token = Some(Secret::new(t)),
+            (None, None, Some(p)) => consul.token_file = Some(p),
+            (None, None, None) => consul.token = env_token.filter(|t| !t.is_empty()).map(Secret::new),
+        }
+        consul.tls = f.consul.tls.map(|t| TlsOptions { ca_file: t.ca_file, cert_file: t.cert_file, key_file: t.key_file, server_name: t.server_name });
+        consul.connect_timeout = f.consul.connect_timeout;
+        consul.request_timeout = f.consul.request_timeout;
+        consul.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+        if let Some(p) = &consul.token_file {
+            std::fs::metadata(p).with_context(|| format!("Consul token file {}", p.display()))?;
+        }
+        if f.consul.wait < Duration::from_secs(1) || f.consul.wait > Duration::from_secs(600) {
+            bail!("[consul] wait = {:?}: use 1s to 10m (Consul's maximum)", f.consul.wait);
+        }
+        if f.consul.resync_interval < Duration::from_secs(1) {
+            bail!("[consul] resync_interval = {:?}: use at least 1s", f.consul.resync_interval);
+        }
+
+        // Zone.
+        let d = f.dns;
+        let zone_name = parse_zone(cli.zone.as_deref().unwrap_or(&d.zone)).map_err(anyhow::Error::msg)?;
+        let mut zone = ZoneConfig::new(zone_name.clone());
+        zone.ttl = cli.ttl.unwrap_or(d.ttl);
+        zone.negative_ttl = d.negative_ttl;
+        zone.only_passing = d.only_passing;
+        if let Some(ns) = &d.ns_name {
+            zone.ns_name = parse_zone(ns).map_err(|e| anyhow::anyhow!("[dns] ns_name: {e}"))?;
+        }
+        if let Some(hm) = &d.hostmaster {
+            zone.hostmaster = parse_zone(hm).map_err(|e| anyhow::anyhow!("[dns] hostmaster: {e}"))?;
+        }
+        let listen = if cli.listen.is_empty() { d.listen } else { cli.listen.clone() };
+        if listen.is_empty() {
+            bail!("no listen address: give --listen IP:PORT");
+        }
+        zone.ns_addrs = if d.ns_addresses.is_empty() {
+            listen.iter().map(|a| a.ip()).filter(|ip| !ip.is_unspecified()).collect()
+        } else {
+            d.ns_addresses
+        };
+        zone.ns_addrs.sort();
+        zone.ns_addrs.dedup();
+        zone.reverse_zones = d.reverse_zones.iter().map(|z| reverse_zone(z)).collect::<anyhow::Result<_>>()?;
+        if zone.ttl > 86400 || zone.negative_ttl > 86400 {
+            bail!("[dns] ttl and negative_ttl are seconds, at most 86400");
+        }
+
+        let server = ServerConfig {
+            listen,
+            udp_workers: match cli.udp_workers.unwrap_or(d.udp_workers) {
+                0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+                n => n,
+            },
+            max_udp_payload: d.max_udp_payload,
+            udp_answer_limit: d.udp_answer_limit,
+            tcp_idle_timeout: d.tcp_idle_timeout,
+        };
+        if !(512..=4096).contains(&server.max_udp_payload) {
+            bail!("[dns] max_udp_payload = {}: use 512 to 4096 (1232 avoids IP fragmentation)", server.max_udp_payload);
+        }
+        if server.udp_workers > 64 {
+            bail!("udp_workers = {}: at most 64", server.udp_workers);
+        }
+
+        let upstreams = if cli.forward.is_empty() {
+            f.forward.upstreams.iter().map(|u| parse_upstream(u).map_err(anyhow::Error::msg)).collect::<anyhow::Result<Vec<_>>>()?
+        } else {
+            cli.forward.clone()
+        };
+        for u in &upstreams {
+            if server.listen.contains(u) {
+                bail!("forwarding to {u}, which is this server's own listen address: that would loop");
+            }
+        }
+        let forward = ForwardConfig {
+            upstreams,
+            allow_recursion: if cli.allow_recursion.is_empty() { f.forward.allow_recursion } else { cli.allow_recursion.clone() },
+            cache_size: f.forward.cache_size,
+            timeout: f.forward.timeout,
+        };
+        if forward.timeout.is_zero() {
+            bail!("[forward] timeout must be above zero");
+        }
+
+        Ok(Config {
+            feed: FeedConfig { consul, wait: f.consul.wait, resync_interval: f.consul.resync_interval },
+            zone,
+            server,
+            forward,
+            metrics_listen: cli.metrics_listen.or(f.metrics.listen),
+            log_format: cli.log_format.unwrap_or(f.log.format),
+            log_level: f.log.level,
+        })
+    }
+
+    /// What `--check-config` prints: the effective settings, without secrets.
+    pub fn summary(&self) -> String {
+        let consul: Vec<String> = self.feed.consul.addresses.iter().map(|a| a.to_string()).collect();
+        let token = match (&self.feed.consul.token, &self.feed.consul.token_file) {
+            (Some(_), _) => "set".to_string(),
+            (None, Some(p)) => format!("from {}", p.display()),
+            (None, None) => "none".to_string(),
+        };
+        let listen: Vec<String> = self.server.listen.iter().map(|a| a.to_string()).collect();
+        let fwd = if self.forward.upstreams.is_empty() {
+            "off (names outside the zone are REFUSED)".to_string()
+        } else {
+            let up: Vec<String> = self.forward.upstreams.iter().map(|a| a.to_string()).collect();
+            let allow: Vec<String> = self.forward.allow_recursion.iter().map(|n| n.to_string()).collect();
+            format!("to {} for clients in {}", up.join(", "), allow.join(", "))
+        };
+        format!(
+            "configuration OK\n  consul: {} (token: {token}, datacenter: {}, consistency: {:?})\n  zone: {} (ttl {}s, negative ttl {}s, NS {})\n  listen: {} (UDP workers per address: {})\n  forwarding: {fwd}\n  metrics: {}",
+            consul.join(", "),
+            self.feed.consul.datacenter.as_deref().unwrap_or("agent's"),
+            self.feed.consul.consistency,
+            self.zone.zone,
+            self.zone.ttl,
+            self.zone.negative_ttl,
+            self.zone.ns_name,
+            listen.join(", "),
+            self.server.udp_workers,
+            self.metrics_listen.map_or("off".to_string(), |a| format!("http://{a}/metrics")),
+        )
+    }
+}
+
+fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("config file {}", path.display()))
+}
+
+/// `10.in-addr.arpa.` or a CIDR (`10.0.0.0/8`, octet/nibble aligned).
+fn reverse_zone(s: &str) -> anyhow::Result<ReverseZone> {
+    let bad = |why: &str| anyhow::anyhow!("[dns] reverse_zones: `{s}`: {why}");
+    if let Ok(net) = s.parse::<IpNet>() {
+        let step = if net.addr().is_ipv4() { 8 } else { 4 };
+        if net.prefix_len() % step != 0 || net.prefix_len() == 0 {
+            return Err(bad(&format!("the prefix length must be a non-zero multiple of {step}")));
+        }
+        let name = match net.trunc() {
+            IpNet::V4(n) => {
+                let o = n.addr().octets();
+                let mut labels: Vec<String> = o[..(n.prefix_len() / 8) as usize].iter().rev().map(|b| b.to_string()).collect();
+                labels.extend(["in-addr".into(), "arpa".into()]);
+                labels.join(".") + "."
+            }
+            IpNet::V6(n) => {
+                let hex = format!("{:032x}", u128::from(n.addr()));
+                let mut labels: Vec<String> = hex[..(n.prefix_len() / 4) as usize].chars().rev().map(String::from).collect();
+                labels.extend(["ip6".into(), "arpa".into()]);
+                labels.join(".") + "."
+            }
+        };
+        let name = Name::from_ascii(&name).map_err(|e| bad(&e.to_string()))?;
+        return Ok(ReverseZone { name, net: net.trunc() });
+    }
+    let name = parse_zone(s).map_err(|e| bad(&e))?;
+    let net = name.parse_arpa_name().map_err(|_| bad("not a reverse zone (in-addr.arpa. or ip6.arpa.) nor a CIDR"))?;
+    Ok(ReverseZone { name, net })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cli(args: &[&str]) -> Cli {
+        Cli::try_parse_from(std::iter::once("upsync-dns").chain(args.iter().copied())).unwrap()
+    }
+
+    fn from_toml(toml_text: &str, args: &[&str]) -> anyhow::Result<Config> {
+        let f: FileConfig = toml::from_str(toml_text)?;
+        Config::resolve(f, &cli(args), None)
+    }
+
+    #[test]
+    fn defaults() {
+        let c = from_toml("", &[]).unwrap();
+        assert_eq!(c.zone.zone.to_ascii(), "service.upsync.");
+        assert_eq!(c.server.listen, ["127.0.0.1:53".parse().unwrap()]);
+        assert_eq!(c.feed.consul.addresses[0].to_string(), "http://127.0.0.1:8500");
+        assert_eq!((c.zone.ttl, c.zone.negative_ttl), (5, 5));
+        assert!(c.forward.upstreams.is_empty());
+        assert_eq!(c.forward.allow_recursion, ["127.0.0.0/8".parse::<IpNet>().unwrap(), "::1/128".parse().unwrap()]);
+        assert_eq!(c.zone.ns_addrs, ["127.0.0.1".parse::<IpAddr>().unwrap()]);
+        assert!(c.server.udp_workers >= 1);
+    }
+
+    #[test]
+    fn flags_as_named_in_the_issue() {
+        let c = from_toml("", &["--consul", "127.0.0.1:1,127.0.0.1:2", "--listen", "127.0.0.1:5353", "--zone", "Apps.Example"]).unwrap();
+        assert_eq!(c.feed.consul.addresses.len(), 2);
+        assert_eq!(c.server.listen, ["127.0.0.1:5353".parse().unwrap()]);
+        assert_eq!(c.zone.zone.to_ascii(), "apps.example.");
+        assert_eq!(c.zone.ns_name.to_ascii(), "ns.apps.example.");
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let toml_text = r#"
+            [consul]
+            addresses = ["10.0.0.1:8500"]
+            datacenter = "dc2"
+            consistency = "stale"
+            wait = "30s"
+            [dns]
+            listen = ["127.0.0.1:8600"]
+            zone = "consul.internal"
+            ttl = 30
+            reverse_zones = ["10.0.0.0/8", "1.168.192.in-addr.arpa"]
+            [forward]
+            upstreams = ["127.0.0.1:5300", "::1"]
+            allow_recursion = ["10.0.0.0/8"]
+            [metrics]
+            listen = "127.0.0.1:9153"
+            [log]
+            format = "json"
+        "#;
+        let c = from_toml(toml_text, &["--ttl", "7", "--consul", "127.0.0.1:8501"]).unwrap();
+        assert_eq!(c.zone.ttl, 7);
+        assert_eq!(c.feed.consul.addresses[0].to_string(), "http://127.0.0.1:8501");
+        assert_eq!(c.feed.consul.datacenter.as_deref(), Some("dc2"));
+        assert_eq!(c.feed.consul.consistency, Consistency::Stale);
+        assert_eq!(c.feed.wait, Duration::from_secs(30));
+        assert_eq!(c.forward.upstreams, ["127.0.0.1:5300".parse().unwrap(), "[::1]:53".parse().unwrap()]);
+        assert_eq!(c.zone.reverse_zones[0].name.to_ascii(), "10.in-addr.arpa.");
+        assert_eq!(c.zone.reverse_zones[1].net, "192.168.1.0/24".parse::<IpNet>().unwrap());
+        assert_eq!(c.metrics_listen, Some("127.0.0.1:9153".parse().unwrap()));
+        assert_eq!(c.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn mistakes_are_named() {
+        let err = |t: &str, a: &[&str]| format!("{:#}", from_toml(t, a).unwrap_err());
+        assert!(err("[dns]\nzon = \"x\"", &[]).contains("unknown field `zon`"));
+        assert!(err("", &["--zone", "."]).contains("root zone"));
+        assert!(err("", &["--consul", "ftp://x"]).contains("ftp://x"));
+        assert!(err("[consul]\nconsistency = \"eventual\"", &[]).contains("eventual"));
+        assert!(err("[consul]\ntoken = \"a\"\ntoken_file = \"/b\"", &[]).contains("not both"));
+        assert!(err("[forward]\nupstreams = [\"dns.google\"]", &[]).contains("not a name"));
+        assert!(err("[dns]\nreverse_zones = [\"10.0.0.0/12\"]", &[]).contains("multiple of 8"));
+        assert!(err("[dns]\nreverse_zones = [\"example.com\"]", &[]).contains("not a reverse zone"));
+        assert!(err("", &["--listen", "127.0.0.1:5353", "--forward", "127.0.0.1:5353"]).contains("loop"));
+        assert!(err("[consul]\ntoken_file = \"/nonexistent/token\"", &[]).contains("/nonexistent/token"));
+    }
+
+    #[test]
+    fn token_from_environment_only_as_a_last_resort() {
+        let f: FileConfig = toml::from_str("").unwrap();
+        let c = Config::resolve(f, &cli(&[]), Some("env-secret".into())).unwrap();
+        assert_eq!(c.feed.consul.token.as_ref().map(|t| t.expose()), Some("env-secret"));
+        assert!(!c.summary().contains("env-secret"));
+        assert!(!format!("{c:?}").contains("env-secret"));
+        let f: FileConfig = toml::from_str("[consul]\ntoken = \"file-secret\"").unwrap();
+        let c = Config::resolve(f, &cli(&[]), Some("env-secret".into())).unwrap();
+        assert_eq!(c.feed.consul.token.as_ref().map(|t| t.expose()), Some("file-secret"));
+    }
+}
