@@ -60,13 +60,20 @@ struct Dump {
     endpoints: Vec<Endpoint>,
 }
 
+/// A read of the catalog and the epoch it was started in (see `State::epoch`).
+struct EpochDump {
+    epoch: u64,
+    dump: Dump,
+}
+
 enum Event {
-    /// A detector's index moved (or its first answer): its index and body.
-    Changed { kind: Kind, index: u64, body: Bytes },
+    /// A detector's index moved (or its first answer): its index and body. `reset`: the
+    /// index went backwards (a restarted dev agent, a restored snapshot, a lagging server).
+    Changed { kind: Kind, index: u64, body: Bytes, reset: bool },
     /// A request succeeded (Consul is reachable).
     Ok(Kind),
     Failed { kind: Kind, error: String, retry_in: Duration },
-    Dumped(Dump),
+    Dumped(EpochDump),
 }
 
 /// Blocking-query loop reporting every change of `X-Consul-Index` (the discovery library's
@@ -84,10 +91,10 @@ async fn detector(client: Client, kind: Kind, path: String, wait: Duration, tx: 
                 attempt = 0;
                 resync = false;
                 let changed = resp.index != index || blocking.is_none();
-                // Never block on index 0 (Consul would answer at once, forever); a lower index
-                // (a restarted agent, another server) is a change like any other.
+                let reset = index > 1 && resp.index < index;
+                // Never block on index 0: Consul would answer at once, forever.
                 index = resp.index.max(1);
-                let ev = if changed { Event::Changed { kind, index: resp.index, body: resp.body } } else { Event::Ok(kind) };
+                let ev = if changed { Event::Changed { kind, index: resp.index, body: resp.body, reset } } else { Event::Ok(kind) };
                 if tx.send(ev).await.is_err() {
                     return;
                 }
@@ -225,9 +232,13 @@ struct State {
     dump: Option<Arc<Dump>>,
     critical: Option<Arc<Overlay>>,
     warning: Option<Arc<Overlay>>,
-    /// Highest index a catalog detector reported; a read is needed while the dump is older.
-    catalog_index: u64,
+    /// A catalog read is needed (a detector saw a change the dump does not have).
+    read_wanted: bool,
     reading: bool,
+    /// Incremented when Consul's index goes backwards: reads started before belong to the
+    /// old data and are discarded, and the overlays are dropped (the next read carries the
+    /// check states anyway).
+    epoch: u64,
     next_read: Option<tokio::time::Instant>,
     /// Detectors whose last request failed, with the error.
     failing: Vec<(Kind, String)>,
@@ -260,7 +271,7 @@ impl Feed {
         let mut stale_tick = tokio::time::interval(STALE_LOG_EVERY);
         stale_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let read_due = !st.reading && st.dump.as_ref().is_none_or(|d| d.index < st.catalog_index) && st.catalog_index > 0;
+            let read_due = st.read_wanted && !st.reading;
             let next_read = st.next_read.unwrap_or_else(tokio::time::Instant::now);
             tokio::select! {
                 ev = rx.recv() => {
@@ -276,11 +287,12 @@ impl Feed {
                 }
                 _ = tokio::time::sleep_until(next_read), if read_due => {
                     st.reading = true;
-                    let (client, path, tx, metrics) = (self.client.clone(), dump_path.clone(), tx.clone(), self.shared.metrics.clone());
+                    st.read_wanted = false;
+                    let (client, path, tx, metrics, epoch) = (self.client.clone(), dump_path.clone(), tx.clone(), self.shared.metrics.clone(), st.epoch);
                     tokio::spawn(async move {
                         let started = Instant::now();
                         let ev = match read_catalog(client, path, metrics).await {
-                            Ok(d) => Event::Dumped(d),
+                            Ok(dump) => Event::Dumped(EpochDump { epoch, dump }),
                             Err(error) => Event::Failed { kind: Kind::Catalog, error, retry_in: Duration::ZERO },
                         };
                         tracing::trace!(ms = started.elapsed().as_millis() as u64, "catalog read done");
@@ -289,8 +301,8 @@ impl Feed {
                     st.next_read = None;
                 }
                 _ = resync.tick() => {
-                    // Ask for a read even without a change.
-                    st.catalog_index = st.catalog_index.max(st.dump.as_ref().map_or(1, |d| d.index + 1));
+                    // A read even without a change (only once a first one was wanted).
+                    st.read_wanted |= st.dump.is_some();
                 }
                 _ = stale_tick.tick() => self.log_stale(&mut st, false),
             }
@@ -318,11 +330,18 @@ impl Feed {
                 ok(st, kind);
                 false
             }
-            Event::Changed { kind, index, body } => {
+            Event::Changed { kind, index, body, reset } => {
                 ok(st, kind);
+                if reset {
+                    tracing::info!(watch = kind.name(), index, "Consul's index went backwards (restarted or restored?); reading the catalog afresh");
+                    st.epoch += 1;
+                    st.critical = None;
+                    st.warning = None;
+                    st.read_wanted = true;
+                }
                 match kind {
                     Kind::Services | Kind::Nodes => {
-                        st.catalog_index = st.catalog_index.max(index.max(1));
+                        st.read_wanted |= st.dump.as_ref().is_none_or(|d| index > d.index);
                         false
                     }
                     Kind::Critical | Kind::Warning => match decode_check_states(&body) {
@@ -346,16 +365,21 @@ impl Feed {
             Event::Failed { kind, error, retry_in } => {
                 if kind == Kind::Catalog {
                     st.reading = false;
+                    st.read_wanted = true;
                     st.next_read = Some(tokio::time::Instant::now() + Duration::from_secs(1));
                 }
                 tracing::debug!(watch = kind.name(), ?retry_in, "Consul request failed: {error}");
                 self.failed(st, kind, error);
                 false
             }
-            Event::Dumped(d) => {
+            Event::Dumped(EpochDump { epoch, dump: d }) => {
                 ok(st, Kind::Catalog);
                 let took = Duration::from_secs_f64(m.feed.catalog_read_seconds.get().max(0.0));
                 st.reading = false;
+                if epoch != st.epoch {
+                    st.read_wanted = true;
+                    return false;
+                }
                 // Space reads by their own duration: at most half of Consul's time for us.
                 st.next_read = Some(tokio::time::Instant::now() + took);
                 if st.dump.is_none() {

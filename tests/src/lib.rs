@@ -15,6 +15,7 @@
 
 pub mod backend;
 pub mod consul;
+pub mod dns;
 pub mod net;
 pub mod nginx;
 pub mod paths;
