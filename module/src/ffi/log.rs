@@ -55,8 +55,7 @@ fn ngx_level(level: &Level) -> usize {
         Level::ERROR => NGX_LOG_ERR,
         Level::WARN => NGX_LOG_WARN,
         Level::INFO => NGX_LOG_NOTICE,
-        Level::DEBUG => NGX_LOG_INFO,
-        Level::TRACE => NGX_LOG_DEBUG,
+        Level::DEBUG | Level::TRACE => NGX_LOG_DEBUG,
     }) as usize
 }
 
