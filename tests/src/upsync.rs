@@ -10,12 +10,14 @@ use crate::wait::wait_for;
 
 /// An http{} body with one synced upstream `name` watching `/v1/kv/upstreams/<name>` on
 /// `consul`, a server proxying `/` to it and `/show` with `upstream_show`. `params` go on the
-/// upsync line, `lines` into the upstream block.
+/// upsync line (default `upsync_interval=10ms` unless `params` sets it), `lines` into the
+/// upstream block.
 pub fn http_block(name: &str, consul: &str, params: &str, lines: &str) -> String {
+    let params = if params.contains("upsync_interval=") { params.to_string() } else { format!("upsync_interval=10ms {params}") };
     format!(
         "upstream {name} {{
             server 127.0.0.1:9;
-            upsync {consul}/v1/kv/upstreams/{name} upsync_timeout=30s upsync_interval=10ms {params};
+            upsync {consul}/v1/kv/upstreams/{name} upsync_timeout=30s {params};
             {lines}
         }}
         server {{
