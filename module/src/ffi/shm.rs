@@ -163,7 +163,10 @@ unsafe fn find_or_create_slot(pool: *mut ngx_slab_pool_t, header: *mut Header, k
 unsafe fn first_list(pool: *mut ngx_slab_pool_t, slot: *mut Slot, srv: &SrvConf) -> Result<(), String> {
     let name = upstream_name(srv);
     let Some(u) = &srv.sync.upsync else { return Ok(()) };
-    if u.strong_dependency {
+    // `nginx -t` initialises shared zones too, but a config test must not depend on Consul.
+    // SAFETY: a plain read of nginx's global flag on the master's main thread.
+    let testing = unsafe { ngx_test_config } != 0;
+    if u.strong_dependency && !testing {
         let (servers, index) = crate::poller::fetch_initial(&name, &srv.sync, 3).map_err(|e| {
             format!(
                 "upsync: upstream \"{name}\": cannot get its servers from {}: {e}; nginx does not start because \
