@@ -223,3 +223,23 @@ fn memory_of_removed_servers_is_released() {
     assert!(version > 500, "too few list changes reached nginx to say anything ({version})");
     assert!(after < before + 4096, "worker RSS grew from {before} KiB to {after} KiB over 1500 changes");
 }
+
+#[test]
+fn several_consul_servers_fail_over_when_the_one_in_use_stops() {
+    let dir = TestDir::new("life_failover");
+    let mut cluster = Consul::cluster(dir.path(), 3);
+    let (a, b) = (Backend::start("a"), Backend::start("b"));
+    let addrs: Vec<String> = cluster.iter().map(|c| c.http_addr()).collect();
+    let nginx = Nginx::start(dir.path(), NginxConf::new(&http_block("app", &addrs.join(","), "stale", "")).workers(2));
+    put_server(&cluster[1], "app", &a.host_port(), "");
+    wait_servers(&nginx, "app", &[&a.host_port()]);
+    // The client sticks to the first address; stop that server (the cluster keeps a quorum).
+    cluster[0].stop();
+    // The stopped server may have been the leader: write once the others elected a new one.
+    let key = format!("/v1/kv/upstreams/app/{}", b.host_port());
+    wait_until("a write to the remaining servers", Duration::from_secs(30), || {
+        matches!(cluster[1].api("PUT", &key, Some(b"")), Ok((200, _)))
+    });
+    wait_servers(&nginx, "app", &[&a.host_port(), &b.host_port()]);
+    assert_eq!(all_ok(&nginx.url("/"), 10).len(), 2);
+}
