@@ -30,6 +30,9 @@ struct Worker {
     main: *mut MainConf,
     /// Owns the timer event nginx holds a pointer to.
     _tick: Box<ngx_event_t>,
+    /// The tick's `data`: nginx's debug logging of timers reads `ev->data` as a connection and
+    /// prints its fd, so a timer without a connection needs a stand-in with `fd = -1`.
+    _dummy: Box<ngx_connection_t>,
     leader: Option<Leadership>,
 }
 
@@ -58,14 +61,16 @@ pub unsafe extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
         if main.upstreams.is_empty() || main.header.is_null() {
             return NGX_OK as ngx_int_t;
         }
+        let mut dummy: Box<ngx_connection_t> = Box::new(core::mem::zeroed());
+        dummy.fd = -1;
         let mut tick: Box<ngx_event_t> = Box::new(core::mem::zeroed());
         tick.handler = Some(on_tick);
         tick.log = (*cycle).log;
-        tick.data = ptr::null_mut();
+        tick.data = &mut *dummy as *mut ngx_connection_t as *mut c_void;
         // A cancelable timer never keeps a shutting-down worker alive.
         tick.set_cancelable(1);
         let tick_ptr: *mut ngx_event_t = &mut *tick;
-        WORKER.with(|w| *w.borrow_mut() = Some(Worker { main, _tick: tick, leader: None }));
+        WORKER.with(|w| *w.borrow_mut() = Some(Worker { main, _tick: tick, _dummy: dummy, leader: None }));
         // First tick right away: a new worker takes a vacant lease (e.g. after a reload) at once.
         nginx_sys::ngx_add_timer(tick_ptr, 1);
     }
