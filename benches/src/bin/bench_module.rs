@@ -167,6 +167,40 @@ fn main() -> anyhow::Result<()> {
     let p50 = percentile(&mut delays, 50.0);
     let p99 = percentile(&mut delays, 99.0);
 
+    // 4. Memory: UPSYNC_BENCH_CHANGES writes (default 100,000) to a second upstream that follows
+    //    every change it can (upsync_interval=1ms); RSS of the workers before and after.
+    let changes = env("UPSYNC_BENCH_CHANGES", 100_000) as usize;
+    eprintln!("memory: {changes} changes");
+    let mem = Nginx::start(
+        &dir.subdir("memory"),
+        NginxConf::new(&front(&format!("server 127.0.0.1:9; upsync {}/v1/kv/upstreams/mem upsync_interval=1ms;", consul.http_addr()), true))
+            .workers(workers),
+    );
+    put_server(&consul, "mem", &addr(0), "");
+    wait_servers(&mem, "app", &[&addr(0)]);
+    let rss = |n: &Nginx| n.worker_pids().iter().filter_map(|p| upsync_tests::proc::rss_kib(*p)).sum::<u64>();
+    let writer = ureq::AgentBuilder::new().build();
+    let churn_url = |i: usize| format!("http://{}/v1/kv/upstreams/mem/10.{}.{}.{}:80", consul.http_addr(), (i / 65536) % 256, (i / 256) % 256, i % 256);
+    let warm = 2_000.min(changes);
+    for i in 0..warm {
+        writer.put(&churn_url(i % 50)).send_string("{\"down\":1}")?;
+        writer.delete(&churn_url(i % 50)).call()?;
+    }
+    let rss_before = rss(&mem);
+    let v_before = upsync_tests::upsync::show_json(&mem, "app")["sync"]["version"].as_u64().unwrap_or(0);
+    let t_mem = Instant::now();
+    for i in 0..changes / 2 {
+        writer.put(&churn_url(i % 50)).send_string("{\"down\":1}")?;
+        writer.delete(&churn_url(i % 50)).call()?;
+        if i % 1000 == 0 {
+            let _ = wrk(&mem.url("/"), 1, 4, Duration::from_secs(1)).ok();
+        }
+    }
+    wait_servers(&mem, "app", &[&addr(0)]);
+    let rss_after = rss(&mem);
+    let v_after = upsync_tests::upsync::show_json(&mem, "app")["sync"]["version"].as_u64().unwrap_or(0);
+    eprintln!("  {} s", t_mem.elapsed().as_secs());
+
     let mean = |v: &[WrkReport], f: fn(&WrkReport) -> f64| v.iter().map(f).sum::<f64>() / v.len() as f64;
     let (m_rps, s_rps) = (mean(&steady_module, |r| r.requests_per_sec), mean(&steady_stock, |r| r.requests_per_sec));
     let (m_p99, s_p99) = (mean(&steady_module, |r| r.latency_p99_ms), mean(&steady_stock, |r| r.latency_p99_ms));
@@ -183,10 +217,15 @@ fn main() -> anyhow::Result<()> {
     println!("- module / stock throughput: **{:.3}**, CPU per request **{:.3}**, p99 {:.2} ms vs {:.2} ms", m_rps / s_rps, m_cpu / s_cpu, m_p99, s_p99);
     println!("- under churn: module {:.3} of stock with {} failed requests; reload approach {:.3} of stock with {} failed requests", churn_module.requests_per_sec / s_rps, errs(&churn_module), churn_reload.requests_per_sec / s_rps, errs(&churn_reload));
     println!("- propagation (Consul write -> first request on the new server), {rounds} rounds: p50 {p50:.1} ms, p99 {p99:.1} ms");
+    println!(
+        "- memory: {changes} Consul writes, {} server lists installed by each worker: worker RSS {rss_before} KiB before, {rss_after} KiB after ({workers} workers)",
+        v_after.saturating_sub(v_before)
+    );
     let json = serde_json::json!({
         "steady_module": steady_module, "steady_stock": steady_stock,
         "churn_module": churn_module, "churn_reload": churn_reload,
         "propagation_ms": { "p50": p50, "p99": p99, "rounds": rounds },
+        "memory": { "changes": changes, "lists_installed": v_after.saturating_sub(v_before), "rss_kib_before": rss_before, "rss_kib_after": rss_after },
         "workers": workers, "connections": conns, "seconds": secs.as_secs(),
     });
     let out = upsync_tests::paths::build_dir().join("bench");
