@@ -37,7 +37,7 @@ pub fn init() {
     // SAFETY: called on the main thread during configuration, where ngx_cycle is valid.
     unsafe {
         if !ngx_cycle.is_null() && !(*ngx_cycle).log.is_null() {
-            set_level((*(*ngx_cycle).log).log_level as usize);
+            set_level((*(*ngx_cycle).log).log_level);
         }
     }
 }

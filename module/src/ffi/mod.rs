@@ -165,7 +165,7 @@ pub static mut ngx_http_upsync_module: ngx_module_t = ngx_module_t {
 ///
 /// # Safety
 /// `cf` must be the `ngx_conf_t` nginx passed to a directive handler.
-unsafe fn args<'a>(cf: &'a ngx_conf_t) -> Result<Vec<&'a str>, String> {
+unsafe fn args(cf: &ngx_conf_t) -> Result<Vec<&str>, String> {
     // SAFETY: during a directive handler cf->args is an array of ngx_str_t, element 0 the name.
     let all: &[ngx_str_t] = unsafe { (*cf.args).as_slice() };
     all.iter()

@@ -56,7 +56,7 @@ pub unsafe extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
         if ngx_process != NGX_PROCESS_WORKER as ngx_uint_t && ngx_process != NGX_PROCESS_SINGLE as ngx_uint_t {
             return NGX_OK as ngx_int_t;
         }
-        log::set_level((*(*cycle).log).log_level as usize);
+        log::set_level((*(*cycle).log).log_level);
         let Some(main) = cycle_main_conf() else { return NGX_OK as ngx_int_t };
         if main.upstreams.is_empty() || main.header.is_null() {
             return NGX_OK as ngx_int_t;
