@@ -66,6 +66,18 @@ pub fn show_json(nginx: &Nginx, upstream: &str) -> serde_json::Value {
     v["upstreams"][0].clone()
 }
 
+/// The entry of server `addr` in `upstream_show`'s JSON for `upstream`, if listed.
+pub fn shown_server(nginx: &Nginx, upstream: &str, addr: &str) -> Option<serde_json::Value> {
+    show_json(nginx, upstream)["servers"].as_array()?.iter().find(|s| s["server"] == addr).cloned()
+}
+
+/// Waits until server `addr` of `upstream` has `field` equal to `value` in `upstream_show`.
+pub fn wait_server_field(nginx: &Nginx, upstream: &str, addr: &str, field: &str, value: serde_json::Value) {
+    crate::wait_until(&format!("{upstream}: {addr} {field}={value}"), Duration::from_secs(20), || {
+        shown_server(nginx, upstream, addr).is_some_and(|s| s[field] == value)
+    });
+}
+
 /// The `server` names `upstream_show` lists (sorted).
 pub fn shown_servers(nginx: &Nginx, upstream: &str) -> Vec<String> {
     let mut v: Vec<String> = show_json(nginx, upstream)["servers"]

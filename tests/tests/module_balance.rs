@@ -7,7 +7,7 @@ use upsync_tests::backend::Backend;
 use upsync_tests::consul::Consul;
 use upsync_tests::net::http_get;
 use upsync_tests::nginx::{Nginx, NginxConf};
-use upsync_tests::upsync::{all_ok, delete_server, hits, http_block, put_server, show_json, wait_servers};
+use upsync_tests::upsync::{shown_server, wait_server_field, all_ok, delete_server, hits, http_block, put_server, show_json, wait_servers};
 use upsync_tests::{wait_until, TestDir};
 
 fn sequence(url: &str, n: usize) -> Vec<String> {
@@ -72,7 +72,7 @@ fn passive_health_and_retries_and_failure_state_survive_updates() {
     let h = all_ok(&nginx.url("/"), 20);
     assert_eq!(h.get("b"), Some(&20), "{h:?}");
     let fails = |nginx: &Nginx| -> u64 {
-        show_json(nginx, "app")["servers"].as_array().unwrap().iter().find(|s| s["server"] == a.host_port()).map(|s| s["fails"].as_u64().unwrap()).unwrap_or(0)
+        shown_server(nginx, "app", &a.host_port()).and_then(|s| s["fails"].as_u64()).unwrap_or(0)
     };
     assert!(fails(&nginx) >= 1);
     // An unrelated change: a stays in the list with its failure count, so it stays out of rotation.
@@ -97,9 +97,7 @@ fn keepalive_connections_are_reused_across_updates() {
     // The list changes (b added, then a re-weighted): a's idle connections stay usable.
     put_server(&consul, "app", &b.host_port(), r#"{"down":1}"#);
     put_server(&consul, "app", &a.host_port(), r#"{"weight":5}"#);
-    wait_until("a re-weighted", Duration::from_secs(20), || {
-        show_json(&nginx, "app")["servers"].as_array().unwrap().iter().any(|s| s["server"] == a.host_port() && s["weight"] == 5)
-    });
+    wait_server_field(&nginx, "app", &a.host_port(), "weight", serde_json::json!(5));
     let before = a.connections();
     all_ok(&nginx.url("/"), 50);
     assert!(a.connections() <= before + 1, "updates dropped keepalive connections ({before} -> {})", a.connections());

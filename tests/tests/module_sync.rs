@@ -6,7 +6,7 @@ use upsync_tests::backend::Backend;
 use upsync_tests::consul::Consul;
 use upsync_tests::net::http_get;
 use upsync_tests::nginx::{Nginx, NginxConf};
-use upsync_tests::upsync::{all_ok, delete_server, hits, http_block, put_server, show_json, wait_servers};
+use upsync_tests::upsync::{shown_server, wait_server_field, all_ok, delete_server, hits, http_block, put_server, show_json, wait_servers};
 use upsync_tests::{wait_until, TestDir};
 
 #[test]
@@ -31,15 +31,11 @@ fn add_remove_reweight_down_and_backup_reach_traffic_without_reload() {
 
     // Re-weight: the new weight is what upstream_show reports and what traffic follows.
     put_server(&consul, "app", &b.host_port(), r#"{"weight":"1"}"#);
-    wait_until("b re-weighted to 1", Duration::from_secs(20), || {
-        show_json(&nginx, "app")["servers"].as_array().unwrap().iter().any(|s| s["server"] == b.host_port() && s["weight"] == 1)
-    });
+    wait_server_field(&nginx, "app", &b.host_port(), "weight", serde_json::json!(1));
 
     // Mark a down: only b answers.
     put_server(&consul, "app", &a.host_port(), r#"{"down":1}"#);
-    wait_until("a marked down", Duration::from_secs(20), || {
-        show_json(&nginx, "app")["servers"].as_array().unwrap().iter().any(|s| s["server"] == a.host_port() && s["down"] == true)
-    });
+    wait_server_field(&nginx, "app", &a.host_port(), "down", serde_json::json!(true));
     assert_eq!(all_ok(&url, 20).get("b"), Some(&20));
 
     // c as backup: unused while b is usable, used when no primary is.
@@ -152,9 +148,8 @@ fn malformed_value_keeps_the_last_good_state() {
     put_server(&consul, "app", "not-an-address", r#"{"weight":1}"#);
     put_server(&consul, "app", &b.host_port(), r#"{"weight":2}"#);
     wait_servers(&nginx, "app", &[&a.host_port(), &b.host_port()]);
-    let show = show_json(&nginx, "app");
-    let a_entry = show["servers"].as_array().unwrap().iter().find(|s| s["server"] == a.host_port()).cloned().unwrap();
-    assert_eq!(a_entry["weight"], 7, "a lost its last good attributes: {show}");
+    let a_entry = shown_server(&nginx, "app", &a.host_port()).unwrap();
+    assert_eq!(a_entry["weight"], 7, "a lost its last good attributes: {a_entry}");
     let log = nginx.error_log();
     assert!(log.contains(&format!("upstreams/app/{}", a.host_port())) && log.contains("at index"), "no skip message naming the key and index:\n{log}");
     assert!(log.contains("not-an-address"), "{log}");
@@ -208,9 +203,7 @@ fn hostname_keys_are_resolved() {
     let a = Backend::start("a");
     let nginx = Nginx::start(dir.path(), NginxConf::new(&http_block("app", &consul.http_addr(), "", "")));
     put_server(&consul, "app", &format!("localhost:{}", a.port()), r#"{"weight":2}"#);
-    wait_until("localhost resolved", Duration::from_secs(20), || {
-        show_json(&nginx, "app")["servers"].as_array().unwrap().iter().any(|s| s["server"] == a.host_port() && s["weight"] == 2)
-    });
+    wait_server_field(&nginx, "app", &a.host_port(), "weight", serde_json::json!(2));
     assert_eq!(all_ok(&nginx.url("/"), 5).get("a"), Some(&5));
 }
 
@@ -236,15 +229,13 @@ fn catalog_and_health_services() {
     wait_servers(&nginx, "cat", &[&a.host_port(), &b.host_port()]);
     wait_servers(&nginx, "hea", &[&a.host_port(), &b.host_port()]);
     let cat = show_json(&nginx, "cat");
-    let sa = cat["servers"].as_array().unwrap().iter().find(|s| s["server"] == a.host_port()).unwrap().clone();
+    let sa = shown_server(&nginx, "cat", &a.host_port()).unwrap();
     assert_eq!((sa["weight"].as_u64(), sa["max_fails"].as_u64()), (Some(3), Some(5)), "{cat}");
     assert!(cat["servers"].as_array().unwrap().iter().any(|s| s["server"] == b.host_port() && s["backup"] == true), "{cat}");
 
     // A failing check marks the instance down in consul_health, not in consul_services.
     consul.ttl_check("web-a-ttl", "fail");
-    wait_until("web-a down in hea", Duration::from_secs(20), || {
-        show_json(&nginx, "hea")["servers"].as_array().unwrap().iter().any(|s| s["server"] == a.host_port() && s["down"] == true)
-    });
+    wait_server_field(&nginx, "hea", &a.host_port(), "down", serde_json::json!(true));
     assert_eq!(all_ok(&nginx.url("/hea"), 5).get("b"), Some(&5), "the backup must serve when the only primary is down");
     assert_eq!(all_ok(&nginx.url("/cat"), 5).get("a"), Some(&5));
     consul.deregister_service("web-b");
