@@ -6,7 +6,7 @@ use upsync_tests::backend::Backend;
 use upsync_tests::consul::Consul;
 use upsync_tests::net::http_get;
 use upsync_tests::nginx::{Nginx, NginxConf};
-use upsync_tests::upsync::{shown_server, wait_server_field, all_ok, delete_server, hits, http_block, put_server, show_json, wait_servers};
+use upsync_tests::upsync::{all_ok, delete_server, hits, http_block, put_server, show_json, shown_server, wait_server_field, wait_servers};
 use upsync_tests::{wait_until, TestDir};
 
 #[test]
