@@ -291,6 +291,11 @@ impl Client {
                             limit: self.inner.cfg.max_response_bytes,
                         })
                     }
+                    Err(SendError::NotSent(m) | SendError::Failed(m))
+                        if address.scheme == Scheme::Https && (m.contains("alert") || m.contains("certificate")) =>
+                    {
+                        return Err(Error::Tls { address: address.clone(), message: m })
+                    }
                     Err(SendError::NotSent(m) | SendError::Failed(m)) => {
                         return Err(Error::Transport {
                             address: address.clone(),
@@ -1016,6 +1021,9 @@ async fn send(
 ) -> Result<RawResponse, SendError> {
     let Conn { sender, driver, .. } = conn;
     let mut driver_done = false;
+    // Why the connection ended, when it did: more telling than the request's "canceled"
+    // (e.g. a TLS alert from a server that wants a client certificate).
+    let mut driver_err: Option<String> = None;
     let exchange = async {
         std::future::poll_fn(|cx| sender.poll_ready(cx))
             .await
@@ -1048,6 +1056,7 @@ async fn send(
                     driver_done = true;
                     if let Err(e) = r {
                         tracing::debug!("Consul connection closed: {e}");
+                        driver_err = Some(error_chain(&e));
                     }
                     // The driver may just have handed over the rest of the response.
                     return exchange.as_mut().poll(cx);
@@ -1057,7 +1066,11 @@ async fn send(
         })
         .await
     };
-    let (parts, body) = result?;
+    let (parts, body) = match (result, driver_err) {
+        (Err(SendError::NotSent(_)), Some(why)) => return Err(SendError::NotSent(why)),
+        (Err(SendError::Failed(_)), Some(why)) => return Err(SendError::Failed(why)),
+        (r, _) => r?,
+    };
     let keep_alive = !parts
         .headers
         .get(hyper::header::CONNECTION)
