@@ -32,4 +32,5 @@ sleep 1
 curl -sf "$api/v1/internal/ui/nodes" >"$here/dump_ui_nodes.json"
 curl -sf "$api/v1/health/state/critical" >"$here/dump_health_critical.json"
 curl -sf "$api/v1/health/state/warning" >"$here/dump_health_warning.json"
+curl -sf "$api/v1/health/service/web" >"$here/dump_health_web.json"
 echo "captured from $("$consul" version | head -1) into $here"

@@ -103,7 +103,7 @@ impl Snapshot {
                     self.answer_ns_addrs(qtype, out);
                 } else if let Some(svc) = self.services.get(label) {
                     svc.answer(&svc.all, qname, qtype, params, self, out);
-                } else if (label == ADDR_LABEL && self.has_addrs) || (label.starts_with(b"_") && !self.services.is_empty()) {
+                } else if (label == ADDR_LABEL && self.has_addrs()) || (label.starts_with(b"_") && !self.services.is_empty()) {
                     // Empty non-terminals above `X.addr.ZONE` and `_NAME._tcp.ZONE`.
                     nodata(out);
                 } else {

@@ -1,35 +1,45 @@
 //! The Consul feed: keeps the served snapshot in step with Consul with a fixed number of
 //! requests whatever the number of services (dns/README.md, "Watch plan"):
 //!
-//! - two change detectors, blocking queries on `/v1/catalog/services` (wakes on any service
-//!   registration, deregistration or update) and `/v1/catalog/nodes` (node address changes);
-//!   a new index triggers one full read of the catalog, `/v1/internal/ui/nodes` (every node
-//!   with its services and checks). Reads are coalesced: changes that arrive during a read
-//!   cause one more read, not one each, and reads are spaced by at least their own duration
-//!   so Consul spends at most half its time on us under constant churn;
-//! - health overlays, blocking queries on `/v1/health/state/critical` (and `warning` when
-//!   only passing instances are served): Consul keeps checks indexed by status, so these are
-//!   cheap, wake only when a check enters or leaves that state, and apply without a full read;
+//! - change detectors: blocking queries on `/v1/catalog/services` (wakes on any service
+//!   registration, deregistration or update) and `/v1/catalog/nodes` (node address changes).
+//!   A new index schedules one full read of the catalog, `/v1/internal/ui/nodes` (every node
+//!   with its services and checks). Reads are coalesced (changes arriving during a read cause
+//!   one more read, not one each) and spaced by at least their own duration, so Consul spends
+//!   at most half its time on us under constant churn;
+//! - health overlays: blocking queries on `/v1/health/state/critical` (and `warning` when only
+//!   passing instances are served). Consul indexes checks by status, so these are cheap, wake
+//!   only when a check enters or leaves that state, and apply without a full read;
+//! - patches: a service the detectors name (added, removed or retagged in the service list, or
+//!   owning a check that changed state for an instance the snapshot does not know yet, e.g. a
+//!   new instance turning passing) is read alone from `/v1/health/service/NAME` and patched
+//!   in at once, until the next full read covers it;
 //! - a full read every `resync_interval` regardless, as a safety net.
 //!
 //! A snapshot is rebuilt on a blocking thread and swapped in whole; answering never waits.
 //! When Consul fails, the last snapshot keeps being served and the staleness is reported.
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
-use upsync_discovery::decode::{decode_check_states, decode_node_dump, CheckState};
-use upsync_discovery::{Backoff, Blocking, Client, Consistency, Endpoint};
+use upsync_discovery::decode::{decode_check_states, decode_health_instances, decode_node_dump, decode_services, CheckState, HealthMode};
+use upsync_discovery::{Backoff, Blocking, Client, Consistency, Endpoint, Query};
 
 use crate::config::FeedConfig;
 use crate::server::Shared;
 use crate::snapshot::{Health, Instance, Snapshot, ZoneConfig};
 
-/// Shortest time between two requests of one detector, so an index that changes
-/// continuously cannot make it spin (at most 50 requests a second).
-const MIN_REQUEST_GAP: Duration = Duration::from_millis(20);
+/// A detector may send this many requests back to back, then a sustained rate: a single
+/// change is seen at once, an index changing without pause cannot make it spin. The health
+/// lists are cheap for Consul (read through its status index, a few entries); the catalog
+/// lists grow with the number of services and each change costs a full read anyway.
+const REQUEST_BURST: f64 = 10.0;
+const HEALTH_REQUESTS_PER_SECOND: f64 = 200.0;
+const CATALOG_REQUESTS_PER_SECOND: f64 = 100.0;
+/// At most this many services are patched for one event; beyond, the full read does it.
+const MAX_PATCHES: usize = 64;
 /// A warning about an unreachable Consul is repeated this often while it lasts.
 const STALE_LOG_EVERY: Duration = Duration::from_secs(30);
 
@@ -40,6 +50,7 @@ enum Kind {
     Critical,
     Warning,
     Catalog,
+    Patch,
 }
 
 impl Kind {
@@ -50,20 +61,47 @@ impl Kind {
             Kind::Critical => "health-critical",
             Kind::Warning => "health-warning",
             Kind::Catalog => "node-dump",
+            Kind::Patch => "health-service",
         }
     }
 }
 
-/// A full read of the catalog.
-struct Dump {
+/// Instances read from Consul at `index`: the whole catalog, or one service (a patch).
+#[derive(Default)]
+struct Read {
     index: u64,
+    /// Incremented when Consul's index goes backwards (see `State::epoch`).
+    epoch: u64,
     endpoints: Vec<Endpoint>,
+    /// For the whole catalog: service name -> its endpoints (indexes), node -> its services.
+    by_service: HashMap<String, Vec<usize>>,
+    by_node: HashMap<String, Vec<String>>,
 }
 
-/// A read of the catalog and the epoch it was started in (see `State::epoch`).
-struct EpochDump {
-    epoch: u64,
-    dump: Dump,
+impl Read {
+    fn new(index: u64, epoch: u64, endpoints: Vec<Endpoint>) -> Read {
+        Read { index, epoch, endpoints, ..Read::default() }
+    }
+
+    /// Indexes a whole-catalog read by service and by node.
+    fn indexed(mut self) -> Read {
+        for (i, e) in self.endpoints.iter().enumerate() {
+            let service = e.service.clone().unwrap_or_default();
+            let names = self.by_node.entry(e.node.clone().unwrap_or_default()).or_default();
+            if !names.contains(&service) {
+                names.push(service.clone());
+            }
+            self.by_service.entry(service).or_default().push(i);
+        }
+        self
+    }
+}
+
+/// What changed since the snapshot being served was built.
+#[derive(Default)]
+struct Pending {
+    all: bool,
+    services: HashSet<String>,
 }
 
 enum Event {
@@ -73,7 +111,32 @@ enum Event {
     /// A request succeeded (Consul is reachable).
     Ok(Kind),
     Failed { kind: Kind, error: String, retry_in: Duration },
-    Dumped(EpochDump),
+    Dumped(Read),
+    Patched { service: String, read: Result<Read, String> },
+}
+
+/// Token bucket spacing a detector's requests.
+struct Bucket {
+    tokens: f64,
+    per_second: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn new(per_second: f64, now: Instant) -> Bucket {
+        Bucket { tokens: REQUEST_BURST, per_second, at: now }
+    }
+
+    /// Takes a token, or says how long until one is there.
+    fn take(&mut self, now: Instant) -> Option<Duration> {
+        self.tokens = (self.tokens + now.saturating_duration_since(self.at).as_secs_f64() * self.per_second).min(REQUEST_BURST);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            return None;
+        }
+        Some(Duration::from_secs_f64((1.0 - self.tokens) / self.per_second))
+    }
 }
 
 /// Blocking-query loop reporting every change of `X-Consul-Index` (the discovery library's
@@ -82,11 +145,15 @@ enum Event {
 async fn detector(client: Client, kind: Kind, path: String, wait: Duration, tx: mpsc::Sender<Event>) {
     let backoff = Backoff::default();
     let mut rng = fastrand::Rng::new();
+    let rate = if matches!(kind, Kind::Critical | Kind::Warning) { HEALTH_REQUESTS_PER_SECOND } else { CATALOG_REQUESTS_PER_SECOND };
+    let mut bucket = Bucket::new(rate, Instant::now());
     let (mut index, mut attempt, mut resync) = (0u64, 0u32, true);
     loop {
-        let started = Instant::now();
+        while let Some(pause) = bucket.take(Instant::now()) {
+            tokio::time::sleep(pause).await;
+        }
         let blocking = (!resync && index > 0).then_some(Blocking { index, wait });
-        match client.get(&path, blocking).await {
+        let ev = match client.get(&path, blocking).await {
             Ok(resp) => {
                 attempt = 0;
                 resync = false;
@@ -94,21 +161,24 @@ async fn detector(client: Client, kind: Kind, path: String, wait: Duration, tx: 
                 let reset = index > 1 && resp.index < index;
                 // Never block on index 0: Consul would answer at once, forever.
                 index = resp.index.max(1);
-                let ev = if changed { Event::Changed { kind, index: resp.index, body: resp.body, reset } } else { Event::Ok(kind) };
-                if tx.send(ev).await.is_err() {
-                    return;
+                if changed {
+                    Event::Changed { kind, index: resp.index, body: resp.body, reset }
+                } else {
+                    Event::Ok(kind)
                 }
-                tokio::time::sleep(MIN_REQUEST_GAP.saturating_sub(started.elapsed())).await;
             }
             Err(e) => {
                 attempt = attempt.saturating_add(1);
                 resync = true;
-                let retry_in = backoff.delay(attempt, &mut rng);
-                if tx.send(Event::Failed { kind, error: e.to_string(), retry_in }).await.is_err() {
-                    return;
-                }
-                tokio::time::sleep(retry_in).await;
+                Event::Failed { kind, error: e.to_string(), retry_in: backoff.delay(attempt, &mut rng) }
             }
+        };
+        let pause = if let Event::Failed { retry_in, .. } = &ev { Some(*retry_in) } else { None };
+        if tx.send(ev).await.is_err() {
+            return;
+        }
+        if let Some(p) = pause {
+            tokio::time::sleep(p).await;
         }
     }
 }
@@ -131,58 +201,74 @@ fn internal_path(path: &str, cfg: &FeedConfig) -> String {
     }
 }
 
+fn log_skipped(skipped: &[upsync_discovery::Skipped]) {
+    for s in skipped.iter().take(20) {
+        tracing::warn!(instance = %s.key, "instance left out of DNS: {}", s.reason);
+    }
+}
+
 /// One full read of the catalog, decoded off the runtime's threads.
-async fn read_catalog(client: Client, path: String, metrics: Arc<crate::metrics::Metrics>) -> Result<Dump, String> {
+async fn read_catalog(client: Client, path: String, epoch: u64, metrics: Arc<crate::metrics::Metrics>) -> Result<Read, String> {
     let started = Instant::now();
     let resp = client.get(&path, None).await.map_err(|e| e.to_string())?;
     let bytes = resp.body.len();
-    let decoded = tokio::task::spawn_blocking(move || decode_node_dump(&resp.body))
+    let (index, address) = (resp.index, resp.address.clone());
+    let decoded = tokio::task::spawn_blocking(move || decode_node_dump(&resp.body).map(|d| (Read::new(index, epoch, d.value).indexed(), d.skipped)))
         .await
         .map_err(|e| format!("decoding the node dump: {e}"))?
-        .map_err(|e| format!("{} answered {path} with {e}", resp.address))?;
-    for s in decoded.skipped.iter().take(20) {
-        tracing::warn!(instance = %s.key, "instance left out of DNS: {}", s.reason);
-    }
+        .map_err(|e| format!("{address} answered {path} with {e}"))?;
+    let (read, skipped) = decoded;
+    log_skipped(&skipped);
     let took = started.elapsed();
     let f = &metrics.feed;
     f.catalog_reads.inc();
     f.catalog_read_seconds.set(took.as_secs_f64());
     f.catalog_read_bytes.set(bytes as i64);
-    tracing::debug!(index = resp.index, bytes, instances = decoded.value.len(), ms = took.as_millis() as u64, "read the catalog");
-    Ok(Dump { index: resp.index, endpoints: decoded.value })
+    tracing::debug!(index, bytes, instances = read.endpoints.len(), ms = took.as_millis() as u64, "read the catalog");
+    Ok(read)
+}
+
+/// One service, from `/v1/health/service/NAME`.
+async fn read_service(client: Client, service: String, epoch: u64) -> Result<Read, String> {
+    let path = Query::HealthService { name: service, tag: None, mode: HealthMode::MarkDown }.path();
+    let resp = client.get(&path, None).await.map_err(|e| e.to_string())?;
+    let decoded = decode_health_instances(if resp.status == 404 { b"" } else { &resp.body }).map_err(|e| format!("{} answered {path} with {e}", resp.address))?;
+    log_skipped(&decoded.skipped);
+    Ok(Read::new(resp.index, epoch, decoded.value))
 }
 
 /// Non-passing checks of one state, from `/v1/health/state/<state>`.
 struct Overlay {
     index: u64,
-    /// `(node, service id)` of service checks in that state.
-    services: HashSet<(String, String)>,
+    /// `(node, service id)` of service checks in that state, and the service's name.
+    services: HashMap<(String, String), String>,
     /// Nodes with a node-level check in that state.
     nodes: HashSet<String>,
 }
 
 impl Overlay {
     fn new(index: u64, checks: Vec<CheckState>) -> Overlay {
-        let mut o = Overlay { index, services: HashSet::new(), nodes: HashSet::new() };
+        let mut o = Overlay { index, services: HashMap::new(), nodes: HashSet::new() };
         for c in checks {
             if c.service_id.is_empty() {
                 o.nodes.insert(c.node);
             } else {
-                o.services.insert((c.node, c.service_id));
+                o.services.insert((c.node, c.service_id), c.service_name);
             }
         }
         o
     }
 
     fn covers(&self, node: &str, service_id: &str) -> bool {
-        self.nodes.contains(node) || self.services.contains(&(node.to_string(), service_id.to_string()))
+        self.nodes.contains(node) || self.services.contains_key(&(node.to_string(), service_id.to_string()))
     }
 }
 
-/// Health of `e`: from the overlays that are newer than the dump, else from the dump.
-fn health(e: &Endpoint, dump_index: u64, critical: Option<&Overlay>, warning: Option<&Overlay>) -> Health {
+/// Health of `e`, read at index `read_index`: from the overlays newer than that read, else
+/// from the read itself.
+fn health(e: &Endpoint, read_index: u64, critical: Option<&Overlay>, warning: Option<&Overlay>) -> Health {
     let (node, id) = (e.node.as_deref().unwrap_or(""), e.service_id.as_deref().unwrap_or(""));
-    let state = |o: Option<&Overlay>, h: Health| match o.filter(|o| o.index >= dump_index) {
+    let state = |o: Option<&Overlay>, h: Health| match o.filter(|o| o.index >= read_index) {
         Some(o) => o.covers(node, id),
         None => e.health == h,
     };
@@ -212,11 +298,47 @@ fn instance(e: &Endpoint, health: Health) -> Instance {
     }
 }
 
-/// Builds the snapshot the dump and overlays describe.
-fn build(zone: Arc<ZoneConfig>, dump: &Dump, critical: Option<&Overlay>, warning: Option<&Overlay>) -> Snapshot {
-    let instances = dump.endpoints.iter().map(|e| instance(e, health(e, dump.index, critical, warning))).collect();
-    let index = [Some(dump.index), critical.map(|o| o.index), warning.map(|o| o.index)].into_iter().flatten().max().unwrap_or(0);
-    Snapshot::build(index, zone, instances)
+/// What a snapshot is built from.
+#[derive(Clone)]
+struct Inputs {
+    dump: Arc<Read>,
+    /// Services read alone after the dump (only those newer than it).
+    patches: HashMap<String, Arc<Read>>,
+    critical: Option<Arc<Overlay>>,
+    warning: Option<Arc<Overlay>>,
+}
+
+/// The instances of `service` as the inputs describe them (a patch if one is newer than the
+/// dump, else the dump's).
+fn service_instances(inp: &Inputs, service: &str) -> Vec<Instance> {
+    let (c, w) = (inp.critical.as_deref(), inp.warning.as_deref());
+    match inp.patches.get(service) {
+        Some(p) => p.endpoints.iter().map(|e| instance(e, health(e, p.index, c, w))).collect(),
+        None => {
+            let d = &inp.dump;
+            let idx = d.by_service.get(service).map(Vec::as_slice).unwrap_or_default();
+            idx.iter().map(|&i| &d.endpoints[i]).map(|e| instance(e, health(e, d.index, c, w))).collect()
+        }
+    }
+}
+
+fn inputs_index(inp: &Inputs) -> u64 {
+    [Some(inp.dump.index), inp.critical.as_ref().map(|o| o.index), inp.warning.as_ref().map(|o| o.index)]
+        .into_iter()
+        .flatten()
+        .chain(inp.patches.values().map(|p| p.index))
+        .max()
+        .unwrap_or(0)
+}
+
+fn build(zone: Arc<ZoneConfig>, inp: &Inputs) -> Snapshot {
+    let (dump, c, w) = (&inp.dump, inp.critical.as_deref(), inp.warning.as_deref());
+    let patched = |e: &Endpoint| !inp.patches.is_empty() && inp.patches.contains_key(e.service.as_deref().unwrap_or(""));
+    let mut instances: Vec<Instance> = dump.endpoints.iter().filter(|e| !patched(e)).map(|e| instance(e, health(e, dump.index, c, w))).collect();
+    for p in inp.patches.values() {
+        instances.extend(p.endpoints.iter().map(|e| instance(e, health(e, p.index, c, w))));
+    }
+    Snapshot::build(inputs_index(inp), zone, instances)
 }
 
 /// The feed's state machine.
@@ -229,21 +351,39 @@ pub struct Feed {
 
 #[derive(Default)]
 struct State {
-    dump: Option<Arc<Dump>>,
+    dump: Option<Arc<Read>>,
+    patches: HashMap<String, Arc<Read>>,
+    /// `(node, service id)` of every instance the dump and patches know.
+    known: HashSet<(String, String)>,
+    /// Services being read alone, and those to read again once that read is back.
+    patching: HashSet<String>,
+    repatch: HashSet<String>,
     critical: Option<Arc<Overlay>>,
     warning: Option<Arc<Overlay>>,
+    /// The service list of the last `/v1/catalog/services` answer.
+    services: Option<BTreeMap<String, Vec<String>>>,
+    /// What the next rebuild must cover.
+    pending: Pending,
     /// A catalog read is needed (a detector saw a change the dump does not have).
     read_wanted: bool,
     reading: bool,
     /// Incremented when Consul's index goes backwards: reads started before belong to the
-    /// old data and are discarded, and the overlays are dropped (the next read carries the
-    /// check states anyway).
+    /// old data and are discarded, and the overlays and patches are dropped (the next read
+    /// carries the check states anyway).
     epoch: u64,
     next_read: Option<tokio::time::Instant>,
     /// Detectors whose last request failed, with the error.
     failing: Vec<(Kind, String)>,
     stale_logged: Option<Instant>,
     last_ok: Option<Instant>,
+}
+
+impl State {
+    fn know(&mut self, endpoints: &[Endpoint]) {
+        for e in endpoints {
+            self.known.insert((e.node.clone().unwrap_or_default(), e.service_id.clone().unwrap_or_default()));
+        }
+    }
 }
 
 impl Feed {
@@ -254,11 +394,12 @@ impl Feed {
 
     /// Runs until the task is dropped.
     pub async fn run(self) {
-        let (tx, mut rx) = mpsc::channel(64);
+        let (tx, mut rx) = mpsc::channel(256);
         let mut detectors = vec![(Kind::Services, "/v1/catalog/services"), (Kind::Nodes, "/v1/catalog/nodes"), (Kind::Critical, "/v1/health/state/critical")];
         if self.zone.only_passing {
             detectors.push((Kind::Warning, "/v1/health/state/warning"));
         }
+        // Dropped with this future: the detectors stop with the feed.
         let mut tasks = tokio::task::JoinSet::new();
         for (kind, path) in detectors {
             tasks.spawn(detector(self.client.clone(), kind, path.to_string(), self.cfg.wait, tx.clone()));
@@ -276,29 +417,27 @@ impl Feed {
             tokio::select! {
                 ev = rx.recv() => {
                     let Some(ev) = ev else { return };
-                    let mut dirty = self.on_event(&mut st, ev);
+                    let mut dirty = self.on_event(&mut st, ev, &tx);
                     // Coalesce what queued up meanwhile into one rebuild.
                     while let Ok(ev) = rx.try_recv() {
-                        dirty |= self.on_event(&mut st, ev);
+                        dirty |= self.on_event(&mut st, ev, &tx);
                     }
                     if dirty {
-                        self.rebuild(&st).await;
+                        self.rebuild(&mut st).await;
                     }
                 }
                 _ = tokio::time::sleep_until(next_read), if read_due => {
                     st.reading = true;
                     st.read_wanted = false;
+                    st.next_read = None;
                     let (client, path, tx, metrics, epoch) = (self.client.clone(), dump_path.clone(), tx.clone(), self.shared.metrics.clone(), st.epoch);
                     tokio::spawn(async move {
-                        let started = Instant::now();
-                        let ev = match read_catalog(client, path, metrics).await {
-                            Ok(dump) => Event::Dumped(EpochDump { epoch, dump }),
-                            Err(error) => Event::Failed { kind: Kind::Catalog, error, retry_in: Duration::ZERO },
+                        let ev = match read_catalog(client, path, epoch, metrics).await {
+                            Ok(read) => Event::Dumped(read),
+                            Err(error) => Event::Failed { kind: Kind::Catalog, error, retry_in: Duration::from_secs(1) },
                         };
-                        tracing::trace!(ms = started.elapsed().as_millis() as u64, "catalog read done");
                         let _ = tx.send(ev).await;
                     });
-                    st.next_read = None;
                 }
                 _ = resync.tick() => {
                     // A read even without a change (only once a first one was wanted).
@@ -309,8 +448,69 @@ impl Feed {
         }
     }
 
+    /// Reads `services` alone (at most [`MAX_PATCHES`]; more are left to the full read).
+    fn patch(&self, st: &mut State, services: Vec<String>, tx: &mpsc::Sender<Event>) {
+        if st.dump.is_none() || services.len() > MAX_PATCHES {
+            return;
+        }
+        for service in services {
+            if !st.patching.insert(service.clone()) {
+                st.repatch.insert(service);
+                continue;
+            }
+            let (client, tx, epoch) = (self.client.clone(), tx.clone(), st.epoch);
+            tokio::spawn(async move {
+                let read = read_service(client, service.clone(), epoch).await;
+                let _ = tx.send(Event::Patched { service, read }).await;
+            });
+        }
+    }
+
+    /// Services named by a change of a health overlay whose instance the snapshot does not
+    /// know yet (a new instance turning passing or critical).
+    fn unknown_in_diff(st: &State, old: Option<&Overlay>, new: &Overlay) -> Vec<String> {
+        let mut names: Vec<String> = new
+            .services
+            .iter()
+            .filter(|(k, _)| old.is_none_or(|o| !o.services.contains_key(*k)))
+            .chain(old.into_iter().flat_map(|o| o.services.iter()).filter(|(k, _)| !new.services.contains_key(*k)))
+            .filter(|(k, _)| !st.known.contains(*k))
+            .map(|(_, name)| name.clone())
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    /// Records in `st.pending` which services an overlay change affects: those with a check
+    /// entering or leaving the state, those on a node whose node check did, those whose
+    /// patch the overlay now covers; everything when it now covers the dump.
+    fn overlay_changes(st: &mut State, old: Option<&Overlay>, new: &Overlay) {
+        let Some(dump) = st.dump.clone() else { return };
+        let old_index = old.map_or(0, |o| o.index);
+        let covers = |read_index: u64| old_index < read_index && read_index <= new.index;
+        let Some(old) = old.filter(|_| !covers(dump.index)) else {
+            st.pending.all = true;
+            return;
+        };
+        let p = &mut st.pending;
+        let entered = new.services.iter().filter(|(k, _)| !old.services.contains_key(*k));
+        let left = old.services.iter().filter(|(k, _)| !new.services.contains_key(*k));
+        p.services.extend(entered.chain(left).map(|(_, name)| name.clone()));
+        for node in new.nodes.symmetric_difference(&old.nodes) {
+            p.services.extend(dump.by_node.get(node).into_iter().flatten().cloned());
+        }
+        p.services.extend(st.patches.iter().filter(|(_, r)| covers(r.index)).map(|(name, _)| name.clone()));
+    }
+
+    /// Services added, removed or retagged between two service lists.
+    fn list_diff(old: &BTreeMap<String, Vec<String>>, new: &BTreeMap<String, Vec<String>>) -> Vec<String> {
+        let changed = new.iter().filter(|(k, v)| old.get(*k) != Some(*v)).map(|(k, _)| k.clone());
+        changed.chain(old.keys().filter(|k| !new.contains_key(*k)).cloned()).collect()
+    }
+
     /// Applies one event; whether the snapshot must be rebuilt.
-    fn on_event(&self, st: &mut State, ev: Event) -> bool {
+    fn on_event(&self, st: &mut State, ev: Event, tx: &mpsc::Sender<Event>) -> bool {
         let m = &self.shared.metrics;
         let now = Instant::now();
         let ok = |st: &mut State, kind: Kind| {
@@ -331,61 +531,108 @@ impl Feed {
                 false
             }
             Event::Changed { kind, index, body, reset } => {
+                tracing::trace!(watch = kind.name(), index, bytes = body.len(), "Consul index moved");
                 ok(st, kind);
                 if reset {
                     tracing::info!(watch = kind.name(), index, "Consul's index went backwards (restarted or restored?); reading the catalog afresh");
                     st.epoch += 1;
                     st.critical = None;
                     st.warning = None;
+                    st.patches.clear();
+                    st.services = None;
                     st.read_wanted = true;
+                    st.pending.all = true;
                 }
                 match kind {
                     Kind::Services | Kind::Nodes => {
                         st.read_wanted |= st.dump.as_ref().is_none_or(|d| index > d.index);
+                        if kind == Kind::Services {
+                            match decode_services(&body) {
+                                Ok(list) => {
+                                    let changed = st.services.as_ref().map(|old| Self::list_diff(old, &list));
+                                    st.services = Some(list);
+                                    self.patch(st, changed.unwrap_or_default(), tx);
+                                }
+                                Err(e) => tracing::debug!("decoding /v1/catalog/services: {e}"),
+                            }
+                        }
                         false
                     }
                     Kind::Critical | Kind::Warning => match decode_check_states(&body) {
                         Ok(checks) => {
-                            let o = Some(Arc::new(Overlay::new(index, checks)));
-                            if kind == Kind::Critical {
-                                st.critical = o;
-                            } else {
-                                st.warning = o;
-                            }
-                            st.dump.is_some()
+                            let new = Overlay::new(index, checks);
+                            let old = if kind == Kind::Critical { st.critical.clone() } else { st.warning.clone() };
+                            let unknown = Self::unknown_in_diff(st, old.as_deref(), &new);
+                            self.patch(st, unknown, tx);
+                            Self::overlay_changes(st, old.as_deref(), &new);
+                            let slot = if kind == Kind::Critical { &mut st.critical } else { &mut st.warning };
+                            *slot = Some(Arc::new(new));
+                            st.dump.is_some() && (st.pending.all || !st.pending.services.is_empty())
                         }
                         Err(e) => {
                             self.failed(st, kind, format!("decoding /v1/health/state: {e}"));
                             false
                         }
                     },
-                    Kind::Catalog => false,
+                    Kind::Catalog | Kind::Patch => false,
                 }
             }
             Event::Failed { kind, error, retry_in } => {
                 if kind == Kind::Catalog {
                     st.reading = false;
                     st.read_wanted = true;
-                    st.next_read = Some(tokio::time::Instant::now() + Duration::from_secs(1));
+                    st.next_read = Some(tokio::time::Instant::now() + retry_in);
                 }
                 tracing::debug!(watch = kind.name(), ?retry_in, "Consul request failed: {error}");
                 self.failed(st, kind, error);
                 false
             }
-            Event::Dumped(EpochDump { epoch, dump: d }) => {
+            Event::Dumped(read) => {
                 ok(st, Kind::Catalog);
-                let took = Duration::from_secs_f64(m.feed.catalog_read_seconds.get().max(0.0));
                 st.reading = false;
-                if epoch != st.epoch {
+                if read.epoch != st.epoch {
                     st.read_wanted = true;
                     return false;
                 }
+                let took = Duration::from_secs_f64(m.feed.catalog_read_seconds.get().max(0.0));
                 // Space reads by their own duration: at most half of Consul's time for us.
                 st.next_read = Some(tokio::time::Instant::now() + took);
                 if st.dump.is_none() {
-                    tracing::info!(index = d.index, instances = d.endpoints.len(), ms = took.as_millis() as u64, "first read of the Consul catalog");
+                    tracing::info!(index = read.index, instances = read.endpoints.len(), ms = took.as_millis() as u64, "first read of the Consul catalog");
                 }
-                st.dump = Some(Arc::new(d));
+                st.patches.retain(|_, p| p.index > read.index);
+                st.known.clear();
+                st.know(&read.endpoints);
+                let patches: Vec<Arc<Read>> = st.patches.values().cloned().collect();
+                for p in patches {
+                    st.know(&p.endpoints);
+                }
+                st.dump = Some(Arc::new(read));
+                st.pending.all = true;
+                true
+            }
+            Event::Patched { service, read } => {
+                st.patching.remove(&service);
+                if st.repatch.remove(&service) {
+                    self.patch(st, vec![service.clone()], tx);
+                }
+                let read = match read {
+                    Ok(r) => r,
+                    Err(error) => {
+                        // The full read scheduled by the same change covers it.
+                        self.failed(st, Kind::Patch, error);
+                        return false;
+                    }
+                };
+                ok(st, Kind::Patch);
+                let newer = st.patches.get(&service).is_none_or(|p| read.index > p.index);
+                if read.epoch != st.epoch || st.dump.as_ref().is_none_or(|d| read.index <= d.index) || !newer {
+                    return false;
+                }
+                tracing::debug!(%service, index = read.index, instances = read.endpoints.len(), "patched one service");
+                st.know(&read.endpoints);
+                st.patches.insert(service.clone(), Arc::new(read));
+                st.pending.services.insert(service);
                 true
             }
         }
@@ -423,13 +670,26 @@ impl Feed {
         );
     }
 
-    /// Builds the snapshot off the runtime and swaps it in.
-    async fn rebuild(&self, st: &State) {
+    /// Builds the snapshot off the runtime and swaps it in: the services that changed only,
+    /// sharing the others with the current snapshot, or everything after a full read.
+    async fn rebuild(&self, st: &mut State) {
         let Some(dump) = st.dump.clone() else { return };
-        let (zone, critical, warning) = (self.zone.clone(), st.critical.clone(), st.warning.clone());
+        let pending = std::mem::take(&mut st.pending);
+        let inputs = Inputs { dump, patches: st.patches.clone(), critical: st.critical.clone(), warning: st.warning.clone() };
+        let zone = self.zone.clone();
+        let current = self.shared.snapshot.load_full();
         let started = Instant::now();
-        let built = tokio::task::spawn_blocking(move || build(zone, &dump, critical.as_deref(), warning.as_deref())).await;
-        let snap = match built {
+        let work = move || {
+            if pending.all || !current.synced {
+                return build(zone, &inputs);
+            }
+            let changed = pending.services.into_iter().map(|name| {
+                let list = service_instances(&inputs, &name);
+                (name, list)
+            });
+            current.with_services(inputs_index(&inputs).max(current.index), changed.collect())
+        };
+        let snap = match tokio::task::spawn_blocking(work).await {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!("building the DNS snapshot failed ({e}); still answering from the previous one");
@@ -450,6 +710,7 @@ impl Feed {
             services = snap.stats.services,
             instances = snap.stats.instances,
             usable = snap.stats.usable,
+            patches = st.patches.len(),
             ms = started.elapsed().as_millis() as u64,
             "snapshot swapped in"
         );
@@ -465,45 +726,125 @@ mod tests {
     use super::*;
     use crate::snapshot::tests::zone;
 
-    fn dump() -> Dump {
-        let body = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/../discovery/testdata/dump_ui_nodes.json")).unwrap();
-        let d = decode_node_dump(&body).unwrap();
-        Dump { index: 100, endpoints: d.value }
+    fn fixture(name: &str) -> Vec<u8> {
+        std::fs::read(format!("{}/../discovery/testdata/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap()
     }
 
-    fn usable(s: &Snapshot, service: &str) -> Vec<String> {
+    fn inputs(critical: Option<Overlay>, warning: Option<Overlay>) -> Inputs {
+        let d = decode_node_dump(&fixture("dump_ui_nodes.json")).unwrap();
+        Inputs { dump: Arc::new(Read::new(100, 0, d.value).indexed()), patches: HashMap::new(), critical: critical.map(Arc::new), warning: warning.map(Arc::new) }
+    }
+
+    fn srv(s: &Snapshot, service: &str) -> Vec<String> {
         let mut a = crate::answer::Answer::default();
         let name = hickory_proto::rr::Name::from_ascii(format!("{service}.service.upsync.")).unwrap();
         s.answer(&name, hickory_proto::rr::RecordType::SRV, Default::default(), &mut a);
-        let mut ports: Vec<String> = a.answers.iter().map(|r| r.data.to_string()).collect();
-        ports.sort();
-        ports
+        let mut v: Vec<String> = a.answers.iter().map(|r| r.data.to_string()).collect();
+        v.sort();
+        v
+    }
+
+    fn check(node: &str, id: &str, name: &str, health: Health) -> CheckState {
+        CheckState { node: node.into(), service_id: id.into(), service_name: name.into(), health }
     }
 
     #[test]
     fn dump_alone_gives_passing_instances_not_down() {
-        let s = build(zone(), &dump(), None, None);
+        let s = build(zone(), &inputs(None, None));
         // web1 (passing), web2 (backup, no check); not web3 (down), web4 (critical), web5 (warning).
-        assert_eq!(usable(&s, "web"), ["1 3 8080 127-0-0-5.addr.service.upsync.", "2 1 8081 127-0-0-6.addr.service.upsync."]);
-        assert!(usable(&s, "cache").is_empty(), "critical node check");
+        assert_eq!(srv(&s, "web"), ["1 3 8080 127-0-0-5.addr.service.upsync.", "2 1 8081 127-0-0-6.addr.service.upsync."]);
+        assert!(srv(&s, "cache").is_empty(), "critical node check");
         assert_eq!(s.index, 100);
     }
 
     #[test]
     fn newer_overlays_win_older_ones_are_ignored() {
-        let d = dump();
-        let critical = Overlay::new(120, vec![CheckState { node: "capture-node".into(), service_id: "web1".into(), health: Health::Critical }]);
-        let warning = Overlay::new(120, vec![]);
-        let s = build(zone(), &d, Some(&critical), Some(&warning));
-        // web1 now critical; web4 recovered; web5 left warning.
-        let web = usable(&s, "web");
+        let critical = Overlay::new(120, vec![check("capture-node", "web1", "web", Health::Critical)]);
+        let s = build(zone(), &inputs(Some(critical), Some(Overlay::new(120, vec![]))));
+        // web1 now critical; web4 recovered; web5 left warning; the node check cleared.
+        let web = srv(&s, "web");
         assert!(web.iter().any(|r| r.contains("8083")) && web.iter().any(|r| r.contains("8084")), "{web:?}");
         assert!(!web.iter().any(|r| r.contains("8080")), "{web:?}");
-        assert!(!usable(&s, "cache").is_empty(), "node check no longer critical");
+        assert!(!srv(&s, "cache").is_empty());
         assert_eq!(s.index, 120);
-        let old = Overlay::new(50, vec![]);
-        let s = build(zone(), &d, Some(&old), Some(&old));
-        assert_eq!(usable(&s, "web").len(), 2);
+        let s = build(zone(), &inputs(Some(Overlay::new(50, vec![])), Some(Overlay::new(50, vec![]))));
+        assert_eq!(srv(&s, "web").len(), 2);
+    }
+
+    #[test]
+    fn patches_replace_their_service_until_the_next_dump() {
+        let mut inp = inputs(None, None);
+        let web = decode_health_instances(&fixture("dump_health_web.json")).unwrap().value;
+        let mut one = web.into_iter().filter(|e| e.service_id.as_deref() == Some("web1")).collect::<Vec<_>>();
+        one[0].port = 9999;
+        inp.patches.insert("web".into(), Arc::new(Read::new(130, 0, one)));
+        inp.patches.insert("cache".into(), Arc::new(Read::new(131, 0, vec![])));
+        let s = build(zone(), &inp);
+        assert_eq!(srv(&s, "web"), ["1 3 9999 127-0-0-5.addr.service.upsync."]);
+        assert!(srv(&s, "cache").is_empty());
+        assert_eq!(s.index, 131);
+        // An overlay newer than the patch still applies to it.
+        inp.critical = Some(Arc::new(Overlay::new(140, vec![check("capture-node", "web1", "web", Health::Critical)])));
+        assert!(srv(&build(zone(), &inp), "web").is_empty());
+    }
+
+    /// The incremental rebuild of what an overlay change names gives the same answers as a
+    /// full build.
+    #[test]
+    fn incremental_rebuilds_match_full_builds() {
+        let mut inp = inputs(Some(Overlay::new(110, vec![])), Some(Overlay::new(110, vec![])));
+        let base = build(zone(), &inp);
+        let mut st = State { dump: Some(inp.dump.clone()), ..State::default() };
+        let steps = [
+            Overlay::new(120, vec![check("capture-node", "web1", "web", Health::Critical)]),
+            Overlay::new(130, vec![check("capture-node", "web1", "web", Health::Critical), check("sick-node", "", "", Health::Critical)]),
+            Overlay::new(140, vec![]),
+        ];
+        let mut snap = base;
+        for new in steps {
+            let old = inp.critical.clone();
+            Feed::overlay_changes(&mut st, old.as_deref(), &new);
+            inp.critical = Some(Arc::new(new));
+            let pending = std::mem::take(&mut st.pending);
+            assert!(!pending.all);
+            let changed = pending.services.iter().map(|n| (n.clone(), service_instances(&inp, n))).collect();
+            snap = snap.with_services(inputs_index(&inp), changed);
+            let full = build(zone(), &inp);
+            for svc in ["web", "cache", "api", "db", "pg"] {
+                assert_eq!(srv(&snap, svc), srv(&full, svc), "{svc} at index {}", snap.index);
+            }
+            assert_eq!(snap.stats, full.stats);
+        }
+        // An overlay older than the dump, then one that covers it: everything is rebuilt.
+        let mut st = State { dump: Some(inp.dump.clone()), ..State::default() };
+        Feed::overlay_changes(&mut st, Some(&Overlay::new(90, vec![])), &Overlay::new(100, vec![]));
+        assert!(st.pending.all);
+    }
+
+    #[test]
+    fn diffs_name_the_services_to_patch() {
+        let mut st = State::default();
+        st.known.insert(("n1".into(), "known".into()));
+        let old = Overlay::new(1, vec![check("n1", "known", "a", Health::Critical), check("n1", "new1", "b", Health::Critical)]);
+        let new = Overlay::new(2, vec![check("n1", "known", "a", Health::Critical), check("n2", "new2", "c", Health::Critical)]);
+        // new1 left the critical set, new2 entered it; neither is known: b and c are read.
+        assert_eq!(Feed::unknown_in_diff(&st, Some(&old), &new), ["b", "c"]);
+        let list = |v: &[(&str, &[&str])]| v.iter().map(|(k, t)| (k.to_string(), t.iter().map(|s| s.to_string()).collect())).collect::<BTreeMap<_, _>>();
+        let before = list(&[("web", &["v1"]), ("api", &[]), ("old", &[])]);
+        let after = list(&[("web", &["v1", "v2"]), ("api", &[]), ("new", &[])]);
+        assert_eq!(Feed::list_diff(&before, &after), ["new", "web", "old"]);
+    }
+
+    #[test]
+    fn token_bucket_allows_a_burst_then_paces() {
+        let t0 = Instant::now();
+        let mut b = Bucket::new(50.0, t0);
+        for _ in 0..REQUEST_BURST as usize {
+            assert_eq!(b.take(t0), None);
+        }
+        let wait = b.take(t0).expect("empty bucket");
+        assert!(wait > Duration::ZERO && wait <= Duration::from_millis(20), "{wait:?}");
+        assert_eq!(b.take(t0 + Duration::from_millis(20)), None);
     }
 
     #[test]

@@ -113,11 +113,18 @@ pub(crate) struct View {
 
 #[derive(Debug)]
 pub(crate) struct Service {
+    /// `NAME.ZONE`, the PTR target of the service's addresses.
+    pub fqdn: Name,
     pub insts: Vec<Inst>,
     pub all: View,
     /// Lower-case tag → its view. Tags of registered but unusable instances are present
     /// with an empty view, so their names answer NODATA rather than NXDOMAIN.
     pub tags: HashMap<Box<[u8]>, View>,
+    /// Addresses of every registered instance, healthy or not (sorted, distinct): for PTR.
+    pub ips: Vec<IpAddr>,
+    /// Registered instances, and tags that cannot be a label.
+    pub registered: usize,
+    pub unnamable_tags: usize,
 }
 
 /// Counts a snapshot was built from, for logs and metrics.
@@ -130,7 +137,8 @@ pub struct Stats {
     pub unnamable: usize,
 }
 
-/// An immutable view of the registry, indexed for answering.
+/// An immutable view of the registry, indexed for answering. Services are shared between
+/// successive snapshots ([`Snapshot::with_services`] rebuilds only those that changed).
 #[derive(Debug)]
 pub struct Snapshot {
     /// Consul index the data is from (0 before the first sync).
@@ -143,21 +151,26 @@ pub struct Snapshot {
     pub built_wall: SystemTime,
     pub zone: Arc<ZoneConfig>,
     pub stats: Stats,
-    pub(crate) services: HashMap<Box<[u8]>, Service>,
+    pub(crate) services: HashMap<Box<[u8]>, Arc<Service>>,
+    /// Instances whose service name cannot be a label.
+    unnamable_services: usize,
     /// Every registered instance address → services with an instance there (PTR).
-    pub(crate) addrs: HashMap<IpAddr, Vec<Name>>,
+    pub(crate) addrs: Arc<HashMap<IpAddr, Vec<Name>>>,
     /// Reverse-zone empty non-terminals (partial reverse names above known addresses).
-    pub(crate) reverse_ents: HashSet<IpNet>,
+    pub(crate) reverse_ents: Arc<HashSet<IpNet>>,
     pub(crate) soa: Record,
     pub(crate) ns: Record,
     pub(crate) ns_glue: Vec<Record>,
-    /// Whether the zone has `addr.ZONE` names (any instance with an IP).
-    pub(crate) has_addrs: bool,
 }
 
 /// A label usable in a DNS name: 1..=63 bytes, no dot. Lower-cased.
 fn dns_label(s: &str) -> Option<Box<[u8]>> {
     (!s.is_empty() && s.len() <= 63 && !s.contains('.')).then(|| s.to_ascii_lowercase().into_bytes().into_boxed_slice())
+}
+
+/// Stable order: answers (before rotation) and SRV lists do not depend on Consul's order.
+fn sort_instances(instances: &mut [Instance]) {
+    instances.sort_by(|a, b| (&a.host, a.port, &a.id).cmp(&(&b.host, b.port, &b.id)));
 }
 
 impl Snapshot {
@@ -167,51 +180,92 @@ impl Snapshot {
     }
 
     /// Indexes `instances` (any order) for answering.
-    pub fn build(index: u64, zone: Arc<ZoneConfig>, mut instances: Vec<Instance>) -> Snapshot {
-        // Stable order: answers (before rotation) and SRV lists do not depend on Consul's order.
-        instances.sort_by(|a, b| (&a.service, &a.host, a.port, &a.id).cmp(&(&b.service, &b.host, b.port, &b.id)));
-        let mut stats = Stats { instances: instances.len(), ..Stats::default() };
+    pub fn build(index: u64, zone: Arc<ZoneConfig>, instances: Vec<Instance>) -> Snapshot {
         let mut by_service: HashMap<Box<[u8]>, Vec<Instance>> = HashMap::new();
-        let mut addrs: HashMap<IpAddr, Vec<Name>> = HashMap::new();
+        let mut unnamable_services = 0;
         for inst in instances {
-            let Some(key) = dns_label(&inst.service) else {
-                stats.unnamable += 1;
-                continue;
-            };
-            by_service.entry(key).or_default().push(inst);
+            match dns_label(&inst.service) {
+                Some(key) => by_service.entry(key).or_default().push(inst),
+                None => unnamable_services += 1,
+            }
         }
         let mut services = HashMap::with_capacity(by_service.len());
         for (key, list) in by_service {
-            let fqdn = Name::from_labels([&key[..]]).and_then(|n| n.append_domain(&zone.zone));
-            let Ok(fqdn) = fqdn else {
-                // The service label plus the zone exceed 255 bytes.
-                stats.unnamable += 1;
+            let len = list.len();
+            match Service::build(&key, list, &zone) {
+                Some(svc) => {
+                    services.insert(key, Arc::new(svc));
+                }
+                None => unnamable_services += len,
+            }
+        }
+        Snapshot::finish(index, zone, services, unnamable_services, None)
+    }
+
+    /// This snapshot with the instances of some services replaced (an empty list removes the
+    /// service), at `index`. Unchanged services are shared, not rebuilt: a health change of
+    /// one instance costs the rebuild of its service only.
+    pub fn with_services(&self, index: u64, changed: Vec<(String, Vec<Instance>)>) -> Snapshot {
+        let mut services = self.services.clone();
+        let mut addrs_changed = false;
+        let mut unnamable_services = self.unnamable_services;
+        for (name, list) in changed {
+            let Some(key) = dns_label(&name) else {
+                unnamable_services += list.len();
                 continue;
             };
-            for inst in &list {
-                if let Host::Ip(ip) = inst.host {
-                    let names = addrs.entry(ip).or_default();
-                    if !names.contains(&fqdn) {
-                        names.push(fqdn.clone());
-                    }
+            let len = list.len();
+            let new = if list.is_empty() { None } else { Service::build(&key, list, &self.zone) };
+            if new.is_none() {
+                unnamable_services += len;
+            }
+            let ips = |s: Option<&Arc<Service>>| s.map(|s| s.ips.clone()).unwrap_or_default();
+            addrs_changed |= ips(services.get(&key)) != new.as_ref().map(|s| s.ips.clone()).unwrap_or_default();
+            match new {
+                Some(svc) => services.insert(key, Arc::new(svc)),
+                None => services.remove(&key),
+            };
+        }
+        let keep = (!addrs_changed).then(|| (self.addrs.clone(), self.reverse_ents.clone()));
+        Snapshot::finish(index, self.zone.clone(), services, unnamable_services, keep)
+    }
+
+    fn finish(
+        index: u64,
+        zone: Arc<ZoneConfig>,
+        services: HashMap<Box<[u8]>, Arc<Service>>,
+        unnamable_services: usize,
+        addrs: Option<(Arc<HashMap<IpAddr, Vec<Name>>>, Arc<HashSet<IpNet>>)>,
+    ) -> Snapshot {
+        let (addrs, reverse_ents) = addrs.unwrap_or_else(|| {
+            let mut addrs: HashMap<IpAddr, Vec<Name>> = HashMap::new();
+            for svc in services.values() {
+                for ip in &svc.ips {
+                    addrs.entry(*ip).or_default().push(svc.fqdn.clone());
                 }
             }
-            let (service, usable, unnamable) = Service::build(list, &zone);
-            stats.usable += usable;
-            stats.unnamable += unnamable;
-            services.insert(key, service);
+            for names in addrs.values_mut() {
+                names.sort();
+            }
+            let ents = if zone.reverse_zones.is_empty() { HashSet::new() } else { reverse_ents(addrs.keys()) };
+            (Arc::new(addrs), Arc::new(ents))
+        });
+        let mut stats = Stats { services: services.len(), unnamable: unnamable_services, ..Stats::default() };
+        for svc in services.values() {
+            stats.instances += svc.registered;
+            stats.usable += svc.insts.len();
+            stats.unnamable += svc.unnamable_tags;
         }
-        stats.services = services.len();
-        let reverse_ents = if zone.reverse_zones.is_empty() { HashSet::new() } else { reverse_ents(addrs.keys()) };
+        stats.instances += unnamable_services;
         let (soa, ns, ns_glue) = apex_records(&zone, index);
         Snapshot {
             index,
             synced: true,
             built: Instant::now(),
             built_wall: SystemTime::now(),
-            has_addrs: !addrs.is_empty(),
             stats,
             services,
+            unnamable_services,
             addrs,
             reverse_ents,
             soa,
@@ -220,21 +274,33 @@ impl Snapshot {
             zone,
         }
     }
+
+    /// Whether the zone has `addr.ZONE` names (any instance with an IP).
+    pub(crate) fn has_addrs(&self) -> bool {
+        !self.addrs.is_empty()
+    }
 }
 
 impl Service {
-    /// Returns the service, its number of usable instances and of unnamable tags.
-    fn build(list: Vec<Instance>, zone: &ZoneConfig) -> (Service, usize, usize) {
+    /// The service `key` (its label) from its instances; `None` when `NAME.ZONE` would be too
+    /// long a name.
+    fn build(key: &[u8], mut list: Vec<Instance>, zone: &ZoneConfig) -> Option<Service> {
+        let fqdn = Name::from_labels([key]).and_then(|n| n.append_domain(&zone.zone)).ok()?;
+        sort_instances(&mut list);
         let usable_health = |h: Health| h == Health::Passing || (h == Health::Warning && !zone.only_passing);
+        let registered = list.len();
+        let mut ips: Vec<IpAddr> = list.iter().filter_map(|i| if let Host::Ip(ip) = i.host { Some(ip) } else { None }).collect();
+        ips.sort_unstable();
+        ips.dedup();
         let mut insts = Vec::new();
         let mut tag_members: HashMap<Box<[u8]>, Vec<u32>> = HashMap::new();
-        let mut unnamable = 0;
+        let mut unnamable_tags = 0;
         for inst in list {
             let usable = !inst.down && usable_health(inst.health);
             let idx = insts.len() as u32;
             for tag in &inst.tags {
                 let Some(t) = dns_label(tag) else {
-                    unnamable += 1;
+                    unnamable_tags += 1;
                     continue;
                 };
                 let members = tag_members.entry(t).or_default();
@@ -265,10 +331,9 @@ impl Service {
                 meta: inst.meta,
             });
         }
-        let usable = insts.len();
         let all = View::build(&insts, 0..insts.len() as u32);
         let tags = tag_members.into_iter().map(|(t, members)| (t, View::build(&insts, members))).collect();
-        (Service { insts, all, tags }, usable, unnamable)
+        Some(Service { fqdn, insts, all, tags, ips, registered, unnamable_tags })
     }
 }
 
@@ -426,6 +491,22 @@ pub(crate) mod tests {
         let s = Snapshot::build(1, zone(), vec![inst("my.service", "x", "10.0.0.1", 80), t]);
         assert_eq!(s.stats.unnamable, 3);
         assert_eq!(s.services.len(), 1);
+    }
+
+    #[test]
+    fn with_services_rebuilds_only_what_changed() {
+        let s = Snapshot::build(1, zone(), vec![inst("web", "w1", "10.0.0.1", 80), inst("api", "a1", "10.0.0.2", 80)]);
+        let mut sick = inst("web", "w1", "10.0.0.1", 80);
+        sick.health = Health::Critical;
+        let s2 = s.with_services(2, vec![("web".into(), vec![sick])]);
+        assert_eq!((s2.index, s2.stats.usable, s2.stats.instances), (2, 1, 2));
+        assert!(Arc::ptr_eq(&s.services[&b"api"[..]], &s2.services[&b"api"[..]]), "api is shared");
+        assert!(Arc::ptr_eq(&s.addrs, &s2.addrs), "same addresses: the PTR map is shared");
+        let s3 = s2.with_services(3, vec![("web".into(), vec![inst("web", "w2", "10.0.0.3", 80)]), ("api".into(), vec![])]);
+        assert_eq!(s3.stats, Stats { services: 1, instances: 1, usable: 1, unnamable: 0 });
+        assert!(s3.addrs.contains_key(&"10.0.0.3".parse().unwrap()) && !s3.addrs.contains_key(&"10.0.0.2".parse().unwrap()));
+        let s4 = s3.with_services(4, vec![("new".into(), vec![inst("new", "n1", "10.0.0.9", 80)])]);
+        assert_eq!(s4.stats.services, 2);
     }
 
     #[test]

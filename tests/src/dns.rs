@@ -48,7 +48,7 @@ impl DnsServer {
             cmd.args(["--consul", consul_http])
                 .args(["--listen", &format!("127.0.0.1:{port}")])
                 .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
-                .env("RUST_LOG", "info,upsync_dns=debug");
+                .env("RUST_LOG", "info,upsync_dns=debug,hickory_server=warn,hickory_net=warn,hickory_resolver=warn");
             if let Some(toml) = &opts.config {
                 let path = dir.join(format!("upsync-dns-{port}.toml"));
                 std::fs::write(&path, toml).expect("writing the upsync-dns config");

@@ -1,16 +1,17 @@
 //! Whole-catalog decoders, for consumers that serve every service at once (upsync-dns):
-//! the node dump (`GET /v1/internal/ui/nodes`: every node with its services and checks) and
-//! the check lists of `GET /v1/health/state/<state>`.
+//! the node dump (`GET /v1/internal/ui/nodes`: every node with its services and checks), the
+//! check lists of `GET /v1/health/state/<state>`, and `GET /v1/health/service/NAME` with the
+//! health kept apart from `down` (for patching one service between two node dumps).
 //!
 //! Added by the DNS server's author as a child of `decode` so instances are built by the same
 //! code ([`Instance::endpoint`]) as the catalog and health decoders: same address fallback,
 //! same tag attributes, same weights.
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
 use serde::Deserialize;
 
-use super::{body_error, is_blank, Decoded, DecodeError, Instance, Skipped, Weights};
+use super::{body_error, is_blank, Decoded, DecodeError, HealthEntry, HealthServiceDef, Instance, Skipped};
 use crate::endpoint::{Endpoint, Health};
 
 #[derive(Deserialize)]
@@ -19,28 +20,11 @@ struct DumpNode<'a> {
     node: Cow<'a, str>,
     #[serde(rename = "Address", borrow, default)]
     address: Cow<'a, str>,
-    #[serde(rename = "Services", default)]
-    services: Option<Vec<DumpService<'a>>>,
+    /// The node's services have the fields of a health entry's `Service`.
+    #[serde(rename = "Services", borrow, default)]
+    services: Option<Vec<HealthServiceDef<'a>>>,
     #[serde(rename = "Checks", borrow, default)]
     checks: Option<Vec<DumpCheck<'a>>>,
-}
-
-#[derive(Deserialize)]
-struct DumpService<'a> {
-    #[serde(rename = "ID", default)]
-    id: String,
-    #[serde(rename = "Service", default)]
-    service: String,
-    #[serde(rename = "Tags", default)]
-    tags: Option<Vec<String>>,
-    #[serde(rename = "Address", borrow, default)]
-    address: Cow<'a, str>,
-    #[serde(rename = "Meta", default)]
-    meta: Option<BTreeMap<String, String>>,
-    #[serde(rename = "Port", default)]
-    port: i64,
-    #[serde(rename = "Weights", default)]
-    weights: Option<Weights>,
 }
 
 #[derive(Deserialize)]
@@ -49,8 +33,25 @@ struct DumpCheck<'a> {
     node: Cow<'a, str>,
     #[serde(rename = "ServiceID", borrow, default)]
     service_id: Cow<'a, str>,
+    #[serde(rename = "ServiceName", borrow, default)]
+    service_name: Cow<'a, str>,
     #[serde(rename = "Status", borrow, default)]
     status: Cow<'a, str>,
+}
+
+/// The instance `s` on a node named `node` at `node_address` (its owned fields are taken).
+fn instance<'a>(node: &'a str, node_address: &'a str, s: &'a mut HealthServiceDef<'_>) -> Instance<'a> {
+    Instance {
+        node,
+        node_address,
+        id: std::mem::take(&mut s.id),
+        name: std::mem::take(&mut s.service),
+        tags: s.tags.take().unwrap_or_default(),
+        address: &s.address,
+        meta: s.meta.take().unwrap_or_default(),
+        port: s.port,
+        weights: s.weights.take(),
+    }
 }
 
 fn check_health(status: &str) -> Health {
@@ -84,19 +85,9 @@ pub fn decode_node_dump(body: &[u8]) -> Result<Decoded<Vec<Endpoint>>, DecodeErr
                 *e = (*e).max(h);
             }
         }
-        for s in n.services.into_iter().flatten() {
+        for mut s in n.services.into_iter().flatten() {
             let health = by_service.get(s.id.as_str()).copied().unwrap_or(Health::Passing).max(node_health);
-            let inst = Instance {
-                node: &n.node,
-                node_address: &n.address,
-                id: s.id,
-                name: s.service,
-                tags: s.tags.unwrap_or_default(),
-                address: &s.address,
-                meta: s.meta.unwrap_or_default(),
-                port: s.port,
-                weights: s.weights,
-            };
+            let inst = instance(&n.node, &n.address, &mut s);
             let key = inst.key();
             match inst.endpoint(health) {
                 Ok(e) => endpoints.push(e),
@@ -113,6 +104,8 @@ pub struct CheckState {
     pub node: String,
     /// Empty for a node-level check (it applies to every instance of the node).
     pub service_id: String,
+    /// The instance's service name (empty for a node-level check).
+    pub service_name: String,
     pub health: Health,
 }
 
@@ -125,8 +118,36 @@ pub fn decode_check_states(body: &[u8]) -> Result<Vec<CheckState>, DecodeError> 
     let checks: Vec<DumpCheck> = serde_json::from_slice(body).map_err(|e| body_error(WHAT, e))?;
     Ok(checks
         .into_iter()
-        .map(|c| CheckState { node: c.node.into_owned(), service_id: c.service_id.into_owned(), health: check_health(&c.status) })
+        .map(|c| CheckState {
+            node: c.node.into_owned(),
+            service_id: c.service_id.into_owned(),
+            service_name: c.service_name.into_owned(),
+            health: check_health(&c.status),
+        })
         .collect())
+}
+
+/// Decodes `GET /v1/health/service/NAME` into one endpoint per instance, in Consul's order,
+/// with `health` the worst of its checks and `down` from the tags only (unlike
+/// [`super::decode_health_service`], which folds failing health into `down`).
+pub fn decode_health_instances(body: &[u8]) -> Result<Decoded<Vec<Endpoint>>, DecodeError> {
+    const WHAT: &str = "health service list";
+    if is_blank(body) {
+        return Ok(Decoded::default());
+    }
+    let entries: Vec<HealthEntry> = serde_json::from_slice(body).map_err(|e| body_error(WHAT, e))?;
+    let mut d = Decoded { value: Vec::with_capacity(entries.len()), skipped: Vec::new() };
+    for h in entries {
+        let health = h.checks.iter().flatten().map(|c| check_health(&c.status)).max().unwrap_or(Health::Passing);
+        let mut service = h.service;
+        let inst = instance(&h.node.node, &h.node.address, &mut service);
+        let key = inst.key();
+        match inst.endpoint(health) {
+            Ok(e) => d.value.push(e),
+            Err(reason) => d.skipped.push(Skipped { key, reason }),
+        }
+    }
+    Ok(d)
 }
 
 #[cfg(test)]
@@ -172,10 +193,24 @@ mod tests {
     #[test]
     fn check_states_captured_from_consul() {
         let c = decode_check_states(&fixture("dump_health_critical.json")).unwrap();
-        assert!(c.contains(&CheckState { node: "capture-node".into(), service_id: "web4".into(), health: Health::Critical }));
-        assert!(c.contains(&CheckState { node: "sick-node".into(), service_id: String::new(), health: Health::Critical }));
+        let state = |node: &str, id: &str, name: &str, health| CheckState { node: node.into(), service_id: id.into(), service_name: name.into(), health };
+        assert!(c.contains(&state("capture-node", "web4", "web", Health::Critical)));
+        assert!(c.contains(&state("sick-node", "", "", Health::Critical)));
         let w = decode_check_states(&fixture("dump_health_warning.json")).unwrap();
-        assert_eq!(w, [CheckState { node: "capture-node".into(), service_id: "web5".into(), health: Health::Warning }]);
+        assert_eq!(w, [state("capture-node", "web5", "web", Health::Warning)]);
+    }
+
+    #[test]
+    fn health_instances_keep_health_apart_from_down() {
+        let d = decode_health_instances(&fixture("dump_health_web.json")).unwrap();
+        assert!(d.skipped.is_empty(), "{:?}", d.skipped);
+        assert_eq!(d.value.len(), 5);
+        let w5 = by_id(&d.value, "web5");
+        assert_eq!((w5.health, w5.down), (Health::Warning, false));
+        let w3 = by_id(&d.value, "web3");
+        assert_eq!((w3.health, w3.down), (Health::Passing, true));
+        assert_eq!(by_id(&d.value, "web4").health, Health::Critical);
+        assert!(decode_health_instances(b"[{]").is_err());
     }
 
     #[test]
@@ -183,6 +218,7 @@ mod tests {
         assert!(decode_node_dump(b"{").is_err());
         assert!(decode_node_dump(b"{\"a\":1}").is_err());
         assert!(decode_check_states(b"[1]").is_err());
+        assert_eq!(decode_health_instances(b"").unwrap().value, []);
         assert_eq!(decode_node_dump(b"null").unwrap().value, []);
         let d = decode_node_dump(br#"[{"Node":"n","Address":"","Services":[{"ID":"x","Service":"s","Port":80}],"Checks":null}]"#).unwrap();
         assert_eq!(d.value, []);

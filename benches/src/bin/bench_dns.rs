@@ -1,0 +1,447 @@
+//! End-to-end benchmark of upsync-dns (`make bench`, or `scripts/bench/dns.sh`).
+//!
+//! One run, one catalog, four servers answering the same records side by side on loopback:
+//! upsync-dns, Consul's own DNS interface (the agent holding the catalog), dnsmasq (the same
+//! records as `host-record`/`srv-host` lines) and unbound (`local-data`). dnsperf sends A and
+//! SRV questions for every service in random order; we report queries per second, dnsperf's
+//! average latency, lost queries, and the CPU time the server spent per query (from /proc: it
+//! does not move when other work competes for the 2 cores, unlike queries per second).
+//!
+//! Then freshness: the time from a Consul write (HTTP call returned) to the first DNS answer
+//! showing it, for a check going critical/passing and for an instance registered/
+//! deregistered, on a small catalog and on the full one, with the Consul cost of one full
+//! catalog read.
+//!
+//! Settings: UPSYNC_BENCH_DNS_SERVICES (10000), UPSYNC_BENCH_DNS_PER_SERVICE (10),
+//! UPSYNC_BENCH_DNS_NODES (1000), UPSYNC_BENCH_SECS (10), UPSYNC_BENCH_DNS_ROUNDS (50).
+use std::net::{SocketAddr, UdpSocket};
+use std::process::Command;
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use hickory_proto::op::{Message, Query};
+use hickory_proto::rr::{Name, RData, RecordType};
+use serde_json::json;
+use upsync_benches::{cpu_us, percentile};
+use upsync_tests::consul::Consul;
+use upsync_tests::dns::{dig, DnsOptions, DnsServer};
+use upsync_tests::net::free_port;
+use upsync_tests::proc::Proc;
+use upsync_tests::{wait_until, TestDir};
+
+fn env(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// Instance `k` of service `s`: a unique address and port.
+fn instance_addr(n: usize) -> (String, u16) {
+    (format!("10.{}.{}.{}", 100 + n / 65536, (n / 256) % 256, n % 256), 10000 + (n % 50000) as u16)
+}
+
+fn ip_label(ip: &str) -> String {
+    ip.replace('.', "-")
+}
+
+/// Registers `services` x `per` instances on `nodes` external nodes through /v1/txn, each
+/// with a passing service check (as agents register them), 4 requests in parallel.
+fn load_catalog(consul: &Consul, services: usize, per: usize, nodes: usize) -> anyhow::Result<()> {
+    // Nodes first; then each service with its check in the same transaction (pairs never
+    // straddle two batches of 64), transactions in parallel.
+    let nodes_ops: Vec<serde_json::Value> =
+        (0..nodes).map(|n| json!({"Node": {"Verb": "set", "Node": {"Node": format!("node{n}"), "Address": format!("10.99.{}.{}", n / 256, n % 256)}}})).collect();
+    for chunk in nodes_ops.chunks(64) {
+        let r = ureq::put(&consul.url("/v1/txn")).send_string(&serde_json::Value::from(chunk.to_vec()).to_string()).map_err(|e| anyhow::anyhow!("PUT /v1/txn: {e}"))?;
+        anyhow::ensure!(r.status() == 200, "PUT /v1/txn: HTTP {}", r.status());
+    }
+    let mut ops = Vec::new();
+    for s in 0..services {
+        for k in 0..per {
+            let i = s * per + k;
+            let node = format!("node{}", i % nodes);
+            let (ip, port) = instance_addr(i);
+            let id = format!("svc{s}-{k}");
+            ops.push(json!({"Service": {"Verb": "set", "Node": node, "Service": {"ID": id, "Service": format!("svc{s}"), "Address": ip, "Port": port, "Tags": ["v1"]}}}));
+            ops.push(json!({"Check": {"Verb": "set", "Check": {"Node": node, "CheckID": format!("chk-{id}"), "Name": "http", "Status": "passing", "ServiceID": id, "Output": "HTTP GET http://service/health: 200 OK"}}}));
+        }
+    }
+    let batches: Vec<String> = ops.chunks(64).map(|c| serde_json::Value::from(c.to_vec()).to_string()).collect();
+    let url = consul.url("/v1/txn");
+    std::thread::scope(|scope| -> anyhow::Result<()> {
+        let handles: Vec<_> = (0..4)
+            .map(|t| {
+                let (batches, url) = (&batches, &url);
+                scope.spawn(move || -> anyhow::Result<()> {
+                    for b in batches.iter().skip(t).step_by(4) {
+                        let r = ureq::put(url).send_string(b).map_err(|e| anyhow::anyhow!("PUT /v1/txn: {e}"))?;
+                        anyhow::ensure!(r.status() == 200, "PUT /v1/txn: HTTP {}", r.status());
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().map_err(|_| anyhow::anyhow!("loader thread panicked"))??;
+        }
+        Ok(())
+    })
+}
+
+/// dnsmasq serving the same records: `host-record` for A and for the SRV targets, `srv-host`.
+fn start_dnsmasq(dir: &std::path::Path, services: usize, per: usize) -> anyhow::Result<(Proc, u16)> {
+    let port = free_port();
+    let mut conf = format!("no-resolv\nno-hosts\nport={port}\nlisten-address=127.0.0.1\nbind-interfaces\nlocal-ttl=5\npid-file=\n");
+    for s in 0..services {
+        for k in 0..per {
+            let (ip, p) = instance_addr(s * per + k);
+            let target = format!("{}.addr.service.upsync", ip_label(&ip));
+            conf.push_str(&format!("host-record=svc{s}.service.upsync,{ip}\nhost-record={target},{ip}\nsrv-host=_svc{s}._tcp.service.upsync,{target},{p},1,1\n"));
+        }
+    }
+    let path = dir.join("dnsmasq.conf");
+    std::fs::write(&path, conf)?;
+    let mut cmd = Command::new("/usr/sbin/dnsmasq");
+    cmd.arg("-k").arg("-C").arg(&path);
+    let p = Proc::spawn("dnsmasq", cmd, &dir.join("dnsmasq.log"))?;
+    Ok((p, port))
+}
+
+/// unbound serving the same records as `local-data` in a static local zone, 2 threads.
+fn start_unbound(dir: &std::path::Path, services: usize, per: usize) -> anyhow::Result<(Proc, u16)> {
+    let port = free_port();
+    let mut conf = format!(
+        "server:\n  interface: 127.0.0.1\n  port: {port}\n  do-ip6: no\n  num-threads: 2\n  so-reuseport: yes\n  username: \"\"\n  chroot: \"\"\n  directory: \"{d}\"\n  pidfile: \"{d}/unbound.pid\"\n  use-syslog: no\n  logfile: \"\"\n  verbosity: 0\n  module-config: \"iterator\"\n  access-control: 127.0.0.0/8 allow\n  local-zone: \"service.upsync.\" static\n",
+        d = dir.display()
+    );
+    for s in 0..services {
+        for k in 0..per {
+            let (ip, p) = instance_addr(s * per + k);
+            let target = format!("{}.addr.service.upsync.", ip_label(&ip));
+            conf.push_str(&format!(
+                "  local-data: \"svc{s}.service.upsync. 5 IN A {ip}\"\n  local-data: \"_svc{s}._tcp.service.upsync. 5 IN SRV 1 1 {p} {target}\"\n  local-data: \"{target} 5 IN A {ip}\"\n"
+            ));
+        }
+    }
+    conf.push_str("remote-control:\n  control-enable: no\n");
+    let path = dir.join("unbound.conf");
+    std::fs::write(&path, conf)?;
+    let mut cmd = Command::new("unbound");
+    cmd.arg("-d").arg("-c").arg(&path);
+    let p = Proc::spawn("unbound", cmd, &dir.join("unbound.log"))?;
+    Ok((p, port))
+}
+
+#[derive(Clone, Debug, Default, serde::Serialize)]
+struct PerfReport {
+    qps: f64,
+    avg_latency_ms: f64,
+    lost: u64,
+    sent: u64,
+    cpu_us_per_query: f64,
+}
+
+/// dnsperf for `secs` against 127.0.0.1:port with `file`, and the CPU the server's `pids` used.
+fn dnsperf(port: u16, file: &std::path::Path, secs: u64, pids: &[u32]) -> anyhow::Result<PerfReport> {
+    let before = cpu_us(pids);
+    let out = Command::new("dnsperf")
+        .args(["-s", "127.0.0.1", "-p", &port.to_string(), "-l", &secs.to_string(), "-c", "8", "-T", "2", "-q", "500", "-t", "2"])
+        .arg("-d")
+        .arg(file)
+        .output()
+        .map_err(|e| anyhow::anyhow!("running dnsperf (install it with `make deps`): {e}"))?;
+    let cpu = cpu_us(pids) - before;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut r = PerfReport::default();
+    for line in text.lines().map(str::trim) {
+        let w: Vec<&str> = line.split_whitespace().collect();
+        match w.as_slice() {
+            ["Queries", "per", "second:", v] => r.qps = v.parse()?,
+            ["Queries", "sent:", v] => r.sent = v.parse()?,
+            ["Queries", "lost:", v, ..] => r.lost = v.parse()?,
+            ["Average", "Latency", "(s):", v, ..] => r.avg_latency_ms = v.parse::<f64>()? * 1000.0,
+            _ => {}
+        }
+    }
+    anyhow::ensure!(r.sent > 0, "cannot read dnsperf's report:\n{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    let answered = r.sent.saturating_sub(r.lost).max(1);
+    r.cpu_us_per_query = cpu / answered as f64;
+    Ok(r)
+}
+
+/// One UDP question; the answer, if one comes within 200 ms.
+fn ask(sock: &UdpSocket, name: &Name, t: RecordType, id: u16) -> Option<Message> {
+    let mut m = Message::query();
+    m.metadata.id = id;
+    m.add_query(Query::query(name.clone(), t));
+    sock.send(&m.to_vec().ok()?).ok()?;
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = sock.recv(&mut buf).ok()?;
+        let r = Message::from_vec(&buf[..n]).ok()?;
+        if r.metadata.id == id {
+            return Some(r);
+        }
+    }
+}
+
+/// Polls `targets` (server, name) in turn, from one thread with a short pause between rounds
+/// (busy pollers on several threads would starve the servers of the 2 cores), until each
+/// answers A with (`present`) or without `ip`; the delay of each from `start`.
+fn until_visible(targets: &[(SocketAddr, &str)], ip: &str, present: bool, start: Instant) -> Vec<Duration> {
+    let socks: Vec<(UdpSocket, Name)> = targets
+        .iter()
+        .map(|(server, name)| {
+            let sock = UdpSocket::bind("127.0.0.1:0").expect("UDP socket");
+            sock.connect(server).expect("connect");
+            sock.set_read_timeout(Some(Duration::from_millis(200))).ok();
+            (sock, Name::from_str(name).expect("name"))
+        })
+        .collect();
+    let mut seen: Vec<Option<Duration>> = vec![None; targets.len()];
+    let mut id = 0u16;
+    while seen.iter().any(Option::is_none) {
+        for (i, (sock, name)) in socks.iter().enumerate() {
+            if seen[i].is_some() {
+                continue;
+            }
+            id = id.wrapping_add(1);
+            if let Some(m) = ask(sock, name, RecordType::A, id) {
+                let has = m.answers.iter().any(|r| matches!(&r.data, RData::A(a) if a.to_string() == ip));
+                if has == present {
+                    seen[i] = Some(start.elapsed());
+                }
+            }
+        }
+        assert!(start.elapsed() < Duration::from_secs(120), "{ip} never became {} in {targets:?}", if present { "visible" } else { "invisible" });
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    seen.into_iter().flatten().collect()
+}
+
+#[derive(Clone, Debug, Default, serde::Serialize)]
+struct Percentiles {
+    rounds: usize,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+}
+
+impl Percentiles {
+    fn of(mut v: Vec<f64>) -> Percentiles {
+        let max = v.iter().cloned().fold(0.0, f64::max);
+        Percentiles { rounds: v.len(), p50_ms: percentile(&mut v.clone(), 50.0), p99_ms: percentile(&mut v, 99.0), max_ms: max }
+    }
+
+    fn cell(&self) -> String {
+        format!("{:.1} / {:.1} / {:.1} ms ({} rounds)", self.p50_ms, self.p99_ms, self.max_ms, self.rounds)
+    }
+}
+
+/// upsync-dns's delays, and Consul DNS's for the same changes (it reads the agent's state
+/// directly: the floor, what Consul itself takes to apply a write).
+#[derive(Clone, Debug, Default, serde::Serialize)]
+struct Delays {
+    ours: Percentiles,
+    consul_dns: Percentiles,
+}
+
+impl Delays {
+    fn of(v: Vec<(f64, f64)>) -> Delays {
+        Delays { ours: Percentiles::of(v.iter().map(|x| x.0).collect()), consul_dns: Percentiles::of(v.iter().map(|x| x.1).collect()) }
+    }
+
+    fn cell(&self) -> String {
+        format!("{} (Consul DNS {:.1} / {:.1})", self.ours.cell(), self.consul_dns.p50_ms, self.consul_dns.p99_ms)
+    }
+}
+
+/// Consul write -> DNS answer, for the ways instances come and go.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+struct Freshness {
+    /// A known instance's check failing / passing again.
+    check_flip: Delays,
+    /// A new instance (registered with its check, critical at first) turning passing.
+    new_instance: Delays,
+    /// An instance drained (maintenance mode on) before it goes.
+    drain: Delays,
+    /// A passing instance deregistered without draining first.
+    abrupt_deregistration: Delays,
+}
+
+fn freshness(consul: &Consul, dns: &DnsServer, rounds: usize, slow_rounds: usize) -> Freshness {
+    let put = |path: &str, body: Option<serde_json::Value>| {
+        let b = body.map(|b| b.to_string());
+        let (status, text) = consul.api("PUT", path, b.as_deref().map(str::as_bytes)).expect("Consul PUT");
+        assert_eq!(status, 200, "PUT {path}: {text}");
+    };
+    let register = |id: &str, ip: &str| {
+        put("/v1/agent/service/register", Some(json!({"ID": id, "Name": "fresh", "Address": ip, "Port": 80, "Check": {"CheckID": format!("{id}-ttl"), "TTL": "1h"}})));
+    };
+    let consul_dns = SocketAddr::from(([127, 0, 0, 1], consul.ports.dns));
+    // Both servers polled in turn from the same start.
+    let both = |ip: &str, present: bool, start: Instant| -> (f64, f64) {
+        let d = until_visible(&[(dns.addr(), "fresh.service.upsync."), (consul_dns, "fresh.service.consul.")], ip, present, start);
+        (d[0].as_secs_f64() * 1000.0, d[1].as_secs_f64() * 1000.0)
+    };
+    let visible = |ip: &str, present: bool, start: Instant| both(ip, present, start).0;
+    register("fresh-1", "127.0.0.81");
+    put("/v1/agent/check/pass/fresh-1-ttl", None);
+    visible("127.0.0.81", true, Instant::now());
+    let mut f = Freshness::default();
+
+    let mut v = Vec::new();
+    for i in 0..rounds {
+        let (state, present) = if i % 2 == 0 { ("fail", false) } else { ("pass", true) };
+        let start = Instant::now();
+        put(&format!("/v1/agent/check/{state}/fresh-1-ttl"), None);
+        v.push(both("127.0.0.81", present, start));
+    }
+    f.check_flip = Delays::of(v);
+
+    // Every instance has its own address, so the one before it cannot be mistaken for it.
+    let (mut new, mut drain) = (Vec::new(), Vec::new());
+    for i in 0..rounds / 2 {
+        let (id, ip) = (format!("fresh-n{i}"), format!("127.0.1.{}", i % 250 + 1));
+        register(&id, &ip);
+        // A check passes a moment after its instance is registered (its first run).
+        std::thread::sleep(Duration::from_millis(200));
+        let start = Instant::now();
+        put(&format!("/v1/agent/check/pass/{id}-ttl"), None);
+        new.push(both(&ip, true, start));
+        let start = Instant::now();
+        put(&format!("/v1/agent/service/maintenance/{id}?enable=true&reason=drain"), None);
+        drain.push(both(&ip, false, start));
+        put(&format!("/v1/agent/service/deregister/{id}"), None);
+    }
+    f.new_instance = Delays::of(new);
+    f.drain = Delays::of(drain);
+
+    let mut abrupt = Vec::new();
+    for i in 0..slow_rounds {
+        let (id, ip) = (format!("fresh-a{i}"), format!("127.0.2.{}", i % 250 + 1));
+        register(&id, &ip);
+        put(&format!("/v1/agent/check/pass/{id}-ttl"), None);
+        visible(&ip, true, Instant::now());
+        let start = Instant::now();
+        put(&format!("/v1/agent/service/deregister/{id}"), None);
+        abrupt.push(both(&ip, false, start));
+    }
+    f.abrupt_deregistration = Delays::of(abrupt);
+    put("/v1/agent/service/deregister/fresh-1", None);
+    f
+}
+
+fn main() -> anyhow::Result<()> {
+    let services = env("UPSYNC_BENCH_DNS_SERVICES", 10_000) as usize;
+    let per = env("UPSYNC_BENCH_DNS_PER_SERVICE", 10) as usize;
+    let nodes = env("UPSYNC_BENCH_DNS_NODES", 1000) as usize;
+    let secs = env("UPSYNC_BENCH_SECS", 10);
+    let rounds = env("UPSYNC_BENCH_DNS_ROUNDS", 50) as usize;
+    let total = services * per;
+    let dir = TestDir::new("bench-dns");
+    let consul = Consul::start(&dir.subdir("consul"));
+    let dns = DnsServer::start(&dir.subdir("upsync-dns"), &consul.http_addr(), DnsOptions { args: vec!["--ttl".into(), "5".into()], ..Default::default() });
+
+    eprintln!("freshness on a small catalog: {rounds} rounds");
+    let fresh_small = freshness(&consul, &dns, rounds, rounds / 2);
+
+    eprintln!("loading {services} services x {per} instances on {nodes} nodes into Consul");
+    let t = Instant::now();
+    load_catalog(&consul, services, per, nodes)?;
+    eprintln!("  {} s", t.elapsed().as_secs());
+    wait_until("upsync-dns serving the whole catalog", Duration::from_secs(900), || dns.health()["usable_instances"].as_u64().unwrap_or(0) as usize >= total);
+    let read_secs = dns.metric("upsync_dns_catalog_read_duration_seconds").unwrap_or(f64::NAN);
+    let read_mb = dns.metric("upsync_dns_catalog_read_bytes").unwrap_or(f64::NAN) / 1e6;
+    let dns_rss_mb = upsync_tests::proc::rss_kib(dns.pid()).unwrap_or(0) as f64 / 1024.0;
+
+    let (dnsmasq, dnsmasq_port) = start_dnsmasq(&dir.subdir("dnsmasq"), services, per)?;
+    let (unbound, unbound_port) = start_unbound(&dir.subdir("unbound"), services, per)?;
+    for (what, port) in [("dnsmasq", dnsmasq_port), ("unbound", unbound_port)] {
+        wait_until(&format!("{what} answering svc0"), Duration::from_secs(300), || {
+            !dig(SocketAddr::from(([127, 0, 0, 1], port)), &["svc0.service.upsync.", "A"]).answer.is_empty()
+        });
+    }
+    let consul_dns = SocketAddr::from(([127, 0, 0, 1], consul.ports.dns));
+    wait_until("Consul DNS answering svc0", Duration::from_secs(60), || !dig(consul_dns, &["svc0.service.consul.", "A"]).answer.is_empty());
+
+    // Query files: every service once, shuffled (xorshift, fixed seed).
+    let mut order: Vec<usize> = (0..services).collect();
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for i in (1..order.len()).rev() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        order.swap(i, (x % (i as u64 + 1)) as usize);
+    }
+    let qfile = |name: &str, f: &dyn Fn(usize) -> String| -> anyhow::Result<std::path::PathBuf> {
+        let p = dir.join(name);
+        std::fs::write(&p, order.iter().map(|&s| f(s) + "\n").collect::<String>())?;
+        Ok(p)
+    };
+    let a_ours = qfile("a.txt", &|s| format!("svc{s}.service.upsync A"))?;
+    let srv_ours = qfile("srv.txt", &|s| format!("_svc{s}._tcp.service.upsync SRV"))?;
+    let a_consul = qfile("a-consul.txt", &|s| format!("svc{s}.service.consul A"))?;
+    let srv_consul = qfile("srv-consul.txt", &|s| format!("_svc{s}._tcp.service.consul SRV"))?;
+
+    let servers: [(&str, u16, u32, bool); 4] = [
+        ("upsync-dns", dns.port, dns.pid(), false),
+        ("Consul DNS", consul.ports.dns, consul.pid(), true),
+        ("dnsmasq", dnsmasq_port, dnsmasq.pid(), false),
+        ("unbound", unbound_port, unbound.pid(), false),
+    ];
+    let mut results: Vec<(String, &str, PerfReport)> = Vec::new();
+    for (qtype, ours, theirs) in [("A", &a_ours, &a_consul), ("SRV", &srv_ours, &srv_consul)] {
+        for (name, port, pid, is_consul) in servers {
+            eprintln!("dnsperf {qtype}: {name}");
+            let r = dnsperf(port, if is_consul { theirs } else { ours }, secs, &[pid])?;
+            results.push((name.to_string(), qtype, r));
+        }
+    }
+
+    eprintln!("freshness on the full catalog");
+    let fresh_big = freshness(&consul, &dns, rounds, (rounds / 10).max(3));
+
+    let find = |name: &str, t: &str| results.iter().find(|(n, q, _)| n == name && *q == t).map(|(_, _, r)| r.clone()).unwrap_or_default();
+    println!("### upsync-dns ({services} services, {total} instances; dnsperf -c 8 -T 2 -q 500, {secs} s per run, same machine and run)\n");
+    println!("| server | type | queries/s | avg latency | lost | server CPU/query | upsync-dns qps ratio |");
+    println!("|---|---|---:|---:|---:|---:|---:|");
+    for (name, qtype, r) in &results {
+        let ours = find("upsync-dns", qtype);
+        println!("| {name} | {qtype} | {:.0} | {:.2} ms | {} | {:.1} µs | {:.2}x |", r.qps, r.avg_latency_ms, r.lost, r.cpu_us_per_query, ours.qps / r.qps.max(1e-9));
+    }
+    println!();
+    for t in ["A", "SRV"] {
+        let (o, c, m, u) = (find("upsync-dns", t), find("Consul DNS", t), find("dnsmasq", t), find("unbound", t));
+        println!(
+            "- {t}: upsync-dns answers **{:.1}x** Consul DNS, **{:.2}x** dnsmasq, **{:.2}x** unbound in queries/s; CPU per query {:.2}x / {:.2}x / {:.2}x of theirs",
+            o.qps / c.qps.max(1e-9),
+            o.qps / m.qps.max(1e-9),
+            o.qps / u.qps.max(1e-9),
+            o.cpu_us_per_query / c.cpu_us_per_query.max(1e-9),
+            o.cpu_us_per_query / m.cpu_us_per_query.max(1e-9),
+            o.cpu_us_per_query / u.cpu_us_per_query.max(1e-9)
+        );
+    }
+    println!("- one full catalog read (`/v1/internal/ui/nodes`, {total} instances): {read_mb:.1} MB in {read_secs:.2} s (request + decoding); upsync-dns RSS {dns_rss_mb:.0} MB");
+    println!("\n| freshness, Consul write -> DNS answer: upsync-dns p50 / p99 / max (Consul DNS p50 / p99) | small catalog | {total} instances |");
+    println!("|---|---:|---:|");
+    let rows: [(&str, fn(&Freshness) -> &Delays); 4] = [
+        ("check of a known instance failing / passing", |f| &f.check_flip),
+        ("new instance, its check passing 200 ms after registration", |f| &f.new_instance),
+        ("instance drained (maintenance on)", |f| &f.drain),
+        ("passing instance deregistered abruptly", |f| &f.abrupt_deregistration),
+    ];
+    for (what, get) in rows {
+        println!("| {what} | {} | {} |", get(&fresh_small).cell(), get(&fresh_big).cell());
+    }
+    let json = json!({
+        "services": services, "instances": total, "seconds": secs,
+        "runs": results.iter().map(|(n, q, r)| json!({"server": n, "type": q, "report": r})).collect::<Vec<_>>(),
+        "catalog_read_seconds": read_secs, "catalog_read_mb": read_mb, "rss_mb": dns_rss_mb,
+        "freshness_small": fresh_small, "freshness_full": fresh_big,
+    });
+    let out = upsync_tests::paths::build_dir().join("bench");
+    std::fs::create_dir_all(&out)?;
+    std::fs::write(out.join("dns.json"), serde_json::to_string_pretty(&json)?)?;
+    drop((dnsmasq, unbound));
+    Ok(())
+}
