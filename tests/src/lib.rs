@@ -20,6 +20,7 @@ pub mod nginx;
 pub mod paths;
 pub mod proc;
 mod testdir;
+pub mod upsync;
 pub mod wait;
 
 pub use testdir::TestDir;
