@@ -112,7 +112,7 @@ fn token_bucket_allows_a_burst_then_the_rate() {
 
 #[test]
 fn query_paths() {
-    assert_eq!(Query::Kv { prefix: "/upstreams/app".into() }.path(), "/v1/kv/upstreams/app/?recurse");
+    assert_eq!(Query::Kv { prefix: "/upstreams/app".into() }.path(), "/v1/kv/upstreams/app?recurse");
     assert_eq!(
         Query::HealthService { name: "web api".into(), tag: Some("v1&x".into()), mode: HealthMode::Omit }.path(),
         "/v1/health/service/web%20api?tag=v1%26x&passing"
