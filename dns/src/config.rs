@@ -121,6 +121,7 @@ struct ConsulFile {
     wait: Duration,
     #[serde(with = "humantime_serde")]
     resync_interval: Duration,
+    catalog_read_budget: f64,
     #[serde(with = "humantime_serde")]
     connect_timeout: Duration,
     #[serde(with = "humantime_serde")]
@@ -139,6 +140,7 @@ impl Default for ConsulFile {
             tls: None,
             wait: Duration::from_secs(60),
             resync_interval: Duration::from_secs(600),
+            catalog_read_budget: 0.2,
             connect_timeout: d.connect_timeout,
             request_timeout: Duration::from_secs(60),
         }
@@ -238,6 +240,9 @@ pub struct FeedConfig {
     pub wait: Duration,
     /// A full re-read of the catalog at least this often, changes or not.
     pub resync_interval: Duration,
+    /// Largest share of time spent on full catalog reads under constant churn: a read that
+    /// took T is followed by a pause of T x (1/budget - 1) before the next one.
+    pub catalog_read_budget: f64,
 }
 
 #[derive(Clone, Debug)]
@@ -311,6 +316,9 @@ impl Config {
         if f.consul.resync_interval < Duration::from_secs(1) {
             bail!("[consul] resync_interval = {:?}: use at least 1s", f.consul.resync_interval);
         }
+        if !(f.consul.catalog_read_budget > 0.0 && f.consul.catalog_read_budget <= 1.0) {
+            bail!("[consul] catalog_read_budget = {}: a share of time above 0, at most 1 (default 0.2)", f.consul.catalog_read_budget);
+        }
 
         // Zone.
         let d = f.dns;
@@ -379,7 +387,7 @@ impl Config {
         }
 
         Ok(Config {
-            feed: FeedConfig { consul, wait: f.consul.wait, resync_interval: f.consul.resync_interval },
+            feed: FeedConfig { consul, wait: f.consul.wait, resync_interval: f.consul.resync_interval, catalog_read_budget: f.consul.catalog_read_budget },
             zone,
             server,
             forward,
@@ -536,6 +544,7 @@ mod tests {
         assert!(err("[forward]\nupstreams = [\"dns.google\"]", &[]).contains("not a name"));
         assert!(err("[dns]\nreverse_zones = [\"10.0.0.0/12\"]", &[]).contains("multiple of 8"));
         assert!(err("[dns]\nreverse_zones = [\"example.com\"]", &[]).contains("not a reverse zone"));
+        assert!(err("[consul]\ncatalog_read_budget = 0.0", &[]).contains("catalog_read_budget"));
         assert!(err("", &["--listen", "127.0.0.1:5353", "--forward", "127.0.0.1:5353"]).contains("loop"));
         assert!(err("[consul]\ntoken_file = \"/nonexistent/token\"", &[]).contains("/nonexistent/token"));
     }

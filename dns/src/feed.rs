@@ -5,8 +5,8 @@
 //!   registration, deregistration or update) and `/v1/catalog/nodes` (node address changes).
 //!   A new index schedules one full read of the catalog, `/v1/internal/ui/nodes` (every node
 //!   with its services and checks). Reads are coalesced (changes arriving during a read cause
-//!   one more read, not one each) and spaced by at least their own duration, so Consul spends
-//!   at most half its time on us under constant churn;
+//!   one more read, not one each) and spaced by their cost, so Consul spends at most
+//!   `catalog_read_budget` (20%) of its time on them under constant churn;
 //! - health overlays: blocking queries on `/v1/health/state/critical` (and `warning` when only
 //!   passing instances are served). Consul indexes checks by status, so these are cheap, wake
 //!   only when a check enters or leaves that state, and apply without a full read;
@@ -240,8 +240,9 @@ async fn read_service(client: Client, service: String, epoch: u64) -> Result<Rea
 /// Non-passing checks of one state, from `/v1/health/state/<state>`.
 struct Overlay {
     index: u64,
-    /// `(node, service id)` of service checks in that state, and the service's name.
-    services: HashMap<(String, String), String>,
+    /// node -> service id -> service name, for service checks in that state (nested so a
+    /// lookup by `&str` allocates nothing: it runs for every instance at each rebuild).
+    services: HashMap<String, HashMap<String, String>>,
     /// Nodes with a node-level check in that state.
     nodes: HashSet<String>,
 }
@@ -253,14 +254,19 @@ impl Overlay {
             if c.service_id.is_empty() {
                 o.nodes.insert(c.node);
             } else {
-                o.services.insert((c.node, c.service_id), c.service_name);
+                o.services.entry(c.node).or_default().insert(c.service_id, c.service_name);
             }
         }
         o
     }
 
     fn covers(&self, node: &str, service_id: &str) -> bool {
-        self.nodes.contains(node) || self.services.contains_key(&(node.to_string(), service_id.to_string()))
+        self.nodes.contains(node) || self.services.get(node).is_some_and(|m| m.contains_key(service_id))
+    }
+
+    /// `(node, service id, service name)` of every service check in that state.
+    fn entries(&self) -> impl Iterator<Item = (&str, &str, &str)> {
+        self.services.iter().flat_map(|(n, m)| m.iter().map(move |(id, name)| (n.as_str(), id.as_str(), name.as_str())))
     }
 }
 
@@ -322,6 +328,28 @@ fn service_instances(inp: &Inputs, service: &str) -> Vec<Instance> {
     }
 }
 
+/// Services with an instance whose health differs between two sets of inputs with the same
+/// dump (the overlays changed): one pass over the instances, no allocation per instance.
+fn health_changed(before: &Inputs, after: &Inputs) -> HashSet<String> {
+    let mut names = HashSet::new();
+    let (c0, w0, c1, w1) = (before.critical.as_deref(), before.warning.as_deref(), after.critical.as_deref(), after.warning.as_deref());
+    let mut check = |e: &Endpoint, i0: u64, i1: u64| {
+        if health(e, i0, c0, w0) != health(e, i1, c1, w1) {
+            names.insert(e.service.clone().unwrap_or_default());
+        }
+    };
+    for e in &after.dump.endpoints {
+        check(e, after.dump.index, after.dump.index);
+    }
+    for (name, p) in &after.patches {
+        let i0 = before.patches.get(name).map_or(after.dump.index, |b| b.index);
+        for e in &p.endpoints {
+            check(e, i0, p.index);
+        }
+    }
+    names
+}
+
 fn inputs_index(inp: &Inputs) -> u64 {
     [Some(inp.dump.index), inp.critical.as_ref().map(|o| o.index), inp.warning.as_ref().map(|o| o.index)]
         .into_iter()
@@ -352,6 +380,8 @@ pub struct Feed {
 #[derive(Default)]
 struct State {
     dump: Option<Arc<Read>>,
+    /// The inputs the snapshot being served was built from.
+    built_from: Option<Inputs>,
     patches: HashMap<String, Arc<Read>>,
     /// `(node, service id)` of every instance the dump and patches know.
     known: HashSet<(String, String)>,
@@ -469,38 +499,18 @@ impl Feed {
     /// Services named by a change of a health overlay whose instance the snapshot does not
     /// know yet (a new instance turning passing or critical).
     fn unknown_in_diff(st: &State, old: Option<&Overlay>, new: &Overlay) -> Vec<String> {
-        let mut names: Vec<String> = new
-            .services
-            .iter()
-            .filter(|(k, _)| old.is_none_or(|o| !o.services.contains_key(*k)))
-            .chain(old.into_iter().flat_map(|o| o.services.iter()).filter(|(k, _)| !new.services.contains_key(*k)))
-            .filter(|(k, _)| !st.known.contains(*k))
-            .map(|(_, name)| name.clone())
+        let in_old = |n: &str, id: &str| old.is_some_and(|o| o.services.get(n).is_some_and(|m| m.contains_key(id)));
+        let in_new = |n: &str, id: &str| new.services.get(n).is_some_and(|m| m.contains_key(id));
+        let entered = new.entries().filter(|(n, id, _)| !in_old(n, id));
+        let left = old.into_iter().flat_map(Overlay::entries).filter(|(n, id, _)| !in_new(n, id));
+        let mut names: Vec<String> = entered
+            .chain(left)
+            .filter(|(n, id, _)| !st.known.contains(&(n.to_string(), id.to_string())))
+            .map(|(_, _, name)| name.to_string())
             .collect();
         names.sort();
         names.dedup();
         names
-    }
-
-    /// Records in `st.pending` which services an overlay change affects: those with a check
-    /// entering or leaving the state, those on a node whose node check did, those whose
-    /// patch the overlay now covers; everything when it now covers the dump.
-    fn overlay_changes(st: &mut State, old: Option<&Overlay>, new: &Overlay) {
-        let Some(dump) = st.dump.clone() else { return };
-        let old_index = old.map_or(0, |o| o.index);
-        let covers = |read_index: u64| old_index < read_index && read_index <= new.index;
-        let Some(old) = old.filter(|_| !covers(dump.index)) else {
-            st.pending.all = true;
-            return;
-        };
-        let p = &mut st.pending;
-        let entered = new.services.iter().filter(|(k, _)| !old.services.contains_key(*k));
-        let left = old.services.iter().filter(|(k, _)| !new.services.contains_key(*k));
-        p.services.extend(entered.chain(left).map(|(_, name)| name.clone()));
-        for node in new.nodes.symmetric_difference(&old.nodes) {
-            p.services.extend(dump.by_node.get(node).into_iter().flatten().cloned());
-        }
-        p.services.extend(st.patches.iter().filter(|(_, r)| covers(r.index)).map(|(name, _)| name.clone()));
     }
 
     /// Services added, removed or retagged between two service lists.
@@ -564,10 +574,9 @@ impl Feed {
                             let old = if kind == Kind::Critical { st.critical.clone() } else { st.warning.clone() };
                             let unknown = Self::unknown_in_diff(st, old.as_deref(), &new);
                             self.patch(st, unknown, tx);
-                            Self::overlay_changes(st, old.as_deref(), &new);
                             let slot = if kind == Kind::Critical { &mut st.critical } else { &mut st.warning };
                             *slot = Some(Arc::new(new));
-                            st.dump.is_some() && (st.pending.all || !st.pending.services.is_empty())
+                            st.dump.is_some()
                         }
                         Err(e) => {
                             self.failed(st, kind, format!("decoding /v1/health/state: {e}"));
@@ -595,8 +604,8 @@ impl Feed {
                     return false;
                 }
                 let took = Duration::from_secs_f64(m.feed.catalog_read_seconds.get().max(0.0));
-                // Space reads by their own duration: at most half of Consul's time for us.
-                st.next_read = Some(tokio::time::Instant::now() + took);
+                // Space reads by their cost: at most `catalog_read_budget` of Consul's time.
+                st.next_read = Some(tokio::time::Instant::now() + took.mul_f64(1.0 / self.cfg.catalog_read_budget - 1.0));
                 if st.dump.is_none() {
                     tracing::info!(index = read.index, instances = read.endpoints.len(), ms = took.as_millis() as u64, "first read of the Consul catalog");
                 }
@@ -676,14 +685,17 @@ impl Feed {
         let Some(dump) = st.dump.clone() else { return };
         let pending = std::mem::take(&mut st.pending);
         let inputs = Inputs { dump, patches: st.patches.clone(), critical: st.critical.clone(), warning: st.warning.clone() };
+        let before = st.built_from.replace(inputs.clone());
         let zone = self.zone.clone();
         let current = self.shared.snapshot.load_full();
         let started = Instant::now();
         let work = move || {
-            if pending.all || !current.synced {
+            let Some(before) = before.filter(|b| !pending.all && current.synced && Arc::ptr_eq(&b.dump, &inputs.dump)) else {
                 return build(zone, &inputs);
-            }
-            let changed = pending.services.into_iter().map(|name| {
+            };
+            let mut names = pending.services;
+            names.extend(health_changed(&before, &inputs));
+            let changed = names.into_iter().map(|name| {
                 let list = service_instances(&inputs, &name);
                 (name, list)
             });
@@ -693,6 +705,7 @@ impl Feed {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!("building the DNS snapshot failed ({e}); still answering from the previous one");
+                st.built_from = None;
                 return;
             }
         };
@@ -788,26 +801,23 @@ mod tests {
         assert!(srv(&build(zone(), &inp), "web").is_empty());
     }
 
-    /// The incremental rebuild of what an overlay change names gives the same answers as a
-    /// full build.
+    /// The incremental rebuild of what changed between two sets of inputs gives the same
+    /// answers as a full build.
     #[test]
     fn incremental_rebuilds_match_full_builds() {
-        let mut inp = inputs(Some(Overlay::new(110, vec![])), Some(Overlay::new(110, vec![])));
-        let base = build(zone(), &inp);
-        let mut st = State { dump: Some(inp.dump.clone()), ..State::default() };
+        let mut inp = inputs(Some(Overlay::new(90, vec![])), Some(Overlay::new(90, vec![])));
+        let mut snap = build(zone(), &inp);
         let steps = [
             Overlay::new(120, vec![check("capture-node", "web1", "web", Health::Critical)]),
             Overlay::new(130, vec![check("capture-node", "web1", "web", Health::Critical), check("sick-node", "", "", Health::Critical)]),
             Overlay::new(140, vec![]),
         ];
-        let mut snap = base;
         for new in steps {
-            let old = inp.critical.clone();
-            Feed::overlay_changes(&mut st, old.as_deref(), &new);
+            let before = inp.clone();
             inp.critical = Some(Arc::new(new));
-            let pending = std::mem::take(&mut st.pending);
-            assert!(!pending.all);
-            let changed = pending.services.iter().map(|n| (n.clone(), service_instances(&inp, n))).collect();
+            let names = health_changed(&before, &inp);
+            assert!(!names.is_empty());
+            let changed = names.iter().map(|n| (n.clone(), service_instances(&inp, n))).collect();
             snap = snap.with_services(inputs_index(&inp), changed);
             let full = build(zone(), &inp);
             for svc in ["web", "cache", "api", "db", "pg"] {
@@ -815,10 +825,7 @@ mod tests {
             }
             assert_eq!(snap.stats, full.stats);
         }
-        // An overlay older than the dump, then one that covers it: everything is rebuilt.
-        let mut st = State { dump: Some(inp.dump.clone()), ..State::default() };
-        Feed::overlay_changes(&mut st, Some(&Overlay::new(90, vec![])), &Overlay::new(100, vec![]));
-        assert!(st.pending.all);
+        assert!(health_changed(&inp.clone(), &inp).is_empty());
     }
 
     #[test]
@@ -849,7 +856,7 @@ mod tests {
 
     #[test]
     fn internal_paths_carry_dc_and_consistency() {
-        let mut cfg = FeedConfig { consul: Default::default(), wait: Duration::from_secs(1), resync_interval: Duration::from_secs(1) };
+        let mut cfg = FeedConfig { consul: Default::default(), wait: Duration::from_secs(1), resync_interval: Duration::from_secs(1), catalog_read_budget: 0.2 };
         assert_eq!(internal_path("/v1/internal/ui/nodes", &cfg), "/v1/internal/ui/nodes");
         cfg.consul.datacenter = Some("dc2".into());
         cfg.consul.consistency = Consistency::Stale;

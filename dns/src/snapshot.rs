@@ -163,6 +163,10 @@ pub struct Snapshot {
     pub(crate) ns_glue: Vec<Record>,
 }
 
+/// Every registered address → the services there (PTR), and the reverse-zone empty
+/// non-terminals above them: shared between snapshots while no address comes or goes.
+type AddressIndex = (Arc<HashMap<IpAddr, Vec<Name>>>, Arc<HashSet<IpNet>>);
+
 /// A label usable in a DNS name: 1..=63 bytes, no dot. Lower-cased.
 fn dns_label(s: &str) -> Option<Box<[u8]>> {
     (!s.is_empty() && s.len() <= 63 && !s.contains('.')).then(|| s.to_ascii_lowercase().into_bytes().into_boxed_slice())
@@ -235,7 +239,7 @@ impl Snapshot {
         zone: Arc<ZoneConfig>,
         services: HashMap<Box<[u8]>, Arc<Service>>,
         unnamable_services: usize,
-        addrs: Option<(Arc<HashMap<IpAddr, Vec<Name>>>, Arc<HashSet<IpNet>>)>,
+        addrs: Option<AddressIndex>,
     ) -> Snapshot {
         let (addrs, reverse_ents) = addrs.unwrap_or_else(|| {
             let mut addrs: HashMap<IpAddr, Vec<Name>> = HashMap::new();

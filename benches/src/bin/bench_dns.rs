@@ -44,7 +44,7 @@ fn ip_label(ip: &str) -> String {
 
 /// Registers `services` x `per` instances on `nodes` external nodes through /v1/txn, each
 /// with a passing service check (as agents register them), 4 requests in parallel.
-fn load_catalog(consul: &Consul, services: usize, per: usize, nodes: usize) -> anyhow::Result<()> {
+fn load_catalog(consul: &Consul, services: std::ops::Range<usize>, per: usize, nodes: usize) -> anyhow::Result<()> {
     // Nodes first; then each service with its check in the same transaction (pairs never
     // straddle two batches of 64), transactions in parallel.
     let nodes_ops: Vec<serde_json::Value> =
@@ -54,7 +54,7 @@ fn load_catalog(consul: &Consul, services: usize, per: usize, nodes: usize) -> a
         anyhow::ensure!(r.status() == 200, "PUT /v1/txn: HTTP {}", r.status());
     }
     let mut ops = Vec::new();
-    for s in 0..services {
+    for s in services {
         for k in 0..per {
             let i = s * per + k;
             let node = format!("node{}", i % nodes);
@@ -330,101 +330,146 @@ fn freshness(consul: &Consul, dns: &DnsServer, rounds: usize, slow_rounds: usize
     f
 }
 
+/// dnsperf A and SRV against the four servers, serving services `0..services`.
+struct Phase<'a> {
+    dir: &'a std::path::Path,
+    consul: &'a Consul,
+    dns: &'a DnsServer,
+    secs: u64,
+}
+
+impl Phase<'_> {
+    fn run(&self, services: usize, per: usize) -> anyhow::Result<Vec<(String, &'static str, PerfReport)>> {
+        let dir = self.dir.join(format!("{}-instances", services * per));
+        std::fs::create_dir_all(&dir)?;
+        let (dnsmasq, dnsmasq_port) = start_dnsmasq(&dir, services, per)?;
+        let (unbound, unbound_port) = start_unbound(&dir, services, per)?;
+        for (what, port) in [("dnsmasq", dnsmasq_port), ("unbound", unbound_port)] {
+            wait_until(&format!("{what} answering svc0"), Duration::from_secs(300), || {
+                !dig(SocketAddr::from(([127, 0, 0, 1], port)), &["svc0.service.upsync.", "A"]).answer.is_empty()
+            });
+        }
+        let consul_dns = SocketAddr::from(([127, 0, 0, 1], self.consul.ports.dns));
+        wait_until("Consul DNS answering svc0", Duration::from_secs(60), || !dig(consul_dns, &["svc0.service.consul.", "A"]).answer.is_empty());
+
+        // Query files: every service once, shuffled (xorshift, fixed seed).
+        let mut order: Vec<usize> = (0..services).collect();
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for i in (1..order.len()).rev() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            order.swap(i, (x % (i as u64 + 1)) as usize);
+        }
+        let qfile = |name: &str, f: &dyn Fn(usize) -> String| -> anyhow::Result<std::path::PathBuf> {
+            let p = dir.join(name);
+            std::fs::write(&p, order.iter().map(|&s| f(s) + "\n").collect::<String>())?;
+            Ok(p)
+        };
+        let a_ours = qfile("a.txt", &|s| format!("svc{s}.service.upsync A"))?;
+        let srv_ours = qfile("srv.txt", &|s| format!("_svc{s}._tcp.service.upsync SRV"))?;
+        let a_consul = qfile("a-consul.txt", &|s| format!("svc{s}.service.consul A"))?;
+        let srv_consul = qfile("srv-consul.txt", &|s| format!("_svc{s}._tcp.service.consul SRV"))?;
+        let servers: [(&str, u16, u32, bool); 4] = [
+            ("upsync-dns", self.dns.port, self.dns.pid(), false),
+            ("Consul DNS", self.consul.ports.dns, self.consul.pid(), true),
+            ("dnsmasq", dnsmasq_port, dnsmasq.pid(), false),
+            ("unbound", unbound_port, unbound.pid(), false),
+        ];
+        let mut results = Vec::new();
+        for (qtype, ours, theirs) in [("A", &a_ours, &a_consul), ("SRV", &srv_ours, &srv_consul)] {
+            for (name, port, pid, is_consul) in servers {
+                eprintln!("dnsperf {qtype}: {name} ({} instances)", services * per);
+                let r = dnsperf(port, if is_consul { theirs } else { ours }, self.secs, &[pid])?;
+                results.push((name.to_string(), qtype, r));
+            }
+        }
+        Ok(results)
+    }
+}
+
+fn print_runs(instances: usize, results: &[(String, &str, PerfReport)]) {
+    let find = |name: &str, t: &str| results.iter().find(|(n, q, _)| n == name && *q == t).map(|(_, _, r)| r.clone()).unwrap_or_default();
+    for (name, qtype, r) in results {
+        let ours = find("upsync-dns", qtype);
+        println!(
+            "| {instances} | {name} | {qtype} | {:.0} | {:.2} ms | {} | {:.1} µs | {:.2}x |",
+            r.qps,
+            r.avg_latency_ms,
+            r.lost,
+            r.cpu_us_per_query,
+            ours.qps / r.qps.max(1e-9)
+        );
+    }
+}
+
+fn print_ratios(instances: usize, results: &[(String, &str, PerfReport)]) {
+    let find = |name: &str, t: &str| results.iter().find(|(n, q, _)| n == name && *q == t).map(|(_, _, r)| r.clone()).unwrap_or_default();
+    for t in ["A", "SRV"] {
+        let (o, c, m, u) = (find("upsync-dns", t), find("Consul DNS", t), find("dnsmasq", t), find("unbound", t));
+        let r = |x: &PerfReport| o.qps / x.qps.max(1e-9);
+        let cpu = |x: &PerfReport| o.cpu_us_per_query / x.cpu_us_per_query.max(1e-9);
+        println!(
+            "- {instances} instances, {t}: upsync-dns answers **{:.1}x** Consul DNS, **{:.2}x** dnsmasq, **{:.2}x** unbound (queries/s); its CPU per query is {:.2}x / {:.2}x / {:.2}x theirs",
+            r(&c),
+            r(&m),
+            r(&u),
+            cpu(&c),
+            cpu(&m),
+            cpu(&u)
+        );
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let services = env("UPSYNC_BENCH_DNS_SERVICES", 10_000) as usize;
     let per = env("UPSYNC_BENCH_DNS_PER_SERVICE", 10) as usize;
     let nodes = env("UPSYNC_BENCH_DNS_NODES", 1000) as usize;
     let secs = env("UPSYNC_BENCH_SECS", 10);
     let rounds = env("UPSYNC_BENCH_DNS_ROUNDS", 50) as usize;
+    let small = services.min(100);
     let total = services * per;
     let dir = TestDir::new("bench-dns");
     let consul = Consul::start(&dir.subdir("consul"));
     let dns = DnsServer::start(&dir.subdir("upsync-dns"), &consul.http_addr(), DnsOptions { args: vec!["--ttl".into(), "5".into()], ..Default::default() });
+    let phase = Phase { dir: dir.path(), consul: &consul, dns: &dns, secs };
 
     eprintln!("freshness on a small catalog: {rounds} rounds");
     let fresh_small = freshness(&consul, &dns, rounds, rounds / 2);
 
-    eprintln!("loading {services} services x {per} instances on {nodes} nodes into Consul");
+    eprintln!("loading {small} services x {per} instances on {nodes} nodes into Consul");
+    load_catalog(&consul, 0..small, per, nodes)?;
+    wait_until("upsync-dns serving the small catalog", Duration::from_secs(300), || dns.health()["usable_instances"].as_u64().unwrap_or(0) as usize >= small * per);
+    let small_runs = phase.run(small, per)?;
+
+    eprintln!("loading {} more services x {per} instances into Consul", services - small);
     let t = Instant::now();
-    load_catalog(&consul, services, per, nodes)?;
+    load_catalog(&consul, small..services, per, nodes)?;
     eprintln!("  {} s", t.elapsed().as_secs());
     wait_until("upsync-dns serving the whole catalog", Duration::from_secs(900), || dns.health()["usable_instances"].as_u64().unwrap_or(0) as usize >= total);
     let read_secs = dns.metric("upsync_dns_catalog_read_duration_seconds").unwrap_or(f64::NAN);
     let read_mb = dns.metric("upsync_dns_catalog_read_bytes").unwrap_or(f64::NAN) / 1e6;
     let dns_rss_mb = upsync_tests::proc::rss_kib(dns.pid()).unwrap_or(0) as f64 / 1024.0;
-
-    let (dnsmasq, dnsmasq_port) = start_dnsmasq(&dir.subdir("dnsmasq"), services, per)?;
-    let (unbound, unbound_port) = start_unbound(&dir.subdir("unbound"), services, per)?;
-    for (what, port) in [("dnsmasq", dnsmasq_port), ("unbound", unbound_port)] {
-        wait_until(&format!("{what} answering svc0"), Duration::from_secs(300), || {
-            !dig(SocketAddr::from(([127, 0, 0, 1], port)), &["svc0.service.upsync.", "A"]).answer.is_empty()
-        });
-    }
-    let consul_dns = SocketAddr::from(([127, 0, 0, 1], consul.ports.dns));
-    wait_until("Consul DNS answering svc0", Duration::from_secs(60), || !dig(consul_dns, &["svc0.service.consul.", "A"]).answer.is_empty());
-
-    // Query files: every service once, shuffled (xorshift, fixed seed).
-    let mut order: Vec<usize> = (0..services).collect();
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    for i in (1..order.len()).rev() {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        order.swap(i, (x % (i as u64 + 1)) as usize);
-    }
-    let qfile = |name: &str, f: &dyn Fn(usize) -> String| -> anyhow::Result<std::path::PathBuf> {
-        let p = dir.join(name);
-        std::fs::write(&p, order.iter().map(|&s| f(s) + "\n").collect::<String>())?;
-        Ok(p)
-    };
-    let a_ours = qfile("a.txt", &|s| format!("svc{s}.service.upsync A"))?;
-    let srv_ours = qfile("srv.txt", &|s| format!("_svc{s}._tcp.service.upsync SRV"))?;
-    let a_consul = qfile("a-consul.txt", &|s| format!("svc{s}.service.consul A"))?;
-    let srv_consul = qfile("srv-consul.txt", &|s| format!("_svc{s}._tcp.service.consul SRV"))?;
-
-    let servers: [(&str, u16, u32, bool); 4] = [
-        ("upsync-dns", dns.port, dns.pid(), false),
-        ("Consul DNS", consul.ports.dns, consul.pid(), true),
-        ("dnsmasq", dnsmasq_port, dnsmasq.pid(), false),
-        ("unbound", unbound_port, unbound.pid(), false),
-    ];
-    let mut results: Vec<(String, &str, PerfReport)> = Vec::new();
-    for (qtype, ours, theirs) in [("A", &a_ours, &a_consul), ("SRV", &srv_ours, &srv_consul)] {
-        for (name, port, pid, is_consul) in servers {
-            eprintln!("dnsperf {qtype}: {name}");
-            let r = dnsperf(port, if is_consul { theirs } else { ours }, secs, &[pid])?;
-            results.push((name.to_string(), qtype, r));
-        }
-    }
+    let full_runs = if services > small { phase.run(services, per)? } else { Vec::new() };
 
     eprintln!("freshness on the full catalog");
     let fresh_big = freshness(&consul, &dns, rounds, (rounds / 10).max(3));
 
-    let find = |name: &str, t: &str| results.iter().find(|(n, q, _)| n == name && *q == t).map(|(_, _, r)| r.clone()).unwrap_or_default();
-    println!("### upsync-dns ({services} services, {total} instances; dnsperf -c 8 -T 2 -q 500, {secs} s per run, same machine and run)\n");
-    println!("| server | type | queries/s | avg latency | lost | server CPU/query | upsync-dns qps ratio |");
-    println!("|---|---|---:|---:|---:|---:|---:|");
-    for (name, qtype, r) in &results {
-        let ours = find("upsync-dns", qtype);
-        println!("| {name} | {qtype} | {:.0} | {:.2} ms | {} | {:.1} µs | {:.2}x |", r.qps, r.avg_latency_ms, r.lost, r.cpu_us_per_query, ours.qps / r.qps.max(1e-9));
-    }
+    println!("### upsync-dns vs Consul DNS, dnsmasq, unbound (dnsperf -c 8 -T 2 -q 500, {secs} s per run, same machine and run)\n");
+    println!("| instances | server | type | queries/s | avg latency | lost | server CPU/query | upsync-dns qps ratio |");
+    println!("|---:|---|---|---:|---:|---:|---:|---:|");
+    print_runs(small * per, &small_runs);
+    print_runs(total, &full_runs);
     println!();
-    for t in ["A", "SRV"] {
-        let (o, c, m, u) = (find("upsync-dns", t), find("Consul DNS", t), find("dnsmasq", t), find("unbound", t));
-        println!(
-            "- {t}: upsync-dns answers **{:.1}x** Consul DNS, **{:.2}x** dnsmasq, **{:.2}x** unbound in queries/s; CPU per query {:.2}x / {:.2}x / {:.2}x of theirs",
-            o.qps / c.qps.max(1e-9),
-            o.qps / m.qps.max(1e-9),
-            o.qps / u.qps.max(1e-9),
-            o.cpu_us_per_query / c.cpu_us_per_query.max(1e-9),
-            o.cpu_us_per_query / m.cpu_us_per_query.max(1e-9),
-            o.cpu_us_per_query / u.cpu_us_per_query.max(1e-9)
-        );
+    print_ratios(small * per, &small_runs);
+    if !full_runs.is_empty() {
+        print_ratios(total, &full_runs);
     }
-    println!("- one full catalog read (`/v1/internal/ui/nodes`, {total} instances): {read_mb:.1} MB in {read_secs:.2} s (request + decoding); upsync-dns RSS {dns_rss_mb:.0} MB");
-    println!("\n| freshness, Consul write -> DNS answer: upsync-dns p50 / p99 / max (Consul DNS p50 / p99) | small catalog | {total} instances |");
+    println!("- one full catalog read (`/v1/internal/ui/nodes`, {total} instances, Consul dev agent): {read_mb:.1} MB in {read_secs:.2} s (request + decoding); upsync-dns RSS {dns_rss_mb:.0} MB");
+    println!("\n| freshness, Consul write -> DNS answer: upsync-dns p50 / p99 / max (Consul DNS p50 / p99) | few instances | {total} instances |");
     println!("|---|---:|---:|");
-    let rows: [(&str, fn(&Freshness) -> &Delays); 4] = [
+    type Row = (&'static str, fn(&Freshness) -> &Delays);
+    let rows: [Row; 4] = [
         ("check of a known instance failing / passing", |f| &f.check_flip),
         ("new instance, its check passing 200 ms after registration", |f| &f.new_instance),
         ("instance drained (maintenance on)", |f| &f.drain),
@@ -433,15 +478,15 @@ fn main() -> anyhow::Result<()> {
     for (what, get) in rows {
         println!("| {what} | {} | {} |", get(&fresh_small).cell(), get(&fresh_big).cell());
     }
+    let runs = |v: &[(String, &str, PerfReport)]| v.iter().map(|(n, q, r)| json!({"server": n, "type": q, "report": r})).collect::<Vec<_>>();
     let json = json!({
         "services": services, "instances": total, "seconds": secs,
-        "runs": results.iter().map(|(n, q, r)| json!({"server": n, "type": q, "report": r})).collect::<Vec<_>>(),
+        "runs_small": runs(&small_runs), "runs_full": runs(&full_runs),
         "catalog_read_seconds": read_secs, "catalog_read_mb": read_mb, "rss_mb": dns_rss_mb,
         "freshness_small": fresh_small, "freshness_full": fresh_big,
     });
     let out = upsync_tests::paths::build_dir().join("bench");
     std::fs::create_dir_all(&out)?;
     std::fs::write(out.join("dns.json"), serde_json::to_string_pretty(&json)?)?;
-    drop((dnsmasq, unbound));
     Ok(())
 }
