@@ -572,7 +572,7 @@ pub fn decode_catalog_service(body: &[u8]) -> Result<Decoded<EndpointSet>, Decod
             Err(reason) => skipped.push(Skipped { key, reason }),
         }
     }
-    Ok(finish(endpoints, skipped, |e| instance_key(e)))
+    Ok(finish(endpoints, skipped, instance_key))
 }
 
 fn instance_key(e: &Endpoint) -> String {
@@ -675,7 +675,7 @@ pub fn decode_health_service(
             Err(reason) => skipped.push(Skipped { key, reason }),
         }
     }
-    Ok(finish(endpoints, skipped, |e| instance_key(e)))
+    Ok(finish(endpoints, skipped, instance_key))
 }
 
 /// Decodes `GET /v1/catalog/services`: service name to its tags (sorted, deduplicated).

@@ -422,7 +422,7 @@ impl TokenBucket {
 
     /// Takes a token, or says how long until one is available.
     fn take(&mut self, now: Instant) -> Result<(), Duration> {
-        if !(self.per_second > 0.0) || !self.per_second.is_finite() {
+        if self.per_second.is_nan() || self.per_second <= 0.0 || self.per_second.is_infinite() {
             return Ok(());
         }
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();

@@ -215,3 +215,20 @@ fn fetch_once_leaves_no_thread_behind() {
         wait_until("no tokio thread left", Duration::from_secs(10), || tokio_threads() == 0);
     }
 }
+
+/// The module may read once at start-up on a short-lived runtime and keep the client for the
+/// watch thread's runtime: pooled connections of the dead runtime must be replaced, not used.
+#[test]
+fn a_client_outlives_the_runtime_it_was_first_used_on() {
+    let dir = TestDir::new("discovery_two_runtimes");
+    let consul = Consul::start(dir.path());
+    consul.kv_put("rt/10.0.0.1:80", "");
+    let c = client(&consul.http_addr());
+    let q = Query::Kv { prefix: "rt".into() };
+    for round in 0..3 {
+        let rt = runtime();
+        let got = rt.block_on(fetch_once(&c, &q)).unwrap_or_else(|e| panic!("round {round}: {e}"));
+        assert_eq!(got.value.as_endpoints().unwrap().len(), 1);
+        drop(rt);
+    }
+}
