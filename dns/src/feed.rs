@@ -328,9 +328,31 @@ fn service_instances(inp: &Inputs, service: &str) -> Vec<Instance> {
     }
 }
 
-/// Services with an instance whose health differs between two sets of inputs with the same
-/// dump (the overlays changed): one pass over the instances, no allocation per instance.
+/// Services with an instance whose health may differ between two sets of inputs with the same
+/// dump (the overlays changed). When the overlays of both cover the dump (the usual case
+/// between two full reads), the difference of the overlays names them directly; otherwise one
+/// pass over every instance finds them.
 fn health_changed(before: &Inputs, after: &Inputs) -> HashSet<String> {
+    let covers = |o: Option<&Arc<Overlay>>, present: bool| o.map_or(!present, |o| o.index >= after.dump.index);
+    let both = |i: &Inputs| covers(i.critical.as_ref(), true) && covers(i.warning.as_ref(), after.warning.is_some());
+    if !(both(before) && both(after)) {
+        return health_changed_scan(before, after);
+    }
+    let mut names: HashSet<String> = after.patches.keys().cloned().collect();
+    for (old, new) in [(&before.critical, &after.critical), (&before.warning, &after.warning)] {
+        let (Some(old), Some(new)) = (old, new) else { continue };
+        let in_set = |o: &Overlay, n: &str, id: &str| o.services.get(n).is_some_and(|m| m.contains_key(id));
+        names.extend(new.entries().filter(|(n, id, _)| !in_set(old, n, id)).map(|(_, _, name)| name.to_string()));
+        names.extend(old.entries().filter(|(n, id, _)| !in_set(new, n, id)).map(|(_, _, name)| name.to_string()));
+        for node in new.nodes.symmetric_difference(&old.nodes) {
+            names.extend(after.dump.by_node.get(node).into_iter().flatten().cloned());
+        }
+    }
+    names
+}
+
+/// [`health_changed`] by comparing every instance's health: no allocation per instance.
+fn health_changed_scan(before: &Inputs, after: &Inputs) -> HashSet<String> {
     let mut names = HashSet::new();
     let (c0, w0, c1, w1) = (before.critical.as_deref(), before.warning.as_deref(), after.critical.as_deref(), after.warning.as_deref());
     let mut check = |e: &Endpoint, i0: u64, i1: u64| {
@@ -826,6 +848,16 @@ mod tests {
             assert_eq!(snap.stats, full.stats);
         }
         assert!(health_changed(&inp.clone(), &inp).is_empty());
+        // Once the overlays cover the dump, their difference names the same services as the scan.
+        inp.warning = Some(Arc::new(Overlay::new(140, vec![])));
+        let before = inp.clone();
+        inp.critical = Some(Arc::new(Overlay::new(150, vec![check("capture-node", "web5", "web", Health::Critical), check("sick-node", "", "", Health::Critical)])));
+        let mut fast: Vec<String> = health_changed(&before, &inp).into_iter().collect();
+        let mut scan: Vec<String> = health_changed_scan(&before, &inp).into_iter().collect();
+        fast.sort();
+        scan.sort();
+        assert_eq!(fast, scan);
+        assert_eq!(fast, ["cache", "web"]);
     }
 
     #[test]

@@ -151,7 +151,7 @@ pub struct Snapshot {
     pub built_wall: SystemTime,
     pub zone: Arc<ZoneConfig>,
     pub stats: Stats,
-    pub(crate) services: HashMap<Box<[u8]>, Arc<Service>>,
+    pub(crate) services: HashMap<Arc<[u8]>, Arc<Service>>,
     /// Instances whose service name cannot be a label.
     unnamable_services: usize,
     /// Every registered instance address → services with an instance there (PTR).
@@ -198,7 +198,7 @@ impl Snapshot {
             let len = list.len();
             match Service::build(&key, list, &zone) {
                 Some(svc) => {
-                    services.insert(key, Arc::new(svc));
+                    services.insert(Arc::from(key), Arc::new(svc));
                 }
                 None => unnamable_services += len,
             }
@@ -224,10 +224,10 @@ impl Snapshot {
                 unnamable_services += len;
             }
             let ips = |s: Option<&Arc<Service>>| s.map(|s| s.ips.clone()).unwrap_or_default();
-            addrs_changed |= ips(services.get(&key)) != new.as_ref().map(|s| s.ips.clone()).unwrap_or_default();
+            addrs_changed |= ips(services.get(&key[..])) != new.as_ref().map(|s| s.ips.clone()).unwrap_or_default();
             match new {
-                Some(svc) => services.insert(key, Arc::new(svc)),
-                None => services.remove(&key),
+                Some(svc) => services.insert(Arc::from(key), Arc::new(svc)),
+                None => services.remove(&key[..]),
             };
         }
         let keep = (!addrs_changed).then(|| (self.addrs.clone(), self.reverse_ents.clone()));
@@ -237,7 +237,7 @@ impl Snapshot {
     fn finish(
         index: u64,
         zone: Arc<ZoneConfig>,
-        services: HashMap<Box<[u8]>, Arc<Service>>,
+        services: HashMap<Arc<[u8]>, Arc<Service>>,
         unnamable_services: usize,
         addrs: Option<AddressIndex>,
     ) -> Snapshot {

@@ -15,7 +15,6 @@ use hickory_proto::rr::{DNSClass, Name, RecordType};
 
 use crate::net::{free_port, http_get};
 use crate::proc::Proc;
-use crate::wait::wait_until;
 
 /// How to start the server.
 #[derive(Clone, Debug, Default)]
@@ -285,11 +284,6 @@ pub fn wait_dig(server: &DnsServer, what: &str, args: &[&str], mut cond: impl Fn
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-/// Waits until the process answers on its port (any DNS answer).
-pub fn wait_answering(server: SocketAddr) {
-    wait_until(&format!("DNS answers on {server}"), Duration::from_secs(30), || !dig(server, &["service.upsync.", "SOA"]).status.is_empty());
 }
 
 #[cfg(test)]

@@ -124,7 +124,7 @@ fn start_unbound(dir: &std::path::Path, services: usize, per: usize) -> anyhow::
     conf.push_str("remote-control:\n  control-enable: no\n");
     let path = dir.join("unbound.conf");
     std::fs::write(&path, conf)?;
-    let mut cmd = Command::new("unbound");
+    let mut cmd = Command::new(if std::path::Path::new("/usr/sbin/unbound").exists() { "/usr/sbin/unbound" } else { "unbound" });
     cmd.arg("-d").arg("-c").arg(&path);
     let p = Proc::spawn("unbound", cmd, &dir.join("unbound.log"))?;
     Ok((p, port))
