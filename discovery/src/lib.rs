@@ -1,1 +1,41 @@
+//! `upsync-discovery`: the Consul client shared by the upsync nginx module, `upsync-dns` and
+//! `upsync-sidecar`.
+//!
+//! - [`endpoint`]: [`Endpoint`] and [`EndpointSet`] (stable order, [`EndpointSet::diff`]).
+//! - [`decode`]: Consul responses (KV prefix, catalog service, health service, service list)
+//!   to endpoint sets; bad entries are skipped with a reason, bad bodies are errors.
+//! - [`config`]: [`ConsulConfig`] (addresses with failover, ACL token, TLS, dc, consistency).
+//! - [`client`]: [`Client`], an async HTTP/1.1 client on hyper + tokio + rustls (ring) with the
+//!   KV and agent calls the sidecar needs.
+//! - [`watch`]: [`Watch`], blocking-query watches with rate limiting and backoff, and
+//!   [`fetch_once`] for start-up reads.
+//! - [`upsync`]: nginx-upsync-module's KV value ([`upsync::KvValue`]).
+//!
+//! No global state, no threads, no spawned tasks: everything runs inside the caller's futures,
+//! on any tokio runtime with I/O and time enabled (a current-thread runtime is enough).
+//! README.md explains the choices and the watch algorithm, and gives the benchmark figures.
+#![forbid(unsafe_code)]
 
+pub mod agent;
+pub mod client;
+pub mod config;
+pub mod decode;
+pub mod endpoint;
+pub mod error;
+pub mod upsync;
+pub mod watch;
+
+pub use agent::{
+    AgentCheck, AgentService, Check, CheckKind, ServiceRegistration, ServiceWeights, Status,
+};
+pub use client::{Blocking, Client, KvPair, Method, Response};
+pub use config::{Consistency, ConsulAddr, ConsulConfig, Scheme, Secret, TlsOptions};
+pub use decode::{
+    decode_catalog_service, decode_health_service, decode_kv, decode_services, DecodeError,
+    Decoded, HealthMode, Skipped,
+};
+pub use endpoint::{Endpoint, EndpointSet, Health, Host, SetDiff};
+pub use error::Error;
+pub use watch::{
+    fetch_once, Backoff, Fetched, Query, RateLimit, Watch, WatchEvent, WatchOptions, WatchValue,
+};

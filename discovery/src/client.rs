@@ -1,0 +1,1134 @@
+//! The Consul HTTP client: failover across addresses, ACL token, TLS, datacenter and
+//! consistency, keep-alive connections, blocking-query parameters.
+//!
+//! Each request runs entirely inside the caller's future: the connection is driven by the
+//! same future that sends the request (no `tokio::spawn`, no background task, no thread of
+//! our own), so it works on a current-thread runtime, and dropping the future closes the
+//! connection at once. Idle keep-alive connections wait in a small per-address pool.
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::Poll;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::client::conn::http1;
+use hyper::header::{HeaderValue, CONTENT_TYPE, HOST, USER_AGENT};
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_rustls::rustls;
+use tokio_rustls::TlsConnector;
+
+use crate::agent::{AgentCheck, AgentService, ServiceRegistration, Status};
+use crate::config::{Consistency, ConsulAddr, ConsulConfig, Scheme, Secret, TlsOptions};
+use crate::endpoint::Host;
+use crate::error::Error;
+
+pub use hyper::Method;
+
+/// Longest `wait` Consul accepts for a blocking query.
+pub const MAX_WAIT: Duration = Duration::from_secs(600);
+
+/// Blocking-query parameters: return when the result's index exceeds `index`, or after
+/// `wait` (capped at 10 minutes; Consul adds up to `wait/16` of jitter).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Blocking {
+    pub index: u64,
+    pub wait: Duration,
+}
+
+/// A response from Consul: its `X-Consul-Index` (0 when absent), the status (2xx or 404),
+/// the body and the address that answered.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct Response {
+    pub index: u64,
+    pub status: u16,
+    pub body: Bytes,
+    pub address: ConsulAddr,
+    /// `X-Consul-KnownLeader` (false when the answering server knows no leader).
+    pub known_leader: bool,
+}
+
+/// One entry of the KV store.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KvPair {
+    pub key: String,
+    pub value: Bytes,
+    pub flags: u64,
+    pub create_index: u64,
+    pub modify_index: u64,
+    pub lock_index: u64,
+    pub session: Option<String>,
+}
+
+/// A Consul client. Cheap to clone (the connection pool and settings are shared).
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cfg: ConsulConfig,
+    token: TokenSource,
+    tls: Option<TlsConnector>,
+    /// Index into `cfg.addresses` of the address that answered last.
+    current: AtomicUsize,
+    /// Idle keep-alive connections, per address.
+    pool: Mutex<Vec<Vec<Conn>>>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let c = &self.inner.cfg;
+        f.debug_struct("Client")
+            .field(
+                "addresses",
+                &c.addresses
+                    .iter()
+                    .map(|a| a.to_string())
+                    .collect::<Vec<_>>(),
+            )
+            .field("token", &c.token) // Secret: prints <redacted>
+            .field("token_file", &c.token_file)
+            .field("tls", &c.tls)
+            .field("datacenter", &c.datacenter)
+            .field("consistency", &c.consistency)
+            .finish()
+    }
+}
+
+/// Idle connections kept per address.
+const MAX_IDLE_PER_ADDRESS: usize = 8;
+/// An idle connection older than this is closed rather than reused.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest Consul message quoted in an error.
+const MAX_MESSAGE: usize = 400;
+
+impl Client {
+    /// Checks `cfg`, loads the TLS files and the token file. Does no network I/O and needs no
+    /// runtime; requests need a tokio runtime with I/O and time enabled (current-thread is fine).
+    pub fn new(cfg: ConsulConfig) -> Result<Client, Error> {
+        cfg.validate()?;
+        let needs_tls = cfg.addresses.iter().any(|a| a.scheme == Scheme::Https);
+        let tls = match (&cfg.tls, needs_tls) {
+            (Some(t), _) => Some(tls_connector(t)?),
+            (None, true) => Some(tls_connector(&TlsOptions::default())?),
+            (None, false) => None,
+        };
+        let token = match (&cfg.token, &cfg.token_file) {
+            (Some(t), _) => TokenSource::Static(t.clone()),
+            (None, Some(p)) => TokenSource::file(p)?,
+            (None, None) => TokenSource::None,
+        };
+        let pool = Mutex::new((0..cfg.addresses.len()).map(|_| Vec::new()).collect());
+        Ok(Client {
+            inner: Arc::new(Inner {
+                cfg,
+                token,
+                tls,
+                current: AtomicUsize::new(0),
+                pool,
+            }),
+        })
+    }
+
+    pub fn config(&self) -> &ConsulConfig {
+        &self.inner.cfg
+    }
+
+    /// The address requests go to first (the last one that answered).
+    pub fn current_address(&self) -> &ConsulAddr {
+        let c = &self.inner.cfg.addresses;
+        &c[self.inner.current.load(Ordering::Relaxed) % c.len()]
+    }
+
+    /// `GET path_and_query` (e.g. `/v1/health/service/web?tag=v1`), adding the token, `dc`
+    /// and the consistency mode (on `/v1/kv`, `/v1/catalog`, `/v1/health`), and `index`/`wait`
+    /// when `blocking` is given. 2xx and 404 are `Ok` (Consul answers 404 for a KV prefix with no
+    /// keys, with an index to block on); other statuses are errors.
+    pub async fn get(
+        &self,
+        path_and_query: &str,
+        blocking: Option<Blocking>,
+    ) -> Result<Response, Error> {
+        self.request(Method::GET, path_and_query, None, blocking)
+            .await
+    }
+
+    /// Any request. Like [`Client::get`]; `dc` is added to KV/catalog/health paths for all
+    /// methods, the consistency mode only to reads.
+    pub async fn request(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        body: Option<Bytes>,
+        blocking: Option<Blocking>,
+    ) -> Result<Response, Error> {
+        if !path_and_query.starts_with('/') {
+            return Err(Error::Config(format!(
+                "request path `{path_and_query}` must start with `/`"
+            )));
+        }
+        let path = self.full_path(&method, path_and_query, blocking);
+        let mut timeout = self.inner.cfg.request_timeout;
+        if let Some(b) = blocking {
+            let wait = b.wait.min(MAX_WAIT);
+            timeout += wait + wait / 16;
+        }
+        let body = body.unwrap_or_default();
+        let n = self.inner.cfg.addresses.len();
+        let start = self.inner.current.load(Ordering::Relaxed) % n;
+        let mut k = 0;
+        loop {
+            let i = (start + k) % n;
+            let result = self.exchange(i, &method, &path, &body, timeout).await;
+            match result {
+                Ok(resp) => {
+                    if i != start {
+                        self.inner.current.store(i, Ordering::Relaxed);
+                        tracing::info!(address = %resp.address, "Consul: now using {}", resp.address);
+                    }
+                    return Ok(resp);
+                }
+                Err(e)
+                    if k + 1 < n
+                        && e.should_fail_over()
+                        && (method == Method::GET || not_sent(&e)) =>
+                {
+                    tracing::warn!(error = %e, "Consul: trying the next address");
+                    k += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn full_path(
+        &self,
+        method: &Method,
+        path_and_query: &str,
+        blocking: Option<Blocking>,
+    ) -> String {
+        let cfg = &self.inner.cfg;
+        let mut path = path_and_query.to_string();
+        let mut sep = if path.contains('?') { '&' } else { '?' };
+        let mut add = |path: &mut String, param: &str| {
+            path.push(sep);
+            path.push_str(param);
+            sep = '&';
+        };
+        let bare = path_and_query.split('?').next().unwrap_or("");
+        let data_path = ["/v1/kv/", "/v1/catalog/", "/v1/health/"]
+            .iter()
+            .any(|p| bare.starts_with(p));
+        if data_path {
+            if let Some(dc) = &cfg.datacenter {
+                add(&mut path, &format!("dc={dc}"));
+            }
+            if *method == Method::GET {
+                match cfg.consistency {
+                    Consistency::Default => {}
+                    Consistency::Stale => add(&mut path, "stale"),
+                    Consistency::Consistent => add(&mut path, "consistent"),
+                }
+            }
+        }
+        if let Some(b) = blocking {
+            add(
+                &mut path,
+                &format!(
+                    "index={}&wait={}",
+                    b.index,
+                    go_duration(b.wait.min(MAX_WAIT))
+                ),
+            );
+        }
+        path
+    }
+
+    /// One request to address `i`, on a pooled connection or a new one; a pooled connection
+    /// that turns out to be dead is replaced once.
+    async fn exchange(
+        &self,
+        i: usize,
+        method: &Method,
+        path: &str,
+        body: &Bytes,
+        timeout: Duration,
+    ) -> Result<Response, Error> {
+        let address = &self.inner.cfg.addresses[i];
+        let started = Instant::now();
+        let attempt = async {
+            let mut reused = self.checkout(i).await;
+            loop {
+                let mut conn = match reused.take() {
+                    Some(c) => (c, true),
+                    None => (self.connect(address).await?, false),
+                };
+                let req = self.build_request(address, method, path, body)?;
+                match send(&mut conn.0, req, self.inner.cfg.max_response_bytes).await {
+                    Ok(r) => {
+                        if r.reusable {
+                            self.checkin(i, conn.0);
+                        }
+                        return Ok(r);
+                    }
+                    Err(SendError::NotSent(_)) if conn.1 => continue,
+                    Err(SendError::Failed(_)) if conn.1 && *method == Method::GET => continue,
+                    Err(SendError::TooLarge) => {
+                        return Err(Error::TooLarge {
+                            address: address.clone(),
+                            path: path.to_string(),
+                            limit: self.inner.cfg.max_response_bytes,
+                        })
+                    }
+                    Err(SendError::NotSent(m) | SendError::Failed(m)) => {
+                        return Err(Error::Transport {
+                            address: address.clone(),
+                            method: method.to_string(),
+                            path: path.to_string(),
+                            message: m,
+                        })
+                    }
+                }
+            }
+        };
+        let raw = match tokio::time::timeout(timeout, attempt).await {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(Error::Timeout {
+                    address: address.clone(),
+                    method: method.to_string(),
+                    path: path.to_string(),
+                    after: timeout,
+                })
+            }
+        };
+        let status = raw.status.as_u16();
+        let index = header_u64(&raw.headers, "x-consul-index").unwrap_or(0);
+        let known_leader = raw
+            .headers
+            .get("x-consul-knownleader")
+            .map(|v| v.as_bytes() != b"false")
+            .unwrap_or(true);
+        tracing::debug!(address = %address, %method, path, status, index, elapsed_ms = started.elapsed().as_millis() as u64, "Consul request");
+        if (200..300).contains(&status) || status == 404 {
+            return Ok(Response {
+                index,
+                status,
+                body: raw.body,
+                address: address.clone(),
+                known_leader,
+            });
+        }
+        let message = consul_message(&raw.body);
+        let is_acl = status == 401
+            || status == 403
+            || ["permission denied", "acl not found", "acl token"]
+                .iter()
+                .any(|m| message.to_ascii_lowercase().contains(m));
+        if is_acl {
+            self.inner.token.refresh();
+            return Err(Error::AclDenied {
+                address: address.clone(),
+                method: method.to_string(),
+                path: path.to_string(),
+                status,
+                message,
+            });
+        }
+        Err(Error::Http {
+            address: address.clone(),
+            method: method.to_string(),
+            path: path.to_string(),
+            status,
+            message,
+        })
+    }
+
+    fn build_request(
+        &self,
+        address: &ConsulAddr,
+        method: &Method,
+        path: &str,
+        body: &Bytes,
+    ) -> Result<Request<Full<Bytes>>, Error> {
+        let mut b = Request::builder()
+            .method(method.clone())
+            .uri(path)
+            .header(HOST, address.authority())
+            .header(
+                USER_AGENT,
+                concat!("upsync-discovery/", env!("CARGO_PKG_VERSION")),
+            );
+        if !body.is_empty() {
+            b = b.header(CONTENT_TYPE, "application/json");
+        }
+        if let Some(token) = self.inner.token.current() {
+            if !token.is_empty() {
+                let mut v = HeaderValue::from_str(token.expose()).map_err(|_| {
+                    Error::Config(
+                        "the ACL token contains characters not allowed in an HTTP header".into(),
+                    )
+                })?;
+                v.set_sensitive(true);
+                b = b.header("X-Consul-Token", v);
+            }
+        }
+        b.body(Full::new(body.clone()))
+            .map_err(|e| Error::Config(format!("cannot build a request for `{path}`: {e}")))
+    }
+
+    async fn connect(&self, address: &ConsulAddr) -> Result<Conn, Error> {
+        let fail = |message: String| Error::Connect {
+            address: address.clone(),
+            message,
+        };
+        let work = async {
+            let targets: Vec<SocketAddr> = match &address.host {
+                // IP literals are never resolved.
+                Host::Ip(ip) => vec![SocketAddr::new(*ip, address.port)],
+                Host::Name(n) => tokio::net::lookup_host((n.as_str(), address.port))
+                    .await
+                    .map_err(|e| fail(format!("cannot resolve `{n}`: {e}")))?
+                    .collect(),
+            };
+            let mut last = String::from("no address to connect to");
+            let mut tcp = None;
+            for t in targets {
+                match TcpStream::connect(t).await {
+                    Ok(s) => {
+                        tcp = Some(s);
+                        break;
+                    }
+                    Err(e) => last = format!("{t}: {e}"),
+                }
+            }
+            let tcp = tcp.ok_or_else(|| fail(last))?;
+            let _ = tcp.set_nodelay(true);
+            let io: Box<dyn IoStream> = match address.scheme {
+                Scheme::Http => Box::new(tcp),
+                Scheme::Https => {
+                    let tls = self.inner.tls.as_ref().ok_or_else(|| {
+                        Error::Config("an https:// address needs TLS options".into())
+                    })?;
+                    let name = server_name(address, self.inner.cfg.tls.as_ref())?;
+                    let s = tls.connect(name, tcp).await.map_err(|e| Error::Tls {
+                        address: address.clone(),
+                        message: e.to_string(),
+                    })?;
+                    Box::new(s)
+                }
+            };
+            let (sender, driver) = http1::Builder::new()
+                .handshake(TokioIo::new(io))
+                .await
+                .map_err(|e| fail(format!("HTTP handshake: {e}")))?;
+            Ok(Conn {
+                sender,
+                driver: Box::pin(driver),
+                idle_since: Instant::now(),
+            })
+        };
+        match tokio::time::timeout(self.inner.cfg.connect_timeout, work).await {
+            Ok(r) => r,
+            Err(_) => Err(fail(format!(
+                "no connection within {:?}",
+                self.inner.cfg.connect_timeout
+            ))),
+        }
+    }
+
+    /// An idle pooled connection to address `i` that is still open, if any.
+    async fn checkout(&self, i: usize) -> Option<Conn> {
+        loop {
+            let mut c = {
+                let mut pool = self.inner.pool.lock().unwrap_or_else(|e| e.into_inner());
+                pool.get_mut(i)?.pop()?
+            };
+            if c.idle_since.elapsed() > IDLE_TIMEOUT || c.sender.is_closed() {
+                continue;
+            }
+            // Poll the idle connection once: if the server closed it, the driver finishes now.
+            let finished =
+                std::future::poll_fn(|cx| Poll::Ready(c.driver.as_mut().poll(cx).is_ready())).await;
+            if !finished {
+                return Some(c);
+            }
+        }
+    }
+
+    fn checkin(&self, i: usize, mut c: Conn) {
+        c.idle_since = Instant::now();
+        let mut pool = self.inner.pool.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(v) = pool.get_mut(i) {
+            if v.len() < MAX_IDLE_PER_ADDRESS {
+                v.push(c);
+            }
+        }
+    }
+
+    // ----- KV ----------------------------------------------------------------------------
+
+    /// `PUT /v1/kv/KEY` with `value`; with `cas`, only if the key's ModifyIndex is `cas`
+    /// (0: only if it does not exist). `Ok(false)` when the CAS did not match.
+    pub async fn kv_put(&self, key: &str, value: &[u8], cas: Option<u64>) -> Result<bool, Error> {
+        let mut path = kv_path(key);
+        if let Some(c) = cas {
+            path.push_str(&format!("?cas={c}"));
+        }
+        let r = self
+            .expect_found(Method::PUT, &path, Some(Bytes::copy_from_slice(value)))
+            .await?;
+        parse_bool(&r)
+    }
+
+    /// The entry at `key`, `None` when it does not exist.
+    pub async fn kv_get(&self, key: &str) -> Result<Option<KvPair>, Error> {
+        let r = self.get(&kv_path(key), None).await?;
+        if r.status == 404 {
+            return Ok(None);
+        }
+        Ok(decode_kv_pairs(&r)?.into_iter().next())
+    }
+
+    /// Every entry whose key starts with `prefix` (Consul's `?recurse`: a string prefix, so
+    /// `a/b` also lists `a/bc`; end it with `/` for one folder). Empty when none.
+    pub async fn kv_list(&self, prefix: &str) -> Result<Vec<KvPair>, Error> {
+        let r = self
+            .get(&format!("{}?recurse", kv_path(prefix)), None)
+            .await?;
+        if r.status == 404 {
+            return Ok(Vec::new());
+        }
+        decode_kv_pairs(&r)
+    }
+
+    /// `DELETE /v1/kv/KEY`; with `cas`, only if its ModifyIndex is `cas` (`Ok(false)` when not).
+    /// Deleting a missing key succeeds.
+    pub async fn kv_delete(&self, key: &str, cas: Option<u64>) -> Result<bool, Error> {
+        if key.trim_matches('/').is_empty() {
+            return Err(Error::Config("refusing to delete an empty KV key".into()));
+        }
+        let mut path = kv_path(key);
+        if let Some(c) = cas {
+            path.push_str(&format!("?cas={c}"));
+        }
+        let r = self.expect_found(Method::DELETE, &path, None).await?;
+        parse_bool(&r)
+    }
+
+    /// Deletes every key starting with `prefix` (a string prefix, like [`Client::kv_list`]).
+    /// An empty prefix (the whole store) is refused.
+    pub async fn kv_delete_prefix(&self, prefix: &str) -> Result<(), Error> {
+        if prefix.trim_matches('/').is_empty() {
+            return Err(Error::Config(
+                "refusing to delete the whole KV store (empty prefix)".into(),
+            ));
+        }
+        let r = self
+            .expect_found(
+                Method::DELETE,
+                &format!("{}?recurse", kv_path(prefix)),
+                None,
+            )
+            .await?;
+        parse_bool(&r).map(|_| ())
+    }
+
+    // ----- agent -------------------------------------------------------------------------
+
+    /// `PUT /v1/agent/service/register` (with `?replace-existing-checks` when asked).
+    pub async fn register_service(&self, reg: &ServiceRegistration) -> Result<(), Error> {
+        let body = reg.to_json()?;
+        let path = if reg.replace_existing_checks {
+            "/v1/agent/service/register?replace-existing-checks=true"
+        } else {
+            "/v1/agent/service/register"
+        };
+        self.expect_found(Method::PUT, path, Some(Bytes::from(body)))
+            .await
+            .map(|_| ())
+    }
+
+    /// `PUT /v1/agent/service/deregister/ID`. An unknown ID is an error (HTTP 404 from Consul).
+    pub async fn deregister_service(&self, id: &str) -> Result<(), Error> {
+        self.expect_found(
+            Method::PUT,
+            &format!("/v1/agent/service/deregister/{}", seg(id)),
+            None,
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Sets a TTL check's status, with `note` as its output (`PUT /v1/agent/check/update/ID`).
+    pub async fn check_update(
+        &self,
+        check_id: &str,
+        status: Status,
+        note: Option<&str>,
+    ) -> Result<(), Error> {
+        let body = serde_json::json!({ "Status": status.as_str(), "Output": note.unwrap_or("") })
+            .to_string();
+        self.expect_found(
+            Method::PUT,
+            &format!("/v1/agent/check/update/{}", seg(check_id)),
+            Some(Bytes::from(body)),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Puts a service in (or out of) maintenance mode: Consul adds a critical check, so health
+    /// watches see it down and DNS stops returning it.
+    pub async fn service_maintenance(
+        &self,
+        id: &str,
+        enable: bool,
+        reason: Option<&str>,
+    ) -> Result<(), Error> {
+        let mut path = format!("/v1/agent/service/maintenance/{}?enable={enable}", seg(id));
+        if let Some(r) = reason {
+            path.push_str("&reason=");
+            path.push_str(&utf8_percent_encode(r, QUERY).to_string());
+        }
+        self.expect_found(Method::PUT, &path, None)
+            .await
+            .map(|_| ())
+    }
+
+    /// The services registered with this agent, by ID.
+    pub async fn agent_services(
+        &self,
+    ) -> Result<std::collections::BTreeMap<String, AgentService>, Error> {
+        let r = self
+            .expect_found(Method::GET, "/v1/agent/services", None)
+            .await?;
+        decode_json(&r, "/v1/agent/services")
+    }
+
+    /// The checks registered with this agent, by check ID.
+    pub async fn agent_checks(
+        &self,
+    ) -> Result<std::collections::BTreeMap<String, AgentCheck>, Error> {
+        let r = self
+            .expect_found(Method::GET, "/v1/agent/checks", None)
+            .await?;
+        decode_json(&r, "/v1/agent/checks")
+    }
+
+    /// `GET /v1/agent/self` as JSON.
+    pub async fn agent_self(&self) -> Result<serde_json::Value, Error> {
+        let r = self
+            .expect_found(Method::GET, "/v1/agent/self", None)
+            .await?;
+        decode_json(&r, "/v1/agent/self")
+    }
+
+    /// The agent's node name (`Config.NodeName` of `/v1/agent/self`).
+    pub async fn node_name(&self) -> Result<String, Error> {
+        let v = self.agent_self().await?;
+        v.pointer("/Config/NodeName")
+            .and_then(|n| n.as_str())
+            .map(str::to_string)
+            .ok_or_else(|| Error::Decode {
+                address: self.current_address().clone(),
+                path: "/v1/agent/self".into(),
+                error: crate::decode::DecodeError {
+                    what: "agent self",
+                    message: "no Config.NodeName".into(),
+                },
+            })
+    }
+
+    /// A request whose 404 is an error too.
+    async fn expect_found(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Bytes>,
+    ) -> Result<Response, Error> {
+        let r = self.request(method.clone(), path, body, None).await?;
+        if r.status == 404 {
+            return Err(Error::Http {
+                address: r.address.clone(),
+                method: method.to_string(),
+                path: path.to_string(),
+                status: 404,
+                message: consul_message(&r.body),
+            });
+        }
+        Ok(r)
+    }
+}
+
+// ----- helpers -----------------------------------------------------------------------------
+
+fn not_sent(e: &Error) -> bool {
+    matches!(e, Error::Connect { .. } | Error::Tls { .. })
+        || matches!(e, Error::Http { status, .. } if *status >= 500 || *status == 429)
+}
+
+/// Characters escaped in a KV key or ID path segment (`/` is kept in keys).
+const PATH: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'/')
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~')
+    .remove(b':');
+const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~')
+    .remove(b':');
+const QUERY: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+
+pub(crate) fn kv_path(key: &str) -> String {
+    format!(
+        "/v1/kv/{}",
+        utf8_percent_encode(key.trim_start_matches('/'), PATH)
+    )
+}
+
+pub(crate) fn seg(s: &str) -> String {
+    utf8_percent_encode(s, SEGMENT).to_string()
+}
+
+pub(crate) fn query_value(s: &str) -> String {
+    utf8_percent_encode(s, QUERY).to_string()
+}
+
+/// Go's duration syntax as Consul parses it: `300s`, `1500ms`.
+pub(crate) fn go_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms % 1000 == 0 {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
+fn header_u64(h: &hyper::HeaderMap, name: &str) -> Option<u64> {
+    h.get(name)?.to_str().ok()?.trim().parse().ok()
+}
+
+/// Consul's error bodies are plain text; keep one line of at most MAX_MESSAGE characters.
+fn consul_message(body: &[u8]) -> String {
+    let s = String::from_utf8_lossy(body);
+    let s = s.trim();
+    if s.is_empty() {
+        return "(empty body)".into();
+    }
+    let one_line: String = s.split_whitespace().collect::<Vec<_>>().join(" ");
+    match one_line.char_indices().nth(MAX_MESSAGE) {
+        Some((cut, _)) => format!("{}...", &one_line[..cut]),
+        None => one_line,
+    }
+}
+
+fn parse_bool(r: &Response) -> Result<bool, Error> {
+    match r.body.trim_ascii() {
+        b"true" => Ok(true),
+        b"false" => Ok(false),
+        _ => Err(Error::Decode {
+            address: r.address.clone(),
+            path: String::new(),
+            error: crate::decode::DecodeError {
+                what: "KV write result",
+                message: format!("expected true or false, got {:?}", consul_message(&r.body)),
+            },
+        }),
+    }
+}
+
+fn decode_json<T: serde::de::DeserializeOwned>(r: &Response, path: &str) -> Result<T, Error> {
+    serde_json::from_slice(&r.body).map_err(|e| Error::Decode {
+        address: r.address.clone(),
+        path: path.to_string(),
+        error: crate::decode::DecodeError {
+            what: "agent response",
+            message: format!("invalid JSON ({e})"),
+        },
+    })
+}
+
+#[derive(serde::Deserialize)]
+struct RawKvPair {
+    #[serde(rename = "Key")]
+    key: String,
+    #[serde(rename = "Value", default)]
+    value: Option<String>,
+    #[serde(rename = "Flags", default)]
+    flags: u64,
+    #[serde(rename = "CreateIndex", default)]
+    create_index: u64,
+    #[serde(rename = "ModifyIndex", default)]
+    modify_index: u64,
+    #[serde(rename = "LockIndex", default)]
+    lock_index: u64,
+    #[serde(rename = "Session", default)]
+    session: Option<String>,
+}
+
+fn decode_kv_pairs(r: &Response) -> Result<Vec<KvPair>, Error> {
+    use base64::Engine as _;
+    let raw: Vec<RawKvPair> = decode_json(r, "/v1/kv")?;
+    raw.into_iter()
+        .map(|p| {
+            let value = match p.value {
+                None => Bytes::new(),
+                Some(v) => Bytes::from(
+                    base64::engine::general_purpose::STANDARD
+                        .decode(v)
+                        .map_err(|e| Error::Decode {
+                            address: r.address.clone(),
+                            path: kv_path(&p.key),
+                            error: crate::decode::DecodeError {
+                                what: "KV entry",
+                                message: format!("value is not base64 ({e})"),
+                            },
+                        })?,
+                ),
+            };
+            Ok(KvPair {
+                key: p.key,
+                value,
+                flags: p.flags,
+                create_index: p.create_index,
+                modify_index: p.modify_index,
+                lock_index: p.lock_index,
+                session: p.session,
+            })
+        })
+        .collect()
+}
+
+// ----- ACL token ---------------------------------------------------------------------------
+
+enum TokenSource {
+    None,
+    Static(Secret),
+    /// Re-read when the file's modification time changes.
+    File {
+        path: PathBuf,
+        state: Mutex<(Option<SystemTime>, Secret)>,
+    },
+}
+
+impl TokenSource {
+    fn file(path: &Path) -> Result<TokenSource, Error> {
+        let (mtime, token) = read_token_file(path).map_err(Error::Config)?;
+        Ok(TokenSource::File {
+            path: path.to_path_buf(),
+            state: Mutex::new((mtime, token)),
+        })
+    }
+
+    fn current(&self) -> Option<Secret> {
+        match self {
+            TokenSource::None => None,
+            TokenSource::Static(s) => Some(s.clone()),
+            TokenSource::File { path, state } => {
+                let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
+                let mtime = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+                if mtime.is_some() && mtime != st.0 {
+                    match read_token_file(path) {
+                        Ok(fresh) => {
+                            tracing::info!(file = %path.display(), "Consul ACL token file changed; using the new token");
+                            *st = fresh;
+                        }
+                        Err(e) => tracing::warn!("{e}; keeping the previous token"),
+                    }
+                }
+                Some(st.1.clone())
+            }
+        }
+    }
+
+    /// After a refusal, forget the file's time so the next request reads it again.
+    fn refresh(&self) {
+        if let TokenSource::File { state, .. } = self {
+            state.lock().unwrap_or_else(|e| e.into_inner()).0 = None;
+        }
+    }
+}
+
+fn read_token_file(path: &Path) -> Result<(Option<SystemTime>, Secret), String> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        format!(
+            "cannot read the Consul ACL token file {}: {e}",
+            path.display()
+        )
+    })?;
+    let mtime = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(format!(
+            "the Consul ACL token file {} is empty",
+            path.display()
+        ));
+    }
+    Ok((mtime, Secret::new(token)))
+}
+
+// ----- TLS ---------------------------------------------------------------------------------
+
+fn tls_connector(opts: &TlsOptions) -> Result<TlsConnector, Error> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let cfg_err = |m: String| Error::Config(m);
+    let mut roots = rustls::RootCertStore::empty();
+    match &opts.ca_file {
+        Some(p) => {
+            let certs = CertificateDer::pem_file_iter(p)
+                .map_err(|e| cfg_err(format!("cannot read the CA file {}: {e}", p.display())))?;
+            for c in certs {
+                let c = c.map_err(|e| {
+                    cfg_err(format!(
+                        "bad certificate in the CA file {}: {e}",
+                        p.display()
+                    ))
+                })?;
+                roots.add(c).map_err(|e| {
+                    cfg_err(format!("unusable CA certificate in {}: {e}", p.display()))
+                })?;
+            }
+            if roots.is_empty() {
+                return Err(cfg_err(format!(
+                    "the CA file {} holds no certificate",
+                    p.display()
+                )));
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            for c in found.certs {
+                let _ = roots.add(c);
+            }
+            if roots.is_empty() {
+                return Err(cfg_err(
+                    "no CA file given and no system CA certificates found; set ca_file".into(),
+                ));
+            }
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| cfg_err(format!("TLS setup: {e}")))?
+        .with_root_certificates(roots);
+    let mut config = match (&opts.cert_file, &opts.key_file) {
+        (Some(cert), Some(key)) => {
+            let chain = CertificateDer::pem_file_iter(cert)
+                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| {
+                    cfg_err(format!(
+                        "cannot read the client certificate {}: {e}",
+                        cert.display()
+                    ))
+                })?;
+            if chain.is_empty() {
+                return Err(cfg_err(format!(
+                    "the client certificate file {} holds no certificate",
+                    cert.display()
+                )));
+            }
+            let key = PrivateKeyDer::from_pem_file(key).map_err(|e| {
+                cfg_err(format!("cannot read the client key {}: {e}", key.display()))
+            })?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| cfg_err(format!("client certificate and key do not fit: {e}")))?
+        }
+        _ => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(TlsConnector::from(Arc::new(config)))
+}
+
+fn server_name(
+    address: &ConsulAddr,
+    tls: Option<&TlsOptions>,
+) -> Result<rustls_pki_types::ServerName<'static>, Error> {
+    use rustls_pki_types::ServerName;
+    if let Some(name) = tls.and_then(|t| t.server_name.as_deref()) {
+        return ServerName::try_from(name.to_string())
+            .map_err(|e| Error::Config(format!("TLS server name `{name}`: {e}")));
+    }
+    match &address.host {
+        Host::Ip(ip) => Ok(ServerName::IpAddress((*ip).into())),
+        Host::Name(n) => ServerName::try_from(n.clone())
+            .map_err(|e| Error::Config(format!("TLS server name `{n}`: {e}"))),
+    }
+}
+
+// ----- one HTTP/1.1 exchange, driven in the caller's future ----------------------------------
+
+trait IoStream: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> IoStream for T {}
+
+type Io = TokioIo<Box<dyn IoStream>>;
+
+struct Conn {
+    sender: http1::SendRequest<Full<Bytes>>,
+    driver: Pin<Box<http1::Connection<Io, Full<Bytes>>>>,
+    idle_since: Instant,
+}
+
+struct RawResponse {
+    status: hyper::StatusCode,
+    headers: hyper::HeaderMap,
+    body: Bytes,
+    reusable: bool,
+}
+
+enum SendError {
+    /// The request was not written: safe to retry anywhere.
+    NotSent(String),
+    /// It may have been written.
+    Failed(String),
+    TooLarge,
+}
+
+/// Sends `req` on `conn` and reads the whole body, polling the connection's driver in the same
+/// future (hand-written because hyper's pooled client needs an executor to spawn connection
+/// tasks on; this keeps every byte of I/O inside the caller's future).
+async fn send(
+    conn: &mut Conn,
+    req: Request<Full<Bytes>>,
+    limit: usize,
+) -> Result<RawResponse, SendError> {
+    let Conn { sender, driver, .. } = conn;
+    let mut driver_done = false;
+    let exchange = async {
+        std::future::poll_fn(|cx| sender.poll_ready(cx))
+            .await
+            .map_err(|e| SendError::NotSent(e.to_string()))?;
+        let resp = sender.try_send_request(req).await.map_err(|mut e| {
+            if e.take_message().is_some() {
+                SendError::NotSent(e.into_error().to_string())
+            } else {
+                SendError::Failed(error_chain(e.error()))
+            }
+        })?;
+        let (parts, body) = resp.into_parts();
+        let body = Limited::new(body, limit).collect().await.map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                SendError::TooLarge
+            } else {
+                SendError::Failed(format!("reading the body: {e}"))
+            }
+        })?;
+        Ok((parts, body.to_bytes()))
+    };
+    let result = {
+        let mut exchange = std::pin::pin!(exchange);
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(r) = exchange.as_mut().poll(cx) {
+                return Poll::Ready(r);
+            }
+            if !driver_done {
+                if let Poll::Ready(r) = driver.as_mut().poll(cx) {
+                    driver_done = true;
+                    if let Err(e) = r {
+                        tracing::debug!("Consul connection closed: {e}");
+                    }
+                    // The driver may just have handed over the rest of the response.
+                    return exchange.as_mut().poll(cx);
+                }
+            }
+            Poll::Pending
+        })
+        .await
+    };
+    let (parts, body) = result?;
+    let keep_alive = !parts
+        .headers
+        .get(hyper::header::CONNECTION)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
+    let reusable = keep_alive && !driver_done && !sender.is_closed();
+    Ok(RawResponse {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+        reusable,
+    })
+}
+
+fn error_chain(e: &hyper::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_get_dc_consistency_and_blocking_params() {
+        let mut cfg = ConsulConfig::from_addresses("127.0.0.1:1").unwrap();
+        cfg.datacenter = Some("dc2".into());
+        cfg.consistency = Consistency::Stale;
+        let c = Client::new(cfg).unwrap();
+        let b = Some(Blocking {
+            index: 7,
+            wait: Duration::from_secs(900),
+        });
+        assert_eq!(
+            c.full_path(&Method::GET, "/v1/kv/a/?recurse", b),
+            "/v1/kv/a/?recurse&dc=dc2&stale&index=7&wait=600s"
+        );
+        assert_eq!(
+            c.full_path(&Method::PUT, "/v1/kv/a", None),
+            "/v1/kv/a?dc=dc2"
+        );
+        assert_eq!(
+            c.full_path(&Method::GET, "/v1/agent/self", None),
+            "/v1/agent/self"
+        );
+        assert_eq!(go_duration(Duration::from_millis(1500)), "1500ms");
+        assert_eq!(kv_path("up/[::1]:80 x"), "/v1/kv/up/%5B::1%5D:80%20x");
+    }
+
+    #[test]
+    fn messages_are_one_bounded_line() {
+        assert_eq!(
+            consul_message(b"  Permission denied\n"),
+            "Permission denied"
+        );
+        assert_eq!(consul_message(b""), "(empty body)");
+        assert!(consul_message(&[b'x'; 5000]).len() < 420);
+    }
+
+    #[test]
+    fn debug_never_shows_the_token() {
+        let cfg = ConsulConfig {
+            token: Some(Secret::new("tok-123-secret")),
+            ..Default::default()
+        };
+        let c = Client::new(cfg).unwrap();
+        assert!(!format!("{c:?}").contains("tok-123"));
+    }
+}

@@ -1,0 +1,691 @@
+//! Decoders from Consul's JSON responses to endpoint sets.
+//!
+//! A malformed body (not JSON, not the shape this endpoint returns) is an `Err`: the caller
+//! keeps its last good set. A malformed entry inside a good body (bad key, bad port, bad
+//! attribute value) is left out and reported in [`Decoded::skipped`] with the reason, so the
+//! caller can log it. No input makes these functions panic (see the proptest and fuzz corpus).
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::fmt;
+
+use base64::Engine as _;
+use serde::de::{self, Deserializer, Visitor};
+use serde::Deserialize;
+
+use crate::endpoint::{split_host_port, Endpoint, EndpointSet, Health, Host};
+
+/// A decoded value and the entries that were left out.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Decoded<T> {
+    pub value: T,
+    pub skipped: Vec<Skipped>,
+}
+
+/// An entry left out of a decoded set: its key (KV key, or `node/service-id` for catalog
+/// and health entries) and why.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Skipped {
+    pub key: String,
+    pub reason: String,
+}
+
+impl fmt::Display for Skipped {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.reason)
+    }
+}
+
+/// A body that cannot be decoded at all.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{what}: {message}")]
+pub struct DecodeError {
+    /// The kind of response expected (`KV list`, `health service list`...).
+    pub what: &'static str,
+    pub message: String,
+}
+
+/// What to do with a health-service instance whose checks are not all passing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum HealthMode {
+    /// Keep it with `down = true` (nginx-upsync-module's `consul_health` behaviour).
+    #[default]
+    MarkDown,
+    /// Leave it out of the set.
+    Omit,
+}
+
+fn body_error(what: &'static str, e: serde_json::Error) -> DecodeError {
+    DecodeError {
+        what,
+        message: format!("invalid JSON ({e})"),
+    }
+}
+
+/// Consul answers 404 with an empty body for a KV prefix with no keys.
+fn is_blank(body: &[u8]) -> bool {
+    body.iter().all(u8::is_ascii_whitespace) || body == b"null"
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attribute values: numbers or strings, as nginx-upsync-module reads them.
+
+/// An attribute value as found in a KV value's JSON or a `name=value` tag.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Attr<'a> {
+    Null,
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Str(&'a str),
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Attr<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Attr<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a number, a string or a boolean")
+            }
+            fn visit_unit<E>(self) -> Result<Attr<'de>, E> {
+                Ok(Attr::Null)
+            }
+            fn visit_bool<E>(self, v: bool) -> Result<Attr<'de>, E> {
+                Ok(Attr::Bool(v))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Attr<'de>, E> {
+                Ok(Attr::Int(v))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Attr<'de>, E> {
+                Ok(i64::try_from(v)
+                    .map(Attr::Int)
+                    .unwrap_or(Attr::Float(v as f64)))
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<Attr<'de>, E> {
+                Ok(Attr::Float(v))
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Attr<'de>, E> {
+                Ok(Attr::Str(v))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Attr<'de>, E> {
+                // An escaped string cannot be borrowed; no valid attribute needs escapes.
+                Err(E::custom(format!("attribute value {v:?} contains escapes")))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl Attr<'_> {
+    /// A non-negative integer, from a number (integral) or a decimal string.
+    fn uint(&self, name: &str) -> Result<Option<u64>, String> {
+        match *self {
+            Attr::Null => Ok(None),
+            Attr::Int(i) if i >= 0 => Ok(Some(i as u64)),
+            Attr::Float(f) if f >= 0.0 && f.fract() == 0.0 && f <= u32::MAX as f64 => {
+                Ok(Some(f as u64))
+            }
+            Attr::Str(s) => {
+                let t = s.trim();
+                if t.is_empty() {
+                    return Ok(None);
+                }
+                t.parse::<u64>()
+                    .map(Some)
+                    .map_err(|_| format!("{name}={s:?} is not a non-negative integer"))
+            }
+            other => Err(format!(
+                "{name}={} is not a non-negative integer",
+                other.show()
+            )),
+        }
+    }
+
+    /// A flag: numbers (non-zero = set), booleans, `"0"`/`"1"`/`"true"`/`"false"`.
+    fn flag(&self, name: &str) -> Result<Option<bool>, String> {
+        match *self {
+            Attr::Null => Ok(None),
+            Attr::Bool(b) => Ok(Some(b)),
+            Attr::Int(i) if i >= 0 => Ok(Some(i != 0)),
+            Attr::Float(f) if f >= 0.0 => Ok(Some(f != 0.0)),
+            Attr::Str(s) => match s.trim() {
+                "" => Ok(None),
+                "true" | "on" | "yes" => Ok(Some(true)),
+                "false" | "off" | "no" => Ok(Some(false)),
+                t => t
+                    .parse::<u64>()
+                    .map(|n| Some(n != 0))
+                    .map_err(|_| format!("{name}={s:?} is not 0/1 or true/false")),
+            },
+            other => Err(format!("{name}={} is not 0/1 or true/false", other.show())),
+        }
+    }
+
+    /// Seconds: a number, or a string `N`, `Ns`, `Nm`, `Nh` (nginx time units; `ms` rounds up).
+    fn seconds(&self, name: &str) -> Result<Option<u64>, String> {
+        match *self {
+            Attr::Str(s) => {
+                let t = s.trim();
+                if t.is_empty() {
+                    return Ok(None);
+                }
+                parse_seconds(t)
+                    .map(Some)
+                    .ok_or_else(|| format!("{name}={s:?} is not a duration (10, 10s, 1m, 1h)"))
+            }
+            _ => self.uint(name),
+        }
+    }
+
+    fn show(&self) -> String {
+        match self {
+            Attr::Null => "null".into(),
+            Attr::Bool(b) => b.to_string(),
+            Attr::Int(i) => i.to_string(),
+            Attr::Float(f) => f.to_string(),
+            Attr::Str(s) => format!("{s:?}"),
+        }
+    }
+}
+
+fn parse_seconds(t: &str) -> Option<u64> {
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let s = match unit {
+        "" | "s" => n,
+        "ms" => n.div_ceil(1000),
+        "m" => n.checked_mul(60)?,
+        "h" => n.checked_mul(3600)?,
+        "d" => n.checked_mul(86400)?,
+        _ => return None,
+    };
+    Some(s)
+}
+
+/// Attributes that can be set on an endpoint, from either source.
+#[derive(Default)]
+struct Attrs<'a> {
+    weight: Option<Attr<'a>>,
+    max_fails: Option<Attr<'a>>,
+    fail_timeout: Option<Attr<'a>>,
+    down: Option<Attr<'a>>,
+    backup: Option<Attr<'a>>,
+}
+
+impl Attrs<'_> {
+    fn apply(&self, e: &mut Endpoint) -> Result<(), String> {
+        if let Some(w) = self
+            .weight
+            .as_ref()
+            .map(|a| a.uint("weight"))
+            .transpose()?
+            .flatten()
+        {
+            if w == 0 || w > u32::MAX as u64 {
+                return Err(format!("weight={w} is out of range (1-{})", u32::MAX));
+            }
+            e.weight = w as u32;
+        }
+        if let Some(v) = self
+            .max_fails
+            .as_ref()
+            .map(|a| a.uint("max_fails"))
+            .transpose()?
+            .flatten()
+        {
+            e.max_fails = u32::try_from(v).map_err(|_| format!("max_fails={v} is out of range"))?;
+        }
+        if let Some(v) = self
+            .fail_timeout
+            .as_ref()
+            .map(|a| a.seconds("fail_timeout"))
+            .transpose()?
+            .flatten()
+        {
+            e.fail_timeout =
+                u32::try_from(v).map_err(|_| format!("fail_timeout={v} is out of range"))?;
+        }
+        if let Some(v) = self
+            .down
+            .as_ref()
+            .map(|a| a.flag("down"))
+            .transpose()?
+            .flatten()
+        {
+            e.down = v;
+        }
+        if let Some(v) = self
+            .backup
+            .as_ref()
+            .map(|a| a.flag("backup"))
+            .transpose()?
+            .flatten()
+        {
+            e.backup = v;
+        }
+        Ok(())
+    }
+}
+
+/// The JSON object stored as a KV value.
+#[derive(Deserialize)]
+struct KvAttrs<'a> {
+    #[serde(borrow, default)]
+    weight: Option<Attr<'a>>,
+    #[serde(borrow, default)]
+    max_fails: Option<Attr<'a>>,
+    #[serde(borrow, default)]
+    fail_timeout: Option<Attr<'a>>,
+    #[serde(borrow, default)]
+    down: Option<Attr<'a>>,
+    #[serde(borrow, default)]
+    backup: Option<Attr<'a>>,
+}
+
+/// Attributes from service tags: `weight=N`, `max_fails=N`, `fail_timeout=T`, `down`, `backup`
+/// (also `down=1`, `backup=0`). Other tags are ignored here and kept in `Endpoint::tags`.
+fn tag_attrs(tags: &[String]) -> Attrs<'_> {
+    let mut a = Attrs::default();
+    for t in tags {
+        let (k, v) = match t.split_once('=') {
+            Some((k, v)) => (k.trim(), Attr::Str(v)),
+            None => (t.trim(), Attr::Bool(true)),
+        };
+        match k {
+            "weight" => a.weight = Some(v),
+            "max_fails" => a.max_fails = Some(v),
+            "fail_timeout" => a.fail_timeout = Some(v),
+            "down" => a.down = Some(v),
+            "backup" => a.backup = Some(v),
+            _ => {}
+        }
+    }
+    a
+}
+
+// ---------------------------------------------------------------------------------------------
+// KV
+
+#[derive(Deserialize)]
+struct KvEntry<'a> {
+    #[serde(rename = "Key", borrow)]
+    key: Cow<'a, str>,
+    #[serde(rename = "Value", borrow, default)]
+    value: Option<Cow<'a, str>>,
+}
+
+/// Decodes `GET /v1/kv/PREFIX?recurse`. Keys directly under `PREFIX/` name the server:
+/// `IP:PORT`, `[IPv6]:PORT` or `HOSTNAME:PORT`; the value is a JSON object with `weight`,
+/// `max_fails`, `fail_timeout`, `down`, `backup` as numbers or strings; an empty value means
+/// the defaults. The prefix itself (a "folder" key) and keys outside `PREFIX/` are ignored;
+/// nested keys and bad names or values are skipped with a reason. An empty or `null` body
+/// (Consul's 404 for a prefix without keys) is an empty set.
+pub fn decode_kv(prefix: &str, body: &[u8]) -> Result<Decoded<EndpointSet>, DecodeError> {
+    const WHAT: &str = "KV list";
+    if is_blank(body) {
+        return Ok(Decoded::default());
+    }
+    let entries: Vec<KvEntry> = serde_json::from_slice(body).map_err(|e| body_error(WHAT, e))?;
+    let prefix = prefix.trim_start_matches('/');
+    let dir = prefix.trim_end_matches('/');
+    let mut skipped = Vec::new();
+    let mut endpoints = Vec::with_capacity(entries.len());
+    for entry in &entries {
+        let key: &str = &entry.key;
+        let rest = if dir.is_empty() {
+            key
+        } else {
+            match key.strip_prefix(dir).and_then(|r| r.strip_prefix('/')) {
+                Some(r) => r,
+                None => continue, // a sibling like PREFIX2/..., or the folder key PREFIX itself
+            }
+        };
+        if rest.is_empty() {
+            continue; // the folder key PREFIX/
+        }
+        match kv_endpoint(rest, entry.value.as_deref()) {
+            Ok(e) => endpoints.push(e),
+            Err(reason) => skipped.push(Skipped {
+                key: key.to_string(),
+                reason,
+            }),
+        }
+    }
+    Ok(finish(endpoints, skipped, |e| e.addr()))
+}
+
+fn kv_endpoint(name: &str, value: Option<&str>) -> Result<Endpoint, String> {
+    if name.contains('/') {
+        return Err(
+            "nested key: servers must be named directly under the prefix (PREFIX/IP:PORT)".into(),
+        );
+    }
+    let (host, port) = parse_server_name(name)?;
+    let mut e = Endpoint::new(host, port);
+    let raw = match value {
+        None | Some("") => return Ok(e),
+        Some(b64) => base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .map_err(|err| format!("value is not valid base64 ({err})"))?,
+    };
+    let not_object = |why: String| format!("value {:?} is not a JSON object of weight/max_fails/fail_timeout/down/backup ({why})", lossy_prefix(&raw));
+    match raw.iter().find(|b| !b.is_ascii_whitespace()) {
+        None => return Ok(e),
+        Some(b'{') => {}
+        // serde would read a JSON array into the struct field by field.
+        Some(_) => return Err(not_object("not an object".into())),
+    }
+    let attrs: KvAttrs = serde_json::from_slice(&raw).map_err(|err| {
+        format!(
+            "value {:?} is not a JSON object of weight/max_fails/fail_timeout/down/backup ({err})",
+            lossy_prefix(&raw)
+        )
+    })?;
+    Attrs {
+        weight: attrs.weight,
+        max_fails: attrs.max_fails,
+        fail_timeout: attrs.fail_timeout,
+        down: attrs.down,
+        backup: attrs.backup,
+    }
+    .apply(&mut e)?;
+    Ok(e)
+}
+
+fn lossy_prefix(raw: &[u8]) -> String {
+    let s = String::from_utf8_lossy(&raw[..raw.len().min(64)]).into_owned();
+    if raw.len() > 64 {
+        s + "..."
+    } else {
+        s
+    }
+}
+
+/// `IP:PORT`, `[IPv6]:PORT`, `HOSTNAME:PORT`.
+fn parse_server_name(name: &str) -> Result<(Host, u16), String> {
+    let (host, port) = split_host_port(name)?;
+    let port = match port {
+        Some(p) => parse_port(p)?,
+        None if name.matches(':').count() > 1 => {
+            return Err(format!(
+                "`{name}`: write IPv6 addresses in brackets, e.g. [::1]:80"
+            ));
+        }
+        None => {
+            return Err(format!(
+                "`{name}` has no port (IP:PORT, [IPv6]:PORT or HOSTNAME:PORT)"
+            ))
+        }
+    };
+    Ok((Host::parse(host)?, port))
+}
+
+fn parse_port(p: &str) -> Result<u16, String> {
+    match p.parse::<u16>() {
+        Ok(n) if n != 0 => Ok(n),
+        _ => Err(format!("port `{p}` is not 1-65535")),
+    }
+}
+
+fn port_from_i64(p: i64) -> Result<u16, String> {
+    match u16::try_from(p) {
+        Ok(n) if n != 0 => Ok(n),
+        _ => Err(format!("port {p} is not 1-65535")),
+    }
+}
+
+/// Builds the set; duplicates of one `host:port` are reported as skipped.
+fn finish(
+    endpoints: Vec<Endpoint>,
+    mut skipped: Vec<Skipped>,
+    key: impl Fn(&Endpoint) -> String,
+) -> Decoded<EndpointSet> {
+    let (set, dups) = EndpointSet::from_vec_reporting(endpoints);
+    for d in dups {
+        skipped.push(Skipped {
+            key: key(&d),
+            reason: format!("duplicate of server {}", d.addr()),
+        });
+    }
+    Decoded {
+        value: set,
+        skipped,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Catalog and health
+
+#[derive(Deserialize, Default)]
+struct Weights {
+    #[serde(rename = "Passing", default)]
+    passing: Option<i64>,
+}
+
+#[derive(Deserialize)]
+struct CatalogEntry<'a> {
+    #[serde(rename = "Node", borrow, default)]
+    node: Cow<'a, str>,
+    #[serde(rename = "Address", borrow, default)]
+    address: Cow<'a, str>,
+    #[serde(rename = "ServiceID", default)]
+    service_id: String,
+    #[serde(rename = "ServiceName", default)]
+    service_name: String,
+    #[serde(rename = "ServiceTags", default)]
+    service_tags: Option<Vec<String>>,
+    #[serde(rename = "ServiceAddress", borrow, default)]
+    service_address: Cow<'a, str>,
+    #[serde(rename = "ServiceMeta", default)]
+    service_meta: Option<BTreeMap<String, String>>,
+    #[serde(rename = "ServicePort", default)]
+    service_port: i64,
+    #[serde(rename = "ServiceWeights", default)]
+    service_weights: Option<Weights>,
+}
+
+/// The parts of a service instance the endpoint is built from.
+struct Instance<'a> {
+    node: &'a str,
+    node_address: &'a str,
+    id: String,
+    name: String,
+    tags: Vec<String>,
+    address: &'a str,
+    meta: BTreeMap<String, String>,
+    port: i64,
+    weights: Option<Weights>,
+}
+
+impl Instance<'_> {
+    fn key(&self) -> String {
+        format!("{}/{}", self.node, self.id)
+    }
+
+    /// Address = service address or else the node's; attributes from tags, weight from the
+    /// tag, else Consul's `Weights.Passing`, else 1.
+    fn endpoint(self, health: Health) -> Result<Endpoint, String> {
+        let addr = if self.address.is_empty() {
+            self.node_address
+        } else {
+            self.address
+        };
+        if addr.is_empty() {
+            return Err("neither the service nor its node has an address".into());
+        }
+        let host = Host::parse(addr)?;
+        let port = port_from_i64(self.port)?;
+        let mut e = Endpoint::new(host, port);
+        if let Some(w) = self.weights.and_then(|w| w.passing) {
+            if w >= 1 && w <= u32::MAX as i64 {
+                e.weight = w as u32;
+            }
+        }
+        tag_attrs(&self.tags).apply(&mut e)?;
+        e.health = health;
+        e.tags = self.tags;
+        e.meta = self.meta;
+        e.node = Some(self.node.to_string());
+        e.service = Some(self.name);
+        e.service_id = Some(self.id);
+        Ok(e)
+    }
+}
+
+/// Decodes `GET /v1/catalog/service/NAME`: one endpoint per instance, health `Passing`
+/// (the catalog has no health; use [`decode_health_service`] for that).
+pub fn decode_catalog_service(body: &[u8]) -> Result<Decoded<EndpointSet>, DecodeError> {
+    const WHAT: &str = "catalog service list";
+    if is_blank(body) {
+        return Ok(Decoded::default());
+    }
+    let entries: Vec<CatalogEntry> =
+        serde_json::from_slice(body).map_err(|e| body_error(WHAT, e))?;
+    let mut skipped = Vec::new();
+    let mut endpoints = Vec::with_capacity(entries.len());
+    for c in entries {
+        let inst = Instance {
+            node: &c.node,
+            node_address: &c.address,
+            id: c.service_id,
+            name: c.service_name,
+            tags: c.service_tags.unwrap_or_default(),
+            address: &c.service_address,
+            meta: c.service_meta.unwrap_or_default(),
+            port: c.service_port,
+            weights: c.service_weights,
+        };
+        let key = inst.key();
+        match inst.endpoint(Health::Passing) {
+            Ok(e) => endpoints.push(e),
+            Err(reason) => skipped.push(Skipped { key, reason }),
+        }
+    }
+    Ok(finish(endpoints, skipped, |e| instance_key(e)))
+}
+
+fn instance_key(e: &Endpoint) -> String {
+    format!(
+        "{}/{}",
+        e.node.as_deref().unwrap_or(""),
+        e.service_id.as_deref().unwrap_or("")
+    )
+}
+
+#[derive(Deserialize)]
+struct HealthEntry<'a> {
+    #[serde(rename = "Node", borrow)]
+    node: HealthNode<'a>,
+    #[serde(rename = "Service", borrow)]
+    service: HealthServiceDef<'a>,
+    #[serde(rename = "Checks", borrow, default)]
+    checks: Option<Vec<HealthCheck<'a>>>,
+}
+
+#[derive(Deserialize)]
+struct HealthNode<'a> {
+    #[serde(rename = "Node", borrow, default)]
+    node: Cow<'a, str>,
+    #[serde(rename = "Address", borrow, default)]
+    address: Cow<'a, str>,
+}
+
+#[derive(Deserialize)]
+struct HealthServiceDef<'a> {
+    #[serde(rename = "ID", default)]
+    id: String,
+    #[serde(rename = "Service", default)]
+    service: String,
+    #[serde(rename = "Tags", default)]
+    tags: Option<Vec<String>>,
+    #[serde(rename = "Address", borrow, default)]
+    address: Cow<'a, str>,
+    #[serde(rename = "Meta", default)]
+    meta: Option<BTreeMap<String, String>>,
+    #[serde(rename = "Port", default)]
+    port: i64,
+    #[serde(rename = "Weights", default)]
+    weights: Option<Weights>,
+}
+
+#[derive(Deserialize)]
+struct HealthCheck<'a> {
+    #[serde(rename = "Status", borrow, default)]
+    status: Cow<'a, str>,
+}
+
+/// Decodes `GET /v1/health/service/NAME`: health is the worst of the instance's checks (node
+/// checks included, as Consul reports them); an instance not passing is `down`
+/// ([`HealthMode::MarkDown`]) or left out ([`HealthMode::Omit`]). An unknown check status
+/// counts as critical.
+pub fn decode_health_service(
+    body: &[u8],
+    mode: HealthMode,
+) -> Result<Decoded<EndpointSet>, DecodeError> {
+    const WHAT: &str = "health service list";
+    if is_blank(body) {
+        return Ok(Decoded::default());
+    }
+    let entries: Vec<HealthEntry> =
+        serde_json::from_slice(body).map_err(|e| body_error(WHAT, e))?;
+    let mut skipped = Vec::new();
+    let mut endpoints = Vec::with_capacity(entries.len());
+    for h in entries {
+        let health = h
+            .checks
+            .iter()
+            .flatten()
+            .map(|c| Health::from_consul(&c.status).unwrap_or(Health::Critical))
+            .max()
+            .unwrap_or(Health::Passing);
+        if mode == HealthMode::Omit && health != Health::Passing {
+            continue;
+        }
+        let s = h.service;
+        let inst = Instance {
+            node: &h.node.node,
+            node_address: &h.node.address,
+            id: s.id,
+            name: s.service,
+            tags: s.tags.unwrap_or_default(),
+            address: &s.address,
+            meta: s.meta.unwrap_or_default(),
+            port: s.port,
+            weights: s.weights,
+        };
+        let key = inst.key();
+        match inst.endpoint(health) {
+            Ok(mut e) => {
+                if health != Health::Passing {
+                    e.down = true;
+                }
+                endpoints.push(e)
+            }
+            Err(reason) => skipped.push(Skipped { key, reason }),
+        }
+    }
+    Ok(finish(endpoints, skipped, |e| instance_key(e)))
+}
+
+/// Decodes `GET /v1/catalog/services`: service name to its tags (sorted, deduplicated).
+pub fn decode_services(body: &[u8]) -> Result<BTreeMap<String, Vec<String>>, DecodeError> {
+    const WHAT: &str = "service list";
+    if is_blank(body) {
+        return Ok(BTreeMap::new());
+    }
+    let raw: BTreeMap<String, Option<Vec<String>>> =
+        serde_json::from_slice(body).map_err(|e| body_error(WHAT, e))?;
+    Ok(raw
+        .into_iter()
+        .map(|(k, v)| {
+            let mut tags = v.unwrap_or_default();
+            tags.sort_unstable();
+            tags.dedup();
+            (k, tags)
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests;

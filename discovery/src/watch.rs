@@ -1,0 +1,438 @@
+//! Blocking-query watches, following Consul's rules (see README.md, "The watch algorithm").
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::time::Instant;
+
+use crate::client::{query_value, seg, Blocking, Client, Response, MAX_WAIT};
+use crate::decode::{self, Decoded, HealthMode, Skipped};
+use crate::endpoint::EndpointSet;
+use crate::error::Error;
+
+/// What to watch.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Query {
+    /// `/v1/kv/PREFIX/?recurse`, decoded with [`decode::decode_kv`].
+    Kv { prefix: String },
+    /// `/v1/catalog/service/NAME[?tag=TAG]`, decoded with [`decode::decode_catalog_service`].
+    CatalogService { name: String, tag: Option<String> },
+    /// `/v1/health/service/NAME[?tag=TAG]` (with `passing` in [`HealthMode::Omit`]), decoded
+    /// with [`decode::decode_health_service`].
+    HealthService {
+        name: String,
+        tag: Option<String>,
+        mode: HealthMode,
+    },
+    /// `/v1/catalog/services`, decoded with [`decode::decode_services`].
+    Services,
+    /// Any blocking endpoint (`/v1/health/state/any`, ...): the body, not decoded. 404 is an
+    /// empty body.
+    Raw { path: String },
+}
+
+impl Query {
+    /// The request path and query (without dc/consistency/index/wait, which the client adds).
+    pub fn path(&self) -> String {
+        match self {
+            Query::Kv { prefix } => {
+                let p = prefix.trim_matches('/');
+                if p.is_empty() {
+                    "/v1/kv/?recurse".to_string()
+                } else {
+                    format!("{}/?recurse", crate::client::kv_path(p))
+                }
+            }
+            Query::CatalogService { name, tag } => {
+                with_tag(format!("/v1/catalog/service/{}", seg(name)), tag.as_deref())
+            }
+            Query::HealthService { name, tag, mode } => {
+                let p = with_tag(format!("/v1/health/service/{}", seg(name)), tag.as_deref());
+                match mode {
+                    HealthMode::MarkDown => p,
+                    HealthMode::Omit if p.contains('?') => p + "&passing",
+                    HealthMode::Omit => p + "?passing",
+                }
+            }
+            Query::Services => "/v1/catalog/services".to_string(),
+            Query::Raw { path } => path.clone(),
+        }
+    }
+
+    fn decode(&self, r: &Response) -> Result<Decoded<WatchValue>, Error> {
+        let body: &[u8] = if r.status == 404 { b"" } else { &r.body };
+        let endpoints = |d: Result<Decoded<EndpointSet>, decode::DecodeError>| {
+            d.map(|d| Decoded {
+                value: WatchValue::Endpoints(d.value),
+                skipped: d.skipped,
+            })
+        };
+        let result = match self {
+            Query::Kv { prefix } => endpoints(decode::decode_kv(prefix, body)),
+            Query::CatalogService { .. } => endpoints(decode::decode_catalog_service(body)),
+            Query::HealthService { mode, .. } => {
+                endpoints(decode::decode_health_service(body, *mode))
+            }
+            Query::Services => decode::decode_services(body).map(|s| Decoded {
+                value: WatchValue::Services(s),
+                skipped: Vec::new(),
+            }),
+            Query::Raw { .. } => {
+                let b = if r.status == 404 {
+                    Bytes::new()
+                } else {
+                    r.body.clone()
+                };
+                Ok(Decoded {
+                    value: WatchValue::Raw(b),
+                    skipped: Vec::new(),
+                })
+            }
+        };
+        result.map_err(|error| Error::Decode {
+            address: r.address.clone(),
+            path: self.path(),
+            error,
+        })
+    }
+}
+
+fn with_tag(path: String, tag: Option<&str>) -> String {
+    match tag {
+        Some(t) if !t.is_empty() => format!("{path}?tag={}", query_value(t)),
+        _ => path,
+    }
+}
+
+/// A decoded result.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WatchValue {
+    Endpoints(EndpointSet),
+    Services(BTreeMap<String, Vec<String>>),
+    Raw(Bytes),
+}
+
+impl WatchValue {
+    pub fn as_endpoints(&self) -> Option<&EndpointSet> {
+        match self {
+            WatchValue::Endpoints(e) => Some(e),
+            _ => None,
+        }
+    }
+
+    pub fn into_endpoints(self) -> Option<EndpointSet> {
+        match self {
+            WatchValue::Endpoints(e) => Some(e),
+            _ => None,
+        }
+    }
+
+    pub fn as_services(&self) -> Option<&BTreeMap<String, Vec<String>>> {
+        match self {
+            WatchValue::Services(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub fn as_raw(&self) -> Option<&Bytes> {
+        match self {
+            WatchValue::Raw(b) => Some(b),
+            _ => None,
+        }
+    }
+}
+
+/// What [`Watch::next`] returns.
+#[derive(Clone, Debug)]
+pub enum WatchEvent {
+    /// The decoded value differs from the previous one (always on the first success).
+    Changed {
+        value: WatchValue,
+        index: u64,
+        skipped: Vec<Skipped>,
+    },
+    /// A request or decode failed. The watch keeps its last value and index and retries after
+    /// `retry_in` (the next call to `next` waits that long first). `attempt` counts
+    /// consecutive failures, from 1.
+    Error {
+        error: Error,
+        index: u64,
+        attempt: u32,
+        retry_in: Duration,
+    },
+}
+
+/// Token bucket limiting how often a watch may send a request.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RateLimit {
+    /// Requests that may go back to back.
+    pub burst: u32,
+    /// Sustained requests per second (<= 0: unlimited).
+    pub per_second: f64,
+}
+
+impl Default for RateLimit {
+    /// Burst of 10, then 2 requests a second: a flapping key cannot make a watch spin.
+    fn default() -> Self {
+        RateLimit {
+            burst: 10,
+            per_second: 2.0,
+        }
+    }
+}
+
+/// Exponential backoff after errors: `initial * 2^(attempt-1)`, capped at `max`, each delay
+/// drawn uniformly from its upper half (jitter, so many watchers do not retry in step).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Backoff {
+    pub initial: Duration,
+    pub max: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            initial: Duration::from_millis(200),
+            max: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Backoff {
+    /// The delay before retry number `attempt` (1-based), jittered with `rng`.
+    pub fn delay(&self, attempt: u32, rng: &mut fastrand::Rng) -> Duration {
+        let exp = attempt.saturating_sub(1).min(30);
+        let full = self
+            .initial
+            .saturating_mul(1u32 << exp)
+            .min(self.max)
+            .max(Duration::from_millis(1));
+        let half = full / 2;
+        half + Duration::from_nanos(rng.u64(0..=half.as_nanos() as u64))
+    }
+}
+
+/// Watch settings.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct WatchOptions {
+    /// Blocking-query `wait` (default 5 minutes; capped at Consul's maximum, 10 minutes).
+    pub wait: Duration,
+    pub rate: RateLimit,
+    pub backoff: Backoff,
+}
+
+impl Default for WatchOptions {
+    fn default() -> Self {
+        WatchOptions {
+            wait: Duration::from_secs(300),
+            rate: RateLimit::default(),
+            backoff: Backoff::default(),
+        }
+    }
+}
+
+/// A running watch on one query. Create it with [`Watch::new`] and call [`Watch::next`] in a
+/// loop. `next` is cancel-safe (it can be used in `select!`); dropping its future or the watch
+/// stops everything at once (the request's connection is closed). Needs no spawned task.
+pub struct Watch {
+    client: Client,
+    query: Query,
+    path: String,
+    opts: WatchOptions,
+    /// Index of the last value (0: none yet, or reset: the next request does not block).
+    index: u64,
+    last: Option<WatchValue>,
+    /// Consecutive failures.
+    attempt: u32,
+    /// After an error, the next request does not block: a restarted agent or another server
+    /// may have a lower index, which a blocking request would only reveal after `wait`.
+    resync: bool,
+    /// Do not send before this instant (backoff after an error).
+    not_before: Option<Instant>,
+    bucket: TokenBucket,
+    rng: fastrand::Rng,
+}
+
+impl std::fmt::Debug for Watch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Watch")
+            .field("path", &self.path)
+            .field("index", &self.index)
+            .field("attempt", &self.attempt)
+            .finish()
+    }
+}
+
+impl Watch {
+    /// A watch of `query` through `client`. No I/O happens before the first `next`.
+    pub fn new(client: Client, query: Query, opts: WatchOptions) -> Watch {
+        let path = query.path();
+        Watch {
+            client,
+            query,
+            path,
+            opts,
+            index: 0,
+            last: None,
+            attempt: 0,
+            resync: false,
+            not_before: None,
+            bucket: TokenBucket::new(opts.rate),
+            rng: fastrand::Rng::new(),
+        }
+    }
+
+    pub fn query(&self) -> &Query {
+        &self.query
+    }
+
+    /// The Consul index of the last value (0 before the first).
+    pub fn index(&self) -> u64 {
+        self.index
+    }
+
+    /// The last value yielded, if any.
+    pub fn last(&self) -> Option<&WatchValue> {
+        self.last.as_ref()
+    }
+
+    /// Waits for the next change or error.
+    pub async fn next(&mut self) -> WatchEvent {
+        loop {
+            if let Some(t) = self.not_before {
+                tokio::time::sleep_until(t).await;
+                self.not_before = None;
+            }
+            loop {
+                match self.bucket.take(Instant::now()) {
+                    Ok(()) => break,
+                    Err(wait) => tokio::time::sleep(wait).await,
+                }
+            }
+            let blocking = (self.index > 0 && !self.resync).then(|| Blocking {
+                index: self.index,
+                wait: self.opts.wait.min(MAX_WAIT),
+            });
+            let result = self.client.get(&self.path, blocking).await;
+            if let Some(event) = self.on_result(result) {
+                return event;
+            }
+        }
+    }
+
+    /// The state machine: what a response or error means. `None`: nothing to report, loop.
+    fn on_result(&mut self, result: Result<Response, Error>) -> Option<WatchEvent> {
+        let resp = match result {
+            Ok(r) => r,
+            Err(error) => return Some(self.fail(error)),
+        };
+        let new_index = resp.index;
+        self.resync = false;
+        if self.last.is_some() && new_index == self.index && new_index > 0 {
+            // Same index: nothing changed (a wait that ran out, or a spurious wake-up).
+            self.attempt = 0;
+            return None;
+        }
+        let went_back = new_index < self.index;
+        let decoded = match self.query.decode(&resp) {
+            Ok(d) => d,
+            // The index is kept: after the backoff we read again rather than block on data we
+            // could not use.
+            Err(error) => return Some(self.fail(error)),
+        };
+        self.attempt = 0;
+        self.index = if went_back {
+            tracing::info!(path = %self.path, old = self.index, new = new_index, "Consul index went backwards; reading afresh");
+            0
+        } else {
+            // Never block on index 0: Consul would answer at once, forever.
+            new_index.max(1)
+        };
+        if self.last.as_ref() == Some(&decoded.value) {
+            return None;
+        }
+        self.last = Some(decoded.value.clone());
+        Some(WatchEvent::Changed {
+            value: decoded.value,
+            index: new_index,
+            skipped: decoded.skipped,
+        })
+    }
+
+    fn fail(&mut self, error: Error) -> WatchEvent {
+        self.attempt = self.attempt.saturating_add(1);
+        let retry_in = self.opts.backoff.delay(self.attempt, &mut self.rng);
+        self.not_before = Some(Instant::now() + retry_in);
+        if !matches!(error, Error::Decode { .. }) {
+            self.resync = true;
+        }
+        tracing::debug!(path = %self.path, index = self.index, attempt = self.attempt, ?retry_in, "Consul watch error: {error}");
+        WatchEvent::Error {
+            error,
+            index: self.index,
+            attempt: self.attempt,
+            retry_in,
+        }
+    }
+}
+
+/// A one-shot read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fetched {
+    pub value: WatchValue,
+    pub index: u64,
+    pub skipped: Vec<Skipped>,
+}
+
+/// Reads `query` once, without blocking (nginx start-up). Keeps no connection or task alive
+/// after it returns beyond the client's idle pool, which is dropped with the client.
+pub async fn fetch_once(client: &Client, query: &Query) -> Result<Fetched, Error> {
+    let r = client.get(&query.path(), None).await?;
+    let d = query.decode(&r)?;
+    Ok(Fetched {
+        value: d.value,
+        index: r.index,
+        skipped: d.skipped,
+    })
+}
+
+#[derive(Debug)]
+struct TokenBucket {
+    capacity: f64,
+    tokens: f64,
+    per_second: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    fn new(r: RateLimit) -> TokenBucket {
+        let capacity = f64::from(r.burst.max(1));
+        TokenBucket {
+            capacity,
+            tokens: capacity,
+            per_second: r.per_second,
+            last: Instant::now(),
+        }
+    }
+
+    /// Takes a token, or says how long until one is available.
+    fn take(&mut self, now: Instant) -> Result<(), Duration> {
+        if !(self.per_second > 0.0) || !self.per_second.is_finite() {
+            return Ok(());
+        }
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.per_second).min(self.capacity);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64(
+                (1.0 - self.tokens) / self.per_second,
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,133 @@
+//! The watch's index rules, rate limit and backoff, without a network (responses are built
+//! here; the same rules are checked against real Consul in tests/tests/discovery_watch.rs).
+use super::*;
+use crate::config::{ConsulAddr, ConsulConfig};
+
+fn watch() -> Watch {
+    let client = Client::new(ConsulConfig::from_addresses("127.0.0.1:1").unwrap()).unwrap();
+    Watch::new(client, Query::Kv { prefix: "up/app".into() }, WatchOptions::default())
+}
+
+fn kv_body(addrs: &[&str]) -> Bytes {
+    let entries: Vec<String> = addrs.iter().map(|a| format!(r#"{{"Key":"up/app/{a}","Value":null}}"#)).collect();
+    Bytes::from(format!("[{}]", entries.join(",")))
+}
+
+fn resp(index: u64, status: u16, body: Bytes) -> Result<Response, Error> {
+    Ok(Response { index, status, body, address: ConsulAddr::parse("127.0.0.1:1").unwrap(), known_leader: true })
+}
+
+fn changed_addrs(ev: Option<WatchEvent>) -> Vec<String> {
+    match ev {
+        Some(WatchEvent::Changed { value, .. }) => value.as_endpoints().unwrap().iter().map(|e| e.addr()).collect(),
+        other => panic!("expected Changed, got {other:?}"),
+    }
+}
+
+#[test]
+fn first_answer_always_yields_even_when_empty() {
+    let mut w = watch();
+    assert_eq!(changed_addrs(w.on_result(resp(5, 404, Bytes::new()))), Vec::<String>::new());
+    assert_eq!(w.index(), 5);
+}
+
+#[test]
+fn same_index_or_same_value_yields_nothing() {
+    let mut w = watch();
+    changed_addrs(w.on_result(resp(10, 200, kv_body(&["10.0.0.1:80"]))));
+    assert!(w.on_result(resp(10, 200, kv_body(&["10.0.0.9:80"]))).is_none(), "same index must not be decoded");
+    assert!(w.on_result(resp(11, 200, kv_body(&["10.0.0.1:80"]))).is_none(), "identical value must not yield");
+    assert_eq!(w.index(), 11);
+    assert_eq!(changed_addrs(w.on_result(resp(12, 200, kv_body(&["10.0.0.2:80"])))), ["10.0.0.2:80"]);
+}
+
+#[test]
+fn index_going_backwards_resets_to_a_fresh_read() {
+    let mut w = watch();
+    changed_addrs(w.on_result(resp(100, 200, kv_body(&["10.0.0.1:80"]))));
+    assert_eq!(changed_addrs(w.on_result(resp(7, 200, kv_body(&["10.0.0.2:80"])))), ["10.0.0.2:80"]);
+    assert_eq!(w.index(), 0, "after a reset the next request must not block");
+    assert!(w.on_result(resp(7, 200, kv_body(&["10.0.0.2:80"]))).is_none());
+    assert_eq!(w.index(), 7);
+}
+
+#[test]
+fn index_zero_is_never_blocked_on() {
+    let mut w = watch();
+    changed_addrs(w.on_result(resp(0, 200, kv_body(&["10.0.0.1:80"]))));
+    assert_eq!(w.index(), 1);
+}
+
+#[test]
+fn errors_back_off_and_force_a_non_blocking_resync() {
+    let mut w = watch();
+    changed_addrs(w.on_result(resp(10, 200, kv_body(&["10.0.0.1:80"]))));
+    let err = || Err(Error::Connect { address: ConsulAddr::parse("127.0.0.1:1").unwrap(), message: "refused".into() });
+    let mut last = Duration::ZERO;
+    for n in 1..=12 {
+        match w.on_result(err()) {
+            Some(WatchEvent::Error { attempt, index, retry_in, .. }) => {
+                assert_eq!((attempt, index), (n, 10));
+                let cap = w.opts.backoff.initial.saturating_mul(1 << (n - 1)).min(w.opts.backoff.max);
+                assert!(retry_in >= cap / 2 && retry_in <= cap, "attempt {n}: {retry_in:?} outside [{:?}, {cap:?}]", cap / 2);
+                last = retry_in;
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(w.resync);
+    }
+    assert!(last >= w.opts.backoff.max / 2);
+    // Recovery: the value is unchanged, so nothing is yielded, and the attempt count resets.
+    assert!(w.on_result(resp(10, 200, kv_body(&["10.0.0.1:80"]))).is_none());
+    assert_eq!((w.attempt, w.resync), (0, false));
+}
+
+#[test]
+fn a_body_that_cannot_be_decoded_is_an_error_and_keeps_the_last_value() {
+    let mut w = watch();
+    changed_addrs(w.on_result(resp(10, 200, kv_body(&["10.0.0.1:80"]))));
+    match w.on_result(resp(11, 200, Bytes::from_static(b"<html>proxy error</html>"))) {
+        Some(WatchEvent::Error { error: Error::Decode { .. }, index: 10, attempt: 1, .. }) => {}
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(w.index(), 10);
+    assert!(w.last().is_some());
+}
+
+#[test]
+fn token_bucket_allows_a_burst_then_the_rate() {
+    let start = Instant::now();
+    let mut b = TokenBucket::new(RateLimit { burst: 3, per_second: 2.0 });
+    b.last = start;
+    for _ in 0..3 {
+        assert!(b.take(start).is_ok());
+    }
+    let wait = b.take(start).unwrap_err();
+    assert_eq!(wait, Duration::from_millis(500));
+    assert!(b.take(start + Duration::from_millis(499)).is_err());
+    assert!(b.take(start + Duration::from_millis(1000)).is_ok());
+    let mut unlimited = TokenBucket::new(RateLimit { burst: 1, per_second: 0.0 });
+    assert!((0..1000).all(|_| unlimited.take(start).is_ok()));
+}
+
+#[test]
+fn query_paths() {
+    assert_eq!(Query::Kv { prefix: "/upstreams/app".into() }.path(), "/v1/kv/upstreams/app/?recurse");
+    assert_eq!(
+        Query::HealthService { name: "web api".into(), tag: Some("v1&x".into()), mode: HealthMode::Omit }.path(),
+        "/v1/health/service/web%20api?tag=v1%26x&passing"
+    );
+    assert_eq!(Query::CatalogService { name: "web".into(), tag: None }.path(), "/v1/catalog/service/web");
+}
+
+/// Dropping `next()` in the middle of its backoff sleep loses nothing: the next call still
+/// waits out the same deadline (cancel safety).
+#[tokio::test(start_paused = true)]
+async fn next_is_cancel_safe_during_backoff() {
+    let mut w = watch();
+    let ev = w.on_result(Err(Error::Connect { address: ConsulAddr::parse("127.0.0.1:1").unwrap(), message: "x".into() }));
+    let Some(WatchEvent::Error { retry_in, .. }) = ev else { panic!() };
+    let deadline = w.not_before.unwrap();
+    let _ = tokio::time::timeout(retry_in / 4, w.next()).await;
+    assert_eq!(w.not_before, Some(deadline));
+}
