@@ -11,6 +11,8 @@ use std::time::Duration;
 use clap::Parser;
 use serde::Deserialize;
 
+use upsync_discovery::Secret;
+
 use crate::model::{validate_kv_prefix, validate_node_id, validate_tag, Defaults};
 
 /// Default address of the scheduler API.
@@ -183,25 +185,6 @@ pub struct FileDefaults {
     pub fail_timeout: Option<u32>,
     pub check_interval: Option<String>,
     pub check_timeout: Option<String>,
-}
-
-/// A secret (ACL or API token): never printed by `Debug`.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(s: impl Into<String>) -> Secret {
-        Secret(s.into())
-    }
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Secret(<redacted>)")
-    }
 }
 
 /// Consul connection settings as configured (turned into the discovery client's config at start).

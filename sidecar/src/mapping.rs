@@ -21,10 +21,12 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::time::Duration;
 
+use upsync_discovery::Host;
+
 use crate::container::ContainerInfo;
 use crate::model::{
     parse_go_duration, validate_check_duration, validate_endpoint_id, validate_fail_timeout, validate_max_fails,
-    validate_meta, validate_service_name, validate_tag, validate_weight, Address, CheckKind, CheckSpec, Defaults,
+    validate_meta, validate_service_name, validate_tag, validate_weight, CheckKind, CheckSpec, Defaults,
     EndpointSpec, Protocol, Source,
 };
 
@@ -314,7 +316,7 @@ fn endpoint_for(
     Ok(Some(EndpointSpec {
         service: name,
         id,
-        address: Address::Ip(t.address),
+        address: Host::Ip(t.address),
         port: t.reg_port,
         protocol: t.protocol,
         weight,

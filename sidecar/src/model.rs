@@ -1,11 +1,11 @@
 //! What the sidecar registers: one [`EndpointSpec`] per (service, address, port), whether it
 //! comes from a container or from the scheduler API, and the validation rules both share.
 use std::collections::BTreeMap;
-use std::fmt;
-use std::net::IpAddr;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use upsync_discovery::upsync::kv_key;
+use upsync_discovery::{Endpoint, Host};
 
 /// Defaults for attributes a container or an API call does not set (the module's defaults).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -40,56 +40,31 @@ impl Defaults {
     }
 }
 
-/// Where an endpoint is reachable: an IP address or a host name.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Address {
-    Ip(IpAddr),
-    Name(String),
-}
-
-impl Address {
-    /// Parses an IP address or a DNS host name.
-    pub fn parse(s: &str) -> Result<Address, String> {
-        let s = s.trim();
-        if let Ok(ip) = s.parse::<IpAddr>() {
-            if ip.is_unspecified() || ip.is_multicast() {
-                return Err(format!("`{s}` cannot be connected to"));
-            }
-            return Ok(Address::Ip(ip));
-        }
-        validate_hostname(s)?;
-        Ok(Address::Name(s.to_ascii_lowercase()))
-    }
-
-    /// `ADDR:PORT` as nginx and the upsync KV keys write it (`[v6]:port`).
-    pub fn with_port(&self, port: u16) -> String {
-        match self {
-            Address::Ip(IpAddr::V6(ip)) => format!("[{ip}]:{port}"),
-            Address::Ip(ip) => format!("{ip}:{port}"),
-            Address::Name(n) => format!("{n}:{port}"),
+/// Parses where an endpoint is reachable: an IP address other hosts can connect to, or a DNS
+/// host name.
+pub fn parse_host(s: &str) -> Result<Host, String> {
+    let host = Host::parse(s.trim())?;
+    if let Host::Ip(ip) = host {
+        if ip.is_unspecified() || ip.is_multicast() {
+            return Err(format!("`{s}` cannot be connected to"));
         }
     }
+    Ok(host)
 }
 
-impl fmt::Display for Address {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Address::Ip(ip) => write!(f, "{ip}"),
-            Address::Name(n) => f.write_str(n),
-        }
+/// `ADDR:PORT` as nginx and the upsync KV keys write it (`[v6]:port`).
+pub fn host_port(host: &Host, port: u16) -> String {
+    Endpoint::new(host.clone(), port).addr()
+}
+
+mod host_serde {
+    use super::*;
+    pub fn serialize<S: serde::Serializer>(h: &Host, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(h)
     }
-}
-
-impl Serialize for Address {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for Address {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Host, D::Error> {
         let s = String::deserialize(d)?;
-        Address::parse(&s).map_err(serde::de::Error::custom)
+        parse_host(&s).map_err(serde::de::Error::custom)
     }
 }
 
@@ -149,7 +124,8 @@ pub enum Source {
 pub struct EndpointSpec {
     pub service: String,
     pub id: String,
-    pub address: Address,
+    #[serde(with = "host_serde")]
+    pub address: Host,
     pub port: u16,
     #[serde(default)]
     pub protocol: Protocol,
@@ -174,14 +150,14 @@ impl EndpointSpec {
     /// `PREFIX/SERVICE/ADDR:PORT`, or `None` for UDP ports (nginx upstreams are TCP).
     pub fn kv_key(&self, prefix: &str) -> Option<String> {
         match self.protocol {
-            Protocol::Tcp => Some(format!("{prefix}/{}/{}", self.service, self.address.with_port(self.port))),
+            Protocol::Tcp => Some(kv_key(&format!("{prefix}/{}", self.service), &self.address, self.port)),
             Protocol::Udp => None,
         }
     }
 
     /// `ADDR:PORT`.
     pub fn addr(&self) -> String {
-        self.address.with_port(self.port)
+        host_port(&self.address, self.port)
     }
 
     pub fn container_id(&self) -> Option<&str> {
@@ -270,23 +246,6 @@ pub fn validate_endpoint_id(s: &str) -> Result<(), String> {
 /// Node ids: letters, digits and `-_.`, up to 63 characters.
 pub fn validate_node_id(s: &str) -> Result<(), String> {
     check_chars(s, 63, |c| c.is_ascii_alphanumeric() || "-_.".contains(c), "letters, digits and -_.")
-}
-
-pub fn validate_hostname(s: &str) -> Result<(), String> {
-    if s.is_empty() || s.len() > 253 {
-        return Err(format!("`{s}` is neither an IP address nor a host name"));
-    }
-    for label in s.trim_end_matches('.').split('.') {
-        let ok = !label.is_empty()
-            && label.len() <= 63
-            && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-            && !label.starts_with('-')
-            && !label.ends_with('-');
-        if !ok {
-            return Err(format!("`{s}` is neither an IP address nor a host name"));
-        }
-    }
-    Ok(())
 }
 
 pub fn validate_tag(s: &str) -> Result<(), String> {
@@ -378,12 +337,13 @@ mod tests {
 
     #[test]
     fn addresses_render_like_nginx() {
-        assert_eq!(Address::parse("10.0.0.1").unwrap().with_port(80), "10.0.0.1:80");
-        assert_eq!(Address::parse("::1").unwrap().with_port(80), "[::1]:80");
-        assert_eq!(Address::parse("Web-1.Example.com").unwrap().with_port(8080), "web-1.example.com:8080");
-        assert!(Address::parse("0.0.0.0").is_err());
-        assert!(Address::parse("bad_host!").is_err());
-        assert!(Address::parse("").is_err());
+        let hp = |s: &str, port| host_port(&parse_host(s).unwrap(), port);
+        assert_eq!(hp("10.0.0.1", 80), "10.0.0.1:80");
+        assert_eq!(hp("::1", 80), "[::1]:80");
+        assert_eq!(hp("Web-1.Example.com", 8080), "web-1.example.com:8080");
+        assert!(parse_host("0.0.0.0").is_err());
+        assert!(parse_host("bad host!").is_err());
+        assert!(parse_host("").is_err());
     }
 
     #[test]
@@ -413,22 +373,7 @@ mod tests {
 
     #[test]
     fn kv_keys_use_the_address_and_skip_udp() {
-        let mut spec = EndpointSpec {
-            service: "web".into(),
-            id: "n:web:80".into(),
-            address: Address::parse("::1").unwrap(),
-            port: 8080,
-            protocol: Protocol::Tcp,
-            weight: 1,
-            max_fails: 2,
-            fail_timeout: 10,
-            backup: false,
-            down: false,
-            tags: vec![],
-            meta: BTreeMap::new(),
-            check: None,
-            source: Source::Api,
-        };
+        let mut spec = crate::target::tests::spec("n:web:80", "::1", 8080);
         assert_eq!(spec.kv_key("upstreams").as_deref(), Some("upstreams/web/[::1]:8080"));
         spec.protocol = Protocol::Udp;
         assert_eq!(spec.kv_key("upstreams"), None);

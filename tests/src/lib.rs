@@ -18,7 +18,9 @@ pub mod consul;
 pub mod net;
 pub mod nginx;
 pub mod paths;
+pub mod podman;
 pub mod proc;
+pub mod sidecar;
 mod testdir;
 pub mod wait;
 
