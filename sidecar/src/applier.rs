@@ -319,12 +319,14 @@ fn report_failure(shared: &Shared, e: &Error, failures: u32, delay: Duration, wh
 
 fn log_change(id: &str, t: &Target, w: &Written) {
     let kv = w.kv.as_ref().map(|k| k.key.as_str()).unwrap_or("-");
-    match (&t.service, &t.kv, &t.record) {
-        (None, None, None) => tracing::info!(id, "deregistered"),
-        (svc, _, _) => {
-            let down = svc.as_ref().is_some_and(|s| s.maintenance.is_some()) || t.kv.as_ref().is_some_and(|(_, v)| v.contains("\"down\":1"));
-            tracing::info!(id, kv, down, "registered");
-        }
+    if t.service.is_none() && t.kv.is_none() && t.record.is_none() {
+        tracing::info!(id, "deregistered");
+    } else if let Some(reason) = t.service.as_ref().and_then(|s| s.maintenance.as_deref()) {
+        tracing::info!(id, kv, "marked down ({reason})");
+    } else if t.kv.as_ref().is_some_and(|(_, v)| v.contains("\"down\":1")) {
+        tracing::info!(id, kv, "marked down");
+    } else {
+        tracing::info!(id, kv, "registered");
     }
 }
 

@@ -52,6 +52,23 @@ pub struct ContainerInfo {
     pub stop_signal: Option<String>,
 }
 
+/// Parses an inspect answer bollard refused: podman reports states Docker does not have
+/// (`stopped`, `configured`, `initialized`...), which bollard's strict enum rejects. They are
+/// mapped to Docker's nearest state and the answer is parsed again.
+pub fn parse_lenient_inspect(json: &str) -> Result<ContainerInspectResponse, String> {
+    let mut v: serde_json::Value = serde_json::from_str(json).map_err(|e| format!("not JSON: {e}"))?;
+    if let Some(status) = v.pointer_mut("/State/Status") {
+        let known = ["", "created", "running", "paused", "restarting", "removing", "exited", "dead", "stopping"];
+        let mapped = match status.as_str().unwrap_or("") {
+            s if known.contains(&s) => s.to_string(),
+            "configured" | "initialized" => "created".to_string(),
+            _ => "exited".to_string(), // stopped, unknown...
+        };
+        *status = serde_json::Value::String(mapped);
+    }
+    serde_json::from_value(v).map_err(|e| e.to_string())
+}
+
 /// Parses `80/tcp`, `53/udp`, `8080` (tcp).
 pub fn parse_port_proto(s: &str) -> Option<(u16, Protocol)> {
     let (port, proto) = match s.split_once('/') {
@@ -227,6 +244,19 @@ pub(crate) mod tests {
         let mut r = inspect("podman-inspect-bridge.json");
         r.state.as_mut().unwrap().status = Some(ContainerStateStatusEnum::STOPPING);
         assert_eq!(ContainerInfo::from_inspect(&r).unwrap().state, RunState::Stopping);
+    }
+
+    #[test]
+    fn podman_only_states_are_mapped() {
+        let mut v: serde_json::Value = serde_json::to_value(inspect("podman-inspect-host.json")).unwrap();
+        v["State"]["Status"] = "stopped".into();
+        let text = v.to_string();
+        assert!(serde_json::from_str::<ContainerInspectResponse>(&text).is_err(), "bollard accepts `stopped` now");
+        let r = parse_lenient_inspect(&text).expect("mapped");
+        assert_eq!(ContainerInfo::from_inspect(&r).unwrap().state, RunState::NotRunning);
+        v["State"]["Status"] = "configured".into();
+        assert!(parse_lenient_inspect(&v.to_string()).is_ok());
+        assert!(parse_lenient_inspect("{").is_err());
     }
 
     #[test]

@@ -19,7 +19,7 @@ use futures_util::StreamExt;
 use tokio::time::Instant;
 use upsync_discovery::Backoff;
 
-use crate::container::{ContainerInfo, RunState};
+use crate::container::{parse_lenient_inspect, ContainerInfo, RunState};
 use crate::mapping::{map_container, MapContext};
 use crate::state::Shared;
 
@@ -178,6 +178,18 @@ impl Session {
                 self.shared.container_gone(id);
                 return Ok(());
             }
+            Err(bollard::errors::Error::DockerResponseServerError { status_code, message }) => {
+                // The engine answered: this container is the problem, not the connection.
+                tracing::warn!(container = id, "the engine could not describe the container (HTTP {status_code}: {message})");
+                return Ok(());
+            }
+            Err(bollard::errors::Error::JsonDataError { contents, message, .. }) => match parse_lenient_inspect(&contents) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(container = id, "cannot read the engine's description of the container: {message} ({e})");
+                    return Ok(());
+                }
+            },
             Err(e) => return Err(format!("inspecting container {id}: {e}")),
         };
         let info = match ContainerInfo::from_inspect(&r) {
