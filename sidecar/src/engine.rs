@@ -1,21 +1,31 @@
 //! The container engine side: the Docker Engine API on a unix socket (Docker, or podman's
 //! `podman system service`), through bollard.
 //!
-//! A session lists the running containers, then follows the event stream (requested from just
-//! before the listing, so nothing that happens in between is missed), re-lists running
-//! containers every poll interval (podman sends no event when a stop begins, and events can be
-//! lost) and re-inspects everything every resync interval. When the stream closes or the
-//! engine stops answering, the session ends and a new one starts after a backoff: the sidecar
-//! never exits because of the engine, and keeps what is registered meanwhile (the containers
-//! usually outlive a restart of the engine's API service).
+//! A session lists and inspects the running containers, then follows the event stream
+//! (requested from just before the listing, so nothing that happens in between is missed),
+//! re-lists running containers every poll interval (podman sends no event when a stop begins,
+//! and events can be lost) and re-inspects everything every resync interval.
+//!
+//! The loop never waits for the engine while events are queued: inspections and listings run
+//! in the background (at most [`MAX_INFLIGHT`] at once) while events keep being handled, and a
+//! result is only used if no event about that container arrived after it was asked for (a
+//! `die` handled meanwhile is never undone by an older "running").
+//!
+//! When the stream closes or the engine stops answering, the session ends and a new one starts
+//! after a backoff: the sidecar never exits because of the engine, and keeps what is registered
+//! meanwhile (the containers usually outlive a restart of the engine's API service).
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bollard::models::{EventMessage, EventMessageTypeEnum};
+use bollard::models::{ContainerSummaryStateEnum, EventMessage, EventMessageTypeEnum};
 use bollard::query_parameters::{EventsOptions, InspectContainerOptions, ListContainersOptions};
 use bollard::Docker;
+use futures_util::stream::FuturesUnordered;
 use futures_util::StreamExt;
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use upsync_discovery::Backoff;
 
@@ -25,12 +35,37 @@ use crate::state::Shared;
 
 /// Per-request limit for engine calls (list, inspect); the event stream itself has none.
 const ENGINE_TIMEOUT_SECS: u64 = 30;
+/// Engine requests (inspect, list) in flight at once.
+const MAX_INFLIGHT: usize = 8;
+
+/// A background engine request and what it found.
+enum Done {
+    /// The running containers, listed from event sequence number `seq` on; `full` re-inspects
+    /// all of them (resync), otherwise only the ones that changed (poll).
+    Listed { seq: u64, full: bool, running: Result<HashSet<String>, String> },
+    /// One container inspected from event sequence number `seq` on.
+    Inspected { seq: u64, id: String, found: Result<Found, String> },
+}
+
+type Work = Pin<Box<dyn Future<Output = Done> + Send>>;
 
 struct Session {
     docker: Docker,
     shared: Arc<Shared>,
     /// Containers whose mapping warnings were logged already (logged once per container).
     warned: HashSet<String>,
+    /// Number of events handled so far, and the number of the last event of each container.
+    seq: u64,
+    last_event: HashMap<String, u64>,
+    work: FuturesUnordered<Work>,
+    limit: Arc<Semaphore>,
+    /// A listing is in flight (polls do not pile up).
+    listing: bool,
+    /// Inspections in flight, by container, with the event number they were asked at: the
+    /// same question is not asked twice.
+    inflight: HashMap<String, u64>,
+    /// When the bookkeeping above was last pruned, and the event number then.
+    pruned: (Instant, u64),
 }
 
 /// The engine task: runs forever.
@@ -69,12 +104,28 @@ async fn session(shared: &Arc<Shared>) -> Result<(), String> {
     let docker = Docker::connect_with_unix(&path, ENGINE_TIMEOUT_SECS, bollard::API_DEFAULT_VERSION)
         .map_err(|e| format!("{e}; check --docker-socket and that the engine (dockerd, podman system service) runs"))?;
     let docker = docker.negotiate_version().await.map_err(|e| format!("asking for its version: {e}"))?;
-    let mut sess = Session { docker, shared: Arc::clone(shared), warned: HashSet::new() };
+    let mut sess = Session {
+        docker,
+        shared: Arc::clone(shared),
+        warned: HashSet::new(),
+        seq: 0,
+        last_event: HashMap::new(),
+        work: FuturesUnordered::new(),
+        limit: Arc::new(Semaphore::new(MAX_INFLIGHT)),
+        listing: false,
+        inflight: HashMap::new(),
+        pruned: (Instant::now(), 0),
+    };
 
-    // Events from one second before the listing on: nothing falls between the two.
+    // Events from one second before the listing on: nothing falls between the two. The first
+    // listing completes before anything else: until then the state does not know what runs.
     let since = unix_now().saturating_sub(1);
-    let count = sess.full_sync().await?;
+    sess.start_listing(true);
+    while let Some(done) = sess.work.next().await {
+        sess.done(done)?;
+    }
     shared.set_engine_status(true, None);
+    let count = shared.known_containers().len();
     tracing::info!(socket = %path, api = %sess.docker.client_version(), containers = count, "connected to the container engine");
     shared.engine_synced();
 
@@ -91,113 +142,138 @@ async fn session(shared: &Arc<Shared>) -> Result<(), String> {
     resync_tick.tick().await;
     loop {
         tokio::select! {
+            // Events first: nothing the stream already said waits for a poll.
+            biased;
             ev = events.next() => match ev {
                 None => return Ok(()),
                 Some(Err(e)) => return Err(format!("event stream: {e}")),
-                Some(Ok(ev)) => sess.event(ev).await?,
+                Some(Ok(ev)) => sess.event(ev),
             },
-            _ = poll_tick.tick(), if !poll.is_zero() => sess.poll().await?,
-            _ = resync_tick.tick() => { sess.full_sync().await?; }
+            Some(done) = sess.work.next(), if !sess.work.is_empty() => sess.done(done)?,
+            _ = poll_tick.tick(), if !poll.is_zero() => sess.start_listing(false),
+            _ = resync_tick.tick() => sess.start_listing(true),
         }
     }
 }
 
 impl Session {
-    async fn running_ids(&self) -> Result<HashSet<String>, String> {
-        let list = self
-            .docker
-            .list_containers(Some(ListContainersOptions { all: false, ..Default::default() }))
-            .await
-            .map_err(|e| format!("listing containers: {e}"))?;
-        Ok(list.into_iter().filter_map(|c| c.id).collect())
+    fn start_listing(&mut self, full: bool) {
+        if self.listing && !full {
+            return;
+        }
+        self.listing = true;
+        let (docker, limit, seq) = (self.docker.clone(), Arc::clone(&self.limit), self.seq);
+        self.work.push(Box::pin(async move {
+            let _permit = limit.acquire_owned().await;
+            Done::Listed { seq, full, running: running_ids(&docker).await }
+        }));
     }
 
-    /// Lists and inspects every running container; forgets the ones that are gone.
-    async fn full_sync(&mut self) -> Result<usize, String> {
-        let running = self.running_ids().await?;
-        for id in &running {
-            self.inspect(id).await?;
+    fn start_inspect(&mut self, id: String) {
+        let seq = self.last_event.get(&id).copied().unwrap_or(0);
+        if self.inflight.get(&id) == Some(&seq) {
+            return;
         }
-        for (id, _) in self.shared.known_containers() {
-            if !running.contains(&id) {
-                self.inspect(&id).await?;
-            }
-        }
-        Ok(running.len())
+        self.inflight.insert(id.clone(), seq);
+        let (docker, limit, seq) = (self.docker.clone(), Arc::clone(&self.limit), self.seq);
+        self.work.push(Box::pin(async move {
+            let _permit = limit.acquire_owned().await;
+            let found = fetch(&docker, &id).await;
+            Done::Inspected { seq, id, found }
+        }));
     }
 
-    /// Catches what the event stream did not say: containers that stopped running (a stop in
-    /// progress, a pause, a missed die) and containers that run but were never seen.
-    async fn poll(&mut self) -> Result<(), String> {
-        let running = self.running_ids().await?;
-        let known = self.shared.known_containers();
-        let known_ids: HashSet<&str> = known.iter().map(|(id, _)| id.as_str()).collect();
-        for (id, _) in &known {
-            if !running.contains(id) {
-                self.inspect(id).await?;
-            }
+    /// Forgets the event numbers of containers without news for a while: every request asked
+    /// before the previous prune has finished or timed out by now.
+    fn prune(&mut self) {
+        if self.pruned.0.elapsed() > Duration::from_secs(2 * ENGINE_TIMEOUT_SECS) {
+            let below = self.pruned.1;
+            self.last_event.retain(|_, s| *s > below);
+            self.inflight.retain(|_, s| *s > below);
+            self.pruned = (Instant::now(), self.seq);
         }
-        for id in &running {
-            if !known_ids.contains(id.as_str()) {
-                self.inspect(id).await?;
+    }
+
+    /// Whether an event about `id` arrived after `seq` (a result asked for before is stale).
+    fn newer_event(&self, id: &str, seq: u64) -> bool {
+        self.last_event.get(id).is_some_and(|&e| e > seq)
+    }
+
+    fn done(&mut self, done: Done) -> Result<(), String> {
+        match done {
+            Done::Listed { seq, full, running } => {
+                self.listing = false;
+                let running = running?;
+                if full {
+                    self.prune();
+                }
+                let known = self.shared.known_containers();
+                let known_ids: HashSet<&str> = known.iter().map(|(id, _)| id.as_str()).collect();
+                // Known containers no longer running (stopping, paused, exited without an
+                // event), and running ones never seen; a resync re-inspects all of them.
+                let mut ids: Vec<String> = known.iter().map(|(id, _)| id.clone()).filter(|id| !running.contains(id)).collect();
+                ids.extend(running.iter().filter(|id| full || !known_ids.contains(id.as_str())).cloned());
+                for id in ids {
+                    if !self.newer_event(&id, seq) {
+                        self.start_inspect(id);
+                    }
+                }
+            }
+            Done::Inspected { seq, id, found } => {
+                let asked_at = self.last_event.get(&id).copied().unwrap_or(0);
+                if self.inflight.get(&id) == Some(&asked_at) && !self.newer_event(&id, seq) {
+                    self.inflight.remove(&id);
+                }
+                let found = found?;
+                if !self.newer_event(&id, seq) {
+                    self.found(&id, found);
+                }
             }
         }
         Ok(())
     }
 
-    async fn event(&mut self, ev: EventMessage) -> Result<(), String> {
+    fn event(&mut self, ev: EventMessage) {
         if ev.typ.is_some_and(|t| t != EventMessageTypeEnum::CONTAINER) {
-            return Ok(());
+            return;
         }
-        let Some(actor) = ev.actor else { return Ok(()) };
-        let Some(id) = actor.id.filter(|id| !id.is_empty()) else { return Ok(()) };
+        let Some(actor) = ev.actor else { return };
+        let Some(id) = actor.id.filter(|id| !id.is_empty()) else { return };
         let action = ev.action.unwrap_or_default();
         // Docker writes some actions with details: "health_status: healthy", "exec_start: sh".
         let action = action.split(':').next().unwrap_or("").trim();
-        tracing::debug!(container = %id, action, "engine event");
+        let name = actor.attributes.as_ref().and_then(|a| a.get("name")).map(String::as_str).unwrap_or("");
+        tracing::debug!(container = %id, name, action, "engine event");
+        let relevant = matches!(action, "start" | "restart" | "unpause" | "pause" | "die" | "stop" | "destroy" | "remove" | "kill");
+        if !relevant {
+            return;
+        }
+        self.seq += 1;
+        self.last_event.insert(id.clone(), self.seq);
         match action {
-            "start" | "restart" | "unpause" | "pause" => self.inspect(&id).await?,
-            "die" | "stop" | "destroy" | "remove" => self.shared.container_gone(&id),
+            "start" | "restart" | "unpause" | "pause" => self.start_inspect(id),
             "kill" => {
                 // Docker names the signal; podman does not (its stops are seen by polling).
                 if let Some(sig) = actor.attributes.as_ref().and_then(|a| a.get("signal")) {
                     self.shared.container_signalled(&id, sig);
                 }
             }
-            _ => {}
+            _ => {
+                self.warned.remove(&id);
+                self.shared.container_gone(&id);
+            }
         }
-        Ok(())
     }
 
-    /// Inspects one container and tells the state what it found.
-    async fn inspect(&mut self, id: &str) -> Result<(), String> {
-        let r = match self.docker.inspect_container(id, None::<InspectContainerOptions>).await {
-            Ok(r) => r,
-            Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => {
+    fn found(&mut self, id: &str, found: Found) {
+        let info = match found {
+            Found::Gone => {
                 self.warned.remove(id);
                 self.shared.container_gone(id);
-                return Ok(());
+                return;
             }
-            Err(bollard::errors::Error::DockerResponseServerError { status_code, message }) => {
-                // The engine answered: this container is the problem, not the connection.
-                tracing::warn!(container = id, "the engine could not describe the container (HTTP {status_code}: {message})");
-                return Ok(());
-            }
-            Err(bollard::errors::Error::JsonDataError { contents, message, .. }) => match parse_lenient_inspect(&contents) {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::warn!(container = id, "cannot read the engine's description of the container: {message} ({e})");
-                    return Ok(());
-                }
-            },
-            Err(e) => return Err(format!("inspecting container {id}: {e}")),
-        };
-        let info = match ContainerInfo::from_inspect(&r) {
-            Ok(i) => i,
-            Err(e) => {
-                tracing::warn!(container = id, "cannot use the engine's description of the container: {e}");
-                return Ok(());
-            }
+            Found::Unreadable => return,
+            Found::Info(info) => *info,
         };
         match info.state {
             RunState::Running | RunState::Paused => {
@@ -228,6 +304,89 @@ impl Session {
                 self.shared.container_gone(&info.id);
             }
         }
-        Ok(())
+    }
+}
+
+/// The ids of the running containers.
+async fn running_ids(docker: &Docker) -> Result<HashSet<String>, String> {
+    match docker.list_containers(Some(ListContainersOptions { all: false, ..Default::default() })).await {
+        Ok(list) => Ok(list
+            .into_iter()
+            .filter(|c| c.state.is_none_or(|s| s == ContainerSummaryStateEnum::RUNNING))
+            .filter_map(|c| c.id)
+            .collect()),
+        // podman lists containers in states Docker does not have (`stopped` right after an
+        // exit): read the ids and states from the answer itself.
+        Err(bollard::errors::Error::JsonDataError { contents, message, .. }) => {
+            running_ids_lenient(&contents).map_err(|e| format!("listing containers: {message} ({e})"))
+        }
+        Err(e) => Err(format!("listing containers: {e}")),
+    }
+}
+
+/// The running containers' ids from a container list bollard refused.
+fn running_ids_lenient(json: &str) -> Result<HashSet<String>, String> {
+    let list: Vec<serde_json::Value> = serde_json::from_str(json).map_err(|e| e.to_string())?;
+    Ok(list
+        .iter()
+        .filter(|c| c["State"].as_str().is_none_or(|s| s == "running"))
+        .filter_map(|c| c["Id"].as_str().map(str::to_string))
+        .collect())
+}
+
+/// What inspecting a container found.
+enum Found {
+    Info(Box<ContainerInfo>),
+    /// No such container (any more).
+    Gone,
+    /// The engine answered but the container cannot be used (logged).
+    Unreadable,
+}
+
+/// Inspects one container. `Err` only when the engine itself failed (the session restarts).
+async fn fetch(docker: &Docker, id: &str) -> Result<Found, String> {
+    let started = Instant::now();
+    let answer = docker.inspect_container(id, None::<InspectContainerOptions>).await;
+    tracing::debug!(container = id, took_ms = started.elapsed().as_millis() as u64, "inspected");
+    let r = match answer {
+        Ok(r) => r,
+        Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => return Ok(Found::Gone),
+        Err(bollard::errors::Error::DockerResponseServerError { status_code, message }) => {
+            // The engine answered: this container is the problem, not the connection.
+            tracing::warn!(container = id, "the engine could not describe the container (HTTP {status_code}: {message})");
+            return Ok(Found::Unreadable);
+        }
+        Err(bollard::errors::Error::JsonDataError { contents, message, .. }) => match parse_lenient_inspect(&contents) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(container = id, "cannot read the engine's description of the container: {message} ({e})");
+                return Ok(Found::Unreadable);
+            }
+        },
+        Err(e) => return Err(format!("inspecting container {id}: {e}")),
+    };
+    match ContainerInfo::from_inspect(&r) {
+        Ok(i) => Ok(Found::Info(Box::new(i))),
+        Err(e) => {
+            tracing::warn!(container = id, "cannot use the engine's description of the container: {e}");
+            Ok(Found::Unreadable)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn podman_container_lists_with_unknown_states_are_read() {
+        let path = format!("{}/testdata/podman-list.json", env!("CARGO_MANIFEST_DIR"));
+        let mut list: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        list[0]["State"] = "stopped".into();
+        let text = list.to_string();
+        assert!(serde_json::from_str::<Vec<bollard::models::ContainerSummary>>(&text).is_err(), "bollard accepts `stopped` now");
+        let ids = running_ids_lenient(&text).unwrap();
+        assert_eq!(ids.len(), 2);
+        assert!(!ids.contains(list[0]["Id"].as_str().unwrap()));
     }
 }

@@ -629,3 +629,154 @@ fn start_drain(st: &mut State, id: &str, period: Duration) -> Option<(String, u6
     enqueue(st, id);
     Some((id.to_string(), gen))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::container::{tests::inspect, ContainerInfo};
+    use crate::target::tests::{settings, spec};
+
+    fn shared() -> Arc<Shared> {
+        Shared::new(Arc::new(settings(&[])))
+    }
+
+    /// What the applier would do: take every queued change and pretend Consul accepted it.
+    fn apply_all(s: &Shared) -> Vec<(String, bool)> {
+        let mut done = Vec::new();
+        while let Some((id, t, _)) = s.next_change() {
+            let w = Written {
+                service: t.service.as_ref().map(|st| WrittenService { hash: st.hash.clone(), maintenance: st.maintenance.is_some() }),
+                kv: t.kv.as_ref().map(|(k, v)| WrittenKv { key: k.clone(), value: v.clone(), index: 1 }),
+                record: t.record.clone(),
+            };
+            done.push((id.clone(), !w.is_empty()));
+            s.set_written(&id, w);
+        }
+        done
+    }
+
+    #[test]
+    fn changes_keep_their_order_and_coalesce() {
+        let s = shared();
+        s.api_put(spec("a", "10.0.0.1", 80)).unwrap();
+        s.api_put(spec("b", "10.0.0.2", 80)).unwrap();
+        s.api_put(spec("c", "10.0.0.3", 80)).unwrap();
+        // Changed twice before being applied: applied once, with the last state.
+        let mut a2 = spec("a", "10.0.0.1", 80);
+        a2.weight = 7;
+        s.api_put(a2).unwrap();
+        // Added and removed before being applied: never applied.
+        assert_eq!(s.api_delete("web", "b", None), DeleteOutcome::Deleted);
+        // A transient failure on the first puts it back in front.
+        let (first, _, _) = s.next_change().unwrap();
+        assert_eq!(first, "a");
+        s.retry_first(first);
+        assert_eq!(apply_all(&s), vec![("a".to_string(), true), ("c".to_string(), true)]);
+        let a = s.list(None).into_iter().find(|e| e.spec.id == "a").unwrap();
+        assert_eq!(a.spec.weight, 7);
+        assert!(a.synced);
+        // Nothing left to do, and an identical PUT queues nothing.
+        assert_eq!(s.api_put(spec("c", "10.0.0.3", 80)).unwrap(), PutOutcome::Unchanged);
+        assert!(s.next_change().is_none());
+    }
+
+    #[test]
+    fn conflicting_puts_name_the_field() {
+        let s = shared();
+        s.api_put(spec("a", "10.0.0.1", 80)).unwrap();
+        assert_eq!(s.api_put(spec("b", "10.0.0.1", 80)).unwrap_err().field, "address");
+        let mut other = spec("a", "10.0.0.9", 80);
+        other.service = "api".into();
+        assert_eq!(s.api_put(other).unwrap_err().field, "id");
+        assert!(matches!(s.api_delete("api", "a", None), DeleteOutcome::Conflict(_)));
+    }
+
+    #[tokio::test]
+    async fn container_endpoints_are_not_removed_before_the_engine_was_listed() {
+        let s = shared();
+        let info = ContainerInfo::from_inspect(&inspect("podman-inspect-slirp.json")).unwrap();
+        let mut c = spec("node-a:web3:80", "127.0.0.1", 18083);
+        c.source = Source::Container { id: info.id.clone(), name: info.name.clone() };
+        let api = spec("api-1", "10.0.0.1", 80);
+        // What Consul holds after a restart: one container endpoint, one API endpoint.
+        let reality = |sp: &EndpointSpec| {
+            let t = target(sp, None, &s.settings);
+            let w = Written {
+                service: t.service.as_ref().map(|st| WrittenService { hash: st.hash.clone(), maintenance: false }),
+                kv: t.kv.as_ref().map(|(k, v)| WrittenKv { key: k.clone(), value: v.clone(), index: 5 }),
+                record: t.record.clone(),
+            };
+            (sp.id.clone(), (w, Some(Record { spec: sp.clone(), draining: false, kv_key: t.kv.map(|(k, _)| k) })))
+        };
+        let consul: HashMap<_, _> = [reality(&c), reality(&api)].into_iter().collect();
+
+        // First reconcile, engine not listed yet: the API endpoint is loaded, in step; the
+        // container endpoint is kept.
+        assert_eq!(s.reconcile(consul.clone()), 0);
+        assert_eq!(s.list(None).len(), 1);
+        assert!(s.next_change().is_none());
+
+        // The engine lists no such container: now it is removed.
+        s.engine_synced();
+        assert!(s.take_reconcile_request());
+        assert_eq!(s.reconcile(consul), 1);
+        let (id, t, w) = s.next_change().unwrap();
+        assert_eq!(id, c.id);
+        assert_eq!(t, Target::default());
+        assert_eq!(w.kv.unwrap().index, 5, "the delete must be CAS'd on the index read back");
+    }
+
+    #[tokio::test]
+    async fn api_calls_made_before_the_records_were_read_win() {
+        let s = shared();
+        let old = spec("api-1", "10.0.0.1", 80);
+        let t = target(&old, None, &s.settings);
+        let rec = Record { spec: old.clone(), draining: false, kv_key: None };
+        let written = Written { record: t.record.clone(), ..Default::default() };
+        // Deleted through the API while Consul was unreachable at start.
+        assert_eq!(s.api_delete("web", "api-1", None), DeleteOutcome::NotFound);
+        s.reconcile(HashMap::from([("api-1".to_string(), (written.clone(), Some(rec.clone())))]));
+        assert!(s.list(None).is_empty());
+        assert_eq!(s.next_change().map(|c| c.0), Some("api-1".to_string()), "its record must be removed");
+
+        // A record of an endpoint that was draining when the sidecar stopped is not revived.
+        let s = shared();
+        let rec = Record { draining: true, ..rec };
+        s.reconcile(HashMap::from([("api-1".to_string(), (written, Some(rec)))]));
+        assert!(s.list(None).is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stopping_container_is_drained_for_at_most_its_stop_timeout() {
+        let s = Shared::new(Arc::new(settings(&["--drain", "60s"])));
+        let mut info = ContainerInfo::from_inspect(&inspect("podman-inspect-slirp.json")).unwrap();
+        info.stop_timeout = Duration::from_secs(3);
+        let mut c = spec("node-a:web3:80", "127.0.0.1", 18083);
+        c.source = Source::Container { id: info.id.clone(), name: info.name.clone() };
+        s.container_up(info.clone(), Mapped { endpoints: vec![c.clone()], ..Default::default() });
+        apply_all(&s);
+
+        s.container_stopping(&info.id);
+        let (_, t, _) = s.next_change().unwrap();
+        assert!(t.kv.as_ref().unwrap().1.contains("\"down\":1"));
+        assert!(t.service.as_ref().unwrap().maintenance.is_some());
+        assert_eq!(s.list(None)[0].state, "draining");
+        // A second report of the same stop changes nothing.
+        s.container_stopping(&info.id);
+        assert!(s.next_change().is_none());
+
+        tokio::time::sleep(Duration::from_millis(3100)).await;
+        tokio::task::yield_now().await;
+        assert!(s.list(None).is_empty(), "still registered after the stop timeout");
+        assert_eq!(s.next_change().map(|c| c.1), Some(Target::default()));
+
+        // A Docker `kill` with a non-stop signal (HUP) does not drain.
+        let s = shared();
+        s.container_up(info.clone(), Mapped { endpoints: vec![c], ..Default::default() });
+        apply_all(&s);
+        s.container_signalled(&info.id, "SIGHUP");
+        assert!(s.next_change().is_none());
+        s.container_signalled(&info.id, "15");
+        assert!(s.next_change().is_some());
+    }
+}

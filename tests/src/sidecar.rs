@@ -115,6 +115,10 @@ impl Sidecar {
         self.api_json("GET", "/healthz", None, 200)
     }
 
+    pub fn pid(&self) -> u32 {
+        self.proc.as_ref().map(|p| p.pid()).unwrap_or(0)
+    }
+
     pub fn log(&self) -> String {
         self.proc.as_ref().map(|p| p.log()).unwrap_or_default()
     }
