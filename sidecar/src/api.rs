@@ -407,6 +407,21 @@ mod tests {
     }
 
     #[test]
+    fn openapi_documents_every_route_and_field() {
+        let doc = include_str!("../openapi.yaml");
+        for path in ["  /healthz:", "  /v1/endpoints:", "  /v1/endpoints/{service}:", "  /v1/endpoints/{service}/{id}:"] {
+            assert!(doc.contains(path), "openapi.yaml lacks {path}");
+        }
+        let fields = [
+            "address", "port", "weight", "max_fails", "fail_timeout", "backup", "down", "tags", "meta", "check", "http", "tcp",
+            "ttl", "interval", "timeout", "deregister_critical_service_after", "drain", "synced", "kv_key", "pending_changes",
+        ];
+        for f in fields {
+            assert!(doc.contains(&format!("{f}:")) || doc.contains(&format!("name: {f}")), "openapi.yaml lacks {f}");
+        }
+    }
+
+    #[test]
     fn token_comparison() {
         assert!(same_token(b"abc", b"abc"));
         assert!(!same_token(b"abc", b"abd"));

@@ -192,6 +192,8 @@ pub struct FileDefaults {
 pub struct ConsulSettings {
     pub addresses: Vec<String>,
     pub token: Option<Secret>,
+    /// File holding the token (exclusive with `token`).
+    pub token_file: Option<PathBuf>,
     pub datacenter: Option<String>,
     pub ca_file: Option<PathBuf>,
     pub cert_file: Option<PathBuf>,
@@ -280,10 +282,14 @@ impl Settings {
         if addresses.is_empty() {
             anyhow::bail!("--consul: no Consul address given");
         }
-        let consul_token = if let Some(p) = args.consul_token_file.as_ref().or(file.consul.token_file.as_ref()) {
-            Some(read_secret_file(p, "Consul ACL token")?)
-        } else {
-            file.consul.token.clone().or(env_token).filter(|t| !t.trim().is_empty()).map(Secret::new)
+        // A token file is read by the Consul client itself, again whenever it changes (rotation).
+        let consul_token_file = args.consul_token_file.clone().or(file.consul.token_file.clone());
+        let consul_token = match &consul_token_file {
+            Some(p) => {
+                read_secret_file(p, "Consul ACL token")?;
+                None
+            }
+            None => file.consul.token.clone().or(env_token).filter(|t| !t.trim().is_empty()).map(Secret::new),
         };
         let api_token = if let Some(p) = args.api_token_file.as_ref().or(file.api.token_file.as_ref()) {
             Some(read_secret_file(p, "API bearer token")?)
@@ -375,6 +381,7 @@ impl Settings {
             consul: ConsulSettings {
                 addresses,
                 token: consul_token,
+                token_file: consul_token_file,
                 datacenter: file.consul.datacenter,
                 ca_file: file.consul.ca_file,
                 cert_file: file.consul.cert_file,

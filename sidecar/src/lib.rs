@@ -53,6 +53,7 @@ pub fn consul_config(s: &Settings) -> anyhow::Result<ConsulConfig> {
     Ok(ConsulConfig {
         addresses,
         token: c.token.clone(),
+        token_file: c.token_file.clone(),
         tls,
         datacenter: c.datacenter.clone(),
         request_timeout: c.request_timeout,
