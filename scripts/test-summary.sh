@@ -10,7 +10,9 @@ status=${PIPESTATUS[0]}
 echo
 echo "==== summary ===="
 awk '
-  /^ *(Running|Doc-tests) / { line=$0; sub(/^ *(Running|Doc-tests) +(unittests +)?/, "", line); sub(/ \(.*$/, "", line); bin=line }
+  /^ *Running unittests / { n=split($0, a, "/"); d=a[n]; sub(/-[0-9a-f]+\)?$/, "", d); bin=d " (unit tests, " $3 ")" ; next }
+  /^ *Running / { bin=$2; next }
+  /^ *Doc-tests / { bin=$2 " (doc tests)"; next }
   /^test result:/ { printf "%-60s %s\n", bin, $0;
                     for (i=1;i<=NF;i++) { if ($(i+1) ~ /^passed;?$/) p+=$i; if ($(i+1) ~ /^failed;?$/) f+=$i; if ($(i+1) ~ /^ignored;?$/) ig+=$i } }
   END { printf "total: %d passed, %d failed, %d ignored\n", p, f, ig; if (f>0) exit 1 }

@@ -291,6 +291,22 @@ impl Client {
                             limit: self.inner.cfg.max_response_bytes,
                         })
                     }
+                    Err(SendError::NotSent(m) | SendError::Failed(m))
+                        if address.scheme == Scheme::Https && (m.contains("alert") || m.contains("certificate")) =>
+                    {
+                        return Err(Error::Tls { address: address.clone(), message: m })
+                    }
+                    // A new TLS connection closed before our request went out: the server
+                    // dropped it right after the handshake (with TLS 1.3 a refused client
+                    // certificate shows up only now, and hyper may not surface the alert).
+                    Err(SendError::NotSent(m)) if !conn.1 && address.scheme == Scheme::Https => {
+                        return Err(Error::Tls {
+                            address: address.clone(),
+                            message: format!(
+                                "the server closed the connection right after the handshake ({m}); it may require a client certificate or refuse this one"
+                            ),
+                        })
+                    }
                     Err(SendError::NotSent(m) | SendError::Failed(m)) => {
                         return Err(Error::Transport {
                             address: address.clone(),
@@ -429,6 +445,8 @@ impl Client {
                     Box::new(s)
                 }
             };
+            let io_error = Arc::new(Mutex::new(None));
+            let io = RecordErrors { inner: io, last: io_error.clone() };
             let (sender, driver) = http1::Builder::new()
                 .handshake(TokioIo::new(io))
                 .await
@@ -437,6 +455,7 @@ impl Client {
                 sender,
                 driver: Box::pin(driver),
                 idle_since: Instant::now(),
+                io_error,
             })
         };
         match tokio::time::timeout(self.inner.cfg.connect_timeout, work).await {
@@ -983,12 +1002,76 @@ fn server_name(
 trait IoStream: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> IoStream for T {}
 
-type Io = TokioIo<Box<dyn IoStream>>;
+type Io = TokioIo<RecordErrors<Box<dyn IoStream>>>;
 
 struct Conn {
     sender: http1::SendRequest<Full<Bytes>>,
     driver: Pin<Box<http1::Connection<Io, Full<Bytes>>>>,
     idle_since: Instant,
+    /// The last I/O error on the socket: hyper closes an idle connection on a read error
+    /// without reporting it, and a TLS alert (client certificate refused) arrives that way.
+    io_error: Arc<Mutex<Option<String>>>,
+}
+
+/// Passes I/O through and keeps the last error's text (hand-written: a few lines of
+/// delegation no crate offers in this form).
+struct RecordErrors<T> {
+    inner: T,
+    last: Arc<Mutex<Option<String>>>,
+}
+
+impl<T> RecordErrors<T> {
+    fn note<R>(&self, r: Poll<std::io::Result<R>>) -> Poll<std::io::Result<R>> {
+        if let Poll::Ready(Err(e)) = &r {
+            *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+        }
+        r
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for RecordErrors<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        self.note(r)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for RecordErrors<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.note(r)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<std::io::Result<()>> {
+        let r = Pin::new(&mut self.inner).poll_flush(cx);
+        self.note(r)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<std::io::Result<()>> {
+        let r = Pin::new(&mut self.inner).poll_shutdown(cx);
+        self.note(r)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.note(r)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
 }
 
 struct RawResponse {
@@ -1014,8 +1097,11 @@ async fn send(
     req: Request<Full<Bytes>>,
     limit: usize,
 ) -> Result<RawResponse, SendError> {
-    let Conn { sender, driver, .. } = conn;
+    let Conn { sender, driver, io_error: conn_io_error, .. } = conn;
     let mut driver_done = false;
+    // Why the connection ended, when it did: more telling than the request's "canceled"
+    // (e.g. a TLS alert from a server that wants a client certificate).
+    let mut driver_err: Option<String> = None;
     let exchange = async {
         std::future::poll_fn(|cx| sender.poll_ready(cx))
             .await
@@ -1048,6 +1134,7 @@ async fn send(
                     driver_done = true;
                     if let Err(e) = r {
                         tracing::debug!("Consul connection closed: {e}");
+                        driver_err = Some(error_chain(&e));
                     }
                     // The driver may just have handed over the rest of the response.
                     return exchange.as_mut().poll(cx);
@@ -1057,7 +1144,12 @@ async fn send(
         })
         .await
     };
-    let (parts, body) = result?;
+    let driver_err = driver_err.or_else(|| conn_io_error.lock().unwrap_or_else(|p| p.into_inner()).take());
+    let (parts, body) = match (result, driver_err) {
+        (Err(SendError::NotSent(_)), Some(why)) => return Err(SendError::NotSent(why)),
+        (Err(SendError::Failed(_)), Some(why)) => return Err(SendError::Failed(why)),
+        (r, _) => r?,
+    };
     let keep_alive = !parts
         .headers
         .get(hyper::header::CONNECTION)

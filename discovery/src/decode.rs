@@ -363,23 +363,33 @@ fn kv_endpoint(name: &str, value: Option<&str>) -> Result<Endpoint, String> {
     }
     let (host, port) = parse_server_name(name)?;
     let mut e = Endpoint::new(host, port);
-    let raw = match value {
+    let b64 = match value {
         None | Some("") => return Ok(e),
-        Some(b64) => base64::engine::general_purpose::STANDARD
-            .decode(b64)
-            .map_err(|err| format!("value is not valid base64 ({err})"))?,
+        Some(b64) => b64,
     };
-    let not_object = |why: String| format!("value {:?} is not a JSON object of weight/max_fails/fail_timeout/down/backup ({why})", lossy_prefix(&raw));
+    // Values are small: decode into the stack, not a fresh Vec per entry.
+    let mut stack = [0u8; 512];
+    let heap;
+    let engine = &base64::engine::general_purpose::STANDARD;
+    let raw: &[u8] = match engine.decode_slice(b64, &mut stack) {
+        Ok(n) => &stack[..n],
+        Err(base64::DecodeSliceError::OutputSliceTooSmall) => {
+            heap = engine.decode(b64).map_err(|err| format!("value is not valid base64 ({err})"))?;
+            &heap
+        }
+        Err(base64::DecodeSliceError::DecodeError(err)) => return Err(format!("value is not valid base64 ({err})")),
+    };
+    let not_object = |why: String| format!("value {:?} is not a JSON object of weight/max_fails/fail_timeout/down/backup ({why})", lossy_prefix(raw));
     match raw.iter().find(|b| !b.is_ascii_whitespace()) {
         None => return Ok(e),
         Some(b'{') => {}
         // serde would read a JSON array into the struct field by field.
         Some(_) => return Err(not_object("not an object".into())),
     }
-    let attrs: KvAttrs = serde_json::from_slice(&raw).map_err(|err| {
+    let attrs: KvAttrs = serde_json::from_slice(raw).map_err(|err| {
         format!(
             "value {:?} is not a JSON object of weight/max_fails/fail_timeout/down/backup ({err})",
-            lossy_prefix(&raw)
+            lossy_prefix(raw)
         )
     })?;
     Attrs {
@@ -562,7 +572,7 @@ pub fn decode_catalog_service(body: &[u8]) -> Result<Decoded<EndpointSet>, Decod
             Err(reason) => skipped.push(Skipped { key, reason }),
         }
     }
-    Ok(finish(endpoints, skipped, |e| instance_key(e)))
+    Ok(finish(endpoints, skipped, instance_key))
 }
 
 fn instance_key(e: &Endpoint) -> String {
@@ -665,7 +675,7 @@ pub fn decode_health_service(
             Err(reason) => skipped.push(Skipped { key, reason }),
         }
     }
-    Ok(finish(endpoints, skipped, |e| instance_key(e)))
+    Ok(finish(endpoints, skipped, instance_key))
 }
 
 /// Decodes `GET /v1/catalog/services`: service name to its tags (sorted, deduplicated).
@@ -674,17 +684,37 @@ pub fn decode_services(body: &[u8]) -> Result<BTreeMap<String, Vec<String>>, Dec
     if is_blank(body) {
         return Ok(BTreeMap::new());
     }
-    let raw: BTreeMap<String, Option<Vec<String>>> =
-        serde_json::from_slice(body).map_err(|e| body_error(WHAT, e))?;
-    Ok(raw
-        .into_iter()
-        .map(|(k, v)| {
-            let mut tags = v.unwrap_or_default();
-            tags.sort_unstable();
-            tags.dedup();
-            (k, tags)
-        })
-        .collect())
+    let ServiceList(mut list) = serde_json::from_slice(body).map_err(|e| body_error(WHAT, e))?;
+    for (_, tags) in list.iter_mut() {
+        tags.sort_unstable();
+        tags.dedup();
+    }
+    // Consul sends the names sorted: collecting a sorted Vec builds the map in one pass
+    // (inserting while parsing costs a tree search per service).
+    Ok(list.into_iter().collect())
+}
+
+/// The `/v1/catalog/services` object read into a Vec of (name, tags); `null` tags are empty.
+struct ServiceList(Vec<(String, Vec<String>)>);
+
+impl<'de> Deserialize<'de> for ServiceList {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = ServiceList;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an object of service names to tag lists")
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<ServiceList, A::Error> {
+                let mut out = Vec::with_capacity(map.size_hint().unwrap_or(0));
+                while let Some((name, tags)) = map.next_entry::<String, Option<Vec<String>>>()? {
+                    out.push((name, tags.unwrap_or_default()));
+                }
+                Ok(ServiceList(out))
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 #[cfg(test)]

@@ -83,6 +83,13 @@ pub enum Error {
     },
 }
 
+/// Messages of HTTP 500 answers that repeating the request will not change (Consul 1.8 agent).
+const PERMANENT_500: &[&str] = &[
+    "does not have associated TTL",
+    "Unknown service",
+    "Unknown check",
+];
+
 impl Error {
     /// The token was refused (HTTP 403 with Consul's ACL messages).
     pub fn is_acl_denied(&self) -> bool {
@@ -93,10 +100,15 @@ impl Error {
     /// timeouts, broken connections, HTTP 5xx and 429): the same request may succeed later,
     /// so a writer should queue it and retry. Everything else (bad token, bad request,
     /// configuration, TLS trust) will fail again until someone changes something.
+    ///
+    /// Consul 1.8's agent answers some requests it will never accept with HTTP 500 too
+    /// (`CheckID "x" does not have associated TTL`, `Unknown service ID`...): those are not
+    /// transient.
     pub fn is_transient(&self) -> bool {
         match self {
             Error::Connect { .. } | Error::Timeout { .. } | Error::Transport { .. } => true,
-            Error::Http { status, .. } => *status >= 500 || *status == 429,
+            Error::Http { status: 429, .. } => true,
+            Error::Http { status, message, .. } if *status >= 500 => !PERMANENT_500.iter().any(|m| message.contains(m)),
             _ => false,
         }
     }

@@ -13,7 +13,7 @@ use crate::error::Error;
 /// What to watch.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Query {
-    /// `/v1/kv/PREFIX/?recurse`, decoded with [`decode::decode_kv`].
+    /// `/v1/kv/PREFIX?recurse`, decoded with [`decode::decode_kv`].
     Kv { prefix: String },
     /// `/v1/catalog/service/NAME[?tag=TAG]`, decoded with [`decode::decode_catalog_service`].
     CatalogService { name: String, tag: Option<String> },
@@ -40,7 +40,12 @@ impl Query {
                 if p.is_empty() {
                     "/v1/kv/?recurse".to_string()
                 } else {
-                    format!("{}/?recurse", crate::client::kv_path(p))
+                    // No trailing slash (as nginx-upsync-module): `DELETE PREFIX?recurse`
+                    // leaves one tombstone at `PREFIX`, which a watch on `PREFIX/` does not
+                    // see in Consul 1.8 (its index can then fall below the one held and the
+                    // blocking query sleeps for the whole wait). The decoder ignores siblings
+                    // such as `PREFIX2/...` that this wider prefix also returns.
+                    format!("{}?recurse", crate::client::kv_path(p))
                 }
             }
             Query::CatalogService { name, tag } => {
@@ -417,7 +422,7 @@ impl TokenBucket {
 
     /// Takes a token, or says how long until one is available.
     fn take(&mut self, now: Instant) -> Result<(), Duration> {
-        if !(self.per_second > 0.0) || !self.per_second.is_finite() {
+        if self.per_second.is_nan() || self.per_second <= 0.0 || self.per_second.is_infinite() {
             return Ok(());
         }
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();

@@ -338,3 +338,83 @@ impl Drop for Consul {
         self.stop();
     }
 }
+
+/// ACL master token of [`ConsulOptions::with_acl`] agents.
+pub const ACL_MASTER_TOKEN: &str = "6f1d7c0e-0b6a-4d6f-9a53-7f0f6e6c1a11";
+
+impl ConsulOptions {
+    /// ACLs enabled with `default_policy = "deny"` and `enable_key_list_policy` (so a KV list
+    /// without `list` permission is refused with 403 instead of silently filtered). The
+    /// harness's helpers use the master token, which is also the agent's own token.
+    pub fn with_acl() -> ConsulOptions {
+        ConsulOptions {
+            extra_hcl: vec![format!(
+                r#"acl {{ enabled = true default_policy = "deny" enable_key_list_policy = true down_policy = "extend-cache" tokens {{ master = "{ACL_MASTER_TOKEN}" agent = "{ACL_MASTER_TOKEN}" }} }}"#
+            )],
+            token: Some(ACL_MASTER_TOKEN.to_string()),
+            ..Default::default()
+        }
+    }
+
+    /// Also serve HTTPS on `https_port` with `tls`'s server certificate; clients must present
+    /// a certificate signed by the CA when `require_client_cert`. Plain HTTP stays on for the
+    /// harness's own helpers.
+    pub fn with_https(mut self, tls: &ConsulTls, https_port: u16, require_client_cert: bool) -> ConsulOptions {
+        self.extra_hcl.push(format!(
+            r#"ports {{ https = {https_port} }} ca_file = "{}" cert_file = "{}" key_file = "{}" verify_incoming_https = {require_client_cert}"#,
+            tls.ca_file.display(),
+            tls.server_cert.display(),
+            tls.server_key.display()
+        ));
+        self
+    }
+}
+
+impl Consul {
+    /// Creates an ACL policy with `rules` (HCL) and a token holding it; returns its SecretID.
+    /// Needs an agent started with [`ConsulOptions::with_acl`].
+    pub fn create_token(&self, name: &str, rules: &str) -> String {
+        let policy = serde_json::json!({ "Name": name, "Rules": rules }).to_string();
+        self.api_ok("PUT", "/v1/acl/policy", Some(policy.as_bytes()));
+        let token = serde_json::json!({ "Description": name, "Policies": [{ "Name": name }] }).to_string();
+        let out = self.api_ok("PUT", "/v1/acl/token", Some(token.as_bytes()));
+        let v: serde_json::Value = serde_json::from_str(&out).expect("ACL token JSON");
+        v["SecretID"].as_str().expect("SecretID in the ACL token answer").to_string()
+    }
+}
+
+/// A CA, a server certificate and a client certificate made by Consul's own tools
+/// (`consul tls ca create`, `consul tls cert create -server` / `-client`), in one directory.
+/// The server certificate is valid for `server.dc1.consul`, `localhost` and `127.0.0.1`.
+#[derive(Clone, Debug)]
+pub struct ConsulTls {
+    pub ca_file: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+impl ConsulTls {
+    pub fn create(dir: &Path) -> ConsulTls {
+        std::fs::create_dir_all(dir).expect("TLS dir");
+        let run = |args: &[&str]| {
+            let out = Command::new(crate::paths::consul_bin())
+                .args(args)
+                .current_dir(dir)
+                .output()
+                .unwrap_or_else(|e| panic!("consul {args:?}: {e}"));
+            assert!(out.status.success(), "consul {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        run(&["tls", "ca", "create"]);
+        run(&["tls", "cert", "create", "-server", "-dc", "dc1"]);
+        run(&["tls", "cert", "create", "-client", "-dc", "dc1"]);
+        ConsulTls {
+            ca_file: dir.join("consul-agent-ca.pem"),
+            server_cert: dir.join("dc1-server-consul-0.pem"),
+            server_key: dir.join("dc1-server-consul-0-key.pem"),
+            client_cert: dir.join("dc1-client-consul-0.pem"),
+            client_key: dir.join("dc1-client-consul-0-key.pem"),
+        }
+    }
+}

@@ -22,6 +22,7 @@ pub mod podman;
 pub mod proc;
 pub mod sidecar;
 mod testdir;
+pub mod upsync;
 pub mod wait;
 
 pub use testdir::TestDir;

@@ -27,7 +27,9 @@ impl NginxConf {
             load_module: true,
             main: String::new(),
             http: http.to_string(),
-            error_log_level: "info".into(),
+            // UPSYNC_NGINX_LOG_LEVEL=debug runs every test's nginx with debug logging (which
+            // takes other code paths in nginx, e.g. its timer code reads ev->data).
+            error_log_level: std::env::var("UPSYNC_NGINX_LOG_LEVEL").unwrap_or_else(|_| "info".into()),
         }
     }
 
@@ -283,8 +285,32 @@ impl Nginx {
     }
 }
 
+impl Nginx {
+    /// Lines of the error log where the master reports a worker killed by a crash signal
+    /// (SIGSEGV, SIGABRT, SIGBUS, SIGFPE, SIGILL...): not SIGKILL/SIGTERM, which tests send.
+    pub fn crashes(&self) -> Vec<String> {
+        self.error_log()
+            .lines()
+            .filter(|l| {
+                l.split("exited on signal ")
+                    .nth(1)
+                    .and_then(|rest| rest.split_whitespace().next())
+                    .and_then(|n| n.parse::<i32>().ok())
+                    .is_some_and(|sig| sig != libc::SIGKILL && sig != libc::SIGTERM)
+            })
+            .map(str::to_string)
+            .collect()
+    }
+}
+
 impl Drop for Nginx {
+    /// Stops nginx; a test whose nginx had a crashing worker fails here even if its own
+    /// assertions passed (the master respawns workers, which could hide a crash).
     fn drop(&mut self) {
         self.quit(Duration::from_secs(10));
+        let crashes = self.crashes();
+        if !crashes.is_empty() && !std::thread::panicking() {
+            panic!("nginx workers crashed during the test:\n{}", crashes.join("\n"));
+        }
     }
 }

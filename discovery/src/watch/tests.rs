@@ -112,7 +112,7 @@ fn token_bucket_allows_a_burst_then_the_rate() {
 
 #[test]
 fn query_paths() {
-    assert_eq!(Query::Kv { prefix: "/upstreams/app".into() }.path(), "/v1/kv/upstreams/app/?recurse");
+    assert_eq!(Query::Kv { prefix: "/upstreams/app".into() }.path(), "/v1/kv/upstreams/app?recurse");
     assert_eq!(
         Query::HealthService { name: "web api".into(), tag: Some("v1&x".into()), mode: HealthMode::Omit }.path(),
         "/v1/health/service/web%20api?tag=v1%26x&passing"
@@ -130,4 +130,19 @@ async fn next_is_cancel_safe_during_backoff() {
     let deadline = w.not_before.unwrap();
     let _ = tokio::time::timeout(retry_in / 4, w.next()).await;
     assert_eq!(w.not_before, Some(deadline));
+}
+
+/// The module and the DNS server may run watches on any runtime: the futures must be `Send`
+/// and the client shareable across threads.
+#[test]
+fn futures_are_send_and_the_client_is_sync() {
+    fn send<T: Send>(_: &T) {}
+    fn sync<T: Send + Sync>() {}
+    sync::<Client>();
+    sync::<Error>();
+    let mut w = watch();
+    send(&w.next());
+    let c = Client::new(ConsulConfig::default()).unwrap();
+    send(&fetch_once(&c, &Query::Services));
+    send(&c.kv_put("k", b"v", None));
 }

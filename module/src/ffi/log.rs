@@ -1,0 +1,148 @@
+//! `tracing` events into nginx's error log.
+//!
+//! On the process's main thread an event goes straight to `ngx_log_error` on the cycle's log.
+//! Other threads (the Consul poller) must not call nginx, so their events wait in a bounded
+//! queue; the poller's wake-up socket (or the next tick) makes the main thread write them.
+use std::collections::VecDeque;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::ThreadId;
+
+use ngx::ffi::*;
+use tracing::field::{Field, Visit};
+use tracing::{Event, Level, Metadata, Subscriber};
+use tracing_subscriber::layer::{Context, SubscriberExt};
+use tracing_subscriber::Layer;
+
+use crate::poller::Mailbox;
+
+/// The thread that runs nginx's event loop (the master's main thread; after fork, the worker's
+/// main thread is that same thread, with the same id).
+static MAIN_THREAD: OnceLock<ThreadId> = OnceLock::new();
+/// nginx's log level for the cycle's error log (NGX_LOG_*), readable from any thread.
+static NGX_LEVEL: AtomicUsize = AtomicUsize::new(NGX_LOG_NOTICE as usize);
+static QUEUE: Mutex<VecDeque<(usize, String)>> = Mutex::new(VecDeque::new());
+static WAKER: Mutex<Option<Arc<Mailbox>>> = Mutex::new(None);
+/// Lines from other threads beyond this many are dropped (with a count) until the main thread catches up.
+const QUEUE_MAX: usize = 1000;
+static DROPPED: AtomicUsize = AtomicUsize::new(0);
+
+/// Installs the subscriber (once per process; workers inherit it through fork).
+pub fn init() {
+    if MAIN_THREAD.set(std::thread::current().id()).is_ok() {
+        let subscriber = tracing_subscriber::registry().with(NginxLayer);
+        let _ = tracing::subscriber::set_global_default(subscriber);
+    }
+    // SAFETY: called on the main thread during configuration, where ngx_cycle is valid.
+    unsafe {
+        if !ngx_cycle.is_null() && !(*ngx_cycle).log.is_null() {
+            set_level((*(*ngx_cycle).log).log_level);
+        }
+    }
+}
+
+pub fn set_level(level: usize) {
+    NGX_LEVEL.store(level, Ordering::Relaxed);
+}
+
+pub fn set_waker(mailbox: Option<Arc<Mailbox>>) {
+    *WAKER.lock().unwrap_or_else(|e| e.into_inner()) = mailbox;
+}
+
+fn ngx_level(level: &Level) -> usize {
+    (match *level {
+        Level::ERROR => NGX_LOG_ERR,
+        Level::WARN => NGX_LOG_WARN,
+        Level::INFO => NGX_LOG_NOTICE,
+        Level::DEBUG | Level::TRACE => NGX_LOG_DEBUG,
+    }) as usize
+}
+
+fn on_main_thread() -> bool {
+    MAIN_THREAD.get() == Some(&std::thread::current().id())
+}
+
+fn write_now(level: usize, line: &str) {
+    // SAFETY: main thread only (checked by callers); ngx_cycle and its log are valid there.
+    unsafe {
+        if ngx_cycle.is_null() || (*ngx_cycle).log.is_null() {
+            return;
+        }
+        ngx::log::log_error(level as ngx_uint_t, (*ngx_cycle).log, 0, line.as_bytes());
+    }
+}
+
+/// Writes the lines other threads queued. Main thread only.
+pub fn drain() {
+    if !on_main_thread() {
+        return;
+    }
+    let lines: Vec<(usize, String)> = QUEUE.lock().unwrap_or_else(|e| e.into_inner()).drain(..).collect();
+    let dropped = DROPPED.swap(0, Ordering::Relaxed);
+    if dropped > 0 {
+        write_now(NGX_LOG_WARN as usize, &format!("upsync: {dropped} log lines of the poller thread were dropped (queue full)"));
+    }
+    for (level, line) in lines {
+        write_now(level, &line);
+    }
+}
+
+struct NginxLayer;
+
+/// Our crates log at the level nginx's error_log asks for; other crates (hyper, rustls...) only
+/// their warnings and errors.
+fn wanted(meta: &Metadata<'_>) -> bool {
+    let ours = meta.target().starts_with("ngx_http_upsync_module") || meta.target().starts_with("upsync_discovery");
+    if !ours && *meta.level() > Level::WARN {
+        return false;
+    }
+    ngx_level(meta.level()) <= NGX_LEVEL.load(Ordering::Relaxed)
+}
+
+struct Line(String);
+
+impl Visit for Line {
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            let _ = write!(self.0, "{value:?}");
+        } else {
+            let _ = write!(self.0, " {}={value:?}", field.name());
+        }
+    }
+
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "message" {
+            self.0.push_str(value);
+        } else {
+            let _ = write!(self.0, " {}={value}", field.name());
+        }
+    }
+}
+
+impl<S: Subscriber> Layer<S> for NginxLayer {
+    fn enabled(&self, meta: &Metadata<'_>, _ctx: Context<'_, S>) -> bool {
+        wanted(meta)
+    }
+
+    fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
+        let mut line = Line(String::from("upsync: "));
+        event.record(&mut line);
+        let level = ngx_level(event.metadata().level());
+        if on_main_thread() {
+            write_now(level, &line.0);
+            return;
+        }
+        {
+            let mut q = QUEUE.lock().unwrap_or_else(|e| e.into_inner());
+            if q.len() >= QUEUE_MAX {
+                DROPPED.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            q.push_back((level, line.0));
+        }
+        if let Some(m) = WAKER.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            m.wake();
+        }
+    }
+}

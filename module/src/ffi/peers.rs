@@ -1,0 +1,340 @@
+//! Synced servers as nginx round-robin peers.
+//!
+//! We never edit nginx's peer lists in place (nginx-upsync-module does, and frees removed peers
+//! after a 30-minute timer). Each new server list becomes a new, immutable-shaped
+//! [`Generation`] of `ngx_http_upstream_rr_peers_t`, installed in `us->peer.data` by a plain
+//! pointer store on the worker's main thread. nginx's own round-robin code (and keepalive,
+//! least_conn, ip_hash, which call it) then balances over it exactly as over a static list:
+//! smooth weighted round robin, max_fails/fail_timeout, down, backup, next-upstream retries.
+//!
+//! Every request that starts on a generation holds an `Rc` to it until its pool is destroyed,
+//! so a removed server's memory is released when its last request ends, not after a timer.
+use core::ffi::c_void;
+use core::ptr;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::rc::Rc;
+
+use ngx::ffi::*;
+
+use super::{shm, srv_conf_of, SrvConf};
+use crate::model::Server;
+
+/// One installed peer list and everything it points to.
+pub struct Generation {
+    /// The list as synced (for upstream_show); excludes the placeholder of an empty list.
+    pub servers: Vec<Server>,
+    primary: Box<ngx_http_upstream_rr_peers_t>,
+    backup: Option<Box<ngx_http_upstream_rr_peers_t>>,
+    /// Primary peers first, then backup peers; linked with `next` inside each list. Never
+    /// resized after construction (nginx holds pointers into it).
+    peers: Box<[ngx_http_upstream_rr_peer_t]>,
+    /// For `servers[i]`, its index in `peers`.
+    peer_index: Vec<usize>,
+    _addrs: Box<[libc::sockaddr_storage]>,
+    _names: Box<[u8]>,
+}
+
+impl Generation {
+    /// The pointer nginx's balancers read from `us->peer.data`.
+    pub fn data(&self) -> *mut c_void {
+        &*self.primary as *const ngx_http_upstream_rr_peers_t as *mut c_void
+    }
+
+    /// `(fails, active requests)` this worker counts for `servers[i]`.
+    pub fn peer_state(&self, i: usize) -> (u64, u64) {
+        let p = &self.peers[self.peer_index[i]];
+        (p.fails as u64, p.conns as u64)
+    }
+
+    /// Builds a generation for `servers`, carrying over the passive-health and rotation state of
+    /// servers that were already in `old` (nginx's list or a previous generation), so a server
+    /// that stays keeps its failure count and its place in the smooth round robin.
+    ///
+    /// # Safety
+    /// `old` must be null or a valid rr peers list (with its backup list in `next`); `name` must
+    /// outlive the generation (it is the upstream's `host` in the cycle's config).
+    pub unsafe fn build(servers: &[Server], old: *const ngx_http_upstream_rr_peers_t, name: *mut ngx_str_t) -> Generation {
+        let primary_servers: Vec<&Server> = servers.iter().filter(|s| !s.backup).collect();
+        let backup_servers: Vec<&Server> = servers.iter().filter(|s| s.backup).collect();
+        // An empty primary list would divide by zero in ip_hash/hash (total_weight 0): an empty
+        // list is one placeholder server marked down, which fails requests fast with 502.
+        let placeholder = Server {
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            weight: 1,
+            max_fails: 0,
+            fail_timeout: 0,
+            down: true,
+            backup: false,
+        };
+        let primary: Vec<&Server> = if primary_servers.is_empty() { vec![&placeholder] } else { primary_servers };
+        let all: Vec<&Server> = primary.iter().chain(backup_servers.iter()).copied().collect();
+
+        // SAFETY: contract of this function.
+        let carried = unsafe { old_state(old) };
+
+        let mut names = Vec::new();
+        let mut spans = Vec::with_capacity(all.len());
+        for s in &all {
+            let n = s.name();
+            spans.push((names.len(), n.len()));
+            names.extend_from_slice(n.as_bytes());
+        }
+        let mut names = names.into_boxed_slice();
+        let mut addrs: Box<[libc::sockaddr_storage]> = all.iter().map(|s| sockaddr(&s.addr).0).collect();
+        // SAFETY: ngx_http_upstream_rr_peer_t is a C struct of integers and pointers; all-zero
+        // is its "unset" state (nginx itself pcallocs peers).
+        let mut peers: Box<[ngx_http_upstream_rr_peer_t]> = (0..all.len()).map(|_| unsafe { core::mem::zeroed() }).collect();
+        let now_len = |s: &Server| sockaddr(&s.addr).1;
+        for (i, s) in all.iter().enumerate() {
+            let p = &mut peers[i];
+            p.sockaddr = &mut addrs[i] as *mut libc::sockaddr_storage as *mut sockaddr;
+            p.socklen = now_len(s);
+            // SAFETY: names is not resized after this point; the span is inside it.
+            let name_ptr = unsafe { names.as_mut_ptr().add(spans[i].0) };
+            p.name = ngx_str_t { len: spans[i].1, data: name_ptr };
+            p.server = p.name;
+            p.weight = s.weight.max(1) as ngx_int_t;
+            p.effective_weight = p.weight;
+            p.max_fails = s.max_fails as ngx_uint_t;
+            p.fail_timeout = s.fail_timeout as time_t;
+            p.down = s.down as ngx_uint_t;
+            if let Some(c) = carried.get(&s.addr) {
+                p.current_weight = c.current_weight;
+                if c.weight == p.weight {
+                    p.effective_weight = c.effective_weight;
+                }
+                p.fails = c.fails;
+                p.accessed = c.accessed;
+                p.checked = c.checked;
+            }
+        }
+        let np = primary.len();
+        let nb = backup_servers.len();
+        // Link each list with `next`.
+        for i in 0..all.len() {
+            let last_of_list = i + 1 == np || i + 1 == all.len();
+            peers[i].next = if last_of_list { ptr::null_mut() } else { &mut peers[i + 1] as *mut _ };
+        }
+        let base = peers.as_mut_ptr();
+        let list = |first: usize, n: usize| -> Box<ngx_http_upstream_rr_peers_t> {
+            // SAFETY: as above, zero is the unset state of the C struct.
+            let mut l: Box<ngx_http_upstream_rr_peers_t> = Box::new(unsafe { core::mem::zeroed() });
+            let slice = &all[first..first + n];
+            let w: usize = slice.iter().map(|s| s.weight.max(1) as usize).sum();
+            l.number = n as ngx_uint_t;
+            l.total_weight = w as ngx_uint_t;
+            l.tries = slice.iter().filter(|s| !s.down).count() as ngx_uint_t;
+            l.set_weighted((w != n) as u32);
+            l.name = name;
+            // SAFETY: first < len; peers is never resized.
+            l.peer = unsafe { base.add(first) };
+            l
+        };
+        let mut primary_list = list(0, np);
+        let backup_list = (nb > 0).then(|| list(np, nb));
+        primary_list.set_single((np == 1 && nb == 0) as u32);
+        if let Some(b) = &backup_list {
+            primary_list.next = &**b as *const ngx_http_upstream_rr_peers_t as *mut _;
+        }
+        let (mut next_primary, mut next_backup) = (0, np);
+        let peer_index = servers
+            .iter()
+            .map(|s| {
+                let slot = if s.backup { &mut next_backup } else { &mut next_primary };
+                *slot += 1;
+                *slot - 1
+            })
+            .collect();
+        Generation {
+            servers: servers.to_vec(),
+            peer_index,
+            primary: primary_list,
+            backup: backup_list,
+            peers,
+            _addrs: addrs,
+            _names: names,
+        }
+    }
+}
+
+impl Drop for Generation {
+    fn drop(&mut self) {
+        // Upstream SSL sessions nginx saved in our peers (proxy_ssl_session_reuse): without a
+        // shared zone nginx stores an SSL_SESSION* and expects the list's owner to free it.
+        #[cfg(ngx_feature = "http_ssl")]
+        for p in self.peers.iter_mut() {
+            if !p.ssl_session.is_null() {
+                // SAFETY: a non-null ssl_session in a peer without shpool is an SSL_SESSION*
+                // nginx got from SSL_get1_session; we own the last reference.
+                unsafe { SSL_SESSION_free(p.ssl_session) };
+                p.ssl_session = ptr::null_mut();
+            }
+        }
+        let _ = &self.backup;
+    }
+}
+
+#[cfg(ngx_feature = "http_ssl")]
+extern "C" {
+    fn SSL_SESSION_free(session: *mut c_void);
+}
+
+#[derive(Clone, Copy)]
+struct Carried {
+    weight: ngx_int_t,
+    current_weight: ngx_int_t,
+    effective_weight: ngx_int_t,
+    fails: ngx_uint_t,
+    accessed: time_t,
+    checked: time_t,
+}
+
+/// The state of every peer of `old` (primary and backup), by address.
+///
+/// # Safety
+/// `old` null or a valid rr peers list.
+unsafe fn old_state(old: *const ngx_http_upstream_rr_peers_t) -> HashMap<SocketAddr, Carried> {
+    let mut m = HashMap::new();
+    let mut list = old;
+    // SAFETY: walking nginx's lists through their `peer`/`next` links; sockaddrs are valid.
+    unsafe {
+        while !list.is_null() {
+            let mut p = (*list).peer;
+            while !p.is_null() {
+                if let Some(addr) = socket_addr((*p).sockaddr, (*p).socklen) {
+                    m.insert(
+                        addr,
+                        Carried {
+                            weight: (*p).weight,
+                            current_weight: (*p).current_weight,
+                            effective_weight: (*p).effective_weight,
+                            fails: (*p).fails,
+                            accessed: (*p).accessed,
+                            checked: (*p).checked,
+                        },
+                    );
+                }
+                p = (*p).next;
+            }
+            list = (*list).next;
+        }
+    }
+    m
+}
+
+fn sockaddr(addr: &SocketAddr) -> (libc::sockaddr_storage, socklen_t) {
+    // SAFETY: sockaddr_storage is plain data; zero is valid.
+    let mut ss: libc::sockaddr_storage = unsafe { core::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(a.ip().octets()) },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
+            unsafe { ptr::write(&mut ss as *mut _ as *mut libc::sockaddr_in, sin) };
+            core::mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: a.flowinfo(),
+                sin6_addr: libc::in6_addr { s6_addr: a.ip().octets() },
+                sin6_scope_id: a.scope_id(),
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
+            unsafe { ptr::write(&mut ss as *mut _ as *mut libc::sockaddr_in6, sin6) };
+            core::mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (ss, len as socklen_t)
+}
+
+/// # Safety
+/// `sa` null or pointing to `len` valid bytes of a sockaddr.
+unsafe fn socket_addr(sa: *const sockaddr, len: socklen_t) -> Option<SocketAddr> {
+    if sa.is_null() {
+        return None;
+    }
+    // SAFETY: contract above; family tells which struct it is, len bounds the read.
+    unsafe {
+        match (*(sa as *const libc::sockaddr)).sa_family as i32 {
+            libc::AF_INET if len as usize >= core::mem::size_of::<libc::sockaddr_in>() => {
+                let sin = &*(sa as *const libc::sockaddr_in);
+                Some(SocketAddr::from((sin.sin_addr.s_addr.to_ne_bytes(), u16::from_be(sin.sin_port))))
+            }
+            libc::AF_INET6 if len as usize >= core::mem::size_of::<libc::sockaddr_in6>() => {
+                let sin6 = &*(sa as *const libc::sockaddr_in6);
+                Some(SocketAddr::from((sin6.sin6_addr.s6_addr, u16::from_be(sin6.sin6_port))))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Brings this worker's peers of `srv` up to the shared slot's version. Cheap when nothing
+/// changed (one atomic load); otherwise copies the slot and builds a new generation.
+///
+/// # Safety
+/// Worker main thread; `srv` is a synced upstream of the running cycle.
+pub unsafe fn sync(srv: &mut SrvConf) {
+    let (Some(slot), Some(mut us), Some(pool)) = (srv.slot, srv.us, srv.shpool) else { return };
+    // SAFETY: the slot lives in the shared zone for the life of the cycle.
+    let v = unsafe { slot.as_ref() }.servers_version.load(core::sync::atomic::Ordering::Acquire);
+    if v == srv.local_version {
+        return;
+    }
+    // SAFETY: main thread, zone pointers of this cycle.
+    let Some((version, state)) = (unsafe { shm::read(pool.as_ptr(), slot.as_ptr()) }) else {
+        srv.local_version = v;
+        return;
+    };
+    srv.local_version = version;
+    let state = match state {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("upstream \"{}\": {e}; keeping the current servers", shm::upstream_name(srv));
+            return;
+        }
+    };
+    // SAFETY: us is the upstream conf of this cycle; its peer.data is an rr peers list (nginx's
+    // or ours); host outlives every generation of this cycle.
+    unsafe {
+        let us = us.as_mut();
+        let generation = Generation::build(&state.servers, us.peer.data as *const _, &mut us.host);
+        us.peer.data = generation.data();
+        srv.current = Some(Rc::new(generation));
+    }
+}
+
+/// `us->peer.init` of a synced upstream: catch up with the shared list, pin the generation the
+/// request starts on, then run the balancer's own init (round robin, keepalive, least_conn...).
+pub unsafe extern "C" fn init_peer(r: *mut ngx_http_request_t, us: *mut ngx_http_upstream_srv_conf_t) -> ngx_int_t {
+    // SAFETY: nginx calls peer.init with a valid request and upstream conf on the main thread.
+    unsafe {
+        let Some(srv) = srv_conf_of(us) else { return NGX_ERROR as ngx_int_t };
+        sync(srv);
+        if let Some(generation) = &srv.current {
+            let cln = ngx_pool_cleanup_add((*r).pool, 0);
+            if cln.is_null() {
+                return NGX_ERROR as ngx_int_t;
+            }
+            (*cln).handler = Some(release);
+            (*cln).data = Rc::into_raw(generation.clone()) as *mut c_void;
+        }
+        match srv.original_init_peer {
+            Some(init) => init(r, us),
+            None => NGX_ERROR as ngx_int_t,
+        }
+    }
+}
+
+/// Pool cleanup: the request no longer uses its generation.
+unsafe extern "C" fn release(data: *mut c_void) {
+    // SAFETY: data is the Rc::into_raw of init_peer, released exactly once by nginx.
+    drop(unsafe { Rc::from_raw(data as *const Generation) });
+}

@@ -1,0 +1,154 @@
+//! The `upstream_show` content handler.
+use core::ptr;
+
+use ngx::ffi::*;
+use ngx::http::Request;
+
+use super::{cycle_upstreams, peers, shm, srv_conf_of};
+use crate::show::{self, ServerJson, ServerView, SyncView, UpstreamView};
+
+pub unsafe extern "C" fn handler(r: *mut ngx_http_request_t) -> ngx_int_t {
+    // SAFETY: nginx calls content handlers with a valid request on the main thread.
+    unsafe {
+        if (*r).method & (NGX_HTTP_GET | NGX_HTTP_HEAD) as ngx_uint_t == 0 {
+            return NGX_HTTP_NOT_ALLOWED as ngx_int_t;
+        }
+        let rc = ngx_http_discard_request_body(r);
+        if rc != NGX_OK as ngx_int_t {
+            return rc;
+        }
+        let args = String::from_utf8_lossy((*r).args.as_bytes()).into_owned();
+        let request = Request::from_ngx_http_request(r);
+        let accept = request
+            .headers_in_iterator()
+            .find(|(k, _)| k.as_bytes().eq_ignore_ascii_case(b"accept"))
+            .map(|(_, v)| v.to_string_lossy().into_owned());
+        let want = show::parse_request(&args, accept.as_deref());
+        let views = collect();
+        let (status, body, json) = if want.json {
+            match show::render_json(&views, want.upstream.as_deref(), std::process::id()) {
+                Ok(b) => (200, b, true),
+                Err(b) => (404, b, true),
+            }
+        } else {
+            (200, show::render_text(&views, want.upstream.as_deref()), false)
+        };
+        send(r, status, json, body.into_bytes())
+    }
+}
+
+/// # Safety
+/// Valid request on the main thread.
+unsafe fn send(r: *mut ngx_http_request_t, status: ngx_uint_t, json: bool, body: Vec<u8>) -> ngx_int_t {
+    // SAFETY: contract; the body is copied into a buffer from the request's pool, the content
+    // type points to static bytes.
+    unsafe {
+        let ct: &'static [u8] = if json { b"application/json" } else { b"text/plain" };
+        (*r).headers_out.status = status;
+        (*r).headers_out.content_type = ngx_str_t { len: ct.len(), data: ct.as_ptr() as *mut u8 };
+        (*r).headers_out.content_type_len = ct.len();
+        (*r).headers_out.content_length_n = body.len() as off_t;
+        if (*r).method == NGX_HTTP_HEAD as ngx_uint_t || body.is_empty() {
+            (*r).set_header_only(((*r).method == NGX_HTTP_HEAD as ngx_uint_t) as u32);
+            let rc = ngx_http_send_header(r);
+            if body.is_empty() || (*r).header_only() != 0 {
+                return rc;
+            }
+        }
+        let b = ngx_create_temp_buf((*r).pool, body.len());
+        if b.is_null() {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
+        }
+        ptr::copy_nonoverlapping(body.as_ptr(), (*b).last, body.len());
+        (*b).last = (*b).last.add(body.len());
+        (*b).set_last_buf(((*r).main == r) as u32);
+        (*b).set_last_in_chain(1);
+        let mut out = ngx_chain_t { buf: b, next: ptr::null_mut() };
+        let rc = ngx_http_send_header(r);
+        if rc == NGX_ERROR as ngx_int_t || rc > NGX_OK as ngx_int_t || (*r).header_only() != 0 {
+            return rc;
+        }
+        ngx_http_output_filter(r, &mut out)
+    }
+}
+
+/// Every upstream of the running configuration, as this worker balances it.
+fn collect() -> Vec<UpstreamView> {
+    let mut views = Vec::new();
+    // SAFETY: main thread; the cycle's upstream confs and their peer lists are valid.
+    unsafe {
+        for &us in cycle_upstreams() {
+            let name = String::from_utf8_lossy((*us).host.as_bytes()).into_owned();
+            let synced = srv_conf_of(us).filter(|s| s.sync.upsync.is_some() && s.slot.is_some());
+            let Some(srv) = synced else {
+                views.push(UpstreamView { name, servers: nginx_peers((*us).peer.data as *const _), sync: None });
+                continue;
+            };
+            peers::sync(srv);
+            let servers = match &srv.current {
+                Some(g) => g
+                    .servers
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| {
+                        let (fails, active) = g.peer_state(i);
+                        ServerView { server: ServerJson::from(s), fails, active }
+                    })
+                    .collect(),
+                None => nginx_peers((*us).peer.data as *const _),
+            };
+            let pool = srv.shpool.map(|p| p.as_ptr()).unwrap_or(ptr::null_mut());
+            let sync = srv.slot.and_then(|slot| shm::read(pool, slot.as_ptr())).map(|(version, state)| {
+                let state = state.unwrap_or_default();
+                SyncView {
+                    source: srv.source.clone(),
+                    origin: state.origin,
+                    version,
+                    consul_index: state.consul_index,
+                    last_change_ms: state.changed_ms,
+                    last_sync_ms: state.synced_ms,
+                    last_error: state.last_error,
+                    last_error_ms: state.error_ms,
+                    leader_pid: state.leader_pid,
+                }
+            });
+            views.push(UpstreamView { name, servers, sync });
+        }
+    }
+    views
+}
+
+/// The servers of an nginx round-robin list (primary, then backup).
+///
+/// # Safety
+/// `peers` null or a valid rr peers list.
+unsafe fn nginx_peers(peers: *const ngx_http_upstream_rr_peers_t) -> Vec<ServerView> {
+    let mut out = Vec::new();
+    let mut list = peers;
+    let mut backup = false;
+    // SAFETY: contract; walking the lists through `peer`/`next`.
+    unsafe {
+        while !list.is_null() {
+            let mut p = (*list).peer;
+            while !p.is_null() {
+                let server = String::from_utf8_lossy((*p).name.as_bytes()).into_owned();
+                out.push(ServerView {
+                    server: ServerJson {
+                        server,
+                        weight: (*p).weight as u32,
+                        max_fails: (*p).max_fails as u32,
+                        fail_timeout: (*p).fail_timeout as u32,
+                        down: (*p).down != 0,
+                        backup,
+                    },
+                    fails: (*p).fails as u64,
+                    active: (*p).conns as u64,
+                });
+                p = (*p).next;
+            }
+            list = (*list).next;
+            backup = true;
+        }
+    }
+    out
+}

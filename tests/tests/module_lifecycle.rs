@@ -1,0 +1,260 @@
+//! The nginx module across process events: reload, quit, a crashed leader worker, Consul
+//! stopping and restarting, start-up from the dump file, strong_dependency, memory over many
+//! changes.
+use std::time::{Duration, Instant};
+
+use upsync_tests::backend::Backend;
+use upsync_tests::consul::Consul;
+use upsync_tests::nginx::{Nginx, NginxConf};
+use upsync_tests::proc::{alive, rss_kib, thread_count};
+use upsync_tests::upsync::{all_ok, delete_server, http_block, put_server, show_json, wait_servers};
+use upsync_tests::{wait_for, wait_until, TestDir};
+
+fn leader_pid(nginx: &Nginx) -> u32 {
+    wait_for("a leader", Duration::from_secs(20), || {
+        let pid = show_json(nginx, "app")["sync"]["leader_pid"].as_u64().unwrap_or(0) as u32;
+        (pid != 0 && nginx.active_worker_pids().contains(&pid)).then_some(pid)
+    })
+}
+
+#[test]
+fn reload_during_changes_new_workers_start_from_the_latest_list_old_ones_exit() {
+    let dir = TestDir::new("life_reload");
+    let consul = Consul::start(dir.path());
+    let backends: Vec<Backend> = (0..4).map(|i| Backend::start(&format!("b{i}"))).collect();
+    let conf = NginxConf::new(&http_block("app", &consul.http_addr(), "", "keepalive 4;")).workers(2);
+    let mut nginx = Nginx::start(dir.path(), conf.clone());
+    put_server(&consul, "app", &backends[0].host_port(), "");
+    wait_servers(&nginx, "app", &[&backends[0].host_port()]);
+
+    // Changes keep coming while nginx reloads twice.
+    let addr = consul.http_addr();
+    let hosts: Vec<String> = backends.iter().map(|b| b.host_port()).collect();
+    let writer = {
+        let hosts = hosts.clone();
+        std::thread::spawn(move || {
+            for i in 0..60 {
+                let h = &hosts[1 + i % 3];
+                let url = format!("http://{addr}/v1/kv/upstreams/app/{h}");
+                let _ = ureq::put(&url).send_string(&format!("{{\"weight\":{}}}", 1 + i % 5));
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        })
+    };
+    let old = nginx.worker_pids();
+    nginx.reload();
+    let old2 = nginx.active_worker_pids();
+    nginx.reload();
+    writer.join().unwrap();
+    let mut expected: Vec<&str> = hosts.iter().map(String::as_str).collect();
+    expected.sort();
+    wait_servers(&nginx, "app", &expected);
+    // The new workers got the list without waiting for Consul: a final change arrives too.
+    delete_server(&consul, "app", &hosts[3]);
+    let remaining: Vec<&str> = hosts[..3].iter().map(String::as_str).collect();
+    wait_servers(&nginx, "app", &remaining);
+    // Old workers exit as soon as their connections are done: the module keeps none alive.
+    wait_until("old workers to exit", Duration::from_secs(10), || Nginx::all_exited(&old) && Nginx::all_exited(&old2));
+    let h = all_ok(&nginx.url("/"), 30);
+    assert!(!h.contains_key("b3"), "{h:?}");
+    assert!(!nginx.error_log().contains("open socket"), "{}", nginx.error_log());
+    assert!(!nginx.error_log().contains("[alert]"), "{}", nginx.error_log());
+}
+
+#[test]
+fn quit_is_prompt_and_threads_do_not_leak() {
+    let dir = TestDir::new("life_quit");
+    let consul = Consul::start(dir.path());
+    let a = Backend::start("a");
+    let mut nginx = Nginx::start(dir.path(), NginxConf::new(&http_block("app", &consul.http_addr(), "", "")).workers(3));
+    put_server(&consul, "app", &a.host_port(), "");
+    wait_servers(&nginx, "app", &[&a.host_port()]);
+    let leader = leader_pid(&nginx);
+    // The leader runs nginx's thread and the poller; followers only nginx's.
+    for pid in nginx.worker_pids() {
+        let want = if pid == leader { 2 } else { 1 };
+        assert_eq!(thread_count(pid), want, "worker {pid} (leader {leader})");
+    }
+    for _ in 0..3 {
+        nginx.reload();
+    }
+    let leader = leader_pid(&nginx);
+    wait_until("old workers gone", Duration::from_secs(10), || nginx.worker_pids().len() == 3);
+    for pid in nginx.worker_pids() {
+        assert_eq!(thread_count(pid), if pid == leader { 2 } else { 1 }, "threads after reloads in {pid}");
+    }
+    let start = Instant::now();
+    assert!(nginx.quit(Duration::from_secs(10)), "nginx did not exit within 10 s of QUIT");
+    eprintln!("nginx quit in {:?}", start.elapsed());
+}
+
+#[test]
+fn a_crashed_leader_is_replaced_and_syncing_continues() {
+    let dir = TestDir::new("life_crash");
+    let consul = Consul::start(dir.path());
+    let (a, b) = (Backend::start("a"), Backend::start("b"));
+    let nginx = Nginx::start(dir.path(), NginxConf::new(&http_block("app", &consul.http_addr(), "", "")).workers(2));
+    put_server(&consul, "app", &a.host_port(), "");
+    wait_servers(&nginx, "app", &[&a.host_port()]);
+    let leader = leader_pid(&nginx);
+    // SAFETY-free: a signal to a worker of the nginx this test started.
+    assert_eq!(std::process::Command::new("kill").args(["-9", &leader.to_string()]).status().unwrap().code(), Some(0));
+    wait_until("the crashed worker replaced", Duration::from_secs(10), || !alive(leader) && nginx.active_worker_pids().len() == 2);
+    put_server(&consul, "app", &b.host_port(), "");
+    wait_servers(&nginx, "app", &[&a.host_port(), &b.host_port()]);
+    let new_leader = leader_pid(&nginx);
+    assert_ne!(new_leader, leader);
+}
+
+#[test]
+fn consul_down_serves_the_last_list_and_recovers_when_it_returns() {
+    let dir = TestDir::new("life_consul_restart");
+    let mut consul = Consul::start(dir.path());
+    let (a, b) = (Backend::start("a"), Backend::start("b"));
+    let nginx = Nginx::start(dir.path(), NginxConf::new(&http_block("app", &consul.http_addr(), "", "")).workers(2));
+    put_server(&consul, "app", &a.host_port(), "");
+    wait_servers(&nginx, "app", &[&a.host_port()]);
+
+    // Traffic runs through the whole outage, restart and re-registration.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let traffic = {
+        let (stop, url) = (stop.clone(), nginx.url("/"));
+        std::thread::spawn(move || {
+            let mut answers = std::collections::BTreeMap::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for (k, v) in upsync_tests::upsync::hits(&url, 10) {
+                    *answers.entry(k).or_insert(0usize) += v;
+                }
+            }
+            answers
+        })
+    };
+    consul.kill();
+    wait_until("the error reported", Duration::from_secs(20), || {
+        show_json(&nginx, "app")["sync"]["last_error"].as_str().is_some_and(|e| !e.is_empty())
+    });
+    // A dev agent comes back empty (new index): the empty answer is refused, the list stays.
+    consul.restart();
+    wait_until("the empty answer after restart", Duration::from_secs(30), || {
+        show_json(&nginx, "app")["sync"]["last_error"].as_str().is_some_and(|e| e.contains("no servers"))
+    });
+    put_server(&consul, "app", &b.host_port(), "");
+    wait_servers(&nginx, "app", &[&b.host_port()]);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let answers = traffic.join().unwrap();
+    assert!(answers.keys().all(|k| k == "a" || k == "b"), "requests failed while Consul was down or restarting: {answers:?}");
+    assert!(answers.get("a").copied().unwrap_or(0) > 0, "{answers:?}");
+    assert_eq!(all_ok(&nginx.url("/"), 10).get("b"), Some(&10));
+    assert!(show_json(&nginx, "app")["sync"]["last_error"].is_null());
+}
+
+#[test]
+fn dump_file_is_written_and_restores_the_list_with_consul_down() {
+    let dir = TestDir::new("life_dump");
+    let mut consul = Consul::start(dir.path());
+    let (a, b) = (Backend::start("a"), Backend::start("b"));
+    let dump = dir.join("servers_app.conf");
+    let lines = format!("upsync_dump_path {};", dump.display());
+    let conf = NginxConf::new(&http_block("app", &consul.http_addr(), "strong_dependency=off", &lines));
+    let mut nginx = Nginx::start(dir.path(), conf.clone());
+    put_server(&consul, "app", &a.host_port(), r#"{"weight":40,"max_fails":3,"fail_timeout":20,"down":1}"#);
+    put_server(&consul, "app", &b.host_port(), r#"{"weight":2,"backup":1}"#);
+    wait_servers(&nginx, "app", &[&a.host_port(), &b.host_port()]);
+    let want = format!(
+        "server {} weight=40 max_fails=3 fail_timeout=20s down;\nserver {} weight=2 max_fails=2 fail_timeout=10s backup;\n",
+        a.host_port(),
+        b.host_port()
+    );
+    wait_until("the dump file", Duration::from_secs(10), || std::fs::read_to_string(&dump).ok().as_deref() == Some(want.as_str()));
+    // No temp files left next to it.
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().contains(".tmp")).collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+
+    // nginx restarts while Consul is down: it serves the dumped list (b, the backup, since a is down).
+    nginx.quit(Duration::from_secs(10));
+    consul.kill();
+    let nginx = Nginx::start(dir.path(), conf);
+    let show = show_json(&nginx, "app");
+    assert_eq!(show["sync"]["origin"], "dump", "{show}");
+    assert_eq!(all_ok(&nginx.url("/"), 5).get("b"), Some(&5));
+
+    // The dump is valid nginx syntax for an `include` in the upstream block.
+    let include = NginxConf::new(&format!(
+        "upstream inc {{ include {}; }} server {{ listen 127.0.0.1:{{{{port}}}}; location / {{ proxy_pass http://inc; }} }}",
+        dump.display()
+    ));
+    let t = Nginx::test_config(&dir.subdir("include"), &include);
+    assert!(t.ok, "{}", t.output);
+}
+
+#[test]
+fn strong_dependency_on_refuses_to_start_without_consul_and_starts_synced_with_it() {
+    let dir = TestDir::new("life_strong");
+    let consul = Consul::start(dir.path());
+    let a = Backend::start("a");
+    put_server(&consul, "app", &a.host_port(), "");
+    // Consul reachable: the first request already goes to the synced server, not the placeholder.
+    let nginx = Nginx::start(dir.path(), NginxConf::new(&http_block("app", &consul.http_addr(), "strong_dependency=on", "")));
+    assert_eq!(all_ok(&nginx.url("/"), 3).get("a"), Some(&3));
+    drop(nginx);
+
+    // Nobody listens on this port: nginx must refuse to start, saying why.
+    let dead = format!("127.0.0.1:{}", upsync_tests::net::free_port());
+    let err = Nginx::try_start(&dir.subdir("down"), NginxConf::new(&http_block("app", &dead, "strong_dependency=on", "")))
+        .err()
+        .expect("nginx started although Consul is unreachable and strong_dependency=on");
+    let msg = err.to_string();
+    assert!(msg.contains("strong_dependency=on") && msg.contains(&dead) && msg.contains("upstream \"app\""), "{msg}");
+}
+
+#[test]
+fn memory_of_removed_servers_is_released() {
+    let dir = TestDir::new("life_memory");
+    let consul = Consul::start(dir.path());
+    let a = Backend::start("a");
+    // upsync_interval=1ms: let the poll loop follow (almost) every write.
+    let nginx = Nginx::start(dir.path(), NginxConf::new(&http_block("app", &consul.http_addr(), "upsync_interval=1ms", "")));
+    put_server(&consul, "app", &a.host_port(), "");
+    wait_servers(&nginx, "app", &[&a.host_port()]);
+    let worker = nginx.worker_pids()[0];
+    let churn = |rounds: usize| {
+        for i in 0..rounds {
+            // 20 extra servers appear and disappear: each change builds a new peer list.
+            let key = format!("upstreams/app/10.1.{}.{}:80", i % 20, i % 200);
+            consul.kv_put(&key, "{\"down\":1}");
+            consul.kv_delete(&key);
+            if i % 50 == 0 {
+                let _ = all_ok(&nginx.url("/"), 2);
+            }
+        }
+        wait_servers(&nginx, "app", &[&a.host_port()]);
+    };
+    churn(300);
+    let before = rss_kib(worker).unwrap();
+    churn(1500);
+    let after = rss_kib(worker).unwrap();
+    let version = show_json(&nginx, "app")["sync"]["version"].as_u64().unwrap();
+    eprintln!("worker RSS {before} KiB -> {after} KiB over {version} list versions");
+    assert!(version > 500, "too few list changes reached nginx to say anything ({version})");
+    assert!(after < before + 4096, "worker RSS grew from {before} KiB to {after} KiB over 1500 changes");
+}
+
+#[test]
+fn several_consul_servers_fail_over_when_the_one_in_use_stops() {
+    let dir = TestDir::new("life_failover");
+    let mut cluster = Consul::cluster(dir.path(), 3);
+    let (a, b) = (Backend::start("a"), Backend::start("b"));
+    let addrs: Vec<String> = cluster.iter().map(|c| c.http_addr()).collect();
+    let nginx = Nginx::start(dir.path(), NginxConf::new(&http_block("app", &addrs.join(","), "stale", "")).workers(2));
+    put_server(&cluster[1], "app", &a.host_port(), "");
+    wait_servers(&nginx, "app", &[&a.host_port()]);
+    // The client sticks to the first address; stop that server (the cluster keeps a quorum).
+    cluster[0].stop();
+    // The stopped server may have been the leader: write once the others elected a new one.
+    let key = format!("/v1/kv/upstreams/app/{}", b.host_port());
+    wait_until("a write to the remaining servers", Duration::from_secs(30), || {
+        matches!(cluster[1].api("PUT", &key, Some(b"")), Ok((200, _)))
+    });
+    wait_servers(&nginx, "app", &[&a.host_port(), &b.host_port()]);
+    assert_eq!(all_ok(&nginx.url("/"), 10).len(), 2);
+}
