@@ -74,6 +74,10 @@ pub struct Args {
     /// (podman sends no event when a stop begins) [default: 1s; 0 turns it off].
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub poll: Option<Duration>,
+    /// A container port is registered once it accepts TCP connections, waiting at most this
+    /// long (then it is registered anyway, with a warning) [default: 30s; 0 turns it off].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub ready_timeout: Option<Duration>,
     /// Do not write upsync KV entries.
     #[arg(long)]
     pub no_kv: bool,
@@ -147,6 +151,7 @@ pub enum StringOrList {
 pub struct FileEngine {
     pub socket: Option<PathBuf>,
     pub poll: Option<String>,
+    pub ready_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -218,6 +223,7 @@ pub struct Settings {
     pub drain: Duration,
     pub resync: Duration,
     pub poll: Duration,
+    pub ready_timeout: Duration,
     pub state_prefix: String,
     pub defaults: Defaults,
     pub log_format: LogFormat,
@@ -371,6 +377,10 @@ impl Settings {
             Some(d) => d,
             None => duration_key("engine.poll", file.engine.poll.as_deref(), Duration::from_secs(1))?,
         };
+        let ready_timeout = match args.ready_timeout {
+            Some(d) => d,
+            None => duration_key("engine.ready_timeout", file.engine.ready_timeout.as_deref(), Duration::from_secs(30))?,
+        };
         let request_timeout =
             duration_key("consul.request_timeout", file.consul.request_timeout.as_deref(), Duration::from_secs(10))?;
 
@@ -401,6 +411,7 @@ impl Settings {
             drain,
             resync,
             poll,
+            ready_timeout,
             state_prefix,
             defaults,
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),

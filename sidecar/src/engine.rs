@@ -11,11 +11,15 @@
 //! result is only used if no event about that container arrived after it was asked for (a
 //! `die` handled meanwhile is never undone by an older "running").
 //!
+//! A new container port is registered once it accepts TCP connections (readiness probe, at
+//! most `--ready-timeout`), so nginx is never sent to a port nothing listens on yet.
+//!
 //! When the stream closes or the engine stops answering, the session ends and a new one starts
 //! after a backoff: the sidecar never exits because of the engine, and keeps what is registered
 //! meanwhile (the containers usually outlive a restart of the engine's API service).
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -27,10 +31,11 @@ use futures_util::stream::FuturesUnordered;
 use futures_util::StreamExt;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
-use upsync_discovery::Backoff;
+use upsync_discovery::{Backoff, Host};
 
 use crate::container::{parse_lenient_inspect, ContainerInfo, RunState};
-use crate::mapping::{map_container, MapContext};
+use crate::mapping::{map_container, MapContext, Mapped};
+use crate::model::Protocol;
 use crate::state::Shared;
 
 /// Per-request limit for engine calls (list, inspect); the event stream itself has none.
@@ -45,6 +50,8 @@ enum Done {
     Listed { seq: u64, full: bool, running: Result<HashSet<String>, String> },
     /// One container inspected from event sequence number `seq` on.
     Inspected { seq: u64, id: String, found: Result<Found, String> },
+    /// A container port probed for readiness, asked when the container's last event was `seq`.
+    Probed { seq: u64, container: String, endpoint: String, addr: SocketAddr, ready: bool },
 }
 
 type Work = Pin<Box<dyn Future<Output = Done> + Send>>;
@@ -66,6 +73,12 @@ struct Session {
     inflight: HashMap<String, u64>,
     /// When the bookkeeping above was last pruned, and the event number then.
     pruned: (Instant, u64),
+    /// Per container: the last description and mapping, and the endpoints that answered the
+    /// readiness probe in this run of the container.
+    latest: HashMap<String, (ContainerInfo, Mapped)>,
+    ready: HashMap<String, HashSet<String>>,
+    /// Readiness probes in flight: endpoint id → the container's event number when asked.
+    probing: HashMap<String, u64>,
 }
 
 /// The engine task: runs forever.
@@ -115,6 +128,9 @@ async fn session(shared: &Arc<Shared>) -> Result<(), String> {
         listing: false,
         inflight: HashMap::new(),
         pruned: (Instant::now(), 0),
+        latest: HashMap::new(),
+        ready: HashMap::new(),
+        probing: HashMap::new(),
     };
 
     // Events from one second before the listing on: nothing falls between the two. The first
@@ -219,6 +235,25 @@ impl Session {
                     }
                 }
             }
+            Done::Probed { seq, container, endpoint, addr, ready } => {
+                if self.probing.get(&endpoint) == Some(&seq) {
+                    self.probing.remove(&endpoint);
+                }
+                if self.last_event.get(&container).copied().unwrap_or(0) != seq {
+                    return Ok(()); // the container started again or stopped meanwhile
+                }
+                if !ready {
+                    tracing::warn!(
+                        container = %container, endpoint = %endpoint,
+                        "{addr} did not accept connections within {:?}; registering it anyway",
+                        self.shared.settings.ready_timeout
+                    );
+                }
+                self.ready.entry(container.clone()).or_default().insert(endpoint);
+                if let Some((info, mapped)) = self.latest.get(&container).cloned() {
+                    self.running(info, mapped);
+                }
+            }
             Done::Inspected { seq, id, found } => {
                 let asked_at = self.last_event.get(&id).copied().unwrap_or(0);
                 if self.inflight.get(&id) == Some(&asked_at) && !self.newer_event(&id, seq) {
@@ -258,18 +293,14 @@ impl Session {
                     self.shared.container_signalled(&id, sig);
                 }
             }
-            _ => {
-                self.warned.remove(&id);
-                self.shared.container_gone(&id);
-            }
+            _ => self.gone(&id),
         }
     }
 
     fn found(&mut self, id: &str, found: Found) {
         let info = match found {
             Found::Gone => {
-                self.warned.remove(id);
-                self.shared.container_gone(id);
+                self.gone(id);
                 return;
             }
             Found::Unreadable => return,
@@ -293,17 +324,73 @@ impl Session {
                         tracing::info!(container = %info.name, "SERVICE_IGNORE set; not registered");
                     }
                 }
-                self.shared.container_up(info, mapped);
+                self.running(info, mapped);
             }
             RunState::Stopping => {
                 let id = info.id.clone();
                 self.shared.container_stopping(&id);
             }
-            RunState::Restarting | RunState::NotRunning => {
-                self.warned.remove(&info.id);
-                self.shared.container_gone(&info.id);
+            RunState::Restarting | RunState::NotRunning => self.gone(&info.id),
+        }
+    }
+
+    /// A container runs with these endpoints: the ones known to accept connections are
+    /// registered now, the others once the readiness probe says so (nginx must not be sent to
+    /// a port nothing listens on yet).
+    fn running(&mut self, info: ContainerInfo, mapped: Mapped) {
+        let cid = info.id.clone();
+        let timeout = self.shared.settings.ready_timeout;
+        let registered: HashSet<String> = self.shared.container_endpoint_ids(&cid).into_iter().collect();
+        let seq = self.last_event.get(&cid).copied().unwrap_or(0);
+        let mut now = Vec::new();
+        for ep in &mapped.endpoints {
+            let addr = match &ep.address {
+                Host::Ip(ip) => Some(SocketAddr::new(*ip, ep.port)),
+                Host::Name(_) => None,
+            };
+            let ready = timeout.is_zero()
+                || info.state == RunState::Paused
+                || ep.protocol == Protocol::Udp
+                || registered.contains(&ep.id)
+                || self.ready.get(&cid).is_some_and(|r| r.contains(&ep.id));
+            match addr {
+                Some(addr) if !ready => {
+                    if self.probing.get(&ep.id) != Some(&seq) {
+                        self.probing.insert(ep.id.clone(), seq);
+                        let (container, endpoint) = (cid.clone(), ep.id.clone());
+                        self.work.push(Box::pin(async move {
+                            let ready = probe(addr, timeout).await;
+                            Done::Probed { seq, container, endpoint, addr, ready }
+                        }));
+                    }
+                }
+                _ => now.push(ep.clone()),
             }
         }
+        self.latest.insert(cid, (info.clone(), mapped.clone()));
+        self.shared.container_up(info, Mapped { endpoints: now, ..mapped });
+    }
+
+    fn gone(&mut self, cid: &str) {
+        self.warned.remove(cid);
+        self.latest.remove(cid);
+        self.ready.remove(cid);
+        self.shared.container_gone(cid);
+    }
+}
+
+/// Waits until `addr` accepts a TCP connection, for at most `timeout`.
+async fn probe(addr: SocketAddr, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let attempt = tokio::time::timeout(Duration::from_millis(500), tokio::net::TcpStream::connect(addr)).await;
+        if matches!(attempt, Ok(Ok(_))) {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

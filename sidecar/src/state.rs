@@ -357,6 +357,11 @@ impl Shared {
         }
     }
 
+    /// The endpoint ids registered for a container.
+    pub fn container_endpoint_ids(&self, cid: &str) -> Vec<String> {
+        self.lock().containers.get(cid).map(|r| r.ids.clone()).unwrap_or_default()
+    }
+
     /// The ids of the known containers and whether each is being drained.
     pub fn known_containers(&self) -> Vec<(String, bool)> {
         self.lock().containers.iter().map(|(id, r)| (id.clone(), r.draining_since.is_some())).collect()

@@ -42,11 +42,18 @@ pub struct Httpd {
     /// `--stop-timeout` in seconds (podman's default is 10). httpd runs as PID 1 and ignores
     /// SIGTERM, so `podman stop` always waits this long before SIGKILL: a drain window.
     pub stop_timeout: Option<u32>,
+    /// Seconds the container waits before httpd starts listening (a slow application start).
+    pub start_delay: u32,
 }
 
 impl Httpd {
     pub fn new(name: &str, net: Net) -> Httpd {
-        Httpd { name: name.to_string(), net, labels: Vec::new(), env: Vec::new(), stop_timeout: None }
+        Httpd { name: name.to_string(), net, labels: Vec::new(), env: Vec::new(), stop_timeout: None, start_delay: 0 }
+    }
+
+    pub fn start_delay(mut self, secs: u32) -> Httpd {
+        self.start_delay = secs;
+        self
     }
 
     pub fn label(mut self, k: &str, v: &str) -> Httpd {
@@ -276,7 +283,10 @@ network_config_dir = "{d}/networks"
         args.extend([
             "sh".into(),
             "-c".into(),
-            format!("mkdir -p /tmp/www && echo {} > /tmp/www/index.html && exec httpd -f -p {port} -h /tmp/www", c.name),
+            format!(
+                "sleep {} && mkdir -p /tmp/www && echo {} > /tmp/www/index.html && exec httpd -f -p {port} -h /tmp/www",
+                c.start_delay, c.name
+            ),
         ]);
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
         self.podman(&refs)

@@ -147,3 +147,23 @@ fn a_killed_container_is_deregistered() {
     // Nothing else was touched, and the container is really gone from the engine's view.
     assert_eq!(podman.state("web-1").as_deref(), Some("exited"));
 }
+
+#[test]
+fn a_container_port_is_registered_once_it_accepts_connections() {
+    let dir = TestDir::new("sidecar_readiness");
+    let consul = Consul::start(dir.path());
+    let podman = Podman::start(dir.path());
+    let _sidecar = Sidecar::start(dir.path(), &consul.http_addr(), SidecarOpts::new("node-a", &podman.socket));
+    let view = ConsulView(&consul);
+    let port = free_port();
+    // The application needs 3 seconds before it listens.
+    let c = Httpd::new("slow", Net::Host { port }).label(&format!("SERVICE_{port}_NAME"), "web").start_delay(3);
+    podman.run_httpd(&c);
+    let key = format!("upstreams/web/127.0.0.1:{port}");
+    eventually("the container running", || podman.state("slow").as_deref() == Some("running"));
+    assert!(view.kv_json(&key).is_none(), "registered before its port accepted connections");
+    eventually("registration", || view.kv_json(&key).is_some());
+    // Registered only once it answers: nginx is never sent to a port nothing listens on.
+    let (status, body) = http_get(&format!("http://127.0.0.1:{port}/")).expect("the port accepts connections once registered");
+    assert_eq!((status, body.trim()), (200, "slow"));
+}
