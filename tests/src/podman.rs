@@ -298,6 +298,21 @@ network_config_dir = "{d}/networks"
     }
 }
 
+impl Podman {
+    /// PIDs of processes working on this instance's store (conmon, and the `podman container
+    /// cleanup` conmon runs when a container exits): their command lines name the run directory.
+    fn store_processes(&self) -> Vec<u32> {
+        let dir = self.run_dir.to_string_lossy().to_string();
+        std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+            .filter(|pid| *pid != std::process::id() && crate::proc::cmdline(*pid).contains(&dir))
+            .collect()
+    }
+}
+
 impl Drop for Podman {
     fn drop(&mut self) {
         if self.run_dir.join("storage.conf").exists() {
@@ -306,6 +321,12 @@ impl Drop for Podman {
             }
         }
         self.stop_service();
+        // Containers' exit handlers run asynchronously and would write into the directory after
+        // it is removed: wait for them first.
+        let start = Instant::now();
+        while !self.store_processes().is_empty() && start.elapsed() < Duration::from_secs(20) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
         if let Err(e) = std::fs::remove_dir_all(&self.run_dir) {
             eprintln!("removing {}: {e}", self.run_dir.display());
         }
