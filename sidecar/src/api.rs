@@ -274,7 +274,8 @@ async fn list_service(State(shared): State<Arc<Shared>>, Path(service): Path<Str
 
 async fn healthz(State(shared): State<Arc<Shared>>) -> Response {
     let (status, pending, endpoints) = shared.status();
-    let ok = status.consul_reachable && status.engine_connected;
+    let engine_enabled = shared.settings.engine_enabled;
+    let ok = status.consul_reachable && (status.engine_connected || !engine_enabled);
     Json(json!({
         "status": if ok { "ok" } else { "degraded" },
         "node": shared.settings.node_id,
@@ -286,6 +287,7 @@ async fn healthz(State(shared): State<Arc<Shared>>) -> Response {
             "last_reconcile_seconds_ago": status.last_reconcile.map(|t| t.elapsed().as_secs()),
         },
         "engine": {
+            "enabled": engine_enabled,
             "connected": status.engine_connected,
             "error": status.engine_error,
             "socket": shared.settings.docker_socket,

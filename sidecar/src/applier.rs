@@ -261,12 +261,16 @@ pub async fn run(shared: Arc<Shared>, client: Client) {
                     next_reconcile = Instant::now() + shared.settings.resync;
                 }
                 Err(e) => {
+                    // Retried after a backoff; queued changes are still tried meanwhile (a
+                    // token that may write but not list must not block them).
                     failures += 1;
                     let delay = backoff.delay(failures, &mut rng);
                     report_failure(&shared, &e, failures, delay, "reconciling");
                     next_reconcile = Instant::now() + delay;
-                    tokio::time::sleep(delay).await;
-                    continue;
+                    if e.is_transient() && shared.queue_len() == 0 {
+                        tokio::time::sleep(delay).await;
+                        continue;
+                    }
                 }
             }
         }

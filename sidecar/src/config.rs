@@ -78,6 +78,10 @@ pub struct Args {
     /// long (then it is registered anyway, with a warning) [default: 30s; 0 turns it off].
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub ready_timeout: Option<Duration>,
+    /// No container engine: only the scheduler API's endpoints (a host that runs no
+    /// containers).
+    #[arg(long)]
+    pub no_engine: bool,
     /// Do not write upsync KV entries.
     #[arg(long)]
     pub no_kv: bool,
@@ -149,6 +153,7 @@ pub enum StringOrList {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileEngine {
+    pub enabled: Option<bool>,
     pub socket: Option<PathBuf>,
     pub poll: Option<String>,
     pub ready_timeout: Option<String>,
@@ -214,6 +219,7 @@ pub struct Settings {
     pub internal: bool,
     pub consul: ConsulSettings,
     pub docker_socket: PathBuf,
+    pub engine_enabled: bool,
     pub listen: SocketAddr,
     pub api_token: Option<Secret>,
     pub kv_enabled: bool,
@@ -402,6 +408,7 @@ impl Settings {
                 .docker_socket
                 .or(file.engine.socket)
                 .unwrap_or_else(|| PathBuf::from("/var/run/docker.sock")),
+            engine_enabled: !args.no_engine && file.engine.enabled.unwrap_or(true),
             listen: args.listen.or(file.api.listen).unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default")),
             api_token,
             kv_enabled,

@@ -80,11 +80,19 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         drain = ?s.drain, resync = ?s.resync, "upsync-sidecar starting"
     );
     let applier = tokio::spawn(applier::run(Arc::clone(&shared), client));
-    let engine = tokio::spawn(engine::run(Arc::clone(&shared)));
+    let engine = if shared.settings.engine_enabled {
+        Some(tokio::spawn(engine::run(Arc::clone(&shared))))
+    } else {
+        tracing::info!("no container engine (--no-engine): only the API's endpoints are registered");
+        shared.engine_synced();
+        None
+    };
     let app = api::router(Arc::clone(&shared));
     let served = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await;
     applier.abort();
-    engine.abort();
+    if let Some(e) = engine {
+        e.abort();
+    }
     served.map_err(|e| anyhow::anyhow!("API server on {listen}: {e}"))?;
     tracing::info!("stopped; registrations are kept in Consul for the next start to reconcile");
     Ok(())

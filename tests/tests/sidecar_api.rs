@@ -1,10 +1,10 @@
 //! The sidecar's scheduler API against a real Consul: endpoints PUT are registered (agent
 //! service + KV), idempotently; bad requests get a 4xx naming the field; DELETE removes, with
 //! an optional drain; a bearer token can be required; endpoints survive a sidecar crash
-//! because they are kept in Consul. These sidecars run without a container engine (the socket
-//! does not exist), as on a host whose scheduler runs no containers.
+//! because they are kept in Consul; Consul ACL tokens work and are never logged. These sidecars run without a container engine
+//! (`--no-engine`), as on a host whose scheduler runs no containers.
 use serde_json::{json, Value};
-use upsync_tests::consul::Consul;
+use upsync_tests::consul::{Consul, ConsulOptions};
 use upsync_tests::net::http_request;
 use upsync_tests::sidecar::{eventually, ConsulView, Sidecar, SidecarOpts};
 use upsync_tests::TestDir;
@@ -21,7 +21,7 @@ fn api_round_trip_with_validation_drain_and_token() {
     let dir = TestDir::new("sidecar_api_round_trip");
     let consul = Consul::start(dir.path());
     let view = ConsulView(&consul);
-    let mut opts = SidecarOpts::new("node-a", &dir.join("no-engine.sock"));
+    let mut opts = SidecarOpts::new("node-a", &dir.join("no-engine.sock")).arg("--no-engine");
     opts.api_token = Some("s3cret-api-token".into());
     let sidecar = Sidecar::start(dir.path(), &consul.http_addr(), opts);
 
@@ -83,6 +83,8 @@ fn api_round_trip_with_validation_drain_and_token() {
     assert_eq!(status, 401);
     assert_eq!(http_request("GET", &sidecar.url("/healthz"), &[], None).expect("healthz").0, 200);
     assert!(!sidecar.log().contains("s3cret-api-token"), "the token appears in the log");
+    let health = sidecar.healthz();
+    assert_eq!((health["status"].as_str(), health["engine"]["enabled"].as_bool()), (Some("ok"), Some(false)), "{health}");
 
     // DELETE with a drain: marked down (KV down=1, service maintenance) and kept; a DELETE
     // without drain then removes it at once.
@@ -123,9 +125,9 @@ fn api_endpoints_survive_a_sidecar_crash_and_other_nodes_are_left_alone() {
     let dir = TestDir::new("sidecar_api_restart");
     let consul = Consul::start(dir.path());
     let view = ConsulView(&consul);
-    let mut a = Sidecar::start(dir.path(), &consul.http_addr(), SidecarOpts::new("node-a", &dir.join("none-a.sock")));
+    let mut a = Sidecar::start(dir.path(), &consul.http_addr(), SidecarOpts::new("node-a", &dir.join("none-a.sock")).arg("--no-engine"));
     // node-b writes only the KV output.
-    let b = Sidecar::start(dir.path(), &consul.http_addr(), SidecarOpts::new("node-b", &dir.join("none-b.sock")).arg("--no-services"));
+    let b = Sidecar::start(dir.path(), &consul.http_addr(), SidecarOpts::new("node-b", &dir.join("none-b.sock")).arg("--no-engine").arg("--no-services"));
     // Something nobody's sidecar wrote.
     consul.kv_put("upstreams/api/10.9.9.9:80", r#"{"weight":1}"#);
 
@@ -163,4 +165,47 @@ fn api_endpoints_survive_a_sidecar_crash_and_other_nodes_are_left_alone() {
     assert!(view.kv_json("upstreams/api/10.9.9.9:80").is_some());
     assert_eq!(view.service_ids("api"), vec!["a2".to_string()], "node-b (--no-services) registered a service");
     assert_eq!(b.api_json("GET", "/v1/endpoints", None, 200).as_array().map(Vec::len), Some(1));
+}
+
+#[test]
+fn with_acls_a_least_privilege_token_works_a_refused_one_is_reported_and_neither_is_logged() {
+    let dir = TestDir::new("sidecar_acl");
+    let consul = Consul::start_with(dir.path(), ConsulOptions::with_acl());
+    let view = ConsulView(&consul);
+    let rules = r#"
+        service_prefix "" { policy = "write" }
+        key_prefix "upstreams/" { policy = "write" }
+        key_prefix "upsync-sidecar/node-a/" { policy = "write" }
+        node_prefix "" { policy = "read" }
+    "#;
+    let token = consul.create_token("upsync-sidecar-node-a", rules);
+    std::fs::write(dir.join("token-a"), &token).unwrap();
+    std::fs::write(dir.join("token-b"), "00000000-1111-2222-3333-444444444444").unwrap();
+    let with_token = |node: &str, file: &str| {
+        SidecarOpts::new(node, &dir.join("none.sock"))
+            .arg("--no-engine")
+            .arg("--consul-token-file")
+            .arg(dir.join(file).to_str().unwrap())
+    };
+    let a = Sidecar::start(dir.path(), &consul.http_addr(), with_token("node-a", "token-a"));
+    let b = Sidecar::start(dir.path(), &consul.http_addr(), with_token("node-b", "token-b"));
+
+    a.api_json("PUT", "/v1/endpoints/api/a1", Some(r#"{"address":"10.0.0.1","port":80,"check":{"ttl":"1m"}}"#), 201);
+    eventually("a1 registered with the least-privilege token", || {
+        view.kv_json("upstreams/api/10.0.0.1:80").is_some() && view.service_ids("api") == vec!["a1".to_string()]
+    });
+    a.api_json("DELETE", "/v1/endpoints/api/a1?drain=5m", None, 202);
+    eventually("a1 drained (maintenance needs service:write)", || view.in_maintenance("a1"));
+    eventually("node-a healthy", || a.healthz()["status"] == "ok");
+
+    // An unknown token: the API still answers, and says what is wrong.
+    b.api_json("PUT", "/v1/endpoints/api/b1", Some(r#"{"address":"10.0.0.2","port":80}"#), 201);
+    eventually("the refusal reported on the endpoint", || {
+        b.api_json("GET", "/v1/endpoints/api", None, 200)[0]["error"].as_str().is_some_and(|e| e.contains("ACL token rejected"))
+    });
+    assert!(b.healthz()["consul"]["error"].as_str().is_some_and(|e| e.contains("ACL")), "{}", b.healthz());
+    assert!(view.kv_json("upstreams/api/10.0.0.2:80").is_none());
+    for (s, secret) in [(&a, token.as_str()), (&b, "00000000-1111-2222-3333-444444444444")] {
+        assert!(!s.log().contains(secret), "an ACL token appears in the log of {}", s.opts.node_id);
+    }
 }
