@@ -17,5 +17,9 @@ awk '
                     for (i=1;i<=NF;i++) { if ($(i+1) ~ /^passed;?$/) p+=$i; if ($(i+1) ~ /^failed;?$/) f+=$i; if ($(i+1) ~ /^ignored;?$/) ig+=$i } }
   END { printf "total: %d passed, %d failed, %d ignored\n", p, f, ig; if (f>0) exit 1 }
 ' "$log" || status=1
-if grep -qE '^error(\[|:)|could not compile' "$log"; then status=1; fi
+if grep -qE '^error(\[|:)|could not compile' "$log"; then
+    echo "cargo reported errors (a target did not compile or a test binary failed to run):"
+    grep -E '^error(\[|:)|could not compile' "$log" | head -5
+    status=1
+fi
 exit "$status"

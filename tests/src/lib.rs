@@ -16,6 +16,7 @@
 pub mod backend;
 pub mod consul;
 pub mod dns;
+pub mod load;
 pub mod net;
 pub mod nginx;
 pub mod paths;

@@ -5,10 +5,15 @@
 //! stopping and marks it down, nginx stops sending it requests, and only then (at the end of the
 //! stop timeout) does the container die. nginx does not retry failed requests on another
 //! server here, so a request sent to a container that is gone would be counted.
+//! upsync-dns, fed by the same Consul, answers the service's SRV records and follows the scaling
+//! (a draining container leaves the answers when the sidecar puts it in maintenance).
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use upsync_tests::consul::Consul;
+use upsync_tests::dns::{wait_dig, Dig, DnsOptions, DnsServer};
+use upsync_tests::load::{wrk, WrkReport};
 use upsync_tests::net::{free_port, http_get};
 use upsync_tests::nginx::{Nginx, NginxConf};
 use upsync_tests::podman::{Httpd, Net, Podman};
@@ -30,35 +35,18 @@ fn nginx_block(consul: &str) -> String {
     )
 }
 
-/// What a run of wrk reported.
-#[derive(Debug, Default, Clone, Copy)]
-struct Wrk {
-    requests: u64,
-    non_2xx: u64,
-    socket_errors: u64,
+/// The ports of the SRV answer's records ("priority weight port target"), sorted.
+fn srv_ports(d: &Dig) -> Vec<String> {
+    let mut v: Vec<String> = d.data("SRV").iter().filter_map(|r| r.split_whitespace().nth(2).map(str::to_string)).collect();
+    v.sort();
+    v
 }
 
-/// `wrk -t2 -c16 -d{secs}s URL`, its request count, non-2xx answers and socket errors.
-fn wrk(url: &str, secs: u32) -> Wrk {
-    let out = std::process::Command::new("wrk")
-        .args(["-t2", "-c16", &format!("-d{secs}s"), url])
-        .output()
-        .expect("running wrk (installed by `make deps`)");
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let mut r = Wrk::default();
-    for line in text.lines().map(str::trim) {
-        let words: Vec<&str> = line.split_whitespace().collect();
-        match words.as_slice() {
-            [n, "requests", "in", ..] => r.requests = n.parse().unwrap_or(0),
-            ["Non-2xx", "or", "3xx", "responses:", n] => r.non_2xx = n.parse().unwrap_or(0),
-            ["Socket", "errors:", rest @ ..] => {
-                r.socket_errors = rest.iter().filter_map(|w| w.trim_end_matches(',').parse::<u64>().ok()).sum()
-            }
-            _ => {}
-        }
-    }
-    assert!(r.requests > 0, "wrk made no requests:\n{text}\n{}", String::from_utf8_lossy(&out.stderr));
-    r
+/// Waits until upsync-dns answers the SRV of `web` with exactly the ports of `addrs`.
+fn wait_srv(dns: &DnsServer, what: &str, addrs: &[String]) {
+    let mut want: Vec<String> = addrs.iter().map(|a| a.rsplit(':').next().unwrap_or_default().to_string()).collect();
+    want.sort();
+    wait_dig(dns, what, &["web.service.upsync.", "SRV"], |d| srv_ports(d) == want);
 }
 
 #[test]
@@ -70,6 +58,7 @@ fn scaling_2_6_2_under_wrk_through_nginx_loses_no_request() {
     // No retries on another server (`proxy_next_upstream off`): a request nginx sends to a
     // container that is gone fails. Only the drain can keep the count at zero.
     let nginx = Nginx::start(dir.path(), NginxConf::new(&nginx_block(&consul.http_addr())));
+    let dns = DnsServer::start(dir.path(), &consul.http_addr(), DnsOptions::default());
 
     // httpd ignores SIGTERM (PID 1): `podman stop` leaves it serving for its stop timeout.
     let containers: Vec<Httpd> = (0..6)
@@ -87,6 +76,7 @@ fn scaling_2_6_2_under_wrk_through_nginx_loses_no_request() {
         wait_answering(c);
     }
     wait_servers(&nginx, "web", &[&addrs[0], &addrs[1]]);
+    wait_srv(&dns, "SRV of the first 2 containers", &addrs[..2]);
 
     // Traffic for as long as the scaling takes, in rounds of wrk.
     let stop = Arc::new(AtomicBool::new(false));
@@ -95,7 +85,7 @@ fn scaling_2_6_2_under_wrk_through_nginx_loses_no_request() {
         std::thread::spawn(move || {
             let mut rounds = Vec::new();
             while !stop.load(Ordering::Relaxed) {
-                rounds.push(wrk(&url, 2));
+                rounds.push(wrk(&url, 2, 16, Duration::from_secs(2)).expect("wrk through nginx"));
             }
             rounds
         })
@@ -107,6 +97,7 @@ fn scaling_2_6_2_under_wrk_through_nginx_loses_no_request() {
     }
     let all: Vec<&str> = addrs.iter().map(String::as_str).collect();
     wait_servers(&nginx, "web", &all);
+    wait_srv(&dns, "SRV of all 6 containers", &addrs);
 
     // Scale in to 2: four stops at once, each drained before its container dies.
     let stoppers: Vec<_> = containers[2..]
@@ -125,15 +116,17 @@ fn scaling_2_6_2_under_wrk_through_nginx_loses_no_request() {
         let _ = s.wait();
     }
     wait_servers(&nginx, "web", &[&addrs[0], &addrs[1]]);
+    wait_srv(&dns, "SRV back to the first 2 containers", &addrs[..2]);
     stop.store(true, Ordering::Relaxed);
     let rounds = traffic.join().expect("traffic thread");
 
-    let total = rounds.iter().fold(Wrk::default(), |a, r| Wrk {
+    let total = rounds.iter().fold(WrkReport::default(), |a, r| WrkReport {
         requests: a.requests + r.requests,
         non_2xx: a.non_2xx + r.non_2xx,
         socket_errors: a.socket_errors + r.socket_errors,
+        ..a
     });
-    eprintln!("wrk: {} rounds, {total:?}", rounds.len());
+    eprintln!("wrk: {} rounds, {} requests, {} non-2xx, {} socket errors", rounds.len(), total.requests, total.non_2xx, total.socket_errors);
     assert!(total.requests > 1000, "too little traffic to mean anything: {total:?}");
     assert_eq!((total.non_2xx, total.socket_errors), (0, 0), "requests failed while scaling: {rounds:?}");
     for c in &containers[2..] {

@@ -1,4 +1,4 @@
-//! Benchmark (not a test; run by `scripts/bench/sidecar.sh`): how long after the container
+//! End-to-end benchmark (run by `scripts/bench/sidecar.sh`): how long after the container
 //! engine reports a container start (or death) the sidecar's change is visible in Consul, for
 //! 100 containers started one after the other and then killed.
 //!
@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
+use upsync_benches::percentile;
 use upsync_tests::consul::Consul;
 use upsync_tests::net::free_port;
 use upsync_tests::podman::{Httpd, Net, Podman};
@@ -85,24 +86,14 @@ fn watch_kv(http: String, prefix: String, seen: Arc<Mutex<Seen>>, stop: Arc<std:
     }
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
 fn report(what: &str, mut ms: Vec<f64>) -> (f64, f64) {
-    ms.sort_by(|a, b| a.total_cmp(b));
-    let (p50, p99, max) = (percentile(&ms, 50.0), percentile(&ms, 99.0), ms.last().copied().unwrap_or(f64::NAN));
+    let (p50, p99) = (percentile(&mut ms, 50.0), percentile(&mut ms, 99.0));
+    let max = ms.last().copied().unwrap_or(f64::NAN);
     println!("| {what:<46} | {:>4} | {p50:>8.1} | {p99:>8.1} | {max:>8.1} |", ms.len());
     (p50, p99)
 }
 
-#[test]
-#[ignore = "benchmark: run by scripts/bench/sidecar.sh"]
-fn bench_event_to_consul_latency() {
+fn main() {
     let n: usize = std::env::var("SIDECAR_BENCH_CONTAINERS").ok().and_then(|v| v.parse().ok()).unwrap_or(100);
     let dir = TestDir::new("sidecar_bench");
     let consul = Consul::start(dir.path());
