@@ -1,7 +1,7 @@
-# upsync — see README.md. Targets: deps, build, test, demo, bench, clean.
+# upsync — see README.md. Targets: deps, build, test, demo, demo-stack, bench, clean.
 SHELL := /bin/bash
 .DEFAULT_GOAL := build
-.PHONY: deps build test unit-test integration-test demo bench bench-micro bench-e2e clean nginx-objs check
+.PHONY: deps build test unit-test integration-test demo demo-stack bench bench-micro bench-e2e clean nginx-objs check
 
 # The nginx tree the module is compiled against. Left empty, `make` prepares Debian's nginx-dev
 # tree under build/nginx (scripts/nginx-objs.sh). Set both to build against any other
@@ -34,6 +34,9 @@ test: build
 
 demo: build
 	scripts/demo.sh
+
+demo-stack: build
+	scripts/demo-stack.sh
 
 bench: build bench-micro bench-e2e
 

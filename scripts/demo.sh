@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make demo`: a Consul dev agent, three backends and nginx with the upsync module, all on
-# loopback ports picked now; prints what to try and runs until Ctrl-C, then stops everything it
-# started (by PID).
+# loopback ports picked now; adds and removes servers in Consul and shows nginx following
+# without a reload, prints what to try and runs until Ctrl-C, then stops everything it started
+# (by PID). The whole stack with containers, the sidecar and DNS: scripts/demo-stack.sh.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 build="$here/build"
@@ -55,6 +56,36 @@ sed -e "s#@MODULE@#$build/ngx_http_upsync_module.so#" -e "s#@DIR@#$dir#g" -e "s#
 pids+=($!)
 for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$nginx_port/" >/dev/null && break; sleep 0.1; done
 
+# The scene: servers added and removed in Consul, nginx follows without a reload (the same
+# worker processes before and after).
+say() { printf '\ndemo: %s\n' "$*"; }
+answers() {
+    for _ in $(seq 12); do curl -s "http://127.0.0.1:$nginx_port/"; echo; done | sort | uniq -c | awk '{printf "%s x%s  ", $2, $1}'
+}
+workers() { pgrep -P "$(cat "$dir/nginx.pid")" | sort -n | tr '\n' ' '; }
+wait_show() {
+    for _ in $(seq 1 100); do curl -s "http://127.0.0.1:$nginx_port/upstream_show" | grep -q "$1" && return 0; sleep 0.05; done
+    echo "demo: nginx did not show '$1'; see $dir/error.log" >&2; return 1
+}
+wait_gone() {
+    for _ in $(seq 1 100); do curl -s "http://127.0.0.1:$nginx_port/upstream_show" | grep -q "$1" || return 0; sleep 0.05; done
+    echo "demo: nginx still shows '$1'; see $dir/error.log" >&2; return 1
+}
+before="$(workers)"
+say "nginx workers: $before"
+say "12 requests:  $(answers)"
+say "adding red (weight 3) in Consul: curl -X PUT -d '{\"weight\":3}' http://$consul/v1/kv/upstreams/app/${backends[2]}"
+curl -sf -X PUT -d '{"weight":3}' "http://$consul/v1/kv/upstreams/app/${backends[2]}" >/dev/null
+wait_show "${backends[2]}"
+say "12 requests:  $(answers)"
+say "removing blue: curl -X DELETE http://$consul/v1/kv/upstreams/app/${backends[0]}"
+curl -sf -X DELETE "http://$consul/v1/kv/upstreams/app/${backends[0]}" >/dev/null
+wait_gone "${backends[0]}"
+say "12 requests:  $(answers)"
+say "nginx workers: $(workers)($( [ "$(workers)" = "$before" ] && echo 'the same processes: no reload' || echo 'CHANGED'))"
+say "what nginx holds now (upstream_show):"
+curl -s "http://127.0.0.1:$nginx_port/upstream_show"
+
 cat <<MSG
 
 upsync demo is running (files and logs in $dir)
@@ -63,11 +94,12 @@ upsync demo is running (files and logs in $dir)
   backends   blue=${backends[0]} green=${backends[1]} red=${backends[2]}
 
 Try:
-  for i in \$(seq 6); do curl -s http://127.0.0.1:$nginx_port/; echo; done      # blue and green
+  for i in \$(seq 6); do curl -s http://127.0.0.1:$nginx_port/; echo; done      # green and red
   curl -s http://127.0.0.1:$nginx_port/upstream_show                            # the synced list
-  curl -s -X PUT -d '{"weight":3}' http://$consul/v1/kv/upstreams/app/${backends[2]}   # add red, no reload
-  curl -s -X DELETE http://$consul/v1/kv/upstreams/app/${backends[0]}                  # remove blue
+  curl -s -X PUT -d '{"weight":1}' http://$consul/v1/kv/upstreams/app/${backends[0]}   # blue back, no reload
   curl -s -X PUT -d '{"down":1}' http://$consul/v1/kv/upstreams/app/${backends[1]}     # mark green down
+
+The whole stack (containers, upsync-sidecar, nginx, upsync-dns): make demo-stack
 
 Ctrl-C stops everything.
 MSG

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The sidecar scene of the demo: a Consul dev agent, podman's Docker-compatible API service with
-# a store of its own, upsync-sidecar, and nginx with the upsync module watching the sidecar's KV
-# prefix (nginx-conf/sidecar.conf). wrk drives traffic through nginx while the `web` service is
-# scaled 2 -> 6 -> 2 containers; the scene ends with wrk's count of failed requests (0), then
+# `make demo-stack`, the whole stack: a Consul dev agent, podman's Docker-compatible API service
+# with a store of its own, upsync-sidecar, nginx with the upsync module watching the sidecar's KV
+# prefix (nginx-conf/sidecar.conf), and upsync-dns answering for the same services. wrk drives
+# traffic through nginx while the `web` service is scaled 2 -> 6 -> 2 containers, and dig shows
+# the SRV records following; the scene ends with wrk's count of failed requests (0), then
 # everything keeps running with the commands to try printed, until Ctrl-C. Everything runs on
 # loopback ports picked now; only what the script started is stopped (by PID), and the podman
 # store is removed.
@@ -26,17 +27,17 @@ cleanup() {
     for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
     sleep 1
     for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
-    logs="$(mktemp -d /tmp/upsync-sidecar-demo-logs.XXXXXX)"
+    logs="$(mktemp -d /tmp/upsync-stack-demo-logs.XXXXXX)"
     cp "$dir"/logs/* "$dir"/error.log "$logs"/ 2>/dev/null || true
     rm -rf "$dir"
     echo "demo: logs kept in $logs"
 }
 trap cleanup EXIT INT TERM
 
-for f in "$build/ngx_http_upsync_module.so" "$build/upsync-sidecar" /usr/sbin/nginx /bin/busybox; do
+for f in "$build/ngx_http_upsync_module.so" "$build/upsync-sidecar" "$build/upsync-dns" /usr/sbin/nginx /bin/busybox; do
     [ -e "$f" ] || { echo "demo: $f is missing; run 'make deps build'" >&2; exit 1; }
 done
-for t in podman wrk curl unshare; do
+for t in podman wrk curl unshare dig; do
     command -v "$t" >/dev/null || { echo "demo: $t is missing; run 'make deps'" >&2; exit 1; }
 done
 consul_bin="$(command -v consul || echo /usr/local/bin/consul)"
@@ -89,6 +90,18 @@ for _ in $(seq 1 100); do curl -sf "http://$consul/v1/status/leader" | grep -q 1
 pids+=($!)
 for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$api_port/healthz" >/dev/null && break; sleep 0.1; done
 
+udns_port=$(free_port); udns_metrics=$(free_port)
+"$build/upsync-dns" --consul "$consul" --listen "127.0.0.1:$udns_port" --zone service.upsync. \
+    --metrics-listen "127.0.0.1:$udns_metrics" >"$dir/logs/upsync-dns.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$udns_metrics/health" >/dev/null && break; sleep 0.1; done
+srv() { dig @127.0.0.1 -p "$udns_port" +short web.service.upsync. SRV | sort; }
+show_srv() { echo "demo: dig @127.0.0.1 -p $udns_port web.service.upsync. SRV:"; srv | sed 's/^/    /'; }
+wait_srv() {
+    for _ in $(seq 1 100); do [ "$(srv | grep -c .)" = "$1" ] && { show_srv; return 0; }; sleep 0.1; done
+    echo "demo: upsync-dns did not reach $1 SRV records; see $dir/logs" >&2; show_srv; return 1
+}
+
 sed -e "s#@MODULE@#$build/ngx_http_upsync_module.so#" -e "s#@DIR@#$dir#g" -e "s#@CONSUL@#$consul#" \
     -e "s#@PORT@#$nginx_port#" "$here/nginx-conf/sidecar.conf" >"$dir/nginx.conf"
 /usr/sbin/nginx -p "$dir" -c "$dir/nginx.conf" -e "$dir/error.log" &
@@ -111,6 +124,7 @@ say "starting 2 containers of service web"
 run_web web-0; run_web web-1
 wait_servers 2
 curl -s "http://127.0.0.1:$nginx_port/upstream_show"
+wait_srv 2
 
 say "wrk through nginx for 20 s while web scales 2 -> 6 -> 2"
 wrk -t2 -c16 -d20s "http://127.0.0.1:$nginx_port/" >"$dir/logs/wrk.txt" 2>&1 &
@@ -119,21 +133,24 @@ pids+=($wrk_pid)
 sleep 2
 for i in 2 3 4 5; do run_web "web-$i"; done
 wait_servers 6 && echo "demo: nginx lists 6 servers"
+wait_srv 6
 sleep 2
 # podman stop: httpd keeps serving during the stop timeout; the sidecar marks it down first.
 stops=()
 for i in 2 3 4 5; do podman stop "web-$i" >/dev/null 2>&1 & stops+=($!); done
 wait "${stops[@]}"
 wait_servers 2 && echo "demo: nginx lists 2 servers"
+wait_srv 2
 wait "$wrk_pid" 2>/dev/null || true
 cat "$dir/logs/wrk.txt"
 grep -qE 'Non-2xx|Socket errors' "$dir/logs/wrk.txt" && echo "demo: SOME REQUESTS FAILED" || echo "demo: no failed request (no non-2xx, no socket error)"
 
 cat <<MSG
 
-upsync sidecar demo is running (files in $dir)
+upsync whole-stack demo is running (files in $dir)
   nginx       http://127.0.0.1:$nginx_port/            upstream web synced from Consul KV upstreams/web/
   sidecar API http://127.0.0.1:$api_port/             (sidecar/openapi.yaml)
+  upsync-dns  127.0.0.1:$udns_port (UDP+TCP), metrics http://127.0.0.1:$udns_metrics/metrics
   Consul UI   http://$consul/ui/
 
 Try (in another shell):
@@ -145,6 +162,8 @@ Try (in another shell):
   curl -s -X PUT http://127.0.0.1:$api_port/v1/endpoints/web/extra -d '{"address":"127.0.0.1","port":18098}'
   curl -s -X DELETE 'http://127.0.0.1:$api_port/v1/endpoints/web/extra?drain=5s'
   curl -s http://127.0.0.1:$api_port/healthz
+  dig @127.0.0.1 -p $udns_port web.service.upsync. SRV       # targets with glue A records
+  dig @127.0.0.1 -p $udns_port web.service.upsync. A
 
 Ctrl-C stops everything.
 MSG
