@@ -5,16 +5,8 @@
 # Re-run to refresh them: discovery/testdata/capture-dump.sh
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-consul="${CONSUL_BIN:-/usr/local/bin/consul}"
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-http=$(port); work=$(mktemp -d)
-"$consul" agent -dev -bind 127.0.0.1 -client 127.0.0.1 -node capture-node -http-port "$http" \
-    -dns-port "$(port)" -serf-lan-port "$(port)" -serf-wan-port "$(port)" -server-port "$(port)" \
-    -grpc-port "$(port)" >"$work/consul.log" 2>&1 &
-pid=$!
-trap 'kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null; rm -rf "$work"' EXIT
-api="http://127.0.0.1:$http"
-for _ in $(seq 100); do curl -sf "$api/v1/catalog/node/capture-node" | grep -q capture-node && break; sleep 0.1; done
+# shellcheck source=dev-agent.sh
+source "$here/dev-agent.sh"
 
 reg() { curl -sf -X PUT --data-binary "$1" "$api/v1/agent/service/register" >/dev/null; }
 reg '{"ID":"web1","Name":"web","Address":"127.0.0.5","Port":8080,"Tags":["v1","weight=3"],"Meta":{"ver":"1","team":"edge"},"Check":{"CheckID":"web1-ttl","TTL":"600s","Status":"passing"}}'
