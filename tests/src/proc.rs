@@ -152,8 +152,15 @@ pub fn alive(pid: u32) -> bool {
 
 /// Resident set size of `pid` in KiB (VmRSS), if known.
 pub fn rss_kib(pid: u32) -> Option<u64> {
+    status_kib(pid, "VmRSS")
+}
+
+/// A KiB field of /proc/PID/status (`VmRSS`, `RssAnon`: private memory, `RssShmem`: pages of
+/// shared memory zones this process touched).
+pub fn status_kib(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()
+    let line = status.lines().find(|l| l.strip_prefix(field).is_some_and(|r| r.starts_with(':')))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// Number of threads of `pid`.

@@ -178,7 +178,12 @@ fn main() -> anyhow::Result<()> {
     );
     put_server(&consul, "mem", &addr(0), "");
     wait_servers(&mem, "app", &[&addr(0)]);
-    let rss = |n: &Nginx| n.worker_pids().iter().filter_map(|p| upsync_tests::proc::rss_kib(*p)).sum::<u64>();
+    // Private memory (RssAnon) and touched pages of shared memory (RssShmem: the module's zone,
+    // bounded by upsync_shm_size), summed over the workers, in KiB.
+    let rss = |n: &Nginx| {
+        let sum = |field: &str| n.worker_pids().iter().filter_map(|p| upsync_tests::proc::status_kib(*p, field)).sum::<u64>();
+        (sum("RssAnon"), sum("RssShmem"))
+    };
     let writer = ureq::AgentBuilder::new().build();
     let churn_url = |i: usize| format!("http://{}/v1/kv/upstreams/mem/10.{}.{}.{}:80", consul.http_addr(), (i / 65536) % 256, (i / 256) % 256, i % 256);
     let warm = 2_000.min(changes);
@@ -189,11 +194,16 @@ fn main() -> anyhow::Result<()> {
     let rss_before = rss(&mem);
     let v_before = upsync_tests::upsync::show_json(&mem, "app")["sync"]["version"].as_u64().unwrap_or(0);
     let t_mem = Instant::now();
+    // RSS at each quarter of the writes: a leak grows with every quarter, allocator warm-up does not.
+    let mut rss_quarters = Vec::new();
     for i in 0..changes / 2 {
         writer.put(&churn_url(i % 50)).send_string("{\"down\":1}")?;
         writer.delete(&churn_url(i % 50)).call()?;
         if i % 1000 == 0 {
             let _ = wrk(&mem.url("/"), 1, 4, Duration::from_secs(1)).ok();
+        }
+        if (i + 1) % (changes / 8).max(1) == 0 {
+            rss_quarters.push(rss(&mem));
         }
     }
     wait_servers(&mem, "app", &[&addr(0)]);
@@ -217,15 +227,18 @@ fn main() -> anyhow::Result<()> {
     println!("- module / stock throughput: **{:.3}**, CPU per request **{:.3}**, p99 {:.2} ms vs {:.2} ms", m_rps / s_rps, m_cpu / s_cpu, m_p99, s_p99);
     println!("- under churn: module {:.3} of stock with {} failed requests; reload approach {:.3} of stock with {} failed requests", churn_module.requests_per_sec / s_rps, errs(&churn_module), churn_reload.requests_per_sec / s_rps, errs(&churn_reload));
     println!("- propagation (Consul write -> first request on the new server), {rounds} rounds: p50 {p50:.1} ms, p99 {p99:.1} ms");
+    let kib = |(anon, shm): (u64, u64)| format!("{anon} + {shm}");
     println!(
-        "- memory: {changes} Consul writes, {} server lists installed by each worker: worker RSS {rss_before} KiB before, {rss_after} KiB after ({workers} workers)",
-        v_after.saturating_sub(v_before)
+        "- memory: {changes} Consul writes, {} server lists installed by each worker; RSS of the {workers} workers, private + shared-zone pages (KiB): before {}, after each quarter {}",
+        v_after.saturating_sub(v_before),
+        kib(rss_before),
+        rss_quarters.iter().map(|q| kib(*q)).collect::<Vec<_>>().join(", "),
     );
     let json = serde_json::json!({
         "steady_module": steady_module, "steady_stock": steady_stock,
         "churn_module": churn_module, "churn_reload": churn_reload,
         "propagation_ms": { "p50": p50, "p99": p99, "rounds": rounds },
-        "memory": { "changes": changes, "lists_installed": v_after.saturating_sub(v_before), "rss_kib_before": rss_before, "rss_kib_after": rss_after },
+        "memory": { "changes": changes, "lists_installed": v_after.saturating_sub(v_before), "rss_kib_before": rss_before, "rss_kib_after": rss_after, "rss_kib_quarters": rss_quarters },
         "workers": workers, "connections": conns, "seconds": secs.as_secs(),
     });
     let out = upsync_tests::paths::build_dir().join("bench");
