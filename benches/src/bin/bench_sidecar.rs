@@ -102,6 +102,9 @@ fn main() {
     let mut opts = SidecarOpts::new("bench", &podman.socket);
     opts.extra_args.clear();
     let sidecar = Sidecar::start(dir.path(), &consul.http_addr(), opts);
+    // /healthz answers (degraded) before the first listing of the engine is done: measure from
+    // a sidecar that follows the engine, not one still connecting.
+    eventually("the sidecar connected to the engine", || sidecar.healthz()["engine"]["connected"] == true);
 
     let seen = Arc::new(Mutex::new(Seen::default()));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
