@@ -47,6 +47,7 @@ bench-e2e:
 	scripts/bench/run-all.sh
 
 check:
+	$(CARGO) fmt --all -- --check
 	$(NGINX_ENV) && $(CARGO) clippy $(CARGO_FLAGS) --workspace --all-targets -- -D warnings
 
 clean:

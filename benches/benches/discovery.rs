@@ -107,7 +107,9 @@ fn diff(c: &mut Criterion) {
         v.extend(extra.iter().skip(n).cloned());
         let new = EndpointSet::from_vec(v);
         g.throughput(Throughput::Elements(n as u64));
-        g.bench_with_input(BenchmarkId::new("diff", n), &(old.clone(), new.clone()), |b, (o, nw)| b.iter(|| black_box(o).diff(black_box(nw))));
+        g.bench_with_input(BenchmarkId::new("diff", n), &(old.clone(), new.clone()), |b, (o, nw)| {
+            b.iter(|| black_box(o).diff(black_box(nw)))
+        });
         // Peer: the hash-map diff a caller writes when the sets are not sorted.
         g.bench_with_input(BenchmarkId::new("peer_hashmap_diff", n), &(old, new), |b, (o, nw)| {
             b.iter(|| hashmap_diff(black_box(o), black_box(nw)))
@@ -117,7 +119,10 @@ fn diff(c: &mut Criterion) {
 }
 
 /// (added, removed, changed) by `host:port` through a HashMap.
-fn hashmap_diff<'a>(old: &'a EndpointSet, new: &'a EndpointSet) -> (Vec<&'a Endpoint>, Vec<&'a Endpoint>, Vec<(&'a Endpoint, &'a Endpoint)>) {
+fn hashmap_diff<'a>(
+    old: &'a EndpointSet,
+    new: &'a EndpointSet,
+) -> (Vec<&'a Endpoint>, Vec<&'a Endpoint>, Vec<(&'a Endpoint, &'a Endpoint)>) {
     let before: HashMap<(&Host, u16), &Endpoint> = old.iter().map(|e| ((&e.host, e.port), e)).collect();
     let after: HashMap<(&Host, u16), &Endpoint> = new.iter().map(|e| ((&e.host, e.port), e)).collect();
     let added = new.iter().filter(|e| !before.contains_key(&(&e.host, e.port))).collect();

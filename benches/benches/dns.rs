@@ -45,7 +45,9 @@ fn snapshot(c: &mut Criterion) {
     let mut g = c.benchmark_group("snapshot");
     g.sample_size(10);
     g.throughput(Throughput::Elements((SERVICES * PER) as u64));
-    g.bench_function("build 100k instances", |b| b.iter_batched(all, |v| black_box(Snapshot::build(1, zone(), v)), criterion::BatchSize::LargeInput));
+    g.bench_function("build 100k instances", |b| {
+        b.iter_batched(all, |v| black_box(Snapshot::build(1, zone(), v)), criterion::BatchSize::LargeInput)
+    });
     let snap = Snapshot::build(1, zone(), all());
     g.throughput(Throughput::Elements(1));
     g.bench_function("rebuild one service of 100k instances", |b| {

@@ -22,12 +22,7 @@ pub struct ServiceWeights {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CheckKind {
     /// The agent GETs (or `method`s) `url`; 2xx is passing, 429 warning, anything else critical.
-    Http {
-        url: String,
-        method: Option<String>,
-        headers: BTreeMap<String, Vec<String>>,
-        tls_skip_verify: bool,
-    },
+    Http { url: String, method: Option<String>, headers: BTreeMap<String, Vec<String>>, tls_skip_verify: bool },
     /// The agent connects to `address` (`host:port`).
     Tcp { address: String },
     /// Someone (the sidecar) must report within `ttl` or the check turns critical.
@@ -61,12 +56,7 @@ impl Check {
         }
         o.insert("Name".into(), json!(self.name));
         match &self.kind {
-            CheckKind::Http {
-                url,
-                method,
-                headers,
-                tls_skip_verify,
-            } => {
+            CheckKind::Http { url, method, headers, tls_skip_verify } => {
                 if url.is_empty() {
                     return Err(bad("an HTTP check needs a URL"));
                 }
@@ -105,10 +95,7 @@ impl Check {
             o.insert("Timeout".into(), json!(go_duration(t)));
         }
         if let Some(d) = self.deregister_critical_service_after {
-            o.insert(
-                "DeregisterCriticalServiceAfter".into(),
-                json!(go_duration(d)),
-            );
+            o.insert("DeregisterCriticalServiceAfter".into(), json!(go_duration(d)));
         }
         if let Some(s) = self.status {
             o.insert("Status".into(), json!(s.as_str()));
@@ -161,17 +148,10 @@ impl ServiceRegistration {
             o.insert("Port".into(), json!(p));
         }
         if let Some(w) = self.weights {
-            o.insert(
-                "Weights".into(),
-                json!({ "Passing": w.passing, "Warning": w.warning }),
-            );
+            o.insert("Weights".into(), json!({ "Passing": w.passing, "Warning": w.warning }));
         }
         if !self.checks.is_empty() {
-            let checks = self
-                .checks
-                .iter()
-                .map(Check::to_json)
-                .collect::<Result<Vec<_>, _>>()?;
+            let checks = self.checks.iter().map(Check::to_json).collect::<Result<Vec<_>, _>>()?;
             o.insert("Checks".into(), Value::Array(checks));
         }
         Ok(Value::Object(o).to_string())
@@ -232,10 +212,7 @@ mod tests {
             tags: vec!["weight=5".into()],
             address: Some("10.0.0.1".into()),
             port: Some(8080),
-            weights: Some(ServiceWeights {
-                passing: 5,
-                warning: 1,
-            }),
+            weights: Some(ServiceWeights { passing: 5, warning: 1 }),
             checks: vec![
                 Check {
                     id: None,
@@ -255,9 +232,7 @@ mod tests {
                 Check {
                     id: Some("ttl".into()),
                     name: "ttl".into(),
-                    kind: CheckKind::Ttl {
-                        ttl: Duration::from_secs(15),
-                    },
+                    kind: CheckKind::Ttl { ttl: Duration::from_secs(15) },
                     interval: None,
                     timeout: None,
                     deregister_critical_service_after: None,

@@ -90,13 +90,7 @@ impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let c = &self.inner.cfg;
         f.debug_struct("Client")
-            .field(
-                "addresses",
-                &c.addresses
-                    .iter()
-                    .map(|a| a.to_string())
-                    .collect::<Vec<_>>(),
-            )
+            .field("addresses", &c.addresses.iter().map(|a| a.to_string()).collect::<Vec<_>>())
             .field("token", &c.token) // Secret: prints <redacted>
             .field("token_file", &c.token_file)
             .field("tls", &c.tls)
@@ -130,15 +124,7 @@ impl Client {
             (None, None) => TokenSource::None,
         };
         let pool = Mutex::new((0..cfg.addresses.len()).map(|_| Vec::new()).collect());
-        Ok(Client {
-            inner: Arc::new(Inner {
-                cfg,
-                token,
-                tls,
-                current: AtomicUsize::new(0),
-                pool,
-            }),
-        })
+        Ok(Client { inner: Arc::new(Inner { cfg, token, tls, current: AtomicUsize::new(0), pool }) })
     }
 
     pub fn config(&self) -> &ConsulConfig {
@@ -155,13 +141,8 @@ impl Client {
     /// and the consistency mode (on `/v1/kv`, `/v1/catalog`, `/v1/health`), and `index`/`wait`
     /// when `blocking` is given. 2xx and 404 are `Ok` (Consul answers 404 for a KV prefix with no
     /// keys, with an index to block on); other statuses are errors.
-    pub async fn get(
-        &self,
-        path_and_query: &str,
-        blocking: Option<Blocking>,
-    ) -> Result<Response, Error> {
-        self.request(Method::GET, path_and_query, None, blocking)
-            .await
+    pub async fn get(&self, path_and_query: &str, blocking: Option<Blocking>) -> Result<Response, Error> {
+        self.request(Method::GET, path_and_query, None, blocking).await
     }
 
     /// Any request. Like [`Client::get`]; `dc` is added to KV/catalog/health paths for all
@@ -174,9 +155,7 @@ impl Client {
         blocking: Option<Blocking>,
     ) -> Result<Response, Error> {
         if !path_and_query.starts_with('/') {
-            return Err(Error::Config(format!(
-                "request path `{path_and_query}` must start with `/`"
-            )));
+            return Err(Error::Config(format!("request path `{path_and_query}` must start with `/`")));
         }
         let path = self.full_path(&method, path_and_query, blocking);
         let mut timeout = self.inner.cfg.request_timeout;
@@ -199,11 +178,7 @@ impl Client {
                     }
                     return Ok(resp);
                 }
-                Err(e)
-                    if k + 1 < n
-                        && e.should_fail_over()
-                        && (method == Method::GET || not_sent(&e)) =>
-                {
+                Err(e) if k + 1 < n && e.should_fail_over() && (method == Method::GET || not_sent(&e)) => {
                     tracing::warn!(error = %e, "Consul: trying the next address");
                     k += 1;
                 }
@@ -212,12 +187,7 @@ impl Client {
         }
     }
 
-    fn full_path(
-        &self,
-        method: &Method,
-        path_and_query: &str,
-        blocking: Option<Blocking>,
-    ) -> String {
+    fn full_path(&self, method: &Method, path_and_query: &str, blocking: Option<Blocking>) -> String {
         let cfg = &self.inner.cfg;
         let mut path = path_and_query.to_string();
         let mut sep = if path.contains('?') { '&' } else { '?' };
@@ -227,9 +197,7 @@ impl Client {
             sep = '&';
         };
         let bare = path_and_query.split('?').next().unwrap_or("");
-        let data_path = ["/v1/kv/", "/v1/catalog/", "/v1/health/"]
-            .iter()
-            .any(|p| bare.starts_with(p));
+        let data_path = ["/v1/kv/", "/v1/catalog/", "/v1/health/"].iter().any(|p| bare.starts_with(p));
         if data_path {
             if let Some(dc) = &cfg.datacenter {
                 add(&mut path, &format!("dc={dc}"));
@@ -243,28 +211,14 @@ impl Client {
             }
         }
         if let Some(b) = blocking {
-            add(
-                &mut path,
-                &format!(
-                    "index={}&wait={}",
-                    b.index,
-                    go_duration(b.wait.min(MAX_WAIT))
-                ),
-            );
+            add(&mut path, &format!("index={}&wait={}", b.index, go_duration(b.wait.min(MAX_WAIT))));
         }
         path
     }
 
     /// One request to address `i`, on a pooled connection or a new one; a pooled connection
     /// that turns out to be dead is replaced once.
-    async fn exchange(
-        &self,
-        i: usize,
-        method: &Method,
-        path: &str,
-        body: &Bytes,
-        timeout: Duration,
-    ) -> Result<Response, Error> {
+    async fn exchange(&self, i: usize, method: &Method, path: &str, body: &Bytes, timeout: Duration) -> Result<Response, Error> {
         let address = &self.inner.cfg.addresses[i];
         let started = Instant::now();
         let attempt = async {
@@ -321,94 +275,49 @@ impl Client {
         let raw = match tokio::time::timeout(timeout, attempt).await {
             Ok(r) => r?,
             Err(_) => {
-                return Err(Error::Timeout {
-                    address: address.clone(),
-                    method: method.to_string(),
-                    path: path.to_string(),
-                    after: timeout,
-                })
+                return Err(Error::Timeout { address: address.clone(), method: method.to_string(), path: path.to_string(), after: timeout })
             }
         };
         let status = raw.status.as_u16();
         let index = header_u64(&raw.headers, "x-consul-index").unwrap_or(0);
-        let known_leader = raw
-            .headers
-            .get("x-consul-knownleader")
-            .map(|v| v.as_bytes() != b"false")
-            .unwrap_or(true);
+        let known_leader = raw.headers.get("x-consul-knownleader").map(|v| v.as_bytes() != b"false").unwrap_or(true);
         tracing::debug!(address = %address, %method, path, status, index, elapsed_ms = started.elapsed().as_millis() as u64, "Consul request");
         if (200..300).contains(&status) || status == 404 {
-            return Ok(Response {
-                index,
-                status,
-                body: raw.body,
-                address: address.clone(),
-                known_leader,
-            });
+            return Ok(Response { index, status, body: raw.body, address: address.clone(), known_leader });
         }
         let message = consul_message(&raw.body);
         let is_acl = status == 401
             || status == 403
-            || ["permission denied", "acl not found", "acl token"]
-                .iter()
-                .any(|m| message.to_ascii_lowercase().contains(m));
+            || ["permission denied", "acl not found", "acl token"].iter().any(|m| message.to_ascii_lowercase().contains(m));
         if is_acl {
             self.inner.token.refresh();
-            return Err(Error::AclDenied {
-                address: address.clone(),
-                method: method.to_string(),
-                path: path.to_string(),
-                status,
-                message,
-            });
+            return Err(Error::AclDenied { address: address.clone(), method: method.to_string(), path: path.to_string(), status, message });
         }
-        Err(Error::Http {
-            address: address.clone(),
-            method: method.to_string(),
-            path: path.to_string(),
-            status,
-            message,
-        })
+        Err(Error::Http { address: address.clone(), method: method.to_string(), path: path.to_string(), status, message })
     }
 
-    fn build_request(
-        &self,
-        address: &ConsulAddr,
-        method: &Method,
-        path: &str,
-        body: &Bytes,
-    ) -> Result<Request<Full<Bytes>>, Error> {
+    fn build_request(&self, address: &ConsulAddr, method: &Method, path: &str, body: &Bytes) -> Result<Request<Full<Bytes>>, Error> {
         let mut b = Request::builder()
             .method(method.clone())
             .uri(path)
             .header(HOST, address.authority())
-            .header(
-                USER_AGENT,
-                concat!("upsync-discovery/", env!("CARGO_PKG_VERSION")),
-            );
+            .header(USER_AGENT, concat!("upsync-discovery/", env!("CARGO_PKG_VERSION")));
         if !body.is_empty() {
             b = b.header(CONTENT_TYPE, "application/json");
         }
         if let Some(token) = self.inner.token.current() {
             if !token.is_empty() {
-                let mut v = HeaderValue::from_str(token.expose()).map_err(|_| {
-                    Error::Config(
-                        "the ACL token contains characters not allowed in an HTTP header".into(),
-                    )
-                })?;
+                let mut v = HeaderValue::from_str(token.expose())
+                    .map_err(|_| Error::Config("the ACL token contains characters not allowed in an HTTP header".into()))?;
                 v.set_sensitive(true);
                 b = b.header("X-Consul-Token", v);
             }
         }
-        b.body(Full::new(body.clone()))
-            .map_err(|e| Error::Config(format!("cannot build a request for `{path}`: {e}")))
+        b.body(Full::new(body.clone())).map_err(|e| Error::Config(format!("cannot build a request for `{path}`: {e}")))
     }
 
     async fn connect(&self, address: &ConsulAddr) -> Result<Conn, Error> {
-        let fail = |message: String| Error::Connect {
-            address: address.clone(),
-            message,
-        };
+        let fail = |message: String| Error::Connect { address: address.clone(), message };
         let work = async {
             let targets: Vec<SocketAddr> = match &address.host {
                 // IP literals are never resolved.
@@ -434,36 +343,21 @@ impl Client {
             let io: Box<dyn IoStream> = match address.scheme {
                 Scheme::Http => Box::new(tcp),
                 Scheme::Https => {
-                    let tls = self.inner.tls.as_ref().ok_or_else(|| {
-                        Error::Config("an https:// address needs TLS options".into())
-                    })?;
+                    let tls = self.inner.tls.as_ref().ok_or_else(|| Error::Config("an https:// address needs TLS options".into()))?;
                     let name = server_name(address, self.inner.cfg.tls.as_ref())?;
-                    let s = tls.connect(name, tcp).await.map_err(|e| Error::Tls {
-                        address: address.clone(),
-                        message: e.to_string(),
-                    })?;
+                    let s = tls.connect(name, tcp).await.map_err(|e| Error::Tls { address: address.clone(), message: e.to_string() })?;
                     Box::new(s)
                 }
             };
             let io_error = Arc::new(Mutex::new(None));
             let io = RecordErrors { inner: io, last: io_error.clone() };
-            let (sender, driver) = http1::Builder::new()
-                .handshake(TokioIo::new(io))
-                .await
-                .map_err(|e| fail(format!("HTTP handshake: {e}")))?;
-            Ok(Conn {
-                sender,
-                driver: Box::pin(driver),
-                idle_since: Instant::now(),
-                io_error,
-            })
+            let (sender, driver) =
+                http1::Builder::new().handshake(TokioIo::new(io)).await.map_err(|e| fail(format!("HTTP handshake: {e}")))?;
+            Ok(Conn { sender, driver: Box::pin(driver), idle_since: Instant::now(), io_error })
         };
         match tokio::time::timeout(self.inner.cfg.connect_timeout, work).await {
             Ok(r) => r,
-            Err(_) => Err(fail(format!(
-                "no connection within {:?}",
-                self.inner.cfg.connect_timeout
-            ))),
+            Err(_) => Err(fail(format!("no connection within {:?}", self.inner.cfg.connect_timeout))),
         }
     }
 
@@ -478,8 +372,7 @@ impl Client {
                 continue;
             }
             // Poll the idle connection once: if the server closed it, the driver finishes now.
-            let finished =
-                std::future::poll_fn(|cx| Poll::Ready(c.driver.as_mut().poll(cx).is_ready())).await;
+            let finished = std::future::poll_fn(|cx| Poll::Ready(c.driver.as_mut().poll(cx).is_ready())).await;
             if !finished {
                 return Some(c);
             }
@@ -505,9 +398,7 @@ impl Client {
         if let Some(c) = cas {
             path.push_str(&format!("?cas={c}"));
         }
-        let r = self
-            .expect_found(Method::PUT, &path, Some(Bytes::copy_from_slice(value)))
-            .await?;
+        let r = self.expect_found(Method::PUT, &path, Some(Bytes::copy_from_slice(value))).await?;
         parse_bool(&r)
     }
 
@@ -523,9 +414,7 @@ impl Client {
     /// Every entry whose key starts with `prefix` (Consul's `?recurse`: a string prefix, so
     /// `a/b` also lists `a/bc`; end it with `/` for one folder). Empty when none.
     pub async fn kv_list(&self, prefix: &str) -> Result<Vec<KvPair>, Error> {
-        let r = self
-            .get(&format!("{}?recurse", kv_path(prefix)), None)
-            .await?;
+        let r = self.get(&format!("{}?recurse", kv_path(prefix)), None).await?;
         if r.status == 404 {
             return Ok(Vec::new());
         }
@@ -550,17 +439,9 @@ impl Client {
     /// An empty prefix (the whole store) is refused.
     pub async fn kv_delete_prefix(&self, prefix: &str) -> Result<(), Error> {
         if prefix.trim_matches('/').is_empty() {
-            return Err(Error::Config(
-                "refusing to delete the whole KV store (empty prefix)".into(),
-            ));
+            return Err(Error::Config("refusing to delete the whole KV store (empty prefix)".into()));
         }
-        let r = self
-            .expect_found(
-                Method::DELETE,
-                &format!("{}?recurse", kv_path(prefix)),
-                None,
-            )
-            .await?;
+        let r = self.expect_found(Method::DELETE, &format!("{}?recurse", kv_path(prefix)), None).await?;
         parse_bool(&r).map(|_| ())
     }
 
@@ -574,109 +455,61 @@ impl Client {
         } else {
             "/v1/agent/service/register"
         };
-        self.expect_found(Method::PUT, path, Some(Bytes::from(body)))
-            .await
-            .map(|_| ())
+        self.expect_found(Method::PUT, path, Some(Bytes::from(body))).await.map(|_| ())
     }
 
     /// `PUT /v1/agent/service/deregister/ID`. An unknown ID is an error (HTTP 404 from Consul).
     pub async fn deregister_service(&self, id: &str) -> Result<(), Error> {
-        self.expect_found(
-            Method::PUT,
-            &format!("/v1/agent/service/deregister/{}", seg(id)),
-            None,
-        )
-        .await
-        .map(|_| ())
+        self.expect_found(Method::PUT, &format!("/v1/agent/service/deregister/{}", seg(id)), None).await.map(|_| ())
     }
 
     /// Sets a TTL check's status, with `note` as its output (`PUT /v1/agent/check/update/ID`).
-    pub async fn check_update(
-        &self,
-        check_id: &str,
-        status: Status,
-        note: Option<&str>,
-    ) -> Result<(), Error> {
-        let body = serde_json::json!({ "Status": status.as_str(), "Output": note.unwrap_or("") })
-            .to_string();
-        self.expect_found(
-            Method::PUT,
-            &format!("/v1/agent/check/update/{}", seg(check_id)),
-            Some(Bytes::from(body)),
-        )
-        .await
-        .map(|_| ())
+    pub async fn check_update(&self, check_id: &str, status: Status, note: Option<&str>) -> Result<(), Error> {
+        let body = serde_json::json!({ "Status": status.as_str(), "Output": note.unwrap_or("") }).to_string();
+        self.expect_found(Method::PUT, &format!("/v1/agent/check/update/{}", seg(check_id)), Some(Bytes::from(body))).await.map(|_| ())
     }
 
     /// Puts a service in (or out of) maintenance mode: Consul adds a critical check, so health
     /// watches see it down and DNS stops returning it.
-    pub async fn service_maintenance(
-        &self,
-        id: &str,
-        enable: bool,
-        reason: Option<&str>,
-    ) -> Result<(), Error> {
+    pub async fn service_maintenance(&self, id: &str, enable: bool, reason: Option<&str>) -> Result<(), Error> {
         let mut path = format!("/v1/agent/service/maintenance/{}?enable={enable}", seg(id));
         if let Some(r) = reason {
             path.push_str("&reason=");
             path.push_str(&utf8_percent_encode(r, QUERY).to_string());
         }
-        self.expect_found(Method::PUT, &path, None)
-            .await
-            .map(|_| ())
+        self.expect_found(Method::PUT, &path, None).await.map(|_| ())
     }
 
     /// The services registered with this agent, by ID.
-    pub async fn agent_services(
-        &self,
-    ) -> Result<std::collections::BTreeMap<String, AgentService>, Error> {
-        let r = self
-            .expect_found(Method::GET, "/v1/agent/services", None)
-            .await?;
+    pub async fn agent_services(&self) -> Result<std::collections::BTreeMap<String, AgentService>, Error> {
+        let r = self.expect_found(Method::GET, "/v1/agent/services", None).await?;
         decode_json(&r, "/v1/agent/services")
     }
 
     /// The checks registered with this agent, by check ID.
-    pub async fn agent_checks(
-        &self,
-    ) -> Result<std::collections::BTreeMap<String, AgentCheck>, Error> {
-        let r = self
-            .expect_found(Method::GET, "/v1/agent/checks", None)
-            .await?;
+    pub async fn agent_checks(&self) -> Result<std::collections::BTreeMap<String, AgentCheck>, Error> {
+        let r = self.expect_found(Method::GET, "/v1/agent/checks", None).await?;
         decode_json(&r, "/v1/agent/checks")
     }
 
     /// `GET /v1/agent/self` as JSON.
     pub async fn agent_self(&self) -> Result<serde_json::Value, Error> {
-        let r = self
-            .expect_found(Method::GET, "/v1/agent/self", None)
-            .await?;
+        let r = self.expect_found(Method::GET, "/v1/agent/self", None).await?;
         decode_json(&r, "/v1/agent/self")
     }
 
     /// The agent's node name (`Config.NodeName` of `/v1/agent/self`).
     pub async fn node_name(&self) -> Result<String, Error> {
         let v = self.agent_self().await?;
-        v.pointer("/Config/NodeName")
-            .and_then(|n| n.as_str())
-            .map(str::to_string)
-            .ok_or_else(|| Error::Decode {
-                address: self.current_address().clone(),
-                path: "/v1/agent/self".into(),
-                error: crate::decode::DecodeError {
-                    what: "agent self",
-                    message: "no Config.NodeName".into(),
-                },
-            })
+        v.pointer("/Config/NodeName").and_then(|n| n.as_str()).map(str::to_string).ok_or_else(|| Error::Decode {
+            address: self.current_address().clone(),
+            path: "/v1/agent/self".into(),
+            error: crate::decode::DecodeError { what: "agent self", message: "no Config.NodeName".into() },
+        })
     }
 
     /// A request whose 404 is an error too.
-    async fn expect_found(
-        &self,
-        method: Method,
-        path: &str,
-        body: Option<Bytes>,
-    ) -> Result<Response, Error> {
+    async fn expect_found(&self, method: Method, path: &str, body: Option<Bytes>) -> Result<Response, Error> {
         let r = self.request(method.clone(), path, body, None).await?;
         if r.status == 404 {
             return Err(Error::Http {
@@ -694,35 +527,16 @@ impl Client {
 // ----- helpers -----------------------------------------------------------------------------
 
 fn not_sent(e: &Error) -> bool {
-    matches!(e, Error::Connect { .. } | Error::Tls { .. })
-        || matches!(e, Error::Http { status, .. } if *status >= 500 || *status == 429)
+    matches!(e, Error::Connect { .. } | Error::Tls { .. }) || matches!(e, Error::Http { status, .. } if *status >= 500 || *status == 429)
 }
 
 /// Characters escaped in a KV key or ID path segment (`/` is kept in keys).
-const PATH: &AsciiSet = &NON_ALPHANUMERIC
-    .remove(b'/')
-    .remove(b'-')
-    .remove(b'_')
-    .remove(b'.')
-    .remove(b'~')
-    .remove(b':');
-const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
-    .remove(b'-')
-    .remove(b'_')
-    .remove(b'.')
-    .remove(b'~')
-    .remove(b':');
-const QUERY: &AsciiSet = &NON_ALPHANUMERIC
-    .remove(b'-')
-    .remove(b'_')
-    .remove(b'.')
-    .remove(b'~');
+const PATH: &AsciiSet = &NON_ALPHANUMERIC.remove(b'/').remove(b'-').remove(b'_').remove(b'.').remove(b'~').remove(b':');
+const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~').remove(b':');
+const QUERY: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~');
 
 pub(crate) fn kv_path(key: &str) -> String {
-    format!(
-        "/v1/kv/{}",
-        utf8_percent_encode(key.trim_start_matches('/'), PATH)
-    )
+    format!("/v1/kv/{}", utf8_percent_encode(key.trim_start_matches('/'), PATH))
 }
 
 pub(crate) fn seg(s: &str) -> String {
@@ -780,10 +594,7 @@ fn decode_json<T: serde::de::DeserializeOwned>(r: &Response, path: &str) -> Resu
     serde_json::from_slice(&r.body).map_err(|e| Error::Decode {
         address: r.address.clone(),
         path: path.to_string(),
-        error: crate::decode::DecodeError {
-            what: "agent response",
-            message: format!("invalid JSON ({e})"),
-        },
+        error: crate::decode::DecodeError { what: "agent response", message: format!("invalid JSON ({e})") },
     })
 }
 
@@ -812,18 +623,11 @@ fn decode_kv_pairs(r: &Response) -> Result<Vec<KvPair>, Error> {
         .map(|p| {
             let value = match p.value {
                 None => Bytes::new(),
-                Some(v) => Bytes::from(
-                    base64::engine::general_purpose::STANDARD
-                        .decode(v)
-                        .map_err(|e| Error::Decode {
-                            address: r.address.clone(),
-                            path: kv_path(&p.key),
-                            error: crate::decode::DecodeError {
-                                what: "KV entry",
-                                message: format!("value is not base64 ({e})"),
-                            },
-                        })?,
-                ),
+                Some(v) => Bytes::from(base64::engine::general_purpose::STANDARD.decode(v).map_err(|e| Error::Decode {
+                    address: r.address.clone(),
+                    path: kv_path(&p.key),
+                    error: crate::decode::DecodeError { what: "KV entry", message: format!("value is not base64 ({e})") },
+                })?),
             };
             Ok(KvPair {
                 key: p.key,
@@ -853,10 +657,7 @@ enum TokenSource {
 impl TokenSource {
     fn file(path: &Path) -> Result<TokenSource, Error> {
         let (mtime, token) = read_token_file(path).map_err(Error::Config)?;
-        Ok(TokenSource::File {
-            path: path.to_path_buf(),
-            state: Mutex::new((mtime, token)),
-        })
+        Ok(TokenSource::File { path: path.to_path_buf(), state: Mutex::new((mtime, token)) })
     }
 
     fn current(&self) -> Option<Secret> {
@@ -889,19 +690,11 @@ impl TokenSource {
 }
 
 fn read_token_file(path: &Path) -> Result<(Option<SystemTime>, Secret), String> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        format!(
-            "cannot read the Consul ACL token file {}: {e}",
-            path.display()
-        )
-    })?;
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read the Consul ACL token file {}: {e}", path.display()))?;
     let mtime = std::fs::metadata(path).and_then(|m| m.modified()).ok();
     let token = text.trim();
     if token.is_empty() {
-        return Err(format!(
-            "the Consul ACL token file {} is empty",
-            path.display()
-        ));
+        return Err(format!("the Consul ACL token file {} is empty", path.display()));
     }
     Ok((mtime, Secret::new(token)))
 }
@@ -915,24 +708,13 @@ fn tls_connector(opts: &TlsOptions) -> Result<TlsConnector, Error> {
     let mut roots = rustls::RootCertStore::empty();
     match &opts.ca_file {
         Some(p) => {
-            let certs = CertificateDer::pem_file_iter(p)
-                .map_err(|e| cfg_err(format!("cannot read the CA file {}: {e}", p.display())))?;
+            let certs = CertificateDer::pem_file_iter(p).map_err(|e| cfg_err(format!("cannot read the CA file {}: {e}", p.display())))?;
             for c in certs {
-                let c = c.map_err(|e| {
-                    cfg_err(format!(
-                        "bad certificate in the CA file {}: {e}",
-                        p.display()
-                    ))
-                })?;
-                roots.add(c).map_err(|e| {
-                    cfg_err(format!("unusable CA certificate in {}: {e}", p.display()))
-                })?;
+                let c = c.map_err(|e| cfg_err(format!("bad certificate in the CA file {}: {e}", p.display())))?;
+                roots.add(c).map_err(|e| cfg_err(format!("unusable CA certificate in {}: {e}", p.display())))?;
             }
             if roots.is_empty() {
-                return Err(cfg_err(format!(
-                    "the CA file {} holds no certificate",
-                    p.display()
-                )));
+                return Err(cfg_err(format!("the CA file {} holds no certificate", p.display())));
             }
         }
         None => {
@@ -941,9 +723,7 @@ fn tls_connector(opts: &TlsOptions) -> Result<TlsConnector, Error> {
                 let _ = roots.add(c);
             }
             if roots.is_empty() {
-                return Err(cfg_err(
-                    "no CA file given and no system CA certificates found; set ca_file".into(),
-                ));
+                return Err(cfg_err("no CA file given and no system CA certificates found; set ca_file".into()));
             }
         }
     }
@@ -956,24 +736,13 @@ fn tls_connector(opts: &TlsOptions) -> Result<TlsConnector, Error> {
         (Some(cert), Some(key)) => {
             let chain = CertificateDer::pem_file_iter(cert)
                 .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| {
-                    cfg_err(format!(
-                        "cannot read the client certificate {}: {e}",
-                        cert.display()
-                    ))
-                })?;
+                .map_err(|e| cfg_err(format!("cannot read the client certificate {}: {e}", cert.display())))?;
             if chain.is_empty() {
-                return Err(cfg_err(format!(
-                    "the client certificate file {} holds no certificate",
-                    cert.display()
-                )));
+                return Err(cfg_err(format!("the client certificate file {} holds no certificate", cert.display())));
             }
-            let key = PrivateKeyDer::from_pem_file(key).map_err(|e| {
-                cfg_err(format!("cannot read the client key {}: {e}", key.display()))
-            })?;
-            builder
-                .with_client_auth_cert(chain, key)
-                .map_err(|e| cfg_err(format!("client certificate and key do not fit: {e}")))?
+            let key =
+                PrivateKeyDer::from_pem_file(key).map_err(|e| cfg_err(format!("cannot read the client key {}: {e}", key.display())))?;
+            builder.with_client_auth_cert(chain, key).map_err(|e| cfg_err(format!("client certificate and key do not fit: {e}")))?
         }
         _ => builder.with_no_client_auth(),
     };
@@ -981,19 +750,14 @@ fn tls_connector(opts: &TlsOptions) -> Result<TlsConnector, Error> {
     Ok(TlsConnector::from(Arc::new(config)))
 }
 
-fn server_name(
-    address: &ConsulAddr,
-    tls: Option<&TlsOptions>,
-) -> Result<rustls_pki_types::ServerName<'static>, Error> {
+fn server_name(address: &ConsulAddr, tls: Option<&TlsOptions>) -> Result<rustls_pki_types::ServerName<'static>, Error> {
     use rustls_pki_types::ServerName;
     if let Some(name) = tls.and_then(|t| t.server_name.as_deref()) {
-        return ServerName::try_from(name.to_string())
-            .map_err(|e| Error::Config(format!("TLS server name `{name}`: {e}")));
+        return ServerName::try_from(name.to_string()).map_err(|e| Error::Config(format!("TLS server name `{name}`: {e}")));
     }
     match &address.host {
         Host::Ip(ip) => Ok(ServerName::IpAddress((*ip).into())),
-        Host::Name(n) => ServerName::try_from(n.clone())
-            .map_err(|e| Error::Config(format!("TLS server name `{n}`: {e}"))),
+        Host::Name(n) => ServerName::try_from(n.clone()).map_err(|e| Error::Config(format!("TLS server name `{n}`: {e}"))),
     }
 }
 
@@ -1030,22 +794,14 @@ impl<T> RecordErrors<T> {
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for RecordErrors<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &mut tokio::io::ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         self.note(r)
     }
 }
 
 impl<T: AsyncWrite + Unpin> AsyncWrite for RecordErrors<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
         self.note(r)
     }
@@ -1092,20 +848,14 @@ enum SendError {
 /// Sends `req` on `conn` and reads the whole body, polling the connection's driver in the same
 /// future (hand-written because hyper's pooled client needs an executor to spawn connection
 /// tasks on; this keeps every byte of I/O inside the caller's future).
-async fn send(
-    conn: &mut Conn,
-    req: Request<Full<Bytes>>,
-    limit: usize,
-) -> Result<RawResponse, SendError> {
+async fn send(conn: &mut Conn, req: Request<Full<Bytes>>, limit: usize) -> Result<RawResponse, SendError> {
     let Conn { sender, driver, io_error: conn_io_error, .. } = conn;
     let mut driver_done = false;
     // Why the connection ended, when it did: more telling than the request's "canceled"
     // (e.g. a TLS alert from a server that wants a client certificate).
     let mut driver_err: Option<String> = None;
     let exchange = async {
-        std::future::poll_fn(|cx| sender.poll_ready(cx))
-            .await
-            .map_err(|e| SendError::NotSent(e.to_string()))?;
+        std::future::poll_fn(|cx| sender.poll_ready(cx)).await.map_err(|e| SendError::NotSent(e.to_string()))?;
         let resp = sender.try_send_request(req).await.map_err(|mut e| {
             if e.take_message().is_some() {
                 SendError::NotSent(e.into_error().to_string())
@@ -1150,17 +900,9 @@ async fn send(
         (Err(SendError::Failed(_)), Some(why)) => return Err(SendError::Failed(why)),
         (r, _) => r?,
     };
-    let keep_alive = !parts
-        .headers
-        .get(hyper::header::CONNECTION)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
+    let keep_alive = !parts.headers.get(hyper::header::CONNECTION).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
     let reusable = keep_alive && !driver_done && !sender.is_closed();
-    Ok(RawResponse {
-        status: parts.status,
-        headers: parts.headers,
-        body,
-        reusable,
-    })
+    Ok(RawResponse { status: parts.status, headers: parts.headers, body, reusable })
 }
 
 fn error_chain(e: &hyper::Error) -> String {
@@ -1184,42 +926,24 @@ mod tests {
         cfg.datacenter = Some("dc2".into());
         cfg.consistency = Consistency::Stale;
         let c = Client::new(cfg).unwrap();
-        let b = Some(Blocking {
-            index: 7,
-            wait: Duration::from_secs(900),
-        });
-        assert_eq!(
-            c.full_path(&Method::GET, "/v1/kv/a/?recurse", b),
-            "/v1/kv/a/?recurse&dc=dc2&stale&index=7&wait=600s"
-        );
-        assert_eq!(
-            c.full_path(&Method::PUT, "/v1/kv/a", None),
-            "/v1/kv/a?dc=dc2"
-        );
-        assert_eq!(
-            c.full_path(&Method::GET, "/v1/agent/self", None),
-            "/v1/agent/self"
-        );
+        let b = Some(Blocking { index: 7, wait: Duration::from_secs(900) });
+        assert_eq!(c.full_path(&Method::GET, "/v1/kv/a/?recurse", b), "/v1/kv/a/?recurse&dc=dc2&stale&index=7&wait=600s");
+        assert_eq!(c.full_path(&Method::PUT, "/v1/kv/a", None), "/v1/kv/a?dc=dc2");
+        assert_eq!(c.full_path(&Method::GET, "/v1/agent/self", None), "/v1/agent/self");
         assert_eq!(go_duration(Duration::from_millis(1500)), "1500ms");
         assert_eq!(kv_path("up/[::1]:80 x"), "/v1/kv/up/%5B::1%5D:80%20x");
     }
 
     #[test]
     fn messages_are_one_bounded_line() {
-        assert_eq!(
-            consul_message(b"  Permission denied\n"),
-            "Permission denied"
-        );
+        assert_eq!(consul_message(b"  Permission denied\n"), "Permission denied");
         assert_eq!(consul_message(b""), "(empty body)");
         assert!(consul_message(&[b'x'; 5000]).len() < 420);
     }
 
     #[test]
     fn debug_never_shows_the_token() {
-        let cfg = ConsulConfig {
-            token: Some(Secret::new("tok-123-secret")),
-            ..Default::default()
-        };
+        let cfg = ConsulConfig { token: Some(Secret::new("tok-123-secret")), ..Default::default() };
         let c = Client::new(cfg).unwrap();
         assert!(!format!("{c:?}").contains("tok-123"));
     }

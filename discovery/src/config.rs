@@ -103,9 +103,7 @@ impl ConsulAddr {
         };
         let rest = rest.strip_suffix('/').unwrap_or(rest);
         if rest.contains('/') || rest.contains('?') || rest.contains('@') {
-            return Err(bad(
-                "give only scheme, host and port (no path, query or user)",
-            ));
+            return Err(bad("give only scheme, host and port (no path, query or user)"));
         }
         let (host, port) = split_host_port(rest).map_err(|e| bad(&e))?;
         let host = Host::parse(host).map_err(|e| bad(&e))?;
@@ -171,9 +169,7 @@ impl FromStr for Consistency {
             "default" | "" => Ok(Consistency::Default),
             "stale" => Ok(Consistency::Stale),
             "consistent" => Ok(Consistency::Consistent),
-            o => Err(Error::Config(format!(
-                "consistency mode `{o}`: use default, stale or consistent"
-            ))),
+            o => Err(Error::Config(format!("consistency mode `{o}`: use default, stale or consistent"))),
         }
     }
 }
@@ -205,11 +201,7 @@ pub struct ConsulConfig {
 impl Default for ConsulConfig {
     fn default() -> Self {
         ConsulConfig {
-            addresses: vec![ConsulAddr {
-                scheme: Scheme::Http,
-                host: Host::Ip([127, 0, 0, 1].into()),
-                port: 8500,
-            }],
+            addresses: vec![ConsulAddr { scheme: Scheme::Http, host: Host::Ip([127, 0, 0, 1].into()), port: 8500 }],
             token: None,
             token_file: None,
             tls: None,
@@ -225,19 +217,12 @@ impl Default for ConsulConfig {
 impl ConsulConfig {
     /// A config with defaults and the comma-separated `addresses` (`"a:8500,https://b:8501"`).
     pub fn from_addresses(addresses: &str) -> Result<ConsulConfig, Error> {
-        let addresses = addresses
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(ConsulAddr::parse)
-            .collect::<Result<Vec<_>, _>>()?;
+        let addresses =
+            addresses.split(',').map(str::trim).filter(|s| !s.is_empty()).map(ConsulAddr::parse).collect::<Result<Vec<_>, _>>()?;
         if addresses.is_empty() {
             return Err(Error::Config("no Consul address given".into()));
         }
-        Ok(ConsulConfig {
-            addresses,
-            ..ConsulConfig::default()
-        })
+        Ok(ConsulConfig { addresses, ..ConsulConfig::default() })
     }
 
     /// Checks what can be checked without touching the network or the files.
@@ -246,32 +231,20 @@ impl ConsulConfig {
             return Err(Error::Config("no Consul address given".into()));
         }
         if self.token.is_some() && self.token_file.is_some() {
-            return Err(Error::Config(
-                "set either an ACL token or a token file, not both".into(),
-            ));
+            return Err(Error::Config("set either an ACL token or a token file, not both".into()));
         }
         if let Some(dc) = &self.datacenter {
-            if dc.is_empty()
-                || !dc
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
-            {
-                return Err(Error::Config(format!(
-                    "datacenter `{dc}`: use letters, digits, `-`, `_`, `.`"
-                )));
+            if dc.is_empty() || !dc.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.') {
+                return Err(Error::Config(format!("datacenter `{dc}`: use letters, digits, `-`, `_`, `.`")));
             }
         }
         if let Some(t) = &self.tls {
             if t.cert_file.is_some() != t.key_file.is_some() {
-                return Err(Error::Config(
-                    "TLS client certificate: give both cert_file and key_file".into(),
-                ));
+                return Err(Error::Config("TLS client certificate: give both cert_file and key_file".into()));
             }
         }
         if self.connect_timeout.is_zero() || self.request_timeout.is_zero() {
-            return Err(Error::Config(
-                "connect_timeout and request_timeout must be above zero".into(),
-            ));
+            return Err(Error::Config("connect_timeout and request_timeout must be above zero".into()));
         }
         Ok(())
     }
@@ -285,27 +258,10 @@ mod tests {
     fn parses_addresses() {
         let a = ConsulAddr::parse("127.0.0.1:8500").unwrap();
         assert_eq!(a.to_string(), "http://127.0.0.1:8500");
-        assert_eq!(
-            ConsulAddr::parse("https://consul.local")
-                .unwrap()
-                .to_string(),
-            "https://consul.local:8501"
-        );
-        assert_eq!(
-            ConsulAddr::parse("http://[::1]:9/").unwrap().to_string(),
-            "http://[::1]:9"
-        );
+        assert_eq!(ConsulAddr::parse("https://consul.local").unwrap().to_string(), "https://consul.local:8501");
+        assert_eq!(ConsulAddr::parse("http://[::1]:9/").unwrap().to_string(), "http://[::1]:9");
         assert_eq!(ConsulAddr::parse("[::1]").unwrap().port, 8500);
-        for bad in [
-            "",
-            "ftp://x",
-            "h:0",
-            "h:70000",
-            "http://h:1/v1",
-            "[::1",
-            "a b:1",
-            "u@h:1",
-        ] {
+        for bad in ["", "ftp://x", "h:0", "h:70000", "http://h:1/v1", "[::1", "a b:1", "u@h:1"] {
             assert!(ConsulAddr::parse(bad).is_err(), "{bad:?} accepted");
         }
         let c = ConsulConfig::from_addresses(" 127.0.0.1:1, https://h:2 ,").unwrap();
@@ -315,10 +271,7 @@ mod tests {
 
     #[test]
     fn secret_is_redacted() {
-        let c = ConsulConfig {
-            token: Some(Secret::new("s3cr3t-token")),
-            ..Default::default()
-        };
+        let c = ConsulConfig { token: Some(Secret::new("s3cr3t-token")), ..Default::default() };
         let shown = format!("{c:?} {}", c.token.as_ref().unwrap());
         assert!(!shown.contains("s3cr3t"), "{shown}");
         assert!(shown.contains("<redacted>"));

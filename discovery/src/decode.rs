@@ -55,10 +55,7 @@ pub enum HealthMode {
 }
 
 fn body_error(what: &'static str, e: serde_json::Error) -> DecodeError {
-    DecodeError {
-        what,
-        message: format!("invalid JSON ({e})"),
-    }
+    DecodeError { what, message: format!("invalid JSON ({e})") }
 }
 
 /// Consul answers 404 with an empty body for a KV prefix with no keys.
@@ -97,9 +94,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for Attr<'a> {
                 Ok(Attr::Int(v))
             }
             fn visit_u64<E>(self, v: u64) -> Result<Attr<'de>, E> {
-                Ok(i64::try_from(v)
-                    .map(Attr::Int)
-                    .unwrap_or(Attr::Float(v as f64)))
+                Ok(i64::try_from(v).map(Attr::Int).unwrap_or(Attr::Float(v as f64)))
             }
             fn visit_f64<E>(self, v: f64) -> Result<Attr<'de>, E> {
                 Ok(Attr::Float(v))
@@ -122,22 +117,15 @@ impl Attr<'_> {
         match *self {
             Attr::Null => Ok(None),
             Attr::Int(i) if i >= 0 => Ok(Some(i as u64)),
-            Attr::Float(f) if f >= 0.0 && f.fract() == 0.0 && f <= u32::MAX as f64 => {
-                Ok(Some(f as u64))
-            }
+            Attr::Float(f) if f >= 0.0 && f.fract() == 0.0 && f <= u32::MAX as f64 => Ok(Some(f as u64)),
             Attr::Str(s) => {
                 let t = s.trim();
                 if t.is_empty() {
                     return Ok(None);
                 }
-                t.parse::<u64>()
-                    .map(Some)
-                    .map_err(|_| format!("{name}={s:?} is not a non-negative integer"))
+                t.parse::<u64>().map(Some).map_err(|_| format!("{name}={s:?} is not a non-negative integer"))
             }
-            other => Err(format!(
-                "{name}={} is not a non-negative integer",
-                other.show()
-            )),
+            other => Err(format!("{name}={} is not a non-negative integer", other.show())),
         }
     }
 
@@ -152,10 +140,7 @@ impl Attr<'_> {
                 "" => Ok(None),
                 "true" | "on" | "yes" => Ok(Some(true)),
                 "false" | "off" | "no" => Ok(Some(false)),
-                t => t
-                    .parse::<u64>()
-                    .map(|n| Some(n != 0))
-                    .map_err(|_| format!("{name}={s:?} is not 0/1 or true/false")),
+                t => t.parse::<u64>().map(|n| Some(n != 0)).map_err(|_| format!("{name}={s:?} is not 0/1 or true/false")),
             },
             other => Err(format!("{name}={} is not 0/1 or true/false", other.show())),
         }
@@ -169,9 +154,7 @@ impl Attr<'_> {
                 if t.is_empty() {
                     return Ok(None);
                 }
-                parse_seconds(t)
-                    .map(Some)
-                    .ok_or_else(|| format!("{name}={s:?} is not a duration (10, 10s, 1m, 1h)"))
+                parse_seconds(t).map(Some).ok_or_else(|| format!("{name}={s:?} is not a duration (10, 10s, 1m, 1h)"))
             }
             _ => self.uint(name),
         }
@@ -215,53 +198,22 @@ struct Attrs<'a> {
 
 impl Attrs<'_> {
     fn apply(&self, e: &mut Endpoint) -> Result<(), String> {
-        if let Some(w) = self
-            .weight
-            .as_ref()
-            .map(|a| a.uint("weight"))
-            .transpose()?
-            .flatten()
-        {
+        if let Some(w) = self.weight.as_ref().map(|a| a.uint("weight")).transpose()?.flatten() {
             if w == 0 || w > u32::MAX as u64 {
                 return Err(format!("weight={w} is out of range (1-{})", u32::MAX));
             }
             e.weight = w as u32;
         }
-        if let Some(v) = self
-            .max_fails
-            .as_ref()
-            .map(|a| a.uint("max_fails"))
-            .transpose()?
-            .flatten()
-        {
+        if let Some(v) = self.max_fails.as_ref().map(|a| a.uint("max_fails")).transpose()?.flatten() {
             e.max_fails = u32::try_from(v).map_err(|_| format!("max_fails={v} is out of range"))?;
         }
-        if let Some(v) = self
-            .fail_timeout
-            .as_ref()
-            .map(|a| a.seconds("fail_timeout"))
-            .transpose()?
-            .flatten()
-        {
-            e.fail_timeout =
-                u32::try_from(v).map_err(|_| format!("fail_timeout={v} is out of range"))?;
+        if let Some(v) = self.fail_timeout.as_ref().map(|a| a.seconds("fail_timeout")).transpose()?.flatten() {
+            e.fail_timeout = u32::try_from(v).map_err(|_| format!("fail_timeout={v} is out of range"))?;
         }
-        if let Some(v) = self
-            .down
-            .as_ref()
-            .map(|a| a.flag("down"))
-            .transpose()?
-            .flatten()
-        {
+        if let Some(v) = self.down.as_ref().map(|a| a.flag("down")).transpose()?.flatten() {
             e.down = v;
         }
-        if let Some(v) = self
-            .backup
-            .as_ref()
-            .map(|a| a.flag("backup"))
-            .transpose()?
-            .flatten()
-        {
+        if let Some(v) = self.backup.as_ref().map(|a| a.flag("backup")).transpose()?.flatten() {
             e.backup = v;
         }
         Ok(())
@@ -346,10 +298,7 @@ pub fn decode_kv(prefix: &str, body: &[u8]) -> Result<Decoded<EndpointSet>, Deco
         }
         match kv_endpoint(rest, entry.value.as_deref()) {
             Ok(e) => endpoints.push(e),
-            Err(reason) => skipped.push(Skipped {
-                key: key.to_string(),
-                reason,
-            }),
+            Err(reason) => skipped.push(Skipped { key: key.to_string(), reason }),
         }
     }
     Ok(finish(endpoints, skipped, |e| e.addr()))
@@ -357,9 +306,7 @@ pub fn decode_kv(prefix: &str, body: &[u8]) -> Result<Decoded<EndpointSet>, Deco
 
 fn kv_endpoint(name: &str, value: Option<&str>) -> Result<Endpoint, String> {
     if name.contains('/') {
-        return Err(
-            "nested key: servers must be named directly under the prefix (PREFIX/IP:PORT)".into(),
-        );
+        return Err("nested key: servers must be named directly under the prefix (PREFIX/IP:PORT)".into());
     }
     let (host, port) = parse_server_name(name)?;
     let mut e = Endpoint::new(host, port);
@@ -379,7 +326,8 @@ fn kv_endpoint(name: &str, value: Option<&str>) -> Result<Endpoint, String> {
         }
         Err(base64::DecodeSliceError::DecodeError(err)) => return Err(format!("value is not valid base64 ({err})")),
     };
-    let not_object = |why: String| format!("value {:?} is not a JSON object of weight/max_fails/fail_timeout/down/backup ({why})", lossy_prefix(raw));
+    let not_object =
+        |why: String| format!("value {:?} is not a JSON object of weight/max_fails/fail_timeout/down/backup ({why})", lossy_prefix(raw));
     match raw.iter().find(|b| !b.is_ascii_whitespace()) {
         None => return Ok(e),
         Some(b'{') => {}
@@ -387,19 +335,10 @@ fn kv_endpoint(name: &str, value: Option<&str>) -> Result<Endpoint, String> {
         Some(_) => return Err(not_object("not an object".into())),
     }
     let attrs: KvAttrs = serde_json::from_slice(raw).map_err(|err| {
-        format!(
-            "value {:?} is not a JSON object of weight/max_fails/fail_timeout/down/backup ({err})",
-            lossy_prefix(raw)
-        )
+        format!("value {:?} is not a JSON object of weight/max_fails/fail_timeout/down/backup ({err})", lossy_prefix(raw))
     })?;
-    Attrs {
-        weight: attrs.weight,
-        max_fails: attrs.max_fails,
-        fail_timeout: attrs.fail_timeout,
-        down: attrs.down,
-        backup: attrs.backup,
-    }
-    .apply(&mut e)?;
+    Attrs { weight: attrs.weight, max_fails: attrs.max_fails, fail_timeout: attrs.fail_timeout, down: attrs.down, backup: attrs.backup }
+        .apply(&mut e)?;
     Ok(e)
 }
 
@@ -418,15 +357,9 @@ fn parse_server_name(name: &str) -> Result<(Host, u16), String> {
     let port = match port {
         Some(p) => parse_port(p)?,
         None if name.matches(':').count() > 1 => {
-            return Err(format!(
-                "`{name}`: write IPv6 addresses in brackets, e.g. [::1]:80"
-            ));
+            return Err(format!("`{name}`: write IPv6 addresses in brackets, e.g. [::1]:80"));
         }
-        None => {
-            return Err(format!(
-                "`{name}` has no port (IP:PORT, [IPv6]:PORT or HOSTNAME:PORT)"
-            ))
-        }
+        None => return Err(format!("`{name}` has no port (IP:PORT, [IPv6]:PORT or HOSTNAME:PORT)")),
     };
     Ok((Host::parse(host)?, port))
 }
@@ -446,22 +379,12 @@ fn port_from_i64(p: i64) -> Result<u16, String> {
 }
 
 /// Builds the set; duplicates of one `host:port` are reported as skipped.
-fn finish(
-    endpoints: Vec<Endpoint>,
-    mut skipped: Vec<Skipped>,
-    key: impl Fn(&Endpoint) -> String,
-) -> Decoded<EndpointSet> {
+fn finish(endpoints: Vec<Endpoint>, mut skipped: Vec<Skipped>, key: impl Fn(&Endpoint) -> String) -> Decoded<EndpointSet> {
     let (set, dups) = EndpointSet::from_vec_reporting(endpoints);
     for d in dups {
-        skipped.push(Skipped {
-            key: key(&d),
-            reason: format!("duplicate of server {}", d.addr()),
-        });
+        skipped.push(Skipped { key: key(&d), reason: format!("duplicate of server {}", d.addr()) });
     }
-    Decoded {
-        value: set,
-        skipped,
-    }
+    Decoded { value: set, skipped }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -516,11 +439,7 @@ impl Instance<'_> {
     /// Address = service address or else the node's; attributes from tags, weight from the
     /// tag, else Consul's `Weights.Passing`, else 1.
     fn endpoint(self, health: Health) -> Result<Endpoint, String> {
-        let addr = if self.address.is_empty() {
-            self.node_address
-        } else {
-            self.address
-        };
+        let addr = if self.address.is_empty() { self.node_address } else { self.address };
         if addr.is_empty() {
             return Err("neither the service nor its node has an address".into());
         }
@@ -550,8 +469,7 @@ pub fn decode_catalog_service(body: &[u8]) -> Result<Decoded<EndpointSet>, Decod
     if is_blank(body) {
         return Ok(Decoded::default());
     }
-    let entries: Vec<CatalogEntry> =
-        serde_json::from_slice(body).map_err(|e| body_error(WHAT, e))?;
+    let entries: Vec<CatalogEntry> = serde_json::from_slice(body).map_err(|e| body_error(WHAT, e))?;
     let mut skipped = Vec::new();
     let mut endpoints = Vec::with_capacity(entries.len());
     for c in entries {
@@ -576,11 +494,7 @@ pub fn decode_catalog_service(body: &[u8]) -> Result<Decoded<EndpointSet>, Decod
 }
 
 fn instance_key(e: &Endpoint) -> String {
-    format!(
-        "{}/{}",
-        e.node.as_deref().unwrap_or(""),
-        e.service_id.as_deref().unwrap_or("")
-    )
+    format!("{}/{}", e.node.as_deref().unwrap_or(""), e.service_id.as_deref().unwrap_or(""))
 }
 
 #[derive(Deserialize)]
@@ -629,26 +543,17 @@ struct HealthCheck<'a> {
 /// checks included, as Consul reports them); an instance not passing is `down`
 /// ([`HealthMode::MarkDown`]) or left out ([`HealthMode::Omit`]). An unknown check status
 /// counts as critical.
-pub fn decode_health_service(
-    body: &[u8],
-    mode: HealthMode,
-) -> Result<Decoded<EndpointSet>, DecodeError> {
+pub fn decode_health_service(body: &[u8], mode: HealthMode) -> Result<Decoded<EndpointSet>, DecodeError> {
     const WHAT: &str = "health service list";
     if is_blank(body) {
         return Ok(Decoded::default());
     }
-    let entries: Vec<HealthEntry> =
-        serde_json::from_slice(body).map_err(|e| body_error(WHAT, e))?;
+    let entries: Vec<HealthEntry> = serde_json::from_slice(body).map_err(|e| body_error(WHAT, e))?;
     let mut skipped = Vec::new();
     let mut endpoints = Vec::with_capacity(entries.len());
     for h in entries {
-        let health = h
-            .checks
-            .iter()
-            .flatten()
-            .map(|c| Health::from_consul(&c.status).unwrap_or(Health::Critical))
-            .max()
-            .unwrap_or(Health::Passing);
+        let health =
+            h.checks.iter().flatten().map(|c| Health::from_consul(&c.status).unwrap_or(Health::Critical)).max().unwrap_or(Health::Passing);
         if mode == HealthMode::Omit && health != Health::Passing {
             continue;
         }

@@ -36,9 +36,7 @@ impl Host {
         if s.is_empty() {
             return Err("empty host".to_string());
         }
-        Err(format!(
-            "`{s}` is neither an IP address nor a valid host name"
-        ))
+        Err(format!("`{s}` is neither an IP address nor a valid host name"))
     }
 
     pub fn is_ip(&self) -> bool {
@@ -55,9 +53,7 @@ fn is_host_name(s: &str) -> bool {
                 && label.len() <= 63
                 && !label.starts_with('-')
                 && !label.ends_with('-')
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         })
 }
 
@@ -91,18 +87,12 @@ pub(crate) fn split_host_port(s: &str) -> Result<(&str, Option<&str>), String> {
         let host = &s[..=end];
         return match &s[end + 1..] {
             "" => Ok((host, None)),
-            r => r
-                .strip_prefix(':')
-                .map(|p| (host, Some(p)))
-                .ok_or_else(|| format!("unexpected `{r}` after `{host}`")),
+            r => r.strip_prefix(':').map(|p| (host, Some(p))).ok_or_else(|| format!("unexpected `{r}` after `{host}`")),
         };
     }
     match s.matches(':').count() {
         0 => Ok((s, None)),
-        1 => s
-            .split_once(':')
-            .map(|(h, p)| (h, Some(p)))
-            .ok_or_else(|| "bad host:port".into()),
+        1 => s.split_once(':').map(|(h, p)| (h, Some(p))).ok_or_else(|| "bad host:port".into()),
         _ => Ok((s, None)),
     }
 }
@@ -276,10 +266,7 @@ impl EndpointSet {
 
     /// The endpoint at `host:port`, if any (binary search).
     pub fn get(&self, host: &Host, port: u16) -> Option<&Endpoint> {
-        self.endpoints
-            .binary_search_by(|e| e.key().cmp(&(host, port)))
-            .ok()
-            .map(|i| &self.endpoints[i])
+        self.endpoints.binary_search_by(|e| e.key().cmp(&(host, port))).ok().map(|i| &self.endpoints[i])
     }
 
     /// What must change to go from `self` (old) to `other` (new). Linear: both sets are sorted.
@@ -352,46 +339,21 @@ mod tests {
 
     #[test]
     fn host_parse_rejects_garbage() {
-        for bad in [
-            "",
-            "-x",
-            "a..b",
-            "1.2.3",
-            "999.1.1.1",
-            "[1.2.3.4]",
-            "a b",
-            "x:y",
-            &"a".repeat(64),
-        ] {
+        for bad in ["", "-x", "a..b", "1.2.3", "999.1.1.1", "[1.2.3.4]", "a b", "x:y", &"a".repeat(64)] {
             assert!(Host::parse(bad).is_err(), "{bad:?} accepted");
         }
     }
 
     #[test]
     fn order_is_stable_and_duplicates_dropped() {
-        let input = vec![
-            ep("b.example", 1),
-            ep("::1", 80),
-            ep("10.0.0.2", 80),
-            ep("10.0.0.1", 81),
-            ep("10.0.0.1", 80),
-        ];
+        let input = vec![ep("b.example", 1), ep("::1", 80), ep("10.0.0.2", 80), ep("10.0.0.1", 81), ep("10.0.0.1", 80)];
         let mut dup = ep("10.0.0.1", 80);
         dup.weight = 9;
         let mut with_dup = input.clone();
         with_dup.push(dup);
         let (set, dropped) = EndpointSet::from_vec_reporting(with_dup);
         let addrs: Vec<String> = set.iter().map(|e| e.addr()).collect();
-        assert_eq!(
-            addrs,
-            [
-                "10.0.0.1:80",
-                "10.0.0.1:81",
-                "10.0.0.2:80",
-                "[::1]:80",
-                "b.example:1"
-            ]
-        );
+        assert_eq!(addrs, ["10.0.0.1:80", "10.0.0.1:81", "10.0.0.2:80", "[::1]:80", "b.example:1"]);
         assert_eq!(dropped.len(), 1);
         assert_eq!(dropped[0].weight, 9);
         let mut rev = input;
@@ -401,18 +363,10 @@ mod tests {
 
     #[test]
     fn diff_finds_added_removed_changed() {
-        let old = EndpointSet::from_vec(vec![
-            ep("10.0.0.1", 80),
-            ep("10.0.0.2", 80),
-            ep("10.0.0.3", 80),
-        ]);
+        let old = EndpointSet::from_vec(vec![ep("10.0.0.1", 80), ep("10.0.0.2", 80), ep("10.0.0.3", 80)]);
         let mut changed = ep("10.0.0.2", 80);
         changed.down = true;
-        let new = EndpointSet::from_vec(vec![
-            changed.clone(),
-            ep("10.0.0.3", 80),
-            ep("10.0.0.4", 80),
-        ]);
+        let new = EndpointSet::from_vec(vec![changed.clone(), ep("10.0.0.3", 80), ep("10.0.0.4", 80)]);
         let d = old.diff(&new);
         assert_eq!(d.removed, vec![ep("10.0.0.1", 80)]);
         assert_eq!(d.added, vec![ep("10.0.0.4", 80)]);

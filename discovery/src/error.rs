@@ -15,80 +15,40 @@ pub enum Error {
 
     /// TCP connect (or name resolution) failed.
     #[error("cannot connect to Consul at {address}: {message}; check that the agent runs and listens there")]
-    Connect {
-        address: ConsulAddr,
-        message: String,
-    },
+    Connect { address: ConsulAddr, message: String },
 
     /// The TLS handshake failed (unknown CA, wrong name, client certificate refused...).
     #[error("TLS handshake with Consul at {address} failed: {message}; check the CA file, the server certificate's names and the client certificate")]
-    Tls {
-        address: ConsulAddr,
-        message: String,
-    },
+    Tls { address: ConsulAddr, message: String },
 
     /// No complete answer within the limit.
     #[error("Consul at {address} did not answer {method} {path} within {after:?}")]
-    Timeout {
-        address: ConsulAddr,
-        method: String,
-        path: String,
-        after: Duration,
-    },
+    Timeout { address: ConsulAddr, method: String, path: String, after: Duration },
 
     /// The connection broke during the exchange, or the answer was not valid HTTP.
     #[error("HTTP exchange with Consul at {address} failed ({method} {path}): {message}")]
-    Transport {
-        address: ConsulAddr,
-        method: String,
-        path: String,
-        message: String,
-    },
+    Transport { address: ConsulAddr, method: String, path: String, message: String },
 
     /// HTTP 403 "Permission denied" / "ACL not found": the token is missing, unknown or lacks
     /// a rule for this resource.
     #[error("ACL token rejected by Consul at {address} ({method} {path}: HTTP {status} {message}); give a token whose policy allows this request")]
-    AclDenied {
-        address: ConsulAddr,
-        method: String,
-        path: String,
-        status: u16,
-        message: String,
-    },
+    AclDenied { address: ConsulAddr, method: String, path: String, status: u16, message: String },
 
     /// Any other non-success status.
     #[error("Consul at {address} answered {method} {path} with HTTP {status}: {message}")]
-    Http {
-        address: ConsulAddr,
-        method: String,
-        path: String,
-        status: u16,
-        message: String,
-    },
+    Http { address: ConsulAddr, method: String, path: String, status: u16, message: String },
 
     /// The body is not what this request returns.
     #[error("Consul at {address} sent a response to {path} that cannot be used: {error}")]
-    Decode {
-        address: ConsulAddr,
-        path: String,
-        error: DecodeError,
-    },
+    Decode { address: ConsulAddr, path: String, error: DecodeError },
 
     /// The body exceeds `ConsulConfig::max_response_bytes`.
     #[error("the response of Consul at {address} to {path} exceeds {limit} bytes; raise max_response_bytes or narrow the query")]
-    TooLarge {
-        address: ConsulAddr,
-        path: String,
-        limit: usize,
-    },
+    TooLarge { address: ConsulAddr, path: String, limit: usize },
 }
 
 /// Messages of HTTP 500 answers that repeating the request will not change (Consul 1.8 agent).
-const PERMANENT_500: &[&str] = &[
-    "does not have associated TTL",
-    "Unknown service",
-    "Unknown check",
-];
+const PERMANENT_500: &[&str] = &["does not have associated TTL", "Unknown service", "Unknown check"];
 
 impl Error {
     /// The token was refused (HTTP 403 with Consul's ACL messages).
@@ -139,10 +99,7 @@ impl Error {
     /// Whether trying another Consul address may help (the address itself is the problem).
     pub(crate) fn should_fail_over(&self) -> bool {
         match self {
-            Error::Connect { .. }
-            | Error::Tls { .. }
-            | Error::Timeout { .. }
-            | Error::Transport { .. } => true,
+            Error::Connect { .. } | Error::Tls { .. } | Error::Timeout { .. } | Error::Transport { .. } => true,
             Error::Http { status, .. } => *status >= 500 || *status == 429,
             _ => false,
         }

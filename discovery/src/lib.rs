@@ -25,17 +25,10 @@ pub mod error;
 pub mod upsync;
 pub mod watch;
 
-pub use agent::{
-    AgentCheck, AgentService, Check, CheckKind, ServiceRegistration, ServiceWeights, Status,
-};
+pub use agent::{AgentCheck, AgentService, Check, CheckKind, ServiceRegistration, ServiceWeights, Status};
 pub use client::{Blocking, Client, KvPair, Method, Response};
 pub use config::{Consistency, ConsulAddr, ConsulConfig, Scheme, Secret, TlsOptions};
-pub use decode::{
-    decode_catalog_service, decode_health_service, decode_kv, decode_services, DecodeError,
-    Decoded, HealthMode, Skipped,
-};
+pub use decode::{decode_catalog_service, decode_health_service, decode_kv, decode_services, DecodeError, Decoded, HealthMode, Skipped};
 pub use endpoint::{Endpoint, EndpointSet, Health, Host, SetDiff};
 pub use error::Error;
-pub use watch::{
-    fetch_once, Backoff, Fetched, Query, RateLimit, Watch, WatchEvent, WatchOptions, WatchValue,
-};
+pub use watch::{fetch_once, Backoff, Fetched, Query, RateLimit, Watch, WatchEvent, WatchOptions, WatchValue};

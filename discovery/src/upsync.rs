@@ -3,9 +3,7 @@
 //! [`kv_key`]; [`crate::decode_kv`] reads it.
 use serde::Serialize;
 
-use crate::endpoint::{
-    host_port, Endpoint, Host, DEFAULT_FAIL_TIMEOUT, DEFAULT_MAX_FAILS, DEFAULT_WEIGHT,
-};
+use crate::endpoint::{host_port, Endpoint, Host, DEFAULT_FAIL_TIMEOUT, DEFAULT_MAX_FAILS, DEFAULT_WEIGHT};
 
 /// The attributes stored as a KV value.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
@@ -29,13 +27,7 @@ fn as_int<S: serde::Serializer>(b: &bool, s: S) -> Result<S::Ok, S::Error> {
 impl Default for KvValue {
     /// weight=1 max_fails=2 fail_timeout=10 down=0 backup=0.
     fn default() -> Self {
-        KvValue {
-            weight: DEFAULT_WEIGHT,
-            max_fails: DEFAULT_MAX_FAILS,
-            fail_timeout: DEFAULT_FAIL_TIMEOUT,
-            down: false,
-            backup: false,
-        }
+        KvValue { weight: DEFAULT_WEIGHT, max_fails: DEFAULT_MAX_FAILS, fail_timeout: DEFAULT_FAIL_TIMEOUT, down: false, backup: false }
     }
 }
 
@@ -54,13 +46,7 @@ impl KvValue {
 
     /// The attributes of `e`.
     pub fn from_endpoint(e: &Endpoint) -> KvValue {
-        KvValue {
-            weight: e.weight,
-            max_fails: e.max_fails,
-            fail_timeout: e.fail_timeout,
-            down: e.down,
-            backup: e.backup,
-        }
+        KvValue { weight: e.weight, max_fails: e.max_fails, fail_timeout: e.fail_timeout, down: e.down, backup: e.backup }
     }
 }
 
@@ -77,26 +63,14 @@ mod tests {
 
     #[test]
     fn round_trips_through_decode_kv() {
-        let v = KvValue {
-            weight: 7,
-            max_fails: 0,
-            fail_timeout: 30,
-            down: true,
-            backup: false,
-        };
-        assert_eq!(
-            v.to_json(),
-            r#"{"weight":7,"max_fails":0,"fail_timeout":30,"down":1,"backup":0}"#
-        );
+        let v = KvValue { weight: 7, max_fails: 0, fail_timeout: 30, down: true, backup: false };
+        assert_eq!(v.to_json(), r#"{"weight":7,"max_fails":0,"fail_timeout":30,"down":1,"backup":0}"#);
         assert_eq!(serde_json::to_string(&v).unwrap(), v.to_json());
         let host = Host::parse("::1").unwrap();
         let key = kv_key("upstreams/web/", &host, 8080);
         assert_eq!(key, "upstreams/web/[::1]:8080");
         use base64::Engine as _;
-        let body = format!(
-            r#"[{{"Key":"{key}","Value":"{}"}}]"#,
-            base64::engine::general_purpose::STANDARD.encode(v.to_json())
-        );
+        let body = format!(r#"[{{"Key":"{key}","Value":"{}"}}]"#, base64::engine::general_purpose::STANDARD.encode(v.to_json()));
         let d = decode_kv("upstreams/web", body.as_bytes()).unwrap();
         assert!(d.skipped.is_empty(), "{:?}", d.skipped);
         let e = d.value.iter().next().unwrap();

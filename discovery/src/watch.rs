@@ -19,11 +19,7 @@ pub enum Query {
     CatalogService { name: String, tag: Option<String> },
     /// `/v1/health/service/NAME[?tag=TAG]` (with `passing` in [`HealthMode::Omit`]), decoded
     /// with [`decode::decode_health_service`].
-    HealthService {
-        name: String,
-        tag: Option<String>,
-        mode: HealthMode,
-    },
+    HealthService { name: String, tag: Option<String>, mode: HealthMode },
     /// `/v1/catalog/services`, decoded with [`decode::decode_services`].
     Services,
     /// Any blocking endpoint (`/v1/health/state/any`, ...): the body, not decoded. 404 is an
@@ -48,9 +44,7 @@ impl Query {
                     format!("{}?recurse", crate::client::kv_path(p))
                 }
             }
-            Query::CatalogService { name, tag } => {
-                with_tag(format!("/v1/catalog/service/{}", seg(name)), tag.as_deref())
-            }
+            Query::CatalogService { name, tag } => with_tag(format!("/v1/catalog/service/{}", seg(name)), tag.as_deref()),
             Query::HealthService { name, tag, mode } => {
                 let p = with_tag(format!("/v1/health/service/{}", seg(name)), tag.as_deref());
                 match mode {
@@ -67,38 +61,19 @@ impl Query {
     fn decode(&self, r: &Response) -> Result<Decoded<WatchValue>, Error> {
         let body: &[u8] = if r.status == 404 { b"" } else { &r.body };
         let endpoints = |d: Result<Decoded<EndpointSet>, decode::DecodeError>| {
-            d.map(|d| Decoded {
-                value: WatchValue::Endpoints(d.value),
-                skipped: d.skipped,
-            })
+            d.map(|d| Decoded { value: WatchValue::Endpoints(d.value), skipped: d.skipped })
         };
         let result = match self {
             Query::Kv { prefix } => endpoints(decode::decode_kv(prefix, body)),
             Query::CatalogService { .. } => endpoints(decode::decode_catalog_service(body)),
-            Query::HealthService { mode, .. } => {
-                endpoints(decode::decode_health_service(body, *mode))
-            }
-            Query::Services => decode::decode_services(body).map(|s| Decoded {
-                value: WatchValue::Services(s),
-                skipped: Vec::new(),
-            }),
+            Query::HealthService { mode, .. } => endpoints(decode::decode_health_service(body, *mode)),
+            Query::Services => decode::decode_services(body).map(|s| Decoded { value: WatchValue::Services(s), skipped: Vec::new() }),
             Query::Raw { .. } => {
-                let b = if r.status == 404 {
-                    Bytes::new()
-                } else {
-                    r.body.clone()
-                };
-                Ok(Decoded {
-                    value: WatchValue::Raw(b),
-                    skipped: Vec::new(),
-                })
+                let b = if r.status == 404 { Bytes::new() } else { r.body.clone() };
+                Ok(Decoded { value: WatchValue::Raw(b), skipped: Vec::new() })
             }
         };
-        result.map_err(|error| Error::Decode {
-            address: r.address.clone(),
-            path: self.path(),
-            error,
-        })
+        result.map_err(|error| Error::Decode { address: r.address.clone(), path: self.path(), error })
     }
 }
 
@@ -151,20 +126,11 @@ impl WatchValue {
 #[derive(Clone, Debug)]
 pub enum WatchEvent {
     /// The decoded value differs from the previous one (always on the first success).
-    Changed {
-        value: WatchValue,
-        index: u64,
-        skipped: Vec<Skipped>,
-    },
+    Changed { value: WatchValue, index: u64, skipped: Vec<Skipped> },
     /// A request or decode failed. The watch keeps its last value and index and retries after
     /// `retry_in` (the next call to `next` waits that long first). `attempt` counts
     /// consecutive failures, from 1.
-    Error {
-        error: Error,
-        index: u64,
-        attempt: u32,
-        retry_in: Duration,
-    },
+    Error { error: Error, index: u64, attempt: u32, retry_in: Duration },
 }
 
 /// Token bucket limiting how often a watch may send a request.
@@ -179,10 +145,7 @@ pub struct RateLimit {
 impl Default for RateLimit {
     /// Burst of 10, then 2 requests a second: a flapping key cannot make a watch spin.
     fn default() -> Self {
-        RateLimit {
-            burst: 10,
-            per_second: 2.0,
-        }
+        RateLimit { burst: 10, per_second: 2.0 }
     }
 }
 
@@ -196,10 +159,7 @@ pub struct Backoff {
 
 impl Default for Backoff {
     fn default() -> Self {
-        Backoff {
-            initial: Duration::from_millis(200),
-            max: Duration::from_secs(30),
-        }
+        Backoff { initial: Duration::from_millis(200), max: Duration::from_secs(30) }
     }
 }
 
@@ -207,11 +167,7 @@ impl Backoff {
     /// The delay before retry number `attempt` (1-based), jittered with `rng`.
     pub fn delay(&self, attempt: u32, rng: &mut fastrand::Rng) -> Duration {
         let exp = attempt.saturating_sub(1).min(30);
-        let full = self
-            .initial
-            .saturating_mul(1u32 << exp)
-            .min(self.max)
-            .max(Duration::from_millis(1));
+        let full = self.initial.saturating_mul(1u32 << exp).min(self.max).max(Duration::from_millis(1));
         let half = full / 2;
         half + Duration::from_nanos(rng.u64(0..=half.as_nanos() as u64))
     }
@@ -228,11 +184,7 @@ pub struct WatchOptions {
 
 impl Default for WatchOptions {
     fn default() -> Self {
-        WatchOptions {
-            wait: Duration::from_secs(300),
-            rate: RateLimit::default(),
-            backoff: Backoff::default(),
-        }
+        WatchOptions { wait: Duration::from_secs(300), rate: RateLimit::default(), backoff: Backoff::default() }
     }
 }
 
@@ -260,11 +212,7 @@ pub struct Watch {
 
 impl std::fmt::Debug for Watch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Watch")
-            .field("path", &self.path)
-            .field("index", &self.index)
-            .field("attempt", &self.attempt)
-            .finish()
+        f.debug_struct("Watch").field("path", &self.path).field("index", &self.index).field("attempt", &self.attempt).finish()
     }
 }
 
@@ -314,10 +262,7 @@ impl Watch {
                     Err(wait) => tokio::time::sleep(wait).await,
                 }
             }
-            let blocking = (self.index > 0 && !self.resync).then(|| Blocking {
-                index: self.index,
-                wait: self.opts.wait.min(MAX_WAIT),
-            });
+            let blocking = (self.index > 0 && !self.resync).then(|| Blocking { index: self.index, wait: self.opts.wait.min(MAX_WAIT) });
             let result = self.client.get(&self.path, blocking).await;
             if let Some(event) = self.on_result(result) {
                 return event;
@@ -357,11 +302,7 @@ impl Watch {
             return None;
         }
         self.last = Some(decoded.value.clone());
-        Some(WatchEvent::Changed {
-            value: decoded.value,
-            index: new_index,
-            skipped: decoded.skipped,
-        })
+        Some(WatchEvent::Changed { value: decoded.value, index: new_index, skipped: decoded.skipped })
     }
 
     fn fail(&mut self, error: Error) -> WatchEvent {
@@ -372,12 +313,7 @@ impl Watch {
             self.resync = true;
         }
         tracing::debug!(path = %self.path, index = self.index, attempt = self.attempt, ?retry_in, "Consul watch error: {error}");
-        WatchEvent::Error {
-            error,
-            index: self.index,
-            attempt: self.attempt,
-            retry_in,
-        }
+        WatchEvent::Error { error, index: self.index, attempt: self.attempt, retry_in }
     }
 }
 
@@ -394,11 +330,7 @@ pub struct Fetched {
 pub async fn fetch_once(client: &Client, query: &Query) -> Result<Fetched, Error> {
     let r = client.get(&query.path(), None).await?;
     let d = query.decode(&r)?;
-    Ok(Fetched {
-        value: d.value,
-        index: r.index,
-        skipped: d.skipped,
-    })
+    Ok(Fetched { value: d.value, index: r.index, skipped: d.skipped })
 }
 
 #[derive(Debug)]
@@ -412,12 +344,7 @@ struct TokenBucket {
 impl TokenBucket {
     fn new(r: RateLimit) -> TokenBucket {
         let capacity = f64::from(r.burst.max(1));
-        TokenBucket {
-            capacity,
-            tokens: capacity,
-            per_second: r.per_second,
-            last: Instant::now(),
-        }
+        TokenBucket { capacity, tokens: capacity, per_second: r.per_second, last: Instant::now() }
     }
 
     /// Takes a token, or says how long until one is available.
@@ -432,9 +359,7 @@ impl TokenBucket {
             self.tokens -= 1.0;
             Ok(())
         } else {
-            Err(Duration::from_secs_f64(
-                (1.0 - self.tokens) / self.per_second,
-            ))
+            Err(Duration::from_secs_f64((1.0 - self.tokens) / self.per_second))
         }
     }
 }

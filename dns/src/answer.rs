@@ -145,7 +145,9 @@ impl Snapshot {
 
     fn answer_addr(&self, qname: &Name, ip: IpAddr, qtype: RecordType, out: &mut Answer) {
         match (ip, qtype) {
-            (IpAddr::V4(a), RecordType::A | RecordType::ANY) => out.answers.push(Record::from_rdata(qname.clone(), self.zone.ttl, RData::A(A(a)))),
+            (IpAddr::V4(a), RecordType::A | RecordType::ANY) => {
+                out.answers.push(Record::from_rdata(qname.clone(), self.zone.ttl, RData::A(A(a))))
+            }
             (IpAddr::V6(a), RecordType::AAAA | RecordType::ANY) => {
                 out.answers.push(Record::from_rdata(qname.clone(), self.zone.ttl, RData::AAAA(AAAA(a))))
             }
@@ -169,9 +171,7 @@ impl Snapshot {
                 other => other.clone(),
             },
         );
-        let exists = known.is_some()
-            || qname.parse_arpa_name().is_ok_and(|net| self.reverse_ents.contains(&net))
-            || *qname == rz.name;
+        let exists = known.is_some() || qname.parse_arpa_name().is_ok_and(|net| self.reverse_ents.contains(&net)) || *qname == rz.name;
         out.negative(if exists { ResponseCode::NoError } else { ResponseCode::NXDomain }, soa);
         Outcome::Authoritative
     }
@@ -289,11 +289,16 @@ mod tests {
     }
 
     fn is_nodata(a: &Answer) -> bool {
-        a.rcode == ResponseCode::NoError && a.answers.is_empty() && matches!(a.authority[..], [ref soa] if soa.record_type() == RecordType::SOA)
+        a.rcode == ResponseCode::NoError
+            && a.answers.is_empty()
+            && matches!(a.authority[..], [ref soa] if soa.record_type() == RecordType::SOA)
     }
 
     fn is_nxdomain(a: &Answer) -> bool {
-        a.rcode == ResponseCode::NXDomain && a.answers.is_empty() && a.authority.len() == 1 && a.authority[0].record_type() == RecordType::SOA
+        a.rcode == ResponseCode::NXDomain
+            && a.answers.is_empty()
+            && a.authority.len() == 1
+            && a.authority[0].record_type() == RecordType::SOA
     }
 
     fn web() -> Snapshot {

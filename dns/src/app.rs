@@ -25,7 +25,10 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 pub fn init_logging(cfg: &Config) {
     let filter = match std::env::var("RUST_LOG") {
         Ok(f) if !f.is_empty() => f,
-        _ => format!("{},hickory_server=warn,hickory_net=warn,hickory_resolver=warn,hickory_proto=warn", cfg.log_level.as_deref().unwrap_or("info")),
+        _ => format!(
+            "{},hickory_server=warn,hickory_net=warn,hickory_resolver=warn,hickory_proto=warn",
+            cfg.log_level.as_deref().unwrap_or("info")
+        ),
     };
     let filter = tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|e| {
         eprintln!("upsync-dns: log filter `{filter}`: {e}; using `info`");

@@ -207,7 +207,12 @@ struct ForwardFile {
 
 impl Default for ForwardFile {
     fn default() -> Self {
-        ForwardFile { upstreams: Vec::new(), allow_recursion: default_allow_recursion(), cache_size: 10_000, timeout: Duration::from_secs(2) }
+        ForwardFile {
+            upstreams: Vec::new(),
+            allow_recursion: default_allow_recursion(),
+            cache_size: 10_000,
+            timeout: Duration::from_secs(2),
+        }
     }
 }
 
@@ -303,7 +308,12 @@ impl Config {
             (None, None, Some(p)) => consul.token_file = Some(p),
             (None, None, None) => consul.token = env_token.filter(|t| !t.is_empty()).map(Secret::new),
         }
-        consul.tls = f.consul.tls.map(|t| TlsOptions { ca_file: t.ca_file, cert_file: t.cert_file, key_file: t.key_file, server_name: t.server_name });
+        consul.tls = f.consul.tls.map(|t| TlsOptions {
+            ca_file: t.ca_file,
+            cert_file: t.cert_file,
+            key_file: t.key_file,
+            server_name: t.server_name,
+        });
         consul.connect_timeout = f.consul.connect_timeout;
         consul.request_timeout = f.consul.request_timeout;
         consul.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -387,7 +397,12 @@ impl Config {
         }
 
         Ok(Config {
-            feed: FeedConfig { consul, wait: f.consul.wait, resync_interval: f.consul.resync_interval, catalog_read_budget: f.consul.catalog_read_budget },
+            feed: FeedConfig {
+                consul,
+                wait: f.consul.wait,
+                resync_interval: f.consul.resync_interval,
+                catalog_read_budget: f.consul.catalog_read_budget,
+            },
             zone,
             server,
             forward,

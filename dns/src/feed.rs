@@ -107,12 +107,24 @@ struct Pending {
 enum Event {
     /// A detector's index moved (or its first answer): its index and body. `reset`: the
     /// index went backwards (a restarted dev agent, a restored snapshot, a lagging server).
-    Changed { kind: Kind, index: u64, body: Bytes, reset: bool },
+    Changed {
+        kind: Kind,
+        index: u64,
+        body: Bytes,
+        reset: bool,
+    },
     /// A request succeeded (Consul is reachable).
     Ok(Kind),
-    Failed { kind: Kind, error: String, retry_in: Duration },
+    Failed {
+        kind: Kind,
+        error: String,
+        retry_in: Duration,
+    },
     Dumped(Read),
-    Patched { service: String, read: Result<Read, String> },
+    Patched {
+        service: String,
+        read: Result<Read, String>,
+    },
 }
 
 /// Token bucket spacing a detector's requests.
@@ -213,10 +225,11 @@ async fn read_catalog(client: Client, path: String, epoch: u64, metrics: Arc<cra
     let resp = client.get(&path, None).await.map_err(|e| e.to_string())?;
     let bytes = resp.body.len();
     let (index, address) = (resp.index, resp.address.clone());
-    let decoded = tokio::task::spawn_blocking(move || decode_node_dump(&resp.body).map(|d| (Read::new(index, epoch, d.value).indexed(), d.skipped)))
-        .await
-        .map_err(|e| format!("decoding the node dump: {e}"))?
-        .map_err(|e| format!("{address} answered {path} with {e}"))?;
+    let decoded =
+        tokio::task::spawn_blocking(move || decode_node_dump(&resp.body).map(|d| (Read::new(index, epoch, d.value).indexed(), d.skipped)))
+            .await
+            .map_err(|e| format!("decoding the node dump: {e}"))?
+            .map_err(|e| format!("{address} answered {path} with {e}"))?;
     let (read, skipped) = decoded;
     log_skipped(&skipped);
     let took = started.elapsed();
@@ -232,7 +245,8 @@ async fn read_catalog(client: Client, path: String, epoch: u64, metrics: Arc<cra
 async fn read_service(client: Client, service: String, epoch: u64) -> Result<Read, String> {
     let path = Query::HealthService { name: service, tag: None, mode: HealthMode::MarkDown }.path();
     let resp = client.get(&path, None).await.map_err(|e| e.to_string())?;
-    let decoded = decode_health_instances(if resp.status == 404 { b"" } else { &resp.body }).map_err(|e| format!("{} answered {path} with {e}", resp.address))?;
+    let decoded = decode_health_instances(if resp.status == 404 { b"" } else { &resp.body })
+        .map_err(|e| format!("{} answered {path} with {e}", resp.address))?;
     log_skipped(&decoded.skipped);
     Ok(Read::new(resp.index, epoch, decoded.value))
 }
@@ -384,7 +398,8 @@ fn inputs_index(inp: &Inputs) -> u64 {
 fn build(zone: Arc<ZoneConfig>, inp: &Inputs) -> Snapshot {
     let (dump, c, w) = (&inp.dump, inp.critical.as_deref(), inp.warning.as_deref());
     let patched = |e: &Endpoint| !inp.patches.is_empty() && inp.patches.contains_key(e.service.as_deref().unwrap_or(""));
-    let mut instances: Vec<Instance> = dump.endpoints.iter().filter(|e| !patched(e)).map(|e| instance(e, health(e, dump.index, c, w))).collect();
+    let mut instances: Vec<Instance> =
+        dump.endpoints.iter().filter(|e| !patched(e)).map(|e| instance(e, health(e, dump.index, c, w))).collect();
     for p in inp.patches.values() {
         instances.extend(p.endpoints.iter().map(|e| instance(e, health(e, p.index, c, w))));
     }
@@ -447,7 +462,11 @@ impl Feed {
     /// Runs until the task is dropped.
     pub async fn run(self) {
         let (tx, mut rx) = mpsc::channel(256);
-        let mut detectors = vec![(Kind::Services, "/v1/catalog/services"), (Kind::Nodes, "/v1/catalog/nodes"), (Kind::Critical, "/v1/health/state/critical")];
+        let mut detectors = vec![
+            (Kind::Services, "/v1/catalog/services"),
+            (Kind::Nodes, "/v1/catalog/nodes"),
+            (Kind::Critical, "/v1/health/state/critical"),
+        ];
         if self.zone.only_passing {
             detectors.push((Kind::Warning, "/v1/health/state/warning"));
         }
@@ -566,7 +585,11 @@ impl Feed {
                 tracing::trace!(watch = kind.name(), index, bytes = body.len(), "Consul index moved");
                 ok(st, kind);
                 if reset {
-                    tracing::info!(watch = kind.name(), index, "Consul's index went backwards (restarted or restored?); reading the catalog afresh");
+                    tracing::info!(
+                        watch = kind.name(),
+                        index,
+                        "Consul's index went backwards (restarted or restored?); reading the catalog afresh"
+                    );
                     st.epoch += 1;
                     st.critical = None;
                     st.warning = None;
@@ -629,7 +652,12 @@ impl Feed {
                 // Space reads by their cost: at most `catalog_read_budget` of Consul's time.
                 st.next_read = Some(tokio::time::Instant::now() + took.mul_f64(1.0 / self.cfg.catalog_read_budget - 1.0));
                 if st.dump.is_none() {
-                    tracing::info!(index = read.index, instances = read.endpoints.len(), ms = took.as_millis() as u64, "first read of the Consul catalog");
+                    tracing::info!(
+                        index = read.index,
+                        instances = read.endpoints.len(),
+                        ms = took.as_millis() as u64,
+                        "first read of the Consul catalog"
+                    );
                 }
                 st.patches.retain(|_, p| p.index > read.index);
                 st.known.clear();
@@ -750,7 +778,10 @@ impl Feed {
             "snapshot swapped in"
         );
         if snap.stats.unnamable > 0 {
-            tracing::debug!(count = snap.stats.unnamable, "service names or tags that cannot be a DNS label (dots, over 63 bytes) are not served");
+            tracing::debug!(
+                count = snap.stats.unnamable,
+                "service names or tags that cannot be a DNS label (dots, over 63 bytes) are not served"
+            );
         }
         self.shared.snapshot.store(Arc::new(snap));
     }
@@ -767,7 +798,12 @@ mod tests {
 
     fn inputs(critical: Option<Overlay>, warning: Option<Overlay>) -> Inputs {
         let d = decode_node_dump(&fixture("dump_ui_nodes.json")).unwrap();
-        Inputs { dump: Arc::new(Read::new(100, 0, d.value).indexed()), patches: HashMap::new(), critical: critical.map(Arc::new), warning: warning.map(Arc::new) }
+        Inputs {
+            dump: Arc::new(Read::new(100, 0, d.value).indexed()),
+            patches: HashMap::new(),
+            critical: critical.map(Arc::new),
+            warning: warning.map(Arc::new),
+        }
     }
 
     fn srv(s: &Snapshot, service: &str) -> Vec<String> {
@@ -851,7 +887,10 @@ mod tests {
         // Once the overlays cover the dump, their difference names the same services as the scan.
         inp.warning = Some(Arc::new(Overlay::new(140, vec![])));
         let before = inp.clone();
-        inp.critical = Some(Arc::new(Overlay::new(150, vec![check("capture-node", "web5", "web", Health::Critical), check("sick-node", "", "", Health::Critical)])));
+        inp.critical = Some(Arc::new(Overlay::new(
+            150,
+            vec![check("capture-node", "web5", "web", Health::Critical), check("sick-node", "", "", Health::Critical)],
+        )));
         let mut fast: Vec<String> = health_changed(&before, &inp).into_iter().collect();
         let mut scan: Vec<String> = health_changed_scan(&before, &inp).into_iter().collect();
         fast.sort();
@@ -868,7 +907,9 @@ mod tests {
         let new = Overlay::new(2, vec![check("n1", "known", "a", Health::Critical), check("n2", "new2", "c", Health::Critical)]);
         // new1 left the critical set, new2 entered it; neither is known: b and c are read.
         assert_eq!(Feed::unknown_in_diff(&st, Some(&old), &new), ["b", "c"]);
-        let list = |v: &[(&str, &[&str])]| v.iter().map(|(k, t)| (k.to_string(), t.iter().map(|s| s.to_string()).collect())).collect::<BTreeMap<_, _>>();
+        let list = |v: &[(&str, &[&str])]| {
+            v.iter().map(|(k, t)| (k.to_string(), t.iter().map(|s| s.to_string()).collect())).collect::<BTreeMap<_, _>>()
+        };
         let before = list(&[("web", &["v1"]), ("api", &[]), ("old", &[])]);
         let after = list(&[("web", &["v1", "v2"]), ("api", &[]), ("new", &[])]);
         assert_eq!(Feed::list_diff(&before, &after), ["new", "web", "old"]);
@@ -888,7 +929,12 @@ mod tests {
 
     #[test]
     fn internal_paths_carry_dc_and_consistency() {
-        let mut cfg = FeedConfig { consul: Default::default(), wait: Duration::from_secs(1), resync_interval: Duration::from_secs(1), catalog_read_budget: 0.2 };
+        let mut cfg = FeedConfig {
+            consul: Default::default(),
+            wait: Duration::from_secs(1),
+            resync_interval: Duration::from_secs(1),
+            catalog_read_budget: 0.2,
+        };
         assert_eq!(internal_path("/v1/internal/ui/nodes", &cfg), "/v1/internal/ui/nodes");
         cfg.consul.datacenter = Some("dc2".into());
         cfg.consul.consistency = Consistency::Stale;

@@ -121,7 +121,12 @@ impl Shards {
 
 impl Collector for Shards {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let mut m = encoder.encode_descriptor("upsync_dns_queries", "DNS queries answered, by protocol, query type and response code", None, MetricType::Counter)?;
+        let mut m = encoder.encode_descriptor(
+            "upsync_dns_queries",
+            "DNS queries answered, by protocol, query type and response code",
+            None,
+            MetricType::Counter,
+        )?;
         for (p, proto) in PROTOS.iter().enumerate() {
             for (t, qtype) in QTYPES.iter().enumerate() {
                 for (r, rcode) in RCODES.iter().enumerate() {
@@ -133,9 +138,8 @@ impl Collector for Shards {
                 }
             }
         }
-        let buckets: Vec<(f64, u64)> = (0..=BUCKETS.len())
-            .map(|i| (BUCKETS.get(i).copied().unwrap_or(f64::MAX), self.sum(|s| s.latency[i].load(Relaxed))))
-            .collect();
+        let buckets: Vec<(f64, u64)> =
+            (0..=BUCKETS.len()).map(|i| (BUCKETS.get(i).copied().unwrap_or(f64::MAX), self.sum(|s| s.latency[i].load(Relaxed)))).collect();
         let count = buckets.iter().map(|(_, c)| c).sum();
         let sum = self.sum(|s| s.latency_sum_ns.load(Relaxed)) as f64 / 1e9;
         let mut h = encoder.encode_descriptor(
@@ -152,7 +156,8 @@ impl Collector for Shards {
         for (name, help, v) in simple {
             ConstCounter::new(v).encode(encoder.encode_descriptor(name, help, None, MetricType::Counter)?)?;
         }
-        let mut d = encoder.encode_descriptor("upsync_dns_dropped", "Packets dropped without an answer, by reason", None, MetricType::Counter)?;
+        let mut d =
+            encoder.encode_descriptor("upsync_dns_dropped", "Packets dropped without an answer, by reason", None, MetricType::Counter)?;
         for (i, reason) in ["malformed", "response"].iter().enumerate() {
             ConstCounter::new(self.sum(|s| s.dropped[i].load(Relaxed))).encode(d.encode_family(&[("reason", *reason)])?)?;
         }
@@ -213,7 +218,11 @@ impl Collector for Freshness {
                 "Seconds since Consul last answered while it is unreachable (0 while it answers): how old the data served may be",
                 self.staleness(now).as_secs_f64(),
             ),
-            ("upsync_dns_snapshot_age_seconds", "Seconds since the snapshot being served was built", now.saturating_duration_since(self.at(&self.snapshot_built_ns)).as_secs_f64()),
+            (
+                "upsync_dns_snapshot_age_seconds",
+                "Seconds since the snapshot being served was built",
+                now.saturating_duration_since(self.at(&self.snapshot_built_ns)).as_secs_f64(),
+            ),
         ] {
             ConstGauge::new(v).encode(encoder.encode_descriptor(name, help, None, MetricType::Gauge)?)?;
         }
@@ -243,14 +252,31 @@ impl Metrics {
         registry.register("upsync_dns_snapshot_services", "Services in the snapshot", f.services.clone());
         registry.register("upsync_dns_snapshot_instances", "Service instances in the snapshot (all health states)", f.instances.clone());
         registry.register("upsync_dns_snapshot_usable_instances", "Instances served (passing, not down)", f.usable_instances.clone());
-        registry.register("upsync_dns_consul_up", "1 while every Consul watch succeeds, 0 while answering from the last snapshot", f.consul_up.clone());
+        registry.register(
+            "upsync_dns_consul_up",
+            "1 while every Consul watch succeeds, 0 while answering from the last snapshot",
+            f.consul_up.clone(),
+        );
         registry.register("upsync_dns_consul_errors", "Failed Consul requests, by watch", f.consul_errors.clone());
         registry.register("upsync_dns_catalog_reads", "Full reads of the catalog (node dump)", f.catalog_reads.clone());
-        registry.register("upsync_dns_catalog_read_duration_seconds", "Duration of the last full catalog read (request and decoding)", f.catalog_read_seconds.clone());
+        registry.register(
+            "upsync_dns_catalog_read_duration_seconds",
+            "Duration of the last full catalog read (request and decoding)",
+            f.catalog_read_seconds.clone(),
+        );
         registry.register("upsync_dns_catalog_read_bytes", "Size of the last full catalog read", f.catalog_read_bytes.clone());
         registry.register("upsync_dns_snapshot_builds", "Snapshots built and swapped in", f.snapshot_builds.clone());
-        registry.register("upsync_dns_snapshot_swapped_timestamp_seconds", "Unix time of the last snapshot swap", f.snapshot_swapped.clone());
-        let fresh = Arc::new(Freshness { epoch: Instant::now(), last_ok_ns: AtomicI64::new(0), snapshot_built_ns: AtomicI64::new(0), consul_up: f.consul_up.clone() });
+        registry.register(
+            "upsync_dns_snapshot_swapped_timestamp_seconds",
+            "Unix time of the last snapshot swap",
+            f.snapshot_swapped.clone(),
+        );
+        let fresh = Arc::new(Freshness {
+            epoch: Instant::now(),
+            last_ok_ns: AtomicI64::new(0),
+            snapshot_built_ns: AtomicI64::new(0),
+            consul_up: f.consul_up.clone(),
+        });
         registry.register_collector(Box::new(fresh.clone()));
         let shared = Arc::new(Shard::default());
         shards.0.lock().unwrap_or_else(|e| e.into_inner()).push(shared.clone());

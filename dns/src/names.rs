@@ -58,9 +58,7 @@ pub fn parse_ip_label(label: &[u8]) -> Option<IpAddr> {
 /// `LABEL.addr.ZONE` for `ip`.
 pub fn addr_name(ip: IpAddr, zone: &Name) -> Name {
     // ip_label only produces [0-9a-f-] labels of at most 39 bytes: always a valid label.
-    Name::from_labels([ip_label(ip).as_bytes(), ADDR_LABEL])
-        .and_then(|n| n.append_domain(zone))
-        .unwrap_or_else(|_| zone.clone())
+    Name::from_labels([ip_label(ip).as_bytes(), ADDR_LABEL]).and_then(|n| n.append_domain(zone)).unwrap_or_else(|_| zone.clone())
 }
 
 /// The address of a full reverse name (`4.3.2.1.in-addr.arpa.`, 32 nibbles of `ip6.arpa.`),

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use hickory_proto::op::{Edns, Header, HeaderCounts, Metadata, MessageType, OpCode, ResponseCode};
+use hickory_proto::op::{Edns, Header, HeaderCounts, MessageType, Metadata, OpCode, ResponseCode};
 use hickory_proto::rr::{DNSClass, Record, RecordType};
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder, BinEncodable, BinEncoder};
 use hickory_server::net::runtime::Time;
@@ -67,7 +67,10 @@ enum Local {
 /// What a UDP thread does with a packet.
 pub enum UdpStep {
     /// `Scratch::out` holds the answer.
-    Send { qtype: RecordType, rcode: ResponseCode },
+    Send {
+        qtype: RecordType,
+        rcode: ResponseCode,
+    },
     Forward(Box<Request>),
     Drop(Drop),
 }
@@ -178,7 +181,13 @@ impl Responder {
     fn encode(&self, req: &Request, md: Metadata, ans: &Answer, max: u16, out: &mut Vec<u8>) -> bool {
         let edns = req.edns.as_ref().map(|_| &self.edns);
         out.clear();
-        let full = MessageResponseBuilder::new(&req.queries, edns).build(md, ans.answers.iter(), ans.authority.iter(), std::iter::empty(), ans.additional.iter());
+        let full = MessageResponseBuilder::new(&req.queries, edns).build(
+            md,
+            ans.answers.iter(),
+            ans.authority.iter(),
+            std::iter::empty(),
+            ans.additional.iter(),
+        );
         let mut enc = BinEncoder::new(out);
         enc.set_max_size(max);
         if matches!(full.destructive_emit(&mut enc), Ok(info) if !info.truncation) {
@@ -282,7 +291,13 @@ impl RequestHandler for TcpHandler {
             }
         };
         let edns = request.edns.as_ref().map(|_| &r.edns);
-        let resp = MessageResponseBuilder::new(&request.queries, edns).build(md, ans.answers.iter(), ans.authority.iter(), std::iter::empty(), ans.additional.iter());
+        let resp = MessageResponseBuilder::new(&request.queries, edns).build(
+            md,
+            ans.answers.iter(),
+            ans.authority.iter(),
+            std::iter::empty(),
+            ans.additional.iter(),
+        );
         let info = match response_handle.send_response(resp).await {
             Ok(info) => info,
             Err(e) => {
@@ -321,7 +336,12 @@ pub struct UdpServer {
 impl UdpServer {
     /// Binds `workers` sockets per address (all before any thread starts, so a taken port
     /// fails start-up with a clear error) and starts one thread per socket.
-    pub fn start(listen: &[SocketAddr], workers: usize, responder: Arc<Responder>, rt: tokio::runtime::Handle) -> anyhow::Result<UdpServer> {
+    pub fn start(
+        listen: &[SocketAddr],
+        workers: usize,
+        responder: Arc<Responder>,
+        rt: tokio::runtime::Handle,
+    ) -> anyhow::Result<UdpServer> {
         let mut sockets = Vec::new();
         let mut bound = Vec::new();
         for &addr in listen {
@@ -554,7 +574,8 @@ mod tests {
             let _ = r.handle_udp(&q[..n], src, &mut s);
         }
         for seed in 0..2000u32 {
-            let junk: Vec<u8> = (0..(seed % 80) as usize).map(|i| (seed.wrapping_mul(2654435761).wrapping_add(i as u32 * 40503) >> 7) as u8).collect();
+            let junk: Vec<u8> =
+                (0..(seed % 80) as usize).map(|i| (seed.wrapping_mul(2654435761).wrapping_add(i as u32 * 40503) >> 7) as u8).collect();
             let _ = r.handle_udp(&junk, src, &mut s);
         }
     }

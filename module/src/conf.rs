@@ -215,9 +215,7 @@ fn parse_target(s: &str) -> Result<(Vec<Address>, String), String> {
     };
     let (hosts, path) = rest.split_at(slash);
     if path.contains('?') || path.contains('#') {
-        return Err(format!(
-            "\"{path}\" has a query string: use the directive's parameters (dc=, stale, ...) instead"
-        ));
+        return Err(format!("\"{path}\" has a query string: use the directive's parameters (dc=, stale, ...) instead"));
     }
     if hosts.contains('@') {
         return Err(format!(
@@ -377,7 +375,10 @@ fn non_empty_path(what: &str, v: &str) -> Result<PathBuf, String> {
 pub fn validate_block(s: &UpstreamSync) -> Result<(), String> {
     let Some(u) = &s.upsync else {
         if s.dump_path.is_some() || s.token.is_some() || s.tls.is_some() || s.allow_empty {
-            return Err("upsync_dump_path, upsync_token, upsync_tls and upsync_allow_empty need an \"upsync\" line in the same upstream block".into());
+            return Err(
+                "upsync_dump_path, upsync_token, upsync_tls and upsync_allow_empty need an \"upsync\" line in the same upstream block"
+                    .into(),
+            );
         }
         return Ok(());
     };
@@ -397,7 +398,8 @@ mod tests {
 
     #[test]
     fn upsync_as_nginx_upsync_module_writes_it() {
-        let u = up("127.0.0.1:8500/v1/kv/upstreams/test upsync_timeout=6m upsync_interval=500ms upsync_type=consul strong_dependency=off").unwrap();
+        let u = up("127.0.0.1:8500/v1/kv/upstreams/test upsync_timeout=6m upsync_interval=500ms upsync_type=consul strong_dependency=off")
+            .unwrap();
         assert_eq!(u.addresses, vec![Address { https: false, host: "127.0.0.1".into(), port: 8500 }]);
         assert_eq!(u.source, Source::Kv { prefix: "upstreams/test".into() });
         assert_eq!(u.timeout, Duration::from_secs(360));

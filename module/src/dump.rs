@@ -101,7 +101,8 @@ mod tests {
 
     #[test]
     fn renders_nginx_upsync_module_format() {
-        let text = render(&[srv("127.0.0.1:8089", 1, false, true), srv("127.0.0.1:8088", 40, true, false), srv("[::1]:80", 2, false, false)]);
+        let text =
+            render(&[srv("127.0.0.1:8089", 1, false, true), srv("127.0.0.1:8088", 40, true, false), srv("[::1]:80", 2, false, false)]);
         assert_eq!(
             text,
             "server 127.0.0.1:8088 weight=40 max_fails=3 fail_timeout=20s down;\n\

@@ -18,7 +18,7 @@ use upsync_discovery::{
     WatchEvent, WatchOptions,
 };
 
-use crate::conf::{Consistency, Source, Token, Upsync, UpstreamSync, BURST};
+use crate::conf::{Consistency, Source, Token, UpstreamSync, Upsync, BURST};
 use crate::model::Server;
 
 /// What the poller watches for one upstream.
@@ -306,7 +306,9 @@ async fn to_servers(upstream: &str, set: &EndpointSet, index: u64) -> Vec<Server
                         }
                     }
                 }
-                Err(err) => tracing::warn!("upstream \"{upstream}\": skipped {} at Consul index {index}: cannot resolve {name}: {err}", e.addr()),
+                Err(err) => {
+                    tracing::warn!("upstream \"{upstream}\": skipped {} at Consul index {index}: cannot resolve {name}: {err}", e.addr())
+                }
             },
         }
     }
@@ -378,7 +380,16 @@ mod tests {
     #[test]
     fn config_maps_to_discovery() {
         let mut sync = UpstreamSync {
-            upsync: Some(parse_upsync(&["10.0.0.1:8500,[::1]:8501/v1/health/service/web", "upsync_type=consul_health", "health=omit", "dc=dc2", "stale"]).unwrap()),
+            upsync: Some(
+                parse_upsync(&[
+                    "10.0.0.1:8500,[::1]:8501/v1/health/service/web",
+                    "upsync_type=consul_health",
+                    "health=omit",
+                    "dc=dc2",
+                    "stale",
+                ])
+                .unwrap(),
+            ),
             token: Some(Token::Value("t0k3n".into())),
             ..Default::default()
         };
@@ -389,7 +400,10 @@ mod tests {
         assert_eq!(cfg.consistency, upsync_discovery::Consistency::Stale);
         assert_eq!(cfg.token.as_ref().map(|t| t.expose()), Some("t0k3n"));
         assert!(!format!("{cfg:?}").contains("t0k3n"), "the token leaks through Debug");
-        assert_eq!(query(&sync.upsync.as_ref().unwrap().source), Query::HealthService { name: "web".into(), tag: None, mode: HealthMode::Omit });
+        assert_eq!(
+            query(&sync.upsync.as_ref().unwrap().source),
+            Query::HealthService { name: "web".into(), tag: None, mode: HealthMode::Omit }
+        );
         sync.tls = Some(crate::conf::Tls::default());
         assert!(consul_config(&sync).unwrap().addresses.iter().all(|a| a.scheme == Scheme::Https));
     }

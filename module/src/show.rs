@@ -37,7 +37,14 @@ pub struct ServerJson {
 
 impl From<&Server> for ServerJson {
     fn from(s: &Server) -> Self {
-        ServerJson { server: s.name(), weight: s.weight, max_fails: s.max_fails, fail_timeout: s.fail_timeout, down: s.down, backup: s.backup }
+        ServerJson {
+            server: s.name(),
+            weight: s.weight,
+            max_fails: s.max_fails,
+            fail_timeout: s.fail_timeout,
+            down: s.down,
+            backup: s.backup,
+        }
     }
 }
 

@@ -22,9 +22,9 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::model::{
-    format_go_duration, parse_go_duration, parse_host, validate_check_duration, validate_endpoint_id,
-    validate_fail_timeout, validate_max_fails, validate_meta, validate_service_name, validate_tag, validate_weight,
-    CheckKind, CheckSpec, EndpointSpec, Protocol, Source,
+    format_go_duration, parse_go_duration, parse_host, validate_check_duration, validate_endpoint_id, validate_fail_timeout,
+    validate_max_fails, validate_meta, validate_service_name, validate_tag, validate_weight, CheckKind, CheckSpec, EndpointSpec, Protocol,
+    Source,
 };
 use crate::state::{DeleteOutcome, PutOutcome, Shared};
 
@@ -117,8 +117,7 @@ fn duration(field: &str, v: Option<&str>, default: Duration) -> Result<Duration,
 fn validate(shared: &Shared, service: &str, id: &str, body: &[u8]) -> Result<EndpointSpec, ApiError> {
     validate_service_name(service).map_err(|e| ApiError::bad("service", e))?;
     validate_endpoint_id(id).map_err(|e| ApiError::bad("id", e))?;
-    let value: serde_json::Value =
-        serde_json::from_slice(body).map_err(|e| ApiError::bad("body", format!("not valid JSON ({e})")))?;
+    let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| ApiError::bad("body", format!("not valid JSON ({e})")))?;
     if !value.is_object() {
         return Err(ApiError::bad("body", "must be a JSON object of endpoint fields"));
     }
@@ -131,15 +130,15 @@ fn validate(shared: &Shared, service: &str, id: &str, body: &[u8]) -> Result<End
     };
     let port = match b.port {
         None => return Err(ApiError::bad("port", "required")),
-        Some(p) => u16::try_from(p).ok().filter(|p| *p != 0).ok_or_else(|| ApiError::bad("port", format!("{p} is not a port (1-65535)")))?,
+        Some(p) => {
+            u16::try_from(p).ok().filter(|p| *p != 0).ok_or_else(|| ApiError::bad("port", format!("{p} is not a port (1-65535)")))?
+        }
     };
     let weight = range("weight", b.weight, s.defaults.weight, validate_weight)?;
     let max_fails = range("max_fails", b.max_fails, s.defaults.max_fails, validate_max_fails)?;
     let fail_timeout = match &b.fail_timeout {
         None => s.defaults.fail_timeout,
-        Some(serde_json::Value::Number(n)) => {
-            range("fail_timeout", n.as_i64().or(Some(-1)), 0, validate_fail_timeout)?
-        }
+        Some(serde_json::Value::Number(n)) => range("fail_timeout", n.as_i64().or(Some(-1)), 0, validate_fail_timeout)?,
         Some(serde_json::Value::String(t)) => {
             let d = parse_go_duration(t).map_err(|e| ApiError::bad("fail_timeout", e))?;
             range("fail_timeout", Some(d.as_secs().min(i64::MAX as u64) as i64), 0, validate_fail_timeout)?
@@ -216,9 +215,8 @@ async fn put_endpoint(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let spec = validate(&shared, &service, &id, &body)?;
-    let outcome = shared
-        .api_put(spec)
-        .map_err(|c| ApiError { status: StatusCode::CONFLICT, field: Some(c.field.into()), reason: c.reason })?;
+    let outcome =
+        shared.api_put(spec).map_err(|c| ApiError { status: StatusCode::CONFLICT, field: Some(c.field.into()), reason: c.reason })?;
     let view = shared.list(Some(&service)).into_iter().find(|v| v.spec.id == id);
     let (status, result) = match outcome {
         PutOutcome::Created => (StatusCode::CREATED, "created"),
@@ -257,9 +255,7 @@ async fn delete_endpoint(
             Json(json!({"result": "draining", "drain": format_go_duration(Duration::from_millis(until.as_millis() as u64))})),
         )
             .into_response(),
-        DeleteOutcome::Conflict(c) => {
-            return Err(ApiError { status: StatusCode::CONFLICT, field: Some(c.field.into()), reason: c.reason })
-        }
+        DeleteOutcome::Conflict(c) => return Err(ApiError { status: StatusCode::CONFLICT, field: Some(c.field.into()), reason: c.reason }),
     })
 }
 
@@ -366,8 +362,10 @@ mod tests {
 
     #[test]
     fn valid_bodies_become_endpoints() {
-        let ep = check(r#"{"address":"10.0.0.5","port":8080,"weight":3,"fail_timeout":"30s","tags":["a","a"],
-                          "meta":{"v":"1"},"check":{"http":"/health","interval":"2s"}}"#)
+        let ep = check(
+            r#"{"address":"10.0.0.5","port":8080,"weight":3,"fail_timeout":"30s","tags":["a","a"],
+                          "meta":{"v":"1"},"check":{"http":"/health","interval":"2s"}}"#,
+        )
         .unwrap();
         assert_eq!(ep.addr(), "10.0.0.5:8080");
         assert_eq!((ep.weight, ep.max_fails, ep.fail_timeout), (3, 2, 30));
@@ -415,8 +413,26 @@ mod tests {
             assert!(doc.contains(path), "openapi.yaml lacks {path}");
         }
         let fields = [
-            "address", "port", "weight", "max_fails", "fail_timeout", "backup", "down", "tags", "meta", "check", "http", "tcp",
-            "ttl", "interval", "timeout", "deregister_critical_service_after", "drain", "synced", "kv_key", "pending_changes",
+            "address",
+            "port",
+            "weight",
+            "max_fails",
+            "fail_timeout",
+            "backup",
+            "down",
+            "tags",
+            "meta",
+            "check",
+            "http",
+            "tcp",
+            "ttl",
+            "interval",
+            "timeout",
+            "deregister_critical_service_after",
+            "drain",
+            "synced",
+            "kv_key",
+            "pending_changes",
         ];
         for f in fields {
             assert!(doc.contains(&format!("{f}:")) || doc.contains(&format!("name: {f}")), "openapi.yaml lacks {f}");

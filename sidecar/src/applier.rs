@@ -24,10 +24,18 @@ use crate::target::{Record, Target};
 /// One operation of a Consul KV transaction (`PUT /v1/txn`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum KvOp {
-    Set { key: String, value: String },
-    Delete { key: String },
+    Set {
+        key: String,
+        value: String,
+    },
+    Delete {
+        key: String,
+    },
     /// Only if the entry's ModifyIndex is still `index`.
-    DeleteCas { key: String, index: u64 },
+    DeleteCas {
+        key: String,
+        index: u64,
+    },
 }
 
 impl KvOp {
@@ -72,13 +80,7 @@ async fn txn(client: &Client, ops: &[KvOp]) -> Result<HashMap<String, u64>, Erro
     let body = serde_json::Value::Array(ops.iter().map(KvOp::to_json).collect()).to_string();
     let r = client.request(Method::PUT, "/v1/txn", Some(body.into()), None).await?;
     let parsed: TxnResponse = serde_json::from_slice(&r.body).unwrap_or(TxnResponse { results: None });
-    Ok(parsed
-        .results
-        .unwrap_or_default()
-        .into_iter()
-        .filter_map(|r| r.kv)
-        .map(|kv| (kv.key, kv.modify_index))
-        .collect())
+    Ok(parsed.results.unwrap_or_default().into_iter().filter_map(|r| r.kv).map(|kv| (kv.key, kv.modify_index)).collect())
 }
 
 /// Makes Consul hold `t` for `id`, given that it holds `w`. Returns what it holds afterwards;
@@ -194,10 +196,7 @@ async fn read_reality(client: &Client, s: &Settings) -> Result<HashMap<String, (
     let ours: Vec<_> = services.values().filter(|svc| svc.meta.get(META_NODE) == Some(&s.node_id)).collect();
     if !ours.is_empty() {
         let checks = client.agent_checks().await?;
-        let in_maintenance: HashSet<&str> = checks
-            .values()
-            .filter_map(|c| c.id.strip_prefix("_service_maintenance:"))
-            .collect();
+        let in_maintenance: HashSet<&str> = checks.values().filter_map(|c| c.id.strip_prefix("_service_maintenance:")).collect();
         for svc in ours {
             let entry = out.entry(svc.id.clone()).or_default();
             entry.0.service = Some(WrittenService {

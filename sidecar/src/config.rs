@@ -252,8 +252,7 @@ fn duration_key(key: &str, value: Option<&str>, default: Duration) -> anyhow::Re
 }
 
 fn read_secret_file(path: &Path, what: &str) -> anyhow::Result<Secret> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| anyhow::anyhow!("reading the {what} from {}: {e}", path.display()))?;
+    let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("reading the {what} from {}: {e}", path.display()))?;
     let token = text.trim();
     if token.is_empty() {
         anyhow::bail!("the {what} file {} is empty", path.display());
@@ -267,8 +266,7 @@ fn split_list(s: &str) -> Vec<String> {
 
 impl FileConfig {
     pub fn load(path: &Path) -> anyhow::Result<FileConfig> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| anyhow::anyhow!("reading the configuration file {}: {e}", path.display()))?;
+        let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("reading the configuration file {}: {e}", path.display()))?;
         toml::from_str(&text).map_err(|e| anyhow::anyhow!("configuration file {}: {e}", path.display()))
     }
 }
@@ -311,9 +309,7 @@ impl Settings {
 
         let node_id = match args.node_id.or(file.node_id) {
             Some(n) => n,
-            None => gethostname::gethostname()
-                .into_string()
-                .map_err(|_| anyhow::anyhow!("the host name is not UTF-8; set --node-id"))?,
+            None => gethostname::gethostname().into_string().map_err(|_| anyhow::anyhow!("the host name is not UTF-8; set --node-id"))?,
         };
         validate_node_id(&node_id).map_err(|e| anyhow::anyhow!("--node-id `{node_id}`: {e}"))?;
 
@@ -364,8 +360,7 @@ impl Settings {
         }
         defaults.check_interval =
             duration_key("defaults.check_interval", file.defaults.check_interval.as_deref(), defaults.check_interval)?;
-        defaults.check_timeout =
-            duration_key("defaults.check_timeout", file.defaults.check_timeout.as_deref(), defaults.check_timeout)?;
+        defaults.check_timeout = duration_key("defaults.check_timeout", file.defaults.check_timeout.as_deref(), defaults.check_timeout)?;
         defaults.validate().map_err(|e| anyhow::anyhow!("[defaults] {e}"))?;
 
         let drain = match args.drain {
@@ -387,8 +382,7 @@ impl Settings {
             Some(d) => d,
             None => duration_key("engine.ready_timeout", file.engine.ready_timeout.as_deref(), Duration::from_secs(30))?,
         };
-        let request_timeout =
-            duration_key("consul.request_timeout", file.consul.request_timeout.as_deref(), Duration::from_secs(10))?;
+        let request_timeout = duration_key("consul.request_timeout", file.consul.request_timeout.as_deref(), Duration::from_secs(10))?;
 
         Ok(Settings {
             node_id,
@@ -404,10 +398,7 @@ impl Settings {
                 key_file: file.consul.key_file,
                 request_timeout,
             },
-            docker_socket: args
-                .docker_socket
-                .or(file.engine.socket)
-                .unwrap_or_else(|| PathBuf::from("/var/run/docker.sock")),
+            docker_socket: args.docker_socket.or(file.engine.socket).unwrap_or_else(|| PathBuf::from("/var/run/docker.sock")),
             engine_enabled: !args.no_engine && file.engine.enabled.unwrap_or(true),
             listen: args.listen.or(file.api.listen).unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default")),
             api_token,
@@ -438,13 +429,9 @@ pub fn default_route_ip() -> anyhow::Result<IpAddr> {
     let sock = std::net::UdpSocket::bind("0.0.0.0:0")
         .map_err(|e| anyhow::anyhow!("cannot determine the host address (binding a UDP socket: {e}); pass --advertise-ip"))?;
     // TEST-NET-3 (RFC 5737): never routed anywhere; only used to select the default route.
-    sock.connect("203.0.113.1:9").map_err(|e| {
-        anyhow::anyhow!("cannot determine the host address: no default route ({e}); pass --advertise-ip")
-    })?;
-    let ip = sock
-        .local_addr()
-        .map_err(|e| anyhow::anyhow!("cannot determine the host address ({e}); pass --advertise-ip"))?
-        .ip();
+    sock.connect("203.0.113.1:9")
+        .map_err(|e| anyhow::anyhow!("cannot determine the host address: no default route ({e}); pass --advertise-ip"))?;
+    let ip = sock.local_addr().map_err(|e| anyhow::anyhow!("cannot determine the host address ({e}); pass --advertise-ip"))?.ip();
     if ip.is_loopback() || ip.is_unspecified() {
         anyhow::bail!("the default route's source address is {ip}, which other hosts cannot reach; pass --advertise-ip");
     }
@@ -498,8 +485,9 @@ mod tests {
 
     #[test]
     fn tokens_never_show_in_debug_output() {
-        let s = Settings::merge(args(&["--advertise-ip", "192.0.2.10", "--node-id", "n1"]), FileConfig::default(), Some("s3cr3t-token".into()))
-            .expect("valid settings");
+        let s =
+            Settings::merge(args(&["--advertise-ip", "192.0.2.10", "--node-id", "n1"]), FileConfig::default(), Some("s3cr3t-token".into()))
+                .expect("valid settings");
         let dbg = format!("{s:?}");
         assert!(!dbg.contains("s3cr3t-token"), "{dbg}");
         assert!(dbg.contains("redacted"));

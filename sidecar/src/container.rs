@@ -115,7 +115,8 @@ impl ContainerInfo {
         let settings = r.network_settings.clone().unwrap_or_default();
 
         let mut published = Vec::new();
-        let mut exposed: Vec<(u16, Protocol)> = config.exposed_ports.unwrap_or_default().iter().filter_map(|p| parse_port_proto(p)).collect();
+        let mut exposed: Vec<(u16, Protocol)> =
+            config.exposed_ports.unwrap_or_default().iter().filter_map(|p| parse_port_proto(p)).collect();
         let mut ports: Vec<_> = settings.ports.unwrap_or_default().into_iter().collect();
         ports.sort_by(|a, b| a.0.cmp(&b.0));
         for (key, bindings) in ports {
@@ -148,11 +149,7 @@ impl ContainerInfo {
             }
         }
 
-        let stop_timeout = config
-            .stop_timeout
-            .filter(|t| *t >= 0)
-            .map(|t| Duration::from_secs(t as u64))
-            .unwrap_or(DEFAULT_STOP_TIMEOUT);
+        let stop_timeout = config.stop_timeout.filter(|t| *t >= 0).map(|t| Duration::from_secs(t as u64)).unwrap_or(DEFAULT_STOP_TIMEOUT);
         Ok(ContainerInfo {
             id,
             name,

@@ -147,8 +147,7 @@ async fn session(shared: &Arc<Shared>) -> Result<(), String> {
 
     let mut filters = HashMap::new();
     filters.insert("type".to_string(), vec!["container".to_string()]);
-    let mut events =
-        sess.docker.events(Some(EventsOptions { since: Some(since.to_string()), until: None, filters: Some(filters) }));
+    let mut events = sess.docker.events(Some(EventsOptions { since: Some(since.to_string()), until: None, filters: Some(filters) }));
     let poll = s.poll;
     let mut poll_tick = tokio::time::interval(if poll.is_zero() { Duration::from_secs(3600) } else { poll });
     poll_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -309,12 +308,7 @@ impl Session {
         match info.state {
             RunState::Running | RunState::Paused => {
                 let s = &self.shared.settings;
-                let ctx = MapContext {
-                    node_id: &s.node_id,
-                    advertise_ip: s.advertise_ip,
-                    internal: s.internal,
-                    defaults: &s.defaults,
-                };
+                let ctx = MapContext { node_id: &s.node_id, advertise_ip: s.advertise_ip, internal: s.internal, defaults: &s.defaults };
                 let mapped = map_container(&info, &ctx);
                 if self.warned.insert(info.id.clone()) {
                     for w in &mapped.warnings {
@@ -397,11 +391,9 @@ async fn probe(addr: SocketAddr, timeout: Duration) -> bool {
 /// The ids of the running containers.
 async fn running_ids(docker: &Docker) -> Result<HashSet<String>, String> {
     match docker.list_containers(Some(ListContainersOptions { all: false, ..Default::default() })).await {
-        Ok(list) => Ok(list
-            .into_iter()
-            .filter(|c| c.state.is_none_or(|s| s == ContainerSummaryStateEnum::RUNNING))
-            .filter_map(|c| c.id)
-            .collect()),
+        Ok(list) => {
+            Ok(list.into_iter().filter(|c| c.state.is_none_or(|s| s == ContainerSummaryStateEnum::RUNNING)).filter_map(|c| c.id).collect())
+        }
         // podman lists containers in states Docker does not have (`stopped` right after an
         // exit): read the ids and states from the answer itself.
         Err(bollard::errors::Error::JsonDataError { contents, message, .. }) => {

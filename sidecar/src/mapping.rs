@@ -25,9 +25,8 @@ use upsync_discovery::Host;
 
 use crate::container::ContainerInfo;
 use crate::model::{
-    parse_go_duration, validate_check_duration, validate_endpoint_id, validate_fail_timeout, validate_max_fails,
-    validate_meta, validate_service_name, validate_tag, validate_weight, CheckKind, CheckSpec, Defaults,
-    EndpointSpec, Protocol, Source,
+    parse_go_duration, validate_check_duration, validate_endpoint_id, validate_fail_timeout, validate_max_fails, validate_meta,
+    validate_service_name, validate_tag, validate_weight, CheckKind, CheckSpec, Defaults, EndpointSpec, Protocol, Source,
 };
 
 /// What mapping needs besides the container.
@@ -190,12 +189,9 @@ pub fn map_container(c: &ContainerInfo, ctx: &MapContext<'_>) -> Mapped {
         match endpoint_for(c, ctx, t, &k, several) {
             Ok(Some(ep)) => mapped.endpoints.push(ep),
             Ok(None) => {}
-            Err(w) => mapped.warnings.push(format!(
-                "container {} port {}/{}: {w}; port not registered",
-                c.name,
-                t.port,
-                t.protocol.as_str()
-            )),
+            Err(w) => {
+                mapped.warnings.push(format!("container {} port {}/{}: {w}; port not registered", c.name, t.port, t.protocol.as_str()))
+            }
         }
     }
     mapped
@@ -310,8 +306,7 @@ fn endpoint_for(
 
     let meta: BTreeMap<String, String> =
         k.iter().filter(|(key, _)| !KNOWN.contains(key)).map(|(key, v)| (key.to_string(), v.to_string())).collect();
-    validate_meta(&meta)
-        .map_err(|(field, e)| format!("{}: {e}", key_name(field.trim_start_matches("meta."))))?;
+    validate_meta(&meta).map_err(|(field, e)| format!("{}: {e}", key_name(field.trim_start_matches("meta."))))?;
 
     Ok(Some(EndpointSpec {
         service: name,

@@ -158,7 +158,9 @@ pub struct Conflict {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DeleteOutcome {
     Deleted,
-    Draining { until: Duration },
+    Draining {
+        until: Duration,
+    },
     NotFound,
     /// The id belongs to a container (or another service).
     Conflict(Conflict),

@@ -10,9 +10,7 @@ use upsync_discovery::upsync::KvValue;
 use upsync_discovery::{Check, CheckKind as ConsulCheckKind, ServiceRegistration, ServiceWeights};
 
 use crate::config::Settings;
-use crate::model::{
-    CheckKind, EndpointSpec, Source, META_CONTAINER, META_HASH, META_NODE, META_SOURCE,
-};
+use crate::model::{CheckKind, EndpointSpec, Source, META_CONTAINER, META_HASH, META_NODE, META_SOURCE};
 
 /// Why an endpoint is marked down, if it is.
 #[derive(Clone, Debug, PartialEq, Eq)]

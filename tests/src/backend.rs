@@ -122,12 +122,8 @@ async fn handle(req: Request<Incoming>, name: Arc<str>, counters: Arc<Counters>)
     let path = req.uri().path();
     let mut status = StatusCode::OK;
     if path == "/slow" {
-        let ms = req
-            .uri()
-            .query()
-            .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("ms=")))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(1000);
+        let ms =
+            req.uri().query().and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("ms="))).and_then(|v| v.parse().ok()).unwrap_or(1000);
         tokio::time::sleep(Duration::from_millis(ms)).await;
     } else if let Some(code) = path.strip_prefix("/status/") {
         status = code.parse().ok().and_then(|c| StatusCode::from_u16(c).ok()).unwrap_or(StatusCode::BAD_REQUEST);

@@ -91,10 +91,7 @@ impl Consul {
             .map(|(i, p)| {
                 let opts = ConsulOptions {
                     node_name: Some(format!("upsync-server-{i}")),
-                    cluster: Some(ClusterMember {
-                        bootstrap_expect: n,
-                        join: serf.iter().copied().filter(|&s| s != p.serf_lan).collect(),
-                    }),
+                    cluster: Some(ClusterMember { bootstrap_expect: n, join: serf.iter().copied().filter(|&s| s != p.serf_lan).collect() }),
                     ..Default::default()
                 };
                 Consul { proc: None, ports: p, dir: dir.join(format!("consul-{i}")), opts }

@@ -13,10 +13,8 @@ static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
 pub fn free_port() -> u16 {
     let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
     for _ in 0..200 {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("binding 127.0.0.1:0 for a free port");
+        let port =
+            TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("binding 127.0.0.1:0 for a free port");
         if given.contains(&port) || UdpSocket::bind(("127.0.0.1", port)).is_err() {
             continue;
         }
@@ -32,10 +30,7 @@ pub fn port_open(port: u16) -> bool {
 }
 
 fn agent() -> ureq::Agent {
-    ureq::AgentBuilder::new()
-        .timeout_connect(Duration::from_secs(2))
-        .timeout(Duration::from_secs(30))
-        .build()
+    ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(2)).timeout(Duration::from_secs(30)).build()
 }
 
 /// The status and body of `GET url`; any HTTP status is a response, only transport errors are `Err`.
@@ -44,12 +39,7 @@ pub fn http_get(url: &str) -> anyhow::Result<(u16, String)> {
 }
 
 /// One HTTP request; returns the status and body. Non-2xx statuses are returned, not errors.
-pub fn http_request(
-    method: &str,
-    url: &str,
-    headers: &[(&str, &str)],
-    body: Option<&[u8]>,
-) -> anyhow::Result<(u16, String)> {
+pub fn http_request(method: &str, url: &str, headers: &[(&str, &str)], body: Option<&[u8]>) -> anyhow::Result<(u16, String)> {
     let mut req = agent().request(method, url);
     for (k, v) in headers {
         req = req.set(k, v);

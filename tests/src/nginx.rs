@@ -57,11 +57,7 @@ impl NginxConf {
     }
 
     fn render(&self, dir: &Path, ports: &[u16]) -> String {
-        let module = if self.load_module {
-            format!("load_module {};", crate::paths::module_so().display())
-        } else {
-            String::new()
-        };
+        let module = if self.load_module { format!("load_module {};", crate::paths::module_so().display()) } else { String::new() };
         let d = dir.display().to_string();
         let mut text = format!(
             "{module}

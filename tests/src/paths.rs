@@ -59,11 +59,7 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     if let Some(p) = std::env::var_os(&env_var) {
         return must_exist(PathBuf::from(p), name, &format!("{env_var} points nowhere"));
     }
-    let candidates = [
-        build_dir().join(name),
-        repo_root().join("target/release").join(name),
-        repo_root().join("target/debug").join(name),
-    ];
+    let candidates = [build_dir().join(name), repo_root().join("target/release").join(name), repo_root().join("target/debug").join(name)];
     for c in &candidates {
         if c.exists() {
             return c.clone();

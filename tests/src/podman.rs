@@ -108,12 +108,7 @@ impl Podman {
         let run_dir = PathBuf::from(format!("/tmp/upsync-podman-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&run_dir);
         std::fs::create_dir_all(&run_dir).unwrap_or_else(|e| panic!("creating {}: {e}", run_dir.display()));
-        let mut p = Podman {
-            socket: run_dir.join("docker.sock"),
-            log: test_dir.join("podman-service.log"),
-            run_dir,
-            service: None,
-        };
+        let mut p = Podman { socket: run_dir.join("docker.sock"), log: test_dir.join("podman-service.log"), run_dir, service: None };
         p.write_config();
         p.build_image(test_dir);
         p.start_service();
@@ -191,11 +186,8 @@ network_config_dir = "{d}/networks"
             }
         }
         std::fs::write(ctx.join("rootfs/www/index.html"), "upsync test image\n").expect("index.html");
-        std::fs::write(
-            ctx.join("Containerfile"),
-            "FROM scratch\nCOPY rootfs/ /\nENV PATH=/bin\nCMD [\"/bin/sh\"]\n",
-        )
-        .expect("Containerfile");
+        std::fs::write(ctx.join("Containerfile"), "FROM scratch\nCOPY rootfs/ /\nENV PATH=/bin\nCMD [\"/bin/sh\"]\n")
+            .expect("Containerfile");
         let build = format!(
             "mount -t tmpfs upsync-test-build /var/lib && exec {} build --quiet --network none -t {IMAGE} -f {} {}",
             podman_bin().display(),

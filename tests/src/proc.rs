@@ -128,11 +128,7 @@ impl Drop for Proc {
 /// PIDs of the direct children of `pid` (from /proc), e.g. an nginx master's workers.
 pub fn children_of(pid: u32) -> Vec<u32> {
     let path = format!("/proc/{pid}/task/{pid}/children");
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .split_whitespace()
-        .filter_map(|s| s.parse().ok())
-        .collect()
+    std::fs::read_to_string(path).unwrap_or_default().split_whitespace().filter_map(|s| s.parse().ok()).collect()
 }
 
 /// The command line of a process, or "" if it is gone.

@@ -181,8 +181,7 @@ impl ConsulView<'_> {
 
     /// The ids of the agent's services of `name`.
     pub fn service_ids(&self, name: &str) -> Vec<String> {
-        let mut ids: Vec<String> =
-            self.services().into_iter().filter(|(_, v)| v["Service"] == name).map(|(k, _)| k).collect();
+        let mut ids: Vec<String> = self.services().into_iter().filter(|(_, v)| v["Service"] == name).map(|(k, _)| k).collect();
         ids.sort();
         ids
     }

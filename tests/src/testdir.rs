@@ -12,9 +12,7 @@ impl TestDir {
     /// A fresh directory named after `name` (use the test's name).
     pub fn new(name: &str) -> TestDir {
         let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-        let path = crate::paths::repo_root()
-            .join("target/test-runs")
-            .join(format!("{name}-{}-{nanos}", std::process::id()));
+        let path = crate::paths::repo_root().join("target/test-runs").join(format!("{name}-{}-{nanos}", std::process::id()));
         std::fs::create_dir_all(&path).unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
         TestDir { path }
     }

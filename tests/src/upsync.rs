@@ -59,8 +59,8 @@ pub fn hits(url: &str, n: usize) -> BTreeMap<String, usize> {
 
 /// `upstream_show` as JSON for one upstream (the answering worker's view).
 pub fn show_json(nginx: &Nginx, upstream: &str) -> serde_json::Value {
-    let (status, body) = http_request("GET", &nginx.url(&format!("/show?upstream={upstream}&format=json")), &[], None)
-        .expect("upstream_show request");
+    let (status, body) =
+        http_request("GET", &nginx.url(&format!("/show?upstream={upstream}&format=json")), &[], None).expect("upstream_show request");
     assert_eq!(status, 200, "upstream_show: {body}");
     let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("upstream_show JSON: {e}: {body}"));
     v["upstreams"][0].clone()

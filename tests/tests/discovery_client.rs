@@ -9,8 +9,7 @@ use std::time::Duration;
 use discovery_common::*;
 use upsync_discovery::upsync::{kv_key, KvValue};
 use upsync_discovery::{
-    fetch_once, Check, CheckKind, Client, Consistency, ConsulConfig, Error, Host, Query, ServiceRegistration, ServiceWeights,
-    Status,
+    fetch_once, Check, CheckKind, Client, Consistency, ConsulConfig, Error, Host, Query, ServiceRegistration, ServiceWeights, Status,
 };
 use upsync_tests::backend::Backend;
 use upsync_tests::consul::Consul;
@@ -82,9 +81,21 @@ fn agent_registration_checks_ttl_and_maintenance() {
             port: Some(backend.port()),
             weights: Some(ServiceWeights { passing: 3, warning: 1 }),
             checks: vec![
-                check("web-1-http", CheckKind::Http { url: format!("http://{}/", backend.host_port()), method: None, headers: BTreeMap::new(), tls_skip_verify: false }),
+                check(
+                    "web-1-http",
+                    CheckKind::Http {
+                        url: format!("http://{}/", backend.host_port()),
+                        method: None,
+                        headers: BTreeMap::new(),
+                        tls_skip_verify: false,
+                    },
+                ),
                 check("web-1-tcp", CheckKind::Tcp { address: backend.host_port() }),
-                Check { interval: None, status: Some(Status::Critical), ..check("web-1-ttl", CheckKind::Ttl { ttl: Duration::from_secs(600) }) },
+                Check {
+                    interval: None,
+                    status: Some(Status::Critical),
+                    ..check("web-1-ttl", CheckKind::Ttl { ttl: Duration::from_secs(600) })
+                },
             ],
             replace_existing_checks: true,
         };

@@ -11,9 +11,11 @@ use upsync_tests::{wait_until, TestDir};
 
 /// A KV write through `server`, retried while the cluster elects a leader.
 fn put(server: &Consul, key: &str) {
-    wait_until(&format!("KV write of {key} through {}", server.http_addr()), LONG, || {
-        matches!(server.api("PUT", &format!("/v1/kv/{key}"), Some(b"")), Ok((200, ref b)) if b.trim() == "true")
-    });
+    wait_until(
+        &format!("KV write of {key} through {}", server.http_addr()),
+        LONG,
+        || matches!(server.api("PUT", &format!("/v1/kv/{key}"), Some(b"")), Ok((200, ref b)) if b.trim() == "true"),
+    );
 }
 
 #[test]

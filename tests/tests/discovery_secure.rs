@@ -91,7 +91,8 @@ fn https_with_the_ca_and_a_client_certificate_works_and_fails_clearly_without() 
         let got = runtime().block_on(fetch_once(&c, &kv("secure"))).unwrap_or_else(|e| panic!("{addr}: {e}"));
         assert_eq!(got.value.as_endpoints().unwrap().len(), 1, "{addr}");
     }
-    let w = WatchThread::start(Client::new(cfg(format!("https://127.0.0.1:{https_port}"), Some(full.clone()))).unwrap(), kv("secure"), opts());
+    let w =
+        WatchThread::start(Client::new(cfg(format!("https://127.0.0.1:{https_port}"), Some(full.clone()))).unwrap(), kv("secure"), opts());
     assert_eq!(w.next_set(LONG).0.len(), 1);
     consul.kv_put("secure/10.0.0.2:80", "");
     assert_eq!(w.next_set(LONG).0.len(), 2);

@@ -146,13 +146,8 @@ fn health_and_catalog_watches_follow_checks_and_registrations() {
     consul.register_service(&svc("web-1", "10.0.0.1", &["weight=5"]));
     consul.register_service(&svc("web-2", "10.0.0.2", &["backup"]));
     let c = client(&consul.http_addr());
-    let marked = WatchThread::start(
-        c.clone(),
-        Query::HealthService { name: "web".into(), tag: None, mode: HealthMode::MarkDown },
-        opts(),
-    );
-    let omitted =
-        WatchThread::start(c.clone(), Query::HealthService { name: "web".into(), tag: None, mode: HealthMode::Omit }, opts());
+    let marked = WatchThread::start(c.clone(), Query::HealthService { name: "web".into(), tag: None, mode: HealthMode::MarkDown }, opts());
+    let omitted = WatchThread::start(c.clone(), Query::HealthService { name: "web".into(), tag: None, mode: HealthMode::Omit }, opts());
     let catalog = WatchThread::start(c.clone(), Query::CatalogService { name: "web".into(), tag: Some("backup".into()) }, opts());
     let services = WatchThread::start(c, Query::Services, opts());
 

@@ -101,7 +101,8 @@ fn tags_down_backup_and_srv_with_glue() {
     let m = hickory_query(dns.addr(), "api.service.upsync.", RecordType::SRV, false).expect("hickory UDP query");
     assert_eq!(m.answers.len(), 3);
     assert!(m.metadata.authoritative);
-    let targets: Vec<String> = m.answers.iter().filter_map(|r| if let RData::SRV(s) = &r.data { Some(s.target.to_ascii()) } else { None }).collect();
+    let targets: Vec<String> =
+        m.answers.iter().filter_map(|r| if let RData::SRV(s) = &r.data { Some(s.target.to_ascii()) } else { None }).collect();
     for t in targets {
         assert!(m.additionals.iter().any(|g| g.name.to_ascii() == t && matches!(g.data, RData::A(_))), "no glue for {t}: {m:?}");
     }
@@ -146,7 +147,11 @@ fn nxdomain_nodata_soa_ns_ptr_txt() {
     assert!(ptr.has_flag("aa"));
 
     let txt = dns.dig(&["web.service.upsync.", "TXT"]);
-    assert_eq!(txt.data("TXT"), [r#""id=w1" "node=upsync-test-PORT" "address=127.0.0.31:8080" "team=edge" "version=1.4.2""#.replace("PORT", &consul.ports.http.to_string())]);
+    assert_eq!(
+        txt.data("TXT"),
+        [r#""id=w1" "node=upsync-test-PORT" "address=127.0.0.31:8080" "team=edge" "version=1.4.2""#
+            .replace("PORT", &consul.ports.http.to_string())]
+    );
 
     let out = dns.dig(&["example.com.", "A"]);
     assert_eq!(out.status, "REFUSED", "names outside the zone without forwarding: {}", out.raw);
@@ -166,7 +171,8 @@ fn large_answers_are_truncated_over_udp_and_whole_over_tcp() {
             "Service": {"ID": format!("big-{i}"), "Service": "big", "Address": format!("127.1.{}.{}", i / 200, i % 200 + 1), "Port": 10000 + i}}})
     }));
     for chunk in ops.chunks(64) {
-        let (status, body) = consul.api("PUT", "/v1/txn", Some(serde_json::Value::from(chunk.to_vec()).to_string().as_bytes())).expect("txn");
+        let (status, body) =
+            consul.api("PUT", "/v1/txn", Some(serde_json::Value::from(chunk.to_vec()).to_string().as_bytes())).expect("txn");
         assert_eq!(status, 200, "txn: {body}");
     }
     let tcp = wait_dig(&dns, "300 SRV records over TCP", &["big.service.upsync.", "SRV", "+tcp"], |d| d.answer.len() == 300);

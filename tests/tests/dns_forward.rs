@@ -20,7 +20,10 @@ fn forwards_outside_the_zone_with_a_ttl_cache_for_allowed_clients_only() {
     let front = DnsServer::start(
         dir.path(),
         &consul.http_addr(),
-        DnsOptions { args: vec!["--forward".into(), upstream.addr().to_string(), "--allow-recursion".into(), "127.0.0.1/32".into()], ..Default::default() },
+        DnsOptions {
+            args: vec!["--forward".into(), upstream.addr().to_string(), "--allow-recursion".into(), "127.0.0.1/32".into()],
+            ..Default::default()
+        },
     );
     consul.register_service(&json!({"ID": "w1", "Name": "web", "Address": "127.0.0.71", "Port": 80}));
     wait_dig(&upstream, "the upstream serving web", &["web.upstream.test.", "A"], |d| d.data("A") == ["127.0.0.71"]);

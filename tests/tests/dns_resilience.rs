@@ -73,7 +73,10 @@ fn bad_packets() -> Vec<(&'static str, Vec<u8>)> {
         ("compression pointer to itself", [&query[..12], &[0xc0, 0x0c, 0x00, 0x01, 0x00, 0x01]].concat()),
         ("65535 questions announced", [&[0xab, 0xcd, 0x01, 0x00, 0xff, 0xff, 0, 0, 0, 0, 0, 0][..], &query[12..]].concat()),
         ("answer count without answers", [&[0xab, 0xcd, 0x01, 0x00, 0x00, 0x01, 0x00, 0x05, 0, 0, 0, 0][..], &query[12..]].concat()),
-        ("bad OPT record", [&[0xab, 0xcd, 0x01, 0x00, 0x00, 0x01, 0, 0, 0, 0, 0x00, 0x01][..], &query[12..], &[0x00, 0x00, 0x29, 0x04]].concat()),
+        (
+            "bad OPT record",
+            [&[0xab, 0xcd, 0x01, 0x00, 0x00, 0x01, 0, 0, 0, 0, 0x00, 0x01][..], &query[12..], &[0x00, 0x00, 0x29, 0x04]].concat(),
+        ),
     ];
     // Deterministic noise.
     let mut x: u32 = 0x1234_5678;
@@ -110,7 +113,9 @@ fn malformed_and_truncated_packets_get_formerr_or_nothing() {
     assert_eq!(send_raw(dns.addr(), &response, Duration::from_millis(300)), None);
 
     // The same over TCP: a length prefix with junk, a prefix longer than what follows.
-    for payload in [vec![0x00, 0x05, 1, 2, 3, 4, 5], vec![0xff, 0xff, 1, 2, 3], vec![0x00, 0x0c, 0xab, 0xcd, 0x01, 0, 0, 1, 0, 0, 0, 0, 0, 0]] {
+    for payload in
+        [vec![0x00, 0x05, 1, 2, 3, 4, 5], vec![0xff, 0xff, 1, 2, 3], vec![0x00, 0x0c, 0xab, 0xcd, 0x01, 0, 0, 1, 0, 0, 0, 0, 0, 0]]
+    {
         let mut s = TcpStream::connect(dns.addr()).expect("TCP connect");
         s.set_read_timeout(Some(Duration::from_secs(2))).ok();
         let _ = s.write_all(&payload);
@@ -140,7 +145,8 @@ fn sigterm_stops_gracefully() {
 fn check_config_accepts_good_files_and_names_mistakes() {
     let dir = TestDir::new("dns_check_config");
     let run = |args: &[&str]| {
-        let out = Command::new(workspace_bin("upsync-dns")).args(args).env_remove("CONSUL_HTTP_TOKEN").output().expect("running upsync-dns");
+        let out =
+            Command::new(workspace_bin("upsync-dns")).args(args).env_remove("CONSUL_HTTP_TOKEN").output().expect("running upsync-dns");
         (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
     };
     let good = dir.join("good.toml");
@@ -149,7 +155,8 @@ fn check_config_accepts_good_files_and_names_mistakes() {
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("configuration OK") && out.contains("svc.example.") && out.contains("127.0.0.1:5354"), "{out}");
     assert!(!out.contains("s3cret-token"), "the token is never printed: {out}");
-    let (code, out) = run(&["--consul", "127.0.0.1:8500,127.0.0.2:8500", "--listen", "127.0.0.1:5353", "--zone", "dc1.internal", "--check-config"]);
+    let (code, out) =
+        run(&["--consul", "127.0.0.1:8500,127.0.0.2:8500", "--listen", "127.0.0.1:5353", "--zone", "dc1.internal", "--check-config"]);
     assert_eq!(code, Some(0), "{out}");
 
     let bad = dir.join("bad.toml");

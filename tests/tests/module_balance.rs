@@ -71,9 +71,7 @@ fn passive_health_and_retries_and_failure_state_survive_updates() {
     // proxy_next_upstream retries on b: no request fails; a is taken out after one failure.
     let h = all_ok(&nginx.url("/"), 20);
     assert_eq!(h.get("b"), Some(&20), "{h:?}");
-    let fails = |nginx: &Nginx| -> u64 {
-        shown_server(nginx, "app", &a.host_port()).and_then(|s| s["fails"].as_u64()).unwrap_or(0)
-    };
+    let fails = |nginx: &Nginx| -> u64 { shown_server(nginx, "app", &a.host_port()).and_then(|s| s["fails"].as_u64()).unwrap_or(0) };
     assert!(fails(&nginx) >= 1);
     // An unrelated change: a stays in the list with its failure count, so it stays out of rotation.
     put_server(&consul, "app", &c.host_port(), r#"{"max_fails":1,"fail_timeout":60}"#);

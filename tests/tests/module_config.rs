@@ -26,7 +26,10 @@ fn malformed_directives_fail_nginx_t_with_a_clear_message() {
         ("upsync 127.0.0.1:8500/v1/kv/x; upsync 127.0.0.1:8500/v1/kv/y;", &["\"upsync\" directive", "is duplicate"]),
         ("upsync 127.0.0.1:8500/v1/kv/x; upsync_lb hash_ketama;", &["\"upsync_lb\" directive", "not supported"]),
         ("upsync 127.0.0.1:8500/v1/kv/x; upsync_lb fastest;", &["\"upsync_lb\" directive", "invalid value \"fastest\""]),
-        ("upsync 127.0.0.1:8500/v1/kv/x; upsync_token_file /nonexistent/token;", &["\"upsync_token_file\" directive", "cannot read the token file"]),
+        (
+            "upsync 127.0.0.1:8500/v1/kv/x; upsync_token_file /nonexistent/token;",
+            &["\"upsync_token_file\" directive", "cannot read the token file"],
+        ),
         ("upsync 127.0.0.1:8500/v1/kv/x; upsync_tls ca=/nonexistent/ca.pem;", &["\"upsync_tls\" directive", "/nonexistent/ca.pem"]),
         ("upsync 127.0.0.1:8500/v1/kv/x; upsync_tls cert=/etc/hostname;", &["cert= and key= go together"]),
         ("upsync 127.0.0.1:8500/v1/kv/x; upsync_allow_empty maybe;", &["upsync_allow_empty"]),
@@ -43,10 +46,8 @@ fn malformed_directives_fail_nginx_t_with_a_clear_message() {
     // Outside an upstream block, and upstream_show with arguments.
     let t = Nginx::test_config(&dir.subdir("ctx"), &NginxConf::new("upsync 127.0.0.1:8500/v1/kv/x;"));
     assert!(!t.ok && t.output.contains("\"upsync\" directive is not allowed here"), "{}", t.output);
-    let t = Nginx::test_config(
-        &dir.subdir("show"),
-        &NginxConf::new("server { listen 127.0.0.1:{{port}}; location / { upstream_show app; } }"),
-    );
+    let t =
+        Nginx::test_config(&dir.subdir("show"), &NginxConf::new("server { listen 127.0.0.1:{{port}}; location / { upstream_show app; } }"));
     assert!(!t.ok && t.output.contains("invalid number of arguments in \"upstream_show\""), "{}", t.output);
     let t = Nginx::test_config(&dir.subdir("shm"), &NginxConf::new("upsync_shm_size 10k;"));
     assert!(!t.ok && t.output.contains("\"upsync_shm_size\" directive") && t.output.contains("too small"), "{}", t.output);

@@ -167,7 +167,11 @@ fn dump_file_is_written_and_restores_the_list_with_consul_down() {
     );
     wait_until("the dump file", Duration::from_secs(10), || std::fs::read_to_string(&dump).ok().as_deref() == Some(want.as_str()));
     // No temp files left next to it.
-    let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().contains(".tmp")).collect();
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains(".tmp"))
+        .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 
     // nginx restarts while Consul is down: it serves the dumped list (b, the backup, since a is down).

@@ -65,7 +65,11 @@ fn https_with_ca_and_client_certificate() {
     let target = format!("https://127.0.0.1:{https_port}");
     let http = format!(
         "{}\n{}\n{}\n{}",
-        block("good", &target, &format!("upsync_tls ca={} cert={} key={};", tls.ca_file.display(), tls.client_cert.display(), tls.client_key.display())),
+        block(
+            "good",
+            &target,
+            &format!("upsync_tls ca={} cert={} key={};", tls.ca_file.display(), tls.client_cert.display(), tls.client_key.display())
+        ),
         block("nocert", &target, &format!("upsync_tls ca={};", tls.ca_file.display())),
         block("noca", &target, ""),
         server(&["good", "nocert", "noca"])

@@ -59,11 +59,9 @@ fn add_remove_reweight_down_and_backup_reach_traffic_without_reload() {
 
 /// Connections from nginx's processes to 127.0.0.1:port, from `ss`.
 fn connections_to(port: u16, pids: &[u32]) -> usize {
-    let out = std::process::Command::new("ss").args(["-tnpH", "state", "established", "dport", &format!("= :{port}")]).output().expect("ss");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| pids.iter().any(|p| l.contains(&format!("pid={p},"))))
-        .count()
+    let out =
+        std::process::Command::new("ss").args(["-tnpH", "state", "established", "dport", &format!("= :{port}")]).output().expect("ss");
+    String::from_utf8_lossy(&out.stdout).lines().filter(|l| pids.iter().any(|p| l.contains(&format!("pid={p},")))).count()
 }
 
 #[test]
@@ -151,7 +149,10 @@ fn malformed_value_keeps_the_last_good_state() {
     let a_entry = shown_server(&nginx, "app", &a.host_port()).unwrap();
     assert_eq!(a_entry["weight"], 7, "a lost its last good attributes: {a_entry}");
     let log = nginx.error_log();
-    assert!(log.contains(&format!("upstreams/app/{}", a.host_port())) && log.contains("at index"), "no skip message naming the key and index:\n{log}");
+    assert!(
+        log.contains(&format!("upstreams/app/{}", a.host_port())) && log.contains("at index"),
+        "no skip message naming the key and index:\n{log}"
+    );
     assert!(log.contains("not-an-address"), "{log}");
 }
 
@@ -173,11 +174,17 @@ fn upstream_show_text_is_byte_for_byte_and_stock_upstreams_are_untouched() {
     assert_eq!(status, 200);
     assert_eq!(
         text,
-        format!("Upstream name: app; Backend server count: 1\n        server {} weight=10 max_fails=3 fail_timeout=10s down;\n", a.host_port())
+        format!(
+            "Upstream name: app; Backend server count: 1\n        server {} weight=10 max_fails=3 fail_timeout=10s down;\n",
+            a.host_port()
+        )
     );
     let (_, all) = http_get(&nginx.url("/show")).unwrap();
     assert!(
-        all.contains(&format!("Upstream name: plain; Backend server count: 1\n        server {} weight=2 max_fails=3 fail_timeout=20s;\n\n", s.host_port())),
+        all.contains(&format!(
+            "Upstream name: plain; Backend server count: 1\n        server {} weight=2 max_fails=3 fail_timeout=20s;\n\n",
+            s.host_port()
+        )),
         "{all}"
     );
     let (_, missing) = http_get(&nginx.url("/show?nope")).unwrap();

@@ -127,7 +127,11 @@ fn api_endpoints_survive_a_sidecar_crash_and_other_nodes_are_left_alone() {
     let view = ConsulView(&consul);
     let mut a = Sidecar::start(dir.path(), &consul.http_addr(), SidecarOpts::new("node-a", &dir.join("none-a.sock")).arg("--no-engine"));
     // node-b writes only the KV output.
-    let b = Sidecar::start(dir.path(), &consul.http_addr(), SidecarOpts::new("node-b", &dir.join("none-b.sock")).arg("--no-engine").arg("--no-services"));
+    let b = Sidecar::start(
+        dir.path(),
+        &consul.http_addr(),
+        SidecarOpts::new("node-b", &dir.join("none-b.sock")).arg("--no-engine").arg("--no-services"),
+    );
     // Something nobody's sidecar wrote.
     consul.kv_put("upstreams/api/10.9.9.9:80", r#"{"weight":1}"#);
 
@@ -160,7 +164,9 @@ fn api_endpoints_survive_a_sidecar_crash_and_other_nodes_are_left_alone() {
 
     // The restarted sidecar still manages them; node-b's endpoint and the foreign key stay.
     a.api_json("DELETE", "/v1/endpoints/api/a1", None, 200);
-    eventually("a1 removed", || view.kv_json("upstreams/api/10.1.0.1:80").is_none() && !view.service_ids("api").contains(&"a1".to_string()));
+    eventually("a1 removed", || {
+        view.kv_json("upstreams/api/10.1.0.1:80").is_none() && !view.service_ids("api").contains(&"a1".to_string())
+    });
     assert!(view.kv_json("upstreams/api/10.2.0.1:80").is_some());
     assert!(view.kv_json("upstreams/api/10.9.9.9:80").is_some());
     assert_eq!(view.service_ids("api"), vec!["a2".to_string()], "node-b (--no-services) registered a service");
@@ -182,10 +188,7 @@ fn with_acls_a_least_privilege_token_works_a_refused_one_is_reported_and_neither
     std::fs::write(dir.join("token-a"), &token).unwrap();
     std::fs::write(dir.join("token-b"), "00000000-1111-2222-3333-444444444444").unwrap();
     let with_token = |node: &str, file: &str| {
-        SidecarOpts::new(node, &dir.join("none.sock"))
-            .arg("--no-engine")
-            .arg("--consul-token-file")
-            .arg(dir.join(file).to_str().unwrap())
+        SidecarOpts::new(node, &dir.join("none.sock")).arg("--no-engine").arg("--consul-token-file").arg(dir.join(file).to_str().unwrap())
     };
     let a = Sidecar::start(dir.path(), &consul.http_addr(), with_token("node-a", "token-a"));
     let b = Sidecar::start(dir.path(), &consul.http_addr(), with_token("node-b", "token-b"));

@@ -31,9 +31,7 @@ fn started_containers_are_registered_with_their_labels_and_ignored_ones_are_not(
     // Host network: the port comes from its SERVICE_<port>_NAME label.
     let port = free_port();
     let host = Httpd::new("web-host", Net::Host { port }).label(&format!("SERVICE_{port}_NAME"), "web");
-    let ignored = Httpd::new("web-ignored", Net::Host { port: free_port() })
-        .label("SERVICE_NAME", "web")
-        .label("SERVICE_IGNORE", "true");
+    let ignored = Httpd::new("web-ignored", Net::Host { port: free_port() }).label("SERVICE_NAME", "web").label("SERVICE_IGNORE", "true");
     for c in [&published, &host, &ignored] {
         podman.run_httpd(c);
     }
@@ -49,10 +47,7 @@ fn started_containers_are_registered_with_their_labels_and_ignored_ones_are_not(
         Some(json!({"weight": 3, "max_fails": 4, "fail_timeout": 10, "down": 0, "backup": 0})),
         "KV value of the published container"
     );
-    assert_eq!(
-        view.kv_json(&host_key),
-        Some(json!({"weight": 1, "max_fails": 2, "fail_timeout": 10, "down": 0, "backup": 0}))
-    );
+    assert_eq!(view.kv_json(&host_key), Some(json!({"weight": 1, "max_fails": 2, "fail_timeout": 10, "down": 0, "backup": 0})));
 
     let ids = view.service_ids("web");
     assert_eq!(ids, vec!["node-a:web-host:".to_string() + &port.to_string(), "node-a:web-pub:80".to_string()]);
@@ -70,9 +65,7 @@ fn started_containers_are_registered_with_their_labels_and_ignored_ones_are_not(
     assert_eq!(svc["Weights"]["Passing"], 3);
 
     // The HTTP check from SERVICE_CHECK_HTTP probes the container and passes.
-    eventually("the HTTP check passing", || {
-        view.checks().get("service:node-a:web-pub:80").is_some_and(|c| c["Status"] == "passing")
-    });
+    eventually("the HTTP check passing", || view.checks().get("service:node-a:web-pub:80").is_some_and(|c| c["Status"] == "passing"));
 
     // The ignored container is nowhere, and the API lists exactly the two others.
     assert!(!services.keys().any(|k| k.contains("web-ignored")), "{services:?}");
@@ -91,11 +84,7 @@ fn a_stopped_container_is_drained_while_it_still_runs_then_deregistered() {
     let dir = TestDir::new("sidecar_stop_drains");
     let consul = Consul::start(dir.path());
     let podman = Podman::start(dir.path());
-    let _sidecar = Sidecar::start(
-        dir.path(),
-        &consul.http_addr(),
-        SidecarOpts::new("node-a", &podman.socket).arg("--drain").arg("30s"),
-    );
+    let _sidecar = Sidecar::start(dir.path(), &consul.http_addr(), SidecarOpts::new("node-a", &podman.socket).arg("--drain").arg("30s"));
     let view = ConsulView(&consul);
     let port = free_port();
     // httpd is PID 1 and ignores SIGTERM: `podman stop` waits the stop timeout, then SIGKILLs.

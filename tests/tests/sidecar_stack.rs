@@ -126,7 +126,13 @@ fn scaling_2_6_2_under_wrk_through_nginx_loses_no_request() {
         socket_errors: a.socket_errors + r.socket_errors,
         ..a
     });
-    eprintln!("wrk: {} rounds, {} requests, {} non-2xx, {} socket errors", rounds.len(), total.requests, total.non_2xx, total.socket_errors);
+    eprintln!(
+        "wrk: {} rounds, {} requests, {} non-2xx, {} socket errors",
+        rounds.len(),
+        total.requests,
+        total.non_2xx,
+        total.socket_errors
+    );
     assert!(total.requests > 1000, "too little traffic to mean anything: {total:?}");
     assert_eq!((total.non_2xx, total.socket_errors), (0, 0), "requests failed while scaling: {rounds:?}");
     for c in &containers[2..] {

@@ -47,10 +47,15 @@ fn ip_label(ip: &str) -> String {
 fn load_catalog(consul: &Consul, services: std::ops::Range<usize>, per: usize, nodes: usize) -> anyhow::Result<()> {
     // Nodes first; then each service with its check in the same transaction (pairs never
     // straddle two batches of 64), transactions in parallel.
-    let nodes_ops: Vec<serde_json::Value> =
-        (0..nodes).map(|n| json!({"Node": {"Verb": "set", "Node": {"Node": format!("node{n}"), "Address": format!("10.99.{}.{}", n / 256, n % 256)}}})).collect();
+    let nodes_ops: Vec<serde_json::Value> = (0..nodes)
+        .map(
+            |n| json!({"Node": {"Verb": "set", "Node": {"Node": format!("node{n}"), "Address": format!("10.99.{}.{}", n / 256, n % 256)}}}),
+        )
+        .collect();
     for chunk in nodes_ops.chunks(64) {
-        let r = ureq::put(&consul.url("/v1/txn")).send_string(&serde_json::Value::from(chunk.to_vec()).to_string()).map_err(|e| anyhow::anyhow!("PUT /v1/txn: {e}"))?;
+        let r = ureq::put(&consul.url("/v1/txn"))
+            .send_string(&serde_json::Value::from(chunk.to_vec()).to_string())
+            .map_err(|e| anyhow::anyhow!("PUT /v1/txn: {e}"))?;
         anyhow::ensure!(r.status() == 200, "PUT /v1/txn: HTTP {}", r.status());
     }
     let mut ops = Vec::new();
@@ -211,7 +216,11 @@ fn until_visible(targets: &[(SocketAddr, &str)], ip: &str, present: bool, start:
                 }
             }
         }
-        assert!(start.elapsed() < Duration::from_secs(120), "{ip} never became {} in {targets:?}", if present { "visible" } else { "invisible" });
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "{ip} never became {} in {targets:?}",
+            if present { "visible" } else { "invisible" }
+        );
         std::thread::sleep(Duration::from_micros(200));
     }
     seen.into_iter().flatten().collect()
@@ -274,7 +283,10 @@ fn freshness(consul: &Consul, dns: &DnsServer, rounds: usize, slow_rounds: usize
         assert_eq!(status, 200, "PUT {path}: {text}");
     };
     let register = |id: &str, ip: &str| {
-        put("/v1/agent/service/register", Some(json!({"ID": id, "Name": "fresh", "Address": ip, "Port": 80, "Check": {"CheckID": format!("{id}-ttl"), "TTL": "1h"}})));
+        put(
+            "/v1/agent/service/register",
+            Some(json!({"ID": id, "Name": "fresh", "Address": ip, "Port": 80, "Check": {"CheckID": format!("{id}-ttl"), "TTL": "1h"}})),
+        );
     };
     let consul_dns = SocketAddr::from(([127, 0, 0, 1], consul.ports.dns));
     // Both servers polled in turn from the same start.
@@ -350,7 +362,9 @@ impl Phase<'_> {
             });
         }
         let consul_dns = SocketAddr::from(([127, 0, 0, 1], self.consul.ports.dns));
-        wait_until("Consul DNS answering svc0", Duration::from_secs(60), || !dig(consul_dns, &["svc0.service.consul.", "A"]).answer.is_empty());
+        wait_until("Consul DNS answering svc0", Duration::from_secs(60), || {
+            !dig(consul_dns, &["svc0.service.consul.", "A"]).answer.is_empty()
+        });
 
         // Query files: every service once, shuffled (xorshift, fixed seed).
         let mut order: Vec<usize> = (0..services).collect();
@@ -431,7 +445,11 @@ fn main() -> anyhow::Result<()> {
     let total = services * per;
     let dir = TestDir::new("bench-dns");
     let consul = Consul::start(&dir.subdir("consul"));
-    let dns = DnsServer::start(&dir.subdir("upsync-dns"), &consul.http_addr(), DnsOptions { args: vec!["--ttl".into(), "5".into()], ..Default::default() });
+    let dns = DnsServer::start(
+        &dir.subdir("upsync-dns"),
+        &consul.http_addr(),
+        DnsOptions { args: vec!["--ttl".into(), "5".into()], ..Default::default() },
+    );
     let phase = Phase { dir: dir.path(), consul: &consul, dns: &dns, secs };
 
     eprintln!("freshness on a small catalog: {rounds} rounds");
@@ -439,14 +457,18 @@ fn main() -> anyhow::Result<()> {
 
     eprintln!("loading {small} services x {per} instances on {nodes} nodes into Consul");
     load_catalog(&consul, 0..small, per, nodes)?;
-    wait_until("upsync-dns serving the small catalog", Duration::from_secs(300), || dns.health()["usable_instances"].as_u64().unwrap_or(0) as usize >= small * per);
+    wait_until("upsync-dns serving the small catalog", Duration::from_secs(300), || {
+        dns.health()["usable_instances"].as_u64().unwrap_or(0) as usize >= small * per
+    });
     let small_runs = phase.run(small, per)?;
 
     eprintln!("loading {} more services x {per} instances into Consul", services - small);
     let t = Instant::now();
     load_catalog(&consul, small..services, per, nodes)?;
     eprintln!("  {} s", t.elapsed().as_secs());
-    wait_until("upsync-dns serving the whole catalog", Duration::from_secs(900), || dns.health()["usable_instances"].as_u64().unwrap_or(0) as usize >= total);
+    wait_until("upsync-dns serving the whole catalog", Duration::from_secs(900), || {
+        dns.health()["usable_instances"].as_u64().unwrap_or(0) as usize >= total
+    });
     let read_secs = dns.metric("upsync_dns_catalog_read_duration_seconds").unwrap_or(f64::NAN);
     let read_mb = dns.metric("upsync_dns_catalog_read_bytes").unwrap_or(f64::NAN) / 1e6;
     let dns_rss_mb = upsync_tests::proc::rss_kib(dns.pid()).unwrap_or(0) as f64 / 1024.0;
@@ -478,7 +500,8 @@ fn main() -> anyhow::Result<()> {
     for (what, get) in rows {
         println!("| {what} | {} | {} |", get(&fresh_small).cell(), get(&fresh_big).cell());
     }
-    let runs = |v: &[(String, &str, PerfReport)]| v.iter().map(|(n, q, r)| json!({"server": n, "type": q, "report": r})).collect::<Vec<_>>();
+    let runs =
+        |v: &[(String, &str, PerfReport)]| v.iter().map(|(n, q, r)| json!({"server": n, "type": q, "report": r})).collect::<Vec<_>>();
     let json = json!({
         "services": services, "instances": total, "seconds": secs,
         "runs_small": runs(&small_runs), "runs_full": runs(&full_runs),

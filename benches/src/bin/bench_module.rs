@@ -56,7 +56,8 @@ fn main() -> anyhow::Result<()> {
         )
     };
     // The module's front: interval 100 ms lets the poll loop follow 10 changes a second.
-    let upsync_body = format!("server 127.0.0.1:9; upsync {}/v1/kv/upstreams/app upsync_timeout=6m upsync_interval=100ms;", consul.http_addr());
+    let upsync_body =
+        format!("server 127.0.0.1:9; upsync {}/v1/kv/upstreams/app upsync_timeout=6m upsync_interval=100ms;", consul.http_addr());
     let module = Nginx::start(&dir.subdir("module"), NginxConf::new(&front(&upsync_body, true)).workers(workers));
     for i in 0..BASE {
         put_server(&consul, "app", &addr(i), "");
@@ -69,7 +70,10 @@ fn main() -> anyhow::Result<()> {
     let reload_dir = dir.subdir("reload");
     let include = reload_dir.join("servers.conf");
     std::fs::write(&include, &static_body)?;
-    let reload = Nginx::start(&reload_dir, NginxConf::new(&front(&format!("include {};", include.display()), false)).without_module().workers(workers));
+    let reload = Nginx::start(
+        &reload_dir,
+        NginxConf::new(&front(&format!("include {};", include.display()), false)).without_module().workers(workers),
+    );
 
     eprintln!("warming up");
     for n in [&module, &stock, &reload] {
@@ -173,8 +177,11 @@ fn main() -> anyhow::Result<()> {
     eprintln!("memory: {changes} changes");
     let mem = Nginx::start(
         &dir.subdir("memory"),
-        NginxConf::new(&front(&format!("server 127.0.0.1:9; upsync {}/v1/kv/upstreams/mem upsync_interval=1ms;", consul.http_addr()), true))
-            .workers(workers),
+        NginxConf::new(&front(
+            &format!("server 127.0.0.1:9; upsync {}/v1/kv/upstreams/mem upsync_interval=1ms;", consul.http_addr()),
+            true,
+        ))
+        .workers(workers),
     );
     put_server(&consul, "mem", &addr(0), "");
     wait_servers(&mem, "app", &[&addr(0)]);
@@ -185,7 +192,8 @@ fn main() -> anyhow::Result<()> {
         (sum("RssAnon"), sum("RssShmem"))
     };
     let writer = ureq::AgentBuilder::new().build();
-    let churn_url = |i: usize| format!("http://{}/v1/kv/upstreams/mem/10.{}.{}.{}:80", consul.http_addr(), (i / 65536) % 256, (i / 256) % 256, i % 256);
+    let churn_url =
+        |i: usize| format!("http://{}/v1/kv/upstreams/mem/10.{}.{}.{}:80", consul.http_addr(), (i / 65536) % 256, (i / 256) % 256, i % 256);
     let warm = 2_000.min(changes);
     for i in 0..warm {
         writer.put(&churn_url(i % 50)).send_string("{\"down\":1}")?;
@@ -219,13 +227,43 @@ fn main() -> anyhow::Result<()> {
     let (m_cpu, s_cpu) = (mean(&steady_module, |r| r.cpu_us_per_request), mean(&steady_stock, |r| r.cpu_us_per_request));
     println!("| run | req/s | p99 latency | nginx CPU/request | non-2xx | socket errors |");
     println!("|---|---:|---:|---:|---:|---:|");
-    println!("| stock nginx, static servers | {s_rps:.0} | {s_p99:.2} ms | {s_cpu:.1} µs | {} | {} |", steady_stock.iter().map(|r| r.non_2xx).sum::<u64>(), steady_stock.iter().map(|r| r.socket_errors).sum::<u64>());
-    println!("| nginx + upsync module | {m_rps:.0} | {m_p99:.2} ms | {m_cpu:.1} µs | {} | {} |", steady_module.iter().map(|r| r.non_2xx).sum::<u64>(), steady_module.iter().map(|r| r.socket_errors).sum::<u64>());
-    println!("| upsync module, churn 1 change/s | {:.0} | {:.2} ms | {:.1} µs | {} | {} |", churn_module.requests_per_sec, churn_module.latency_p99_ms, churn_module.cpu_us_per_request, churn_module.non_2xx, churn_module.socket_errors);
-    println!("| include file + nginx -s reload, churn 1 change/s | {:.0} | {:.2} ms | n/a (workers replaced) | {} | {} |", churn_reload.requests_per_sec, churn_reload.latency_p99_ms, churn_reload.non_2xx, churn_reload.socket_errors);
+    println!(
+        "| stock nginx, static servers | {s_rps:.0} | {s_p99:.2} ms | {s_cpu:.1} µs | {} | {} |",
+        steady_stock.iter().map(|r| r.non_2xx).sum::<u64>(),
+        steady_stock.iter().map(|r| r.socket_errors).sum::<u64>()
+    );
+    println!(
+        "| nginx + upsync module | {m_rps:.0} | {m_p99:.2} ms | {m_cpu:.1} µs | {} | {} |",
+        steady_module.iter().map(|r| r.non_2xx).sum::<u64>(),
+        steady_module.iter().map(|r| r.socket_errors).sum::<u64>()
+    );
+    println!(
+        "| upsync module, churn 1 change/s | {:.0} | {:.2} ms | {:.1} µs | {} | {} |",
+        churn_module.requests_per_sec,
+        churn_module.latency_p99_ms,
+        churn_module.cpu_us_per_request,
+        churn_module.non_2xx,
+        churn_module.socket_errors
+    );
+    println!(
+        "| include file + nginx -s reload, churn 1 change/s | {:.0} | {:.2} ms | n/a (workers replaced) | {} | {} |",
+        churn_reload.requests_per_sec, churn_reload.latency_p99_ms, churn_reload.non_2xx, churn_reload.socket_errors
+    );
     println!();
-    println!("- module / stock throughput: **{:.3}**, CPU per request **{:.3}**, p99 {:.2} ms vs {:.2} ms", m_rps / s_rps, m_cpu / s_cpu, m_p99, s_p99);
-    println!("- under churn: module {:.3} of stock with {} failed requests; reload approach {:.3} of stock with {} failed requests", churn_module.requests_per_sec / s_rps, errs(&churn_module), churn_reload.requests_per_sec / s_rps, errs(&churn_reload));
+    println!(
+        "- module / stock throughput: **{:.3}**, CPU per request **{:.3}**, p99 {:.2} ms vs {:.2} ms",
+        m_rps / s_rps,
+        m_cpu / s_cpu,
+        m_p99,
+        s_p99
+    );
+    println!(
+        "- under churn: module {:.3} of stock with {} failed requests; reload approach {:.3} of stock with {} failed requests",
+        churn_module.requests_per_sec / s_rps,
+        errs(&churn_module),
+        churn_reload.requests_per_sec / s_rps,
+        errs(&churn_reload)
+    );
     println!("- propagation (Consul write -> first request on the new server), {rounds} rounds: p50 {p50:.1} ms, p99 {p99:.1} ms");
     let kib = |(anon, shm): (u64, u64)| format!("{anon} + {shm}");
     println!(

@@ -45,8 +45,7 @@ fn read_events(socket: std::path::PathBuf, seen: Arc<Mutex<Seen>>) {
         let Ok(v) = serde_json::from_str::<Value>(line.trim_matches(|c: char| c == '\0' || c.is_whitespace())) else {
             continue;
         };
-        let (Some(name), Some(action), Some(t)) =
-            (v["Actor"]["Attributes"]["name"].as_str(), v["Action"].as_str(), v["timeNano"].as_i64())
+        let (Some(name), Some(action), Some(t)) = (v["Actor"]["Attributes"]["name"].as_str(), v["Action"].as_str(), v["timeNano"].as_i64())
         else {
             continue;
         };

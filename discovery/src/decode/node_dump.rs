@@ -11,7 +11,7 @@ use std::collections::HashMap;
 
 use serde::Deserialize;
 
-use super::{body_error, is_blank, Decoded, DecodeError, HealthEntry, HealthServiceDef, Instance, Skipped};
+use super::{body_error, is_blank, DecodeError, Decoded, HealthEntry, HealthServiceDef, Instance, Skipped};
 use crate::endpoint::{Endpoint, Health};
 
 #[derive(Deserialize)]
@@ -193,7 +193,12 @@ mod tests {
     #[test]
     fn check_states_captured_from_consul() {
         let c = decode_check_states(&fixture("dump_health_critical.json")).unwrap();
-        let state = |node: &str, id: &str, name: &str, health| CheckState { node: node.into(), service_id: id.into(), service_name: name.into(), health };
+        let state = |node: &str, id: &str, name: &str, health| CheckState {
+            node: node.into(),
+            service_id: id.into(),
+            service_name: name.into(),
+            health,
+        };
         assert!(c.contains(&state("capture-node", "web4", "web", Health::Critical)));
         assert!(c.contains(&state("sick-node", "", "", Health::Critical)));
         let w = decode_check_states(&fixture("dump_health_warning.json")).unwrap();

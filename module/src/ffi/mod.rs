@@ -127,12 +127,7 @@ static mut COMMANDS: [ngx_command_t; 10] = [
     command(ngx_string!("upsync_token_file"), UPS | NGX_CONF_TAKE1 as ngx_uint_t, set_token_file, NGX_HTTP_SRV_CONF_OFFSET),
     command(ngx_string!("upsync_tls"), UPS | NGX_CONF_1MORE as ngx_uint_t, set_tls, NGX_HTTP_SRV_CONF_OFFSET),
     command(ngx_string!("upsync_allow_empty"), UPS | NGX_CONF_FLAG as ngx_uint_t, set_allow_empty, NGX_HTTP_SRV_CONF_OFFSET),
-    command(
-        ngx_string!("upsync_shm_size"),
-        (NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1) as ngx_uint_t,
-        set_shm_size,
-        NGX_HTTP_MAIN_CONF_OFFSET,
-    ),
+    command(ngx_string!("upsync_shm_size"), (NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1) as ngx_uint_t, set_shm_size, NGX_HTTP_MAIN_CONF_OFFSET),
     command(ngx_string!("upstream_show"), (NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS) as ngx_uint_t, set_show, 0),
     ngx_command_t::empty(),
 ];

@@ -59,14 +59,8 @@ impl Generation {
         let backup_servers: Vec<&Server> = servers.iter().filter(|s| s.backup).collect();
         // An empty primary list would divide by zero in ip_hash/hash (total_weight 0): an empty
         // list is one placeholder server marked down, which fails requests fast with 502.
-        let placeholder = Server {
-            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            weight: 1,
-            max_fails: 0,
-            fail_timeout: 0,
-            down: true,
-            backup: false,
-        };
+        let placeholder =
+            Server { addr: SocketAddr::from(([127, 0, 0, 1], 0)), weight: 1, max_fails: 0, fail_timeout: 0, down: true, backup: false };
         let primary: Vec<&Server> = if primary_servers.is_empty() { vec![&placeholder] } else { primary_servers };
         let all: Vec<&Server> = primary.iter().chain(backup_servers.iter()).copied().collect();
 

@@ -175,7 +175,8 @@ unsafe fn first_list(pool: *mut ngx_slab_pool_t, slot: *mut Slot, srv: &SrvConf)
             )
         })?;
         let now = unix_ms();
-        let state = SlotState { servers, origin: Origin::Consul, consul_index: index, changed_ms: now, synced_ms: now, ..Default::default() };
+        let state =
+            SlotState { servers, origin: Origin::Consul, consul_index: index, changed_ms: now, synced_ms: now, ..Default::default() };
         // SAFETY: contract of this function.
         return unsafe { write(pool, slot, &state, true) };
     }
@@ -199,7 +200,10 @@ unsafe fn first_list(pool: *mut ngx_slab_pool_t, slot: *mut Slot, srv: &SrvConf)
         },
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => {
-            tracing::warn!("upstream \"{name}\": cannot read the dump file {}: {e}; starting from the servers in the block", path.display());
+            tracing::warn!(
+                "upstream \"{name}\": cannot read the dump file {}: {e}; starting from the servers in the block",
+                path.display()
+            );
             Ok(())
         }
     }
@@ -217,10 +221,7 @@ pub unsafe fn write(pool: *mut ngx_slab_pool_t, slot: *mut Slot, state: &SlotSta
         let p = ngx_slab_alloc_locked(pool, bytes.len().max(1)) as *mut u8;
         if p.is_null() {
             ngx_shmtx_unlock(&mut (*pool).mutex);
-            return Err(format!(
-                "the shared zone \"upsync\" has no room for a {} byte server list; raise upsync_shm_size",
-                bytes.len()
-            ));
+            return Err(format!("the shared zone \"upsync\" has no room for a {} byte server list; raise upsync_shm_size", bytes.len()));
         }
         ptr::copy_nonoverlapping(bytes.as_ptr(), p, bytes.len());
         let old = (*slot).data;

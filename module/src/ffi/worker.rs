@@ -160,7 +160,10 @@ unsafe fn tick(w: &mut Worker) {
                 header.leader_generation.store(main.generation, Ordering::Release);
                 header.heartbeat_ms.store(now, Ordering::Release);
                 if lease.leader_pid != 0 {
-                    tracing::info!("took over the Consul watches from worker {} (gone, stuck or from an older configuration)", lease.leader_pid);
+                    tracing::info!(
+                        "took over the Consul watches from worker {} (gone, stuck or from an older configuration)",
+                        lease.leader_pid
+                    );
                 }
                 // SAFETY: main thread.
                 unsafe { start_leading(w) };
@@ -223,7 +226,9 @@ unsafe fn start_leading(w: &mut Worker) {
     let wake = match unsafe { register_wake(rx) } {
         Some(c) => c,
         None => {
-            tracing::error!("cannot register the poller's wake-up socket with nginx (worker_connections exhausted?); retrying on the next tick");
+            tracing::error!(
+                "cannot register the poller's wake-up socket with nginx (worker_connections exhausted?); retrying on the next tick"
+            );
             return;
         }
     };
