@@ -22,6 +22,7 @@ curl -sf -X PUT "$api/v1/catalog/register" -d '{"Node":"sick-node","Address":"10
 curl -sf -X PUT "$api/v1/agent/service/maintenance/api6?enable=true&reason=upgrade" >/dev/null
 sleep 1
 curl -sf "$api/v1/internal/ui/nodes" >"$here/dump_ui_nodes.json"
+curl -sf "$api/v1/internal/ui/services" >"$here/ui_services.json"
 curl -sf "$api/v1/health/state/critical" >"$here/dump_health_critical.json"
 curl -sf "$api/v1/health/state/warning" >"$here/dump_health_warning.json"
 curl -sf "$api/v1/health/service/web" >"$here/dump_health_web.json"

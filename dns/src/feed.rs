@@ -14,6 +14,10 @@
 //!   owning a check that changed state for an instance the snapshot does not know yet, e.g. a
 //!   new instance turning passing) is read alone from `/v1/health/service/NAME` and patched
 //!   in at once, until the next full read covers it;
+//! - instance counts: when the service list's index moves, `/v1/internal/ui/services` (a
+//!   summary per service, a tenth of the full read's cost) is read, spaced by the same budget;
+//!   a service whose number of instances changed (an instance registered or deregistered
+//!   without any other sign) is patched at once instead of waiting for the next full read;
 //! - a full read every `resync_interval` regardless, as a safety net.
 //!
 //! A snapshot is rebuilt on a blocking thread and swapped in whole; answering never waits.
@@ -24,7 +28,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
-use upsync_discovery::decode::{decode_check_states, decode_health_instances, decode_node_dump, decode_services, CheckState, HealthMode};
+use upsync_discovery::decode::{
+    decode_check_states, decode_health_instances, decode_instance_counts, decode_node_dump, decode_services, CheckState, HealthMode,
+};
 use upsync_discovery::{Backoff, Blocking, Client, Consistency, Endpoint, Query};
 
 use crate::config::FeedConfig;
@@ -51,6 +57,7 @@ enum Kind {
     Warning,
     Catalog,
     Patch,
+    Counts,
 }
 
 impl Kind {
@@ -62,6 +69,7 @@ impl Kind {
             Kind::Warning => "health-warning",
             Kind::Catalog => "node-dump",
             Kind::Patch => "health-service",
+            Kind::Counts => "ui-services",
         }
     }
 }
@@ -124,6 +132,12 @@ enum Event {
     Patched {
         service: String,
         read: Result<Read, String>,
+    },
+    /// Instances per service (`/v1/internal/ui/services`), read in `epoch`, in `took`.
+    Counted {
+        epoch: u64,
+        counts: HashMap<String, u64>,
+        took: Duration,
     },
 }
 
@@ -249,6 +263,27 @@ async fn read_service(client: Client, service: String, epoch: u64) -> Result<Rea
         .map_err(|e| format!("{} answered {path} with {e}", resp.address))?;
     log_skipped(&decoded.skipped);
     Ok(Read::new(resp.index, epoch, decoded.value))
+}
+
+/// Instances per service from `/v1/internal/ui/services`, decoded off the runtime's threads;
+/// and how long the read took.
+async fn read_counts(client: Client, path: String) -> Result<(HashMap<String, u64>, Duration), String> {
+    let started = Instant::now();
+    let resp = client.get(&path, None).await.map_err(|e| e.to_string())?;
+    let address = resp.address.clone();
+    let counts = tokio::task::spawn_blocking(move || decode_instance_counts(&resp.body))
+        .await
+        .map_err(|e| format!("decoding the service summary: {e}"))?
+        .map_err(|e| format!("{address} answered {path} with {e}"))?;
+    Ok((counts, started.elapsed()))
+}
+
+/// Services whose number of instances differs between two count reads (gone ones included).
+fn count_diff(old: &HashMap<String, u64>, new: &HashMap<String, u64>) -> Vec<String> {
+    let changed = new.iter().filter(|(k, v)| old.get(*k) != Some(*v)).map(|(k, _)| k.clone());
+    let mut names: Vec<String> = changed.chain(old.keys().filter(|k| !new.contains_key(*k)).cloned()).collect();
+    names.sort();
+    names
 }
 
 /// Non-passing checks of one state, from `/v1/health/state/<state>`.
@@ -429,6 +464,12 @@ struct State {
     warning: Option<Arc<Overlay>>,
     /// The service list of the last `/v1/catalog/services` answer.
     services: Option<BTreeMap<String, Vec<String>>>,
+    /// Instances per service of the last `/v1/internal/ui/services` read; a read is wanted
+    /// (the service list's index moved), in flight, or not due before `next_count`.
+    counts: Option<HashMap<String, u64>>,
+    count_wanted: bool,
+    counting: bool,
+    next_count: Option<tokio::time::Instant>,
     /// What the next rebuild must cover.
     pending: Pending,
     /// A catalog read is needed (a detector saw a change the dump does not have).
@@ -476,6 +517,7 @@ impl Feed {
             tasks.spawn(detector(self.client.clone(), kind, path.to_string(), self.cfg.wait, tx.clone()));
         }
         let dump_path = internal_path("/v1/internal/ui/nodes", &self.cfg);
+        let counts_path = internal_path("/v1/internal/ui/services", &self.cfg);
         let mut st = State::default();
         let mut resync = tokio::time::interval(self.cfg.resync_interval);
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -485,6 +527,8 @@ impl Feed {
         loop {
             let read_due = st.read_wanted && !st.reading;
             let next_read = st.next_read.unwrap_or_else(tokio::time::Instant::now);
+            let count_due = st.count_wanted && !st.counting;
+            let next_count = st.next_count.unwrap_or_else(tokio::time::Instant::now);
             tokio::select! {
                 ev = rx.recv() => {
                     let Some(ev) = ev else { return };
@@ -506,6 +550,19 @@ impl Feed {
                         let ev = match read_catalog(client, path, epoch, metrics).await {
                             Ok(read) => Event::Dumped(read),
                             Err(error) => Event::Failed { kind: Kind::Catalog, error, retry_in: Duration::from_secs(1) },
+                        };
+                        let _ = tx.send(ev).await;
+                    });
+                }
+                _ = tokio::time::sleep_until(next_count), if count_due => {
+                    st.counting = true;
+                    st.count_wanted = false;
+                    st.next_count = None;
+                    let (client, path, tx, epoch) = (self.client.clone(), counts_path.clone(), tx.clone(), st.epoch);
+                    tokio::spawn(async move {
+                        let ev = match read_counts(client, path).await {
+                            Ok((counts, took)) => Event::Counted { epoch, counts, took },
+                            Err(error) => Event::Failed { kind: Kind::Counts, error, retry_in: Duration::from_secs(1) },
                         };
                         let _ = tx.send(ev).await;
                     });
@@ -595,6 +652,7 @@ impl Feed {
                     st.warning = None;
                     st.patches.clear();
                     st.services = None;
+                    st.counts = None;
                     st.read_wanted = true;
                     st.pending.all = true;
                 }
@@ -602,6 +660,8 @@ impl Feed {
                     Kind::Services | Kind::Nodes => {
                         st.read_wanted |= st.dump.as_ref().is_none_or(|d| index > d.index);
                         if kind == Kind::Services {
+                            // Which service gained or lost an instance: the counts say.
+                            st.count_wanted = true;
                             match decode_services(&body) {
                                 Ok(list) => {
                                     let changed = st.services.as_ref().map(|old| Self::list_diff(old, &list));
@@ -628,7 +688,7 @@ impl Feed {
                             false
                         }
                     },
-                    Kind::Catalog | Kind::Patch => false,
+                    Kind::Catalog | Kind::Patch | Kind::Counts => false,
                 }
             }
             Event::Failed { kind, error, retry_in } => {
@@ -636,6 +696,11 @@ impl Feed {
                     st.reading = false;
                     st.read_wanted = true;
                     st.next_read = Some(tokio::time::Instant::now() + retry_in);
+                }
+                if kind == Kind::Counts {
+                    st.counting = false;
+                    st.count_wanted = true;
+                    st.next_count = Some(tokio::time::Instant::now() + retry_in);
                 }
                 tracing::debug!(watch = kind.name(), ?retry_in, "Consul request failed: {error}");
                 self.failed(st, kind, error);
@@ -669,6 +734,23 @@ impl Feed {
                 st.dump = Some(Arc::new(read));
                 st.pending.all = true;
                 true
+            }
+            Event::Counted { epoch, counts, took } => {
+                ok(st, Kind::Counts);
+                st.counting = false;
+                if epoch != st.epoch {
+                    st.count_wanted = true;
+                    return false;
+                }
+                // Spaced by their cost like the full reads (`catalog_read_budget`).
+                st.next_count = Some(tokio::time::Instant::now() + took.mul_f64(1.0 / self.cfg.catalog_read_budget - 1.0));
+                let changed = st.counts.as_ref().map(|old| count_diff(old, &counts)).unwrap_or_default();
+                if !changed.is_empty() {
+                    tracing::debug!(services = ?changed, "instance counts changed; reading those services alone");
+                }
+                st.counts = Some(counts);
+                self.patch(st, changed, tx);
+                false
             }
             Event::Patched { service, read } => {
                 st.patching.remove(&service);
@@ -897,6 +979,14 @@ mod tests {
         scan.sort();
         assert_eq!(fast, scan);
         assert_eq!(fast, ["cache", "web"]);
+    }
+
+    #[test]
+    fn count_diffs_name_services_that_gained_or_lost_instances() {
+        let old: HashMap<String, u64> = [("web", 3), ("api", 2), ("gone", 1)].map(|(k, v)| (k.to_string(), v)).into();
+        let new: HashMap<String, u64> = [("web", 2), ("api", 2), ("fresh", 1)].map(|(k, v)| (k.to_string(), v)).into();
+        assert_eq!(count_diff(&old, &new), ["fresh", "gone", "web"]);
+        assert!(count_diff(&new, &new).is_empty());
     }
 
     #[test]

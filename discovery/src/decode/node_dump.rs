@@ -127,6 +127,26 @@ pub fn decode_check_states(body: &[u8]) -> Result<Vec<CheckState>, DecodeError> 
         .collect())
 }
 
+#[derive(Deserialize)]
+struct UiService<'a> {
+    #[serde(rename = "Name", borrow)]
+    name: Cow<'a, str>,
+    #[serde(rename = "InstanceCount", default)]
+    instance_count: u64,
+}
+
+/// Decodes `GET /v1/internal/ui/services` (one entry per service with its instance count and
+/// check totals, no addresses) into service name -> number of instances. A change of a count
+/// names the service an instance joined or left, which `/v1/catalog/services` does not say.
+pub fn decode_instance_counts(body: &[u8]) -> Result<HashMap<String, u64>, DecodeError> {
+    const WHAT: &str = "service summary list";
+    if is_blank(body) {
+        return Ok(HashMap::new());
+    }
+    let list: Vec<UiService> = serde_json::from_slice(body).map_err(|e| body_error(WHAT, e))?;
+    Ok(list.into_iter().map(|s| (s.name.into_owned(), s.instance_count)).collect())
+}
+
 /// Decodes `GET /v1/health/service/NAME` into one endpoint per instance, in Consul's order,
 /// with `health` the worst of its checks and `down` from the tags only (unlike
 /// [`super::decode_health_service`], which folds failing health into `down`).
@@ -158,6 +178,19 @@ mod tests {
     fn fixture(name: &str) -> Vec<u8> {
         let path = format!("{}/testdata/{name}", env!("CARGO_MANIFEST_DIR"));
         std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+    }
+
+    #[test]
+    fn instance_counts_from_the_ui_service_summary() {
+        let counts = decode_instance_counts(&fixture("ui_services.json")).unwrap();
+        // capture-dump.sh: 5 web, 2 api (one in maintenance: still an instance), the external
+        // node's db, the sick node's cache, pg by host name, and Consul itself.
+        let mut got: Vec<(&str, u64)> = counts.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+        got.sort();
+        assert_eq!(got, [("api", 2), ("cache", 1), ("consul", 1), ("db", 1), ("pg", 1), ("web", 5)]);
+        assert!(decode_instance_counts(b"").unwrap().is_empty());
+        let err = decode_instance_counts(b"{\"Name\":").unwrap_err().to_string();
+        assert!(err.contains("service summary list"), "{err}");
     }
 
     fn by_id<'a>(eps: &'a [Endpoint], id: &str) -> &'a Endpoint {
