@@ -278,11 +278,22 @@ async fn read_counts(client: Client, path: String) -> Result<(HashMap<String, u6
     Ok((counts, started.elapsed()))
 }
 
-/// Services whose number of instances differs between two count reads (gone ones included).
-fn count_diff(old: &HashMap<String, u64>, new: &HashMap<String, u64>) -> Vec<String> {
-    let changed = new.iter().filter(|(k, v)| old.get(*k) != Some(*v)).map(|(k, _)| k.clone());
-    let mut names: Vec<String> = changed.chain(old.keys().filter(|k| !new.contains_key(*k)).cloned()).collect();
+/// Services whose number of instances in Consul (`counts`) differs from what the dump and
+/// the patches hold, and services they hold instances of that Consul no longer lists.
+///
+/// Compared with our own view, not with the previous count read: an instance registered and
+/// deregistered between two count reads leaves the count unchanged, but not our view of it.
+/// An instance the decoders skip (a malformed address) keeps its service differing; it is
+/// then read again at each count read, which the budget spaces.
+fn stale_services(dump: &Read, patches: &HashMap<String, Arc<Read>>, counts: &HashMap<String, u64>) -> Vec<String> {
+    let ours =
+        |name: &str| patches.get(name).map(|p| p.endpoints.len()).or_else(|| dump.by_service.get(name).map(Vec::len)).unwrap_or(0) as u64;
+    let differing = counts.iter().filter(|(name, n)| ours(name) != **n).map(|(name, _)| name.clone());
+    let gone =
+        dump.by_service.keys().chain(patches.keys()).filter(|name| !name.is_empty() && !counts.contains_key(*name) && ours(name) > 0);
+    let mut names: Vec<String> = differing.chain(gone.cloned()).collect();
     names.sort();
+    names.dedup();
     names
 }
 
@@ -464,9 +475,8 @@ struct State {
     warning: Option<Arc<Overlay>>,
     /// The service list of the last `/v1/catalog/services` answer.
     services: Option<BTreeMap<String, Vec<String>>>,
-    /// Instances per service of the last `/v1/internal/ui/services` read; a read is wanted
-    /// (the service list's index moved), in flight, or not due before `next_count`.
-    counts: Option<HashMap<String, u64>>,
+    /// A read of the instance counts (`/v1/internal/ui/services`) is wanted (the service
+    /// list's index moved), in flight, or not due before `next_count`.
     count_wanted: bool,
     counting: bool,
     next_count: Option<tokio::time::Instant>,
@@ -652,7 +662,6 @@ impl Feed {
                     st.warning = None;
                     st.patches.clear();
                     st.services = None;
-                    st.counts = None;
                     st.read_wanted = true;
                     st.pending.all = true;
                 }
@@ -744,12 +753,12 @@ impl Feed {
                 }
                 // Spaced by their cost like the full reads (`catalog_read_budget`).
                 st.next_count = Some(tokio::time::Instant::now() + took.mul_f64(1.0 / self.cfg.catalog_read_budget - 1.0));
-                let changed = st.counts.as_ref().map(|old| count_diff(old, &counts)).unwrap_or_default();
-                if !changed.is_empty() {
-                    tracing::debug!(services = ?changed, "instance counts changed; reading those services alone");
+                tracing::debug!(services = counts.len(), ms = took.as_millis() as u64, "read the instance counts");
+                let stale = st.dump.as_ref().map(|d| stale_services(d, &st.patches, &counts)).unwrap_or_default();
+                if !stale.is_empty() {
+                    tracing::debug!(services = ?stale, "instance counts differ from the snapshot's; reading those services alone");
                 }
-                st.counts = Some(counts);
-                self.patch(st, changed, tx);
+                self.patch(st, stale, tx);
                 false
             }
             Event::Patched { service, read } => {
@@ -982,11 +991,24 @@ mod tests {
     }
 
     #[test]
-    fn count_diffs_name_services_that_gained_or_lost_instances() {
-        let old: HashMap<String, u64> = [("web", 3), ("api", 2), ("gone", 1)].map(|(k, v)| (k.to_string(), v)).into();
-        let new: HashMap<String, u64> = [("web", 2), ("api", 2), ("fresh", 1)].map(|(k, v)| (k.to_string(), v)).into();
-        assert_eq!(count_diff(&old, &new), ["fresh", "gone", "web"]);
-        assert!(count_diff(&new, &new).is_empty());
+    fn instance_counts_that_differ_from_the_snapshot_name_the_services_to_read() {
+        // Captured from the same registrations (discovery/testdata/capture-dump.sh).
+        let dump = Read::new(10, 0, decode_node_dump(&fixture("dump_ui_nodes.json")).unwrap().value).indexed();
+        let counts = upsync_discovery::decode::decode_instance_counts(&fixture("ui_services.json")).unwrap();
+        let none = HashMap::new();
+        assert!(stale_services(&dump, &none, &counts).is_empty(), "the same catalog: {:?}", stale_services(&dump, &none, &counts));
+        let mut changed = counts.clone();
+        *changed.get_mut("web").unwrap() += 1;
+        changed.remove("db");
+        assert_eq!(stale_services(&dump, &none, &changed), ["db", "web"]);
+        // A patch is our view of its service: one web instance read alone now.
+        let web = dump.by_service["web"][0];
+        let patch = Arc::new(Read::new(11, 0, vec![dump.endpoints[web].clone()]));
+        let patches = HashMap::from([("web".to_string(), patch)]);
+        assert_eq!(stale_services(&dump, &patches, &counts), ["web"]);
+        changed.insert("web".into(), 1);
+        changed.insert("db".into(), 1);
+        assert!(stale_services(&dump, &patches, &changed).is_empty());
     }
 
     #[test]
