@@ -16,8 +16,9 @@
 //!   in at once, until the next full read covers it;
 //! - instance counts: when the service list's index moves, `/v1/internal/ui/services` (a
 //!   summary per service, a tenth of the full read's cost) is read, spaced by the same budget;
-//!   a service whose number of instances changed (an instance registered or deregistered
-//!   without any other sign) is patched at once instead of waiting for the next full read;
+//!   a service whose number of instances there differs from the snapshot's (an instance
+//!   registered or deregistered without any other sign) is patched at once instead of
+//!   waiting for the next full read;
 //! - a full read every `resync_interval` regardless, as a safety net.
 //!
 //! A snapshot is rebuilt on a blocking thread and swapped in whole; answering never waits.
@@ -139,6 +140,43 @@ enum Event {
         counts: HashMap<String, u64>,
         took: Duration,
     },
+}
+
+/// A catalog-wide read (the node dump, the instance counts): wanted after a change, at most
+/// one in flight (changes meanwhile cause one more read, not one each), and spaced by its own
+/// cost so that Consul spends at most `catalog_read_budget` of its time on it.
+#[derive(Default)]
+struct SpacedRead {
+    wanted: bool,
+    in_flight: bool,
+    not_before: Option<tokio::time::Instant>,
+}
+
+impl SpacedRead {
+    /// When the next read may start: `None` unless one is wanted and none is in flight.
+    fn due(&self) -> Option<tokio::time::Instant> {
+        (self.wanted && !self.in_flight).then(|| self.not_before.unwrap_or_else(tokio::time::Instant::now))
+    }
+
+    fn start(&mut self) {
+        (self.in_flight, self.wanted, self.not_before) = (true, false, None);
+    }
+
+    /// The read failed: again after `retry_in`.
+    fn failed(&mut self, retry_in: Duration) {
+        (self.in_flight, self.wanted, self.not_before) = (false, true, Some(tokio::time::Instant::now() + retry_in));
+    }
+
+    /// The answer belongs to data that is gone (an older epoch): read again.
+    fn discarded(&mut self) {
+        (self.in_flight, self.wanted) = (false, true);
+    }
+
+    /// The read took `took`: the next one waits `took × (1 / budget − 1)`.
+    fn done(&mut self, took: Duration, budget: f64) {
+        self.in_flight = false;
+        self.not_before = Some(tokio::time::Instant::now() + took.mul_f64(1.0 / budget - 1.0));
+    }
 }
 
 /// Token bucket spacing a detector's requests.
@@ -475,21 +513,17 @@ struct State {
     warning: Option<Arc<Overlay>>,
     /// The service list of the last `/v1/catalog/services` answer.
     services: Option<BTreeMap<String, Vec<String>>>,
-    /// A read of the instance counts (`/v1/internal/ui/services`) is wanted (the service
-    /// list's index moved), in flight, or not due before `next_count`.
-    count_wanted: bool,
-    counting: bool,
-    next_count: Option<tokio::time::Instant>,
+    /// Reads of the instance counts (`/v1/internal/ui/services`), wanted when the service
+    /// list's index moves.
+    counts: SpacedRead,
     /// What the next rebuild must cover.
     pending: Pending,
-    /// A catalog read is needed (a detector saw a change the dump does not have).
-    read_wanted: bool,
-    reading: bool,
+    /// Full reads of the catalog, wanted when a detector saw a change the dump does not have.
+    catalog: SpacedRead,
     /// Incremented when Consul's index goes backwards: reads started before belong to the
     /// old data and are discarded, and the overlays and patches are dropped (the next read
     /// carries the check states anyway).
     epoch: u64,
-    next_read: Option<tokio::time::Instant>,
     /// Detectors whose last request failed, with the error.
     failing: Vec<(Kind, String)>,
     stale_logged: Option<Instant>,
@@ -535,10 +569,7 @@ impl Feed {
         let mut stale_tick = tokio::time::interval(STALE_LOG_EVERY);
         stale_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let read_due = st.read_wanted && !st.reading;
-            let next_read = st.next_read.unwrap_or_else(tokio::time::Instant::now);
-            let count_due = st.count_wanted && !st.counting;
-            let next_count = st.next_count.unwrap_or_else(tokio::time::Instant::now);
+            let (read_at, count_at) = (st.catalog.due(), st.counts.due());
             tokio::select! {
                 ev = rx.recv() => {
                     let Some(ev) = ev else { return };
@@ -551,10 +582,8 @@ impl Feed {
                         self.rebuild(&mut st).await;
                     }
                 }
-                _ = tokio::time::sleep_until(next_read), if read_due => {
-                    st.reading = true;
-                    st.read_wanted = false;
-                    st.next_read = None;
+                _ = tokio::time::sleep_until(read_at.unwrap_or_else(tokio::time::Instant::now)), if read_at.is_some() => {
+                    st.catalog.start();
                     let (client, path, tx, metrics, epoch) = (self.client.clone(), dump_path.clone(), tx.clone(), self.shared.metrics.clone(), st.epoch);
                     tokio::spawn(async move {
                         let ev = match read_catalog(client, path, epoch, metrics).await {
@@ -564,10 +593,8 @@ impl Feed {
                         let _ = tx.send(ev).await;
                     });
                 }
-                _ = tokio::time::sleep_until(next_count), if count_due => {
-                    st.counting = true;
-                    st.count_wanted = false;
-                    st.next_count = None;
+                _ = tokio::time::sleep_until(count_at.unwrap_or_else(tokio::time::Instant::now)), if count_at.is_some() => {
+                    st.counts.start();
                     let (client, path, tx, epoch) = (self.client.clone(), counts_path.clone(), tx.clone(), st.epoch);
                     tokio::spawn(async move {
                         let ev = match read_counts(client, path).await {
@@ -579,7 +606,7 @@ impl Feed {
                 }
                 _ = resync.tick() => {
                     // A read even without a change (only once a first one was wanted).
-                    st.read_wanted |= st.dump.is_some();
+                    st.catalog.wanted |= st.dump.is_some();
                 }
                 _ = stale_tick.tick() => self.log_stale(&mut st, false),
             }
@@ -662,15 +689,15 @@ impl Feed {
                     st.warning = None;
                     st.patches.clear();
                     st.services = None;
-                    st.read_wanted = true;
+                    st.catalog.wanted = true;
                     st.pending.all = true;
                 }
                 match kind {
                     Kind::Services | Kind::Nodes => {
-                        st.read_wanted |= st.dump.as_ref().is_none_or(|d| index > d.index);
+                        st.catalog.wanted |= st.dump.as_ref().is_none_or(|d| index > d.index);
                         if kind == Kind::Services {
                             // Which service gained or lost an instance: the counts say.
-                            st.count_wanted = true;
+                            st.counts.wanted = true;
                             match decode_services(&body) {
                                 Ok(list) => {
                                     let changed = st.services.as_ref().map(|old| Self::list_diff(old, &list));
@@ -701,15 +728,10 @@ impl Feed {
                 }
             }
             Event::Failed { kind, error, retry_in } => {
-                if kind == Kind::Catalog {
-                    st.reading = false;
-                    st.read_wanted = true;
-                    st.next_read = Some(tokio::time::Instant::now() + retry_in);
-                }
-                if kind == Kind::Counts {
-                    st.counting = false;
-                    st.count_wanted = true;
-                    st.next_count = Some(tokio::time::Instant::now() + retry_in);
+                match kind {
+                    Kind::Catalog => st.catalog.failed(retry_in),
+                    Kind::Counts => st.counts.failed(retry_in),
+                    _ => {}
                 }
                 tracing::debug!(watch = kind.name(), ?retry_in, "Consul request failed: {error}");
                 self.failed(st, kind, error);
@@ -717,14 +739,12 @@ impl Feed {
             }
             Event::Dumped(read) => {
                 ok(st, Kind::Catalog);
-                st.reading = false;
                 if read.epoch != st.epoch {
-                    st.read_wanted = true;
+                    st.catalog.discarded();
                     return false;
                 }
                 let took = Duration::from_secs_f64(m.feed.catalog_read_seconds.get().max(0.0));
-                // Space reads by their cost: at most `catalog_read_budget` of Consul's time.
-                st.next_read = Some(tokio::time::Instant::now() + took.mul_f64(1.0 / self.cfg.catalog_read_budget - 1.0));
+                st.catalog.done(took, self.cfg.catalog_read_budget);
                 if st.dump.is_none() {
                     tracing::info!(
                         index = read.index,
@@ -746,13 +766,11 @@ impl Feed {
             }
             Event::Counted { epoch, counts, took } => {
                 ok(st, Kind::Counts);
-                st.counting = false;
                 if epoch != st.epoch {
-                    st.count_wanted = true;
+                    st.counts.discarded();
                     return false;
                 }
-                // Spaced by their cost like the full reads (`catalog_read_budget`).
-                st.next_count = Some(tokio::time::Instant::now() + took.mul_f64(1.0 / self.cfg.catalog_read_budget - 1.0));
+                st.counts.done(took, self.cfg.catalog_read_budget);
                 tracing::debug!(services = counts.len(), ms = took.as_millis() as u64, "read the instance counts");
                 let stale = st.dump.as_ref().map(|d| stale_services(d, &st.patches, &counts)).unwrap_or_default();
                 if !stale.is_empty() {
@@ -1025,6 +1043,27 @@ mod tests {
         let before = list(&[("web", &["v1"]), ("api", &[]), ("old", &[])]);
         let after = list(&[("web", &["v1", "v2"]), ("api", &[]), ("new", &[])]);
         assert_eq!(Feed::list_diff(&before, &after), ["new", "web", "old"]);
+    }
+
+    #[test]
+    fn spaced_reads_coalesce_and_wait_by_their_cost() {
+        let mut r = SpacedRead::default();
+        assert!(r.due().is_none(), "nothing wanted");
+        r.wanted = true;
+        assert!(r.due().is_some_and(|t| t <= tokio::time::Instant::now()), "due at once");
+        r.start();
+        r.wanted = true;
+        assert!(r.due().is_none(), "one in flight: a change meanwhile waits for it");
+        // 100 ms at a 20% budget: the next read waits 400 ms.
+        r.done(Duration::from_millis(100), 0.2);
+        let wait = r.due().unwrap() - tokio::time::Instant::now();
+        assert!(wait > Duration::from_millis(350) && wait <= Duration::from_millis(400), "{wait:?}");
+        r.start();
+        r.failed(Duration::from_secs(1));
+        assert!(r.due().unwrap() > tokio::time::Instant::now() + Duration::from_millis(900), "retried after the backoff");
+        r.start();
+        r.discarded();
+        assert!(r.due().is_some_and(|t| t <= tokio::time::Instant::now()), "a discarded answer is read again at once");
     }
 
     #[test]
