@@ -171,7 +171,7 @@ impl Snapshot {
                 other => other.clone(),
             },
         );
-        let exists = known.is_some() || qname.parse_arpa_name().is_ok_and(|net| self.reverse_ents.contains(&net)) || *qname == rz.name;
+        let exists = known.is_some() || qname.parse_arpa_name().is_ok_and(|net| self.reverse_ents.contains_key(&net)) || *qname == rz.name;
         out.negative(if exists { ResponseCode::NoError } else { ResponseCode::NXDomain }, soa);
         Outcome::Authoritative
     }

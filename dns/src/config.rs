@@ -122,6 +122,7 @@ struct ConsulFile {
     #[serde(with = "humantime_serde")]
     resync_interval: Duration,
     catalog_read_budget: f64,
+    hot_services: usize,
     #[serde(with = "humantime_serde")]
     connect_timeout: Duration,
     #[serde(with = "humantime_serde")]
@@ -141,6 +142,7 @@ impl Default for ConsulFile {
             wait: Duration::from_secs(60),
             resync_interval: Duration::from_secs(600),
             catalog_read_budget: 0.2,
+            hot_services: DEFAULT_HOT_SERVICES,
             connect_timeout: d.connect_timeout,
             request_timeout: Duration::from_secs(60),
         }
@@ -248,7 +250,18 @@ pub struct FeedConfig {
     /// Largest share of time spent on full catalog reads under constant churn: a read that
     /// took T is followed by a pause of T x (1/budget - 1) before the next one.
     pub catalog_read_budget: f64,
+    /// Services whose instances changed most recently get a blocking query of their own, at
+    /// most this many at a time (least recently changed dropped first): their next changes,
+    /// even those no detector names, are seen at once.
+    pub hot_services: usize,
 }
+
+/// Default of `[consul] hot_services`.
+pub const DEFAULT_HOT_SERVICES: usize = 32;
+/// Consul refuses more than 200 connections from one client address by default
+/// (`limits.http_max_conns_per_client`): the hot watches (twice this while given-up ones
+/// finish their last request), the detectors and the reads stay under it.
+pub const MAX_HOT_SERVICES: usize = 64;
 
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
@@ -326,6 +339,12 @@ impl Config {
         if f.consul.resync_interval < Duration::from_secs(1) {
             bail!("[consul] resync_interval = {:?}: use at least 1s", f.consul.resync_interval);
         }
+        if f.consul.hot_services > MAX_HOT_SERVICES {
+            bail!(
+                "[consul] hot_services = {}: at most {MAX_HOT_SERVICES} (each holds a connection to Consul, which accepts 200 per client address by default)",
+                f.consul.hot_services
+            );
+        }
         if !(f.consul.catalog_read_budget > 0.0 && f.consul.catalog_read_budget <= 1.0) {
             bail!("[consul] catalog_read_budget = {}: a share of time above 0, at most 1 (default 0.2)", f.consul.catalog_read_budget);
         }
@@ -402,6 +421,7 @@ impl Config {
                 wait: f.consul.wait,
                 resync_interval: f.consul.resync_interval,
                 catalog_read_budget: f.consul.catalog_read_budget,
+                hot_services: f.consul.hot_services,
             },
             zone,
             server,
@@ -560,6 +580,7 @@ mod tests {
         assert!(err("[dns]\nreverse_zones = [\"10.0.0.0/12\"]", &[]).contains("multiple of 8"));
         assert!(err("[dns]\nreverse_zones = [\"example.com\"]", &[]).contains("not a reverse zone"));
         assert!(err("[consul]\ncatalog_read_budget = 0.0", &[]).contains("catalog_read_budget"));
+        assert!(err("[consul]\nhot_services = 500", &[]).contains("hot_services = 500: at most 64"));
         assert!(err("", &["--listen", "127.0.0.1:5353", "--forward", "127.0.0.1:5353"]).contains("loop"));
         assert!(err("[consul]\ntoken_file = \"/nonexistent/token\"", &[]).contains("/nonexistent/token"));
     }

@@ -19,11 +19,18 @@
 //!   a service whose number of instances there differs from the snapshot's (an instance
 //!   registered or deregistered without any other sign) is patched at once instead of
 //!   waiting for the next full read;
+//! - hot services: a service named by one of these changes (its instances come and go: it
+//!   is being scaled) gets a blocking query of its own on `/v1/health/service/NAME`, for at
+//!   most `hot_services` services at a time (the least recently changed gives its place up),
+//!   so its next changes are seen in milliseconds whatever they are (an instance deregistered
+//!   without a drain, re-registered with another port): the Consul load stays bounded by
+//!   that number, not by the number of services;
 //! - a full read every `resync_interval` regardless, as a safety net.
 //!
 //! A snapshot is rebuilt on a blocking thread and swapped in whole; answering never waits.
 //! When Consul fails, the last snapshot keeps being served and the staleness is reported.
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -44,9 +51,21 @@ use crate::snapshot::{Health, Instance, Snapshot, ZoneConfig};
 /// lists grow with the number of services and each change costs a full read anyway.
 const REQUEST_BURST: f64 = 10.0;
 const HEALTH_REQUESTS_PER_SECOND: f64 = 200.0;
+/// One service's list is small, but a flapping one must not make its watch spin.
+const HOT_REQUESTS_PER_SECOND: f64 = 50.0;
+/// Blocking-query wait of the hot watches (see `hot_watch`): 32 of them cost Consul about 3
+/// small requests a second when nothing changes.
+const HOT_WAIT: Duration = Duration::from_secs(10);
 const CATALOG_REQUESTS_PER_SECOND: f64 = 100.0;
 /// At most this many services are patched for one event; beyond, the full read does it.
 const MAX_PATCHES: usize = 64;
+/// At most this many patch reads at a time: with the detectors, the hot watches and the
+/// catalog reads, upsync-dns stays far below the 200 connections Consul accepts from one
+/// client address by default (beyond, Consul resets new connections: those of the other
+/// clients on the host too).
+const PATCHES_IN_FLIGHT: usize = 8;
+/// A change naming at most this many services makes them hot.
+const MAX_HEAT: usize = 8;
 /// A warning about an unreachable Consul is repeated this often while it lasts.
 const STALE_LOG_EVERY: Duration = Duration::from_secs(30);
 
@@ -126,12 +145,17 @@ enum Event {
     /// A snapshot built aside from a full read (see `Feed::build_aside`), in `took`.
     Built {
         inputs: Inputs,
-        snap: Result<Snapshot, String>,
+        snap: Result<Box<Snapshot>, String>,
         took: Duration,
     },
     Patched {
         service: String,
         read: Result<Read, String>,
+    },
+    /// A hot service's blocking query saw its index move.
+    Watched {
+        service: String,
+        read: Read,
     },
     /// Instances per service (`/v1/internal/ui/services`), read in `epoch`, in `took`.
     Counted {
@@ -242,6 +266,53 @@ async fn detector(client: Client, kind: Kind, path: String, wait: Duration, tx: 
         }
         if let Some(p) = pause {
             tokio::time::sleep(p).await;
+        }
+    }
+}
+
+/// Blocking query on one hot service (see the module doc): reports every change of its
+/// index, until `retired` is set; then it ends after the request under way. It is not
+/// aborted: Consul 1.8 goes on holding a blocking query whose client went away until its wait
+/// ends, and counts its connection against `http_max_conns_per_client` meanwhile (aborting
+/// watches as services cool down exhausted that limit in a bulk registration: Consul then
+/// resets every new connection from the host). Its wait is short ([`HOT_WAIT`]) for the same
+/// reason. Failures are retried with backoff and not reported: the detectors and the one-off
+/// patches say whether Consul answers, and the full read covers the service anyway.
+async fn hot_watch(client: Client, service: String, epoch: u64, retired: Arc<AtomicBool>, tx: mpsc::Sender<Event>) {
+    let path = Query::HealthService { name: service.clone(), tag: None, mode: HealthMode::MarkDown }.path();
+    let backoff = Backoff::default();
+    let mut rng = fastrand::Rng::new();
+    let mut bucket = Bucket::new(HOT_REQUESTS_PER_SECOND, Instant::now());
+    let (mut index, mut attempt) = (0u64, 0u32);
+    while !retired.load(Ordering::Relaxed) {
+        while let Some(pause) = bucket.take(Instant::now()) {
+            tokio::time::sleep(pause).await;
+        }
+        let blocking = (index > 0).then_some(Blocking { index, wait: HOT_WAIT });
+        let resp = match client.get(&path, blocking).await {
+            Ok(resp) => resp,
+            Err(e) => {
+                attempt = attempt.saturating_add(1);
+                index = 0;
+                tracing::debug!(%service, "hot service watch failed: {e}");
+                tokio::time::sleep(backoff.delay(attempt, &mut rng)).await;
+                continue;
+            }
+        };
+        attempt = 0;
+        if resp.index == index {
+            continue;
+        }
+        index = resp.index.max(1);
+        match decode_health_instances(if resp.status == 404 { b"" } else { &resp.body }) {
+            Ok(decoded) => {
+                log_skipped(&decoded.skipped);
+                let read = Read::new(resp.index, epoch, decoded.value);
+                if tx.send(Event::Watched { service: service.clone(), read }).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => tracing::debug!(%service, "{} answered {path} with {e}", resp.address),
         }
     }
 }
@@ -515,6 +586,16 @@ pub struct Feed {
     client: Client,
 }
 
+/// Permits for patch reads, `PATCHES_IN_FLIGHT` of them.
+#[derive(Clone)]
+struct PatchSlots(Arc<tokio::sync::Semaphore>);
+
+impl Default for PatchSlots {
+    fn default() -> Self {
+        PatchSlots(Arc::new(tokio::sync::Semaphore::new(PATCHES_IN_FLIGHT)))
+    }
+}
+
 #[derive(Default)]
 struct State {
     dump: Option<Arc<Read>>,
@@ -523,6 +604,12 @@ struct State {
     patches: HashMap<String, Arc<Read>>,
     /// `(node, service id)` of every instance the dump and patches know.
     known: HashSet<(String, String)>,
+    /// Hot services: when each was last named by a change, and its blocking query.
+    hot: HashMap<String, (Instant, Arc<AtomicBool>)>,
+    /// The hot watches, and those given up that are finishing their last request.
+    hot_tasks: tokio::task::JoinSet<()>,
+    /// Permits for patch reads (`PATCHES_IN_FLIGHT`).
+    patch_slots: PatchSlots,
     /// Services being read alone, and those to read again once that read is back.
     patching: HashSet<String>,
     repatch: HashSet<String>,
@@ -540,7 +627,7 @@ struct State {
     building: Option<u64>,
     queued_dump: Option<Read>,
     /// A snapshot built aside, to install at the next rebuild with the inputs it came from.
-    ready: Option<(Inputs, Snapshot, Duration)>,
+    ready: Option<(Inputs, Box<Snapshot>, Duration)>,
     /// Full reads of the catalog, wanted when a detector saw a change the dump does not have.
     catalog: SpacedRead,
     /// Incremented when Consul's index goes backwards: reads started before belong to the
@@ -646,17 +733,55 @@ impl Feed {
         if st.dump.is_none() || services.len() > MAX_PATCHES {
             return;
         }
+        // A few services changing is a deployment or a scaling going on: they will change
+        // again. Dozens at once (a bulk registration) would only churn the hot watches.
+        if services.len() <= MAX_HEAT {
+            self.heat(st, &services, tx);
+        }
         for service in services {
             if !st.patching.insert(service.clone()) {
                 st.repatch.insert(service);
                 continue;
             }
-            let (client, tx, epoch) = (self.client.clone(), tx.clone(), st.epoch);
+            let (client, tx, epoch, slots) = (self.client.clone(), tx.clone(), st.epoch, st.patch_slots.clone());
             tokio::spawn(async move {
+                let Ok(_slot) = slots.0.acquire().await else { return };
                 let read = read_service(client, service.clone(), epoch).await;
                 let _ = tx.send(Event::Patched { service, read }).await;
             });
         }
+    }
+
+    /// Makes `services` hot (see the module doc), giving up the least recently changed ones
+    /// beyond `hot_services`. The watches given up finish their last request first (see
+    /// `hot_watch`); while as many are finishing as `hot_services`, no service is made hot,
+    /// so upsync-dns never holds more than twice `hot_services` connections for them.
+    fn heat(&self, st: &mut State, services: &[String], tx: &mpsc::Sender<Event>) {
+        let now = Instant::now();
+        // Reap the watches that ended (a JoinSet keeps their results until then).
+        while st.hot_tasks.try_join_next().is_some() {}
+        for service in services {
+            if let Some(entry) = st.hot.get_mut(service) {
+                entry.0 = now;
+                continue;
+            }
+            if st.hot_tasks.len() >= 2 * self.cfg.hot_services {
+                break;
+            }
+            if st.hot.len() >= self.cfg.hot_services {
+                let coldest = st.hot.iter().min_by_key(|(_, (at, _))| *at).map(|(name, _)| name.clone());
+                if let Some((name, (_, retired))) = coldest.and_then(|name| st.hot.remove_entry(&name)) {
+                    tracing::debug!(service = %name, "no longer watched alone (changed least recently)");
+                    retired.store(true, Ordering::Relaxed);
+                }
+            }
+            let retired = Arc::new(AtomicBool::new(false));
+            let (client, name, epoch, tx) = (self.client.clone(), service.clone(), st.epoch, tx.clone());
+            tracing::debug!(%service, "watched alone from now on (its instances changed)");
+            st.hot_tasks.spawn(hot_watch(client, name, epoch, retired.clone(), tx));
+            st.hot.insert(service.clone(), (now, retired));
+        }
+        self.shared.metrics.feed.hot_services.set(st.hot.len() as i64);
     }
 
     /// Services named by a change of a health overlay whose instance the snapshot does not
@@ -713,6 +838,9 @@ impl Feed {
                         "Consul's index went backwards (restarted or restored?); reading the catalog afresh"
                     );
                     st.epoch += 1;
+                    for (_, (_, retired)) in st.hot.drain() {
+                        retired.store(true, Ordering::Relaxed);
+                    }
                     st.critical = None;
                     st.warning = None;
                     st.patches.clear();
@@ -846,16 +974,23 @@ impl Feed {
                     }
                 };
                 ok(st, Kind::Patch);
-                let newer = st.patches.get(&service).is_none_or(|p| read.index > p.index);
-                if read.epoch != st.epoch || st.dump.as_ref().is_none_or(|d| read.index <= d.index) || !newer {
-                    return false;
-                }
-                tracing::debug!(%service, index = read.index, instances = read.endpoints.len(), "patched one service");
-                st.know(&read.endpoints);
-                st.patches.insert(service, Arc::new(read));
-                true
+                Self::apply_patch(st, service, read)
             }
+            Event::Watched { service, read } => Self::apply_patch(st, service, read),
         }
+    }
+
+    /// Puts a service read alone in place of the full read's view of it, if newer than both
+    /// that and the service's previous patch; whether the snapshot must be rebuilt.
+    fn apply_patch(st: &mut State, service: String, read: Read) -> bool {
+        let newer = st.patches.get(&service).is_none_or(|p| read.index > p.index);
+        if read.epoch != st.epoch || st.dump.as_ref().is_none_or(|d| read.index <= d.index) || !newer {
+            return false;
+        }
+        tracing::debug!(%service, index = read.index, instances = read.endpoints.len(), "patched one service");
+        st.know(&read.endpoints);
+        st.patches.insert(service, Arc::new(read));
+        true
     }
 
     fn failed(&self, st: &mut State, kind: Kind, error: String) {
@@ -903,7 +1038,7 @@ impl Feed {
         tokio::spawn(async move {
             let started = Instant::now();
             let aside = inputs.clone();
-            let snap = tokio::task::spawn_blocking(move || build(zone, &aside)).await.map_err(|e| e.to_string());
+            let snap = tokio::task::spawn_blocking(move || Box::new(build(zone, &aside))).await.map_err(|e| e.to_string());
             let _ = tx.send(Event::Built { inputs, snap, took: started.elapsed() }).await;
         });
     }
@@ -920,7 +1055,7 @@ impl Feed {
                     tracing::info!(index = snap.index, instances = snap.stats.instances, "first snapshot built from the Consul catalog");
                 }
                 st.built_from = Some(inputs);
-                (Arc::new(snap), Some(took))
+                (Arc::from(snap), Some(took))
             }
             None => (self.shared.snapshot.load_full(), None),
         };
@@ -1162,6 +1297,52 @@ mod tests {
         assert_eq!(Feed::list_diff(&before, &after), ["new", "web", "old"]);
     }
 
+    /// At most `hot_services` services are watched on their own; the least recently changed
+    /// one gives its place up.
+    #[tokio::test]
+    async fn the_least_recently_changed_hot_service_gives_its_place_up() {
+        let mut cfg = FeedConfig {
+            consul: Default::default(),
+            wait: Duration::from_secs(1),
+            resync_interval: Duration::from_secs(1),
+            catalog_read_budget: 0.2,
+            hot_services: 2,
+        };
+        // Nothing listens there: the watches just retry until aborted.
+        cfg.consul.addresses = vec!["127.0.0.1:1".parse().unwrap()];
+        let shared = Arc::new(Shared {
+            snapshot: arc_swap::ArcSwap::from_pointee(Snapshot::empty(zone())),
+            metrics: crate::metrics::Metrics::new(),
+        });
+        let feed = Feed::new(cfg, zone(), shared.clone()).unwrap();
+        let (tx, _rx) = mpsc::channel(8);
+        let mut st = State::default();
+        let names = |st: &State| {
+            let mut v: Vec<String> = st.hot.keys().cloned().collect();
+            v.sort();
+            v
+        };
+        feed.heat(&mut st, &["a".into(), "b".into()], &tx);
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        feed.heat(&mut st, &["a".into()], &tx);
+        feed.heat(&mut st, &["c".into()], &tx);
+        assert_eq!(names(&st), ["a", "c"], "b changed least recently");
+        assert_eq!(shared.metrics.feed.hot_services.get(), 2);
+        // The given-up watch ends after its request under way (here a refused connection and
+        // its backoff), then is reaped.
+        let start = Instant::now();
+        while st.hot_tasks.len() > 2 {
+            assert!(start.elapsed() < Duration::from_secs(10), "the given-up watch still runs");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            feed.heat(&mut st, &["c".into()], &tx);
+        }
+        // At most twice `hot_services` watches, counting those finishing: d waits.
+        for name in ["d", "e", "f"] {
+            feed.heat(&mut st, &[name.into()], &tx);
+        }
+        assert!(st.hot_tasks.len() <= 4, "{}", st.hot_tasks.len());
+    }
+
     #[test]
     fn spaced_reads_coalesce_and_wait_by_their_cost() {
         let mut r = SpacedRead::default();
@@ -1202,6 +1383,7 @@ mod tests {
             wait: Duration::from_secs(1),
             resync_interval: Duration::from_secs(1),
             catalog_read_budget: 0.2,
+            hot_services: 0,
         };
         assert_eq!(internal_path("/v1/internal/ui/nodes", &cfg), "/v1/internal/ui/nodes");
         cfg.consul.datacenter = Some("dc2".into());

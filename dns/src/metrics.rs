@@ -178,6 +178,8 @@ pub struct FeedMetrics {
     pub catalog_read_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub catalog_read_bytes: Gauge,
     pub snapshot_builds: Counter,
+    /// Services with a blocking query of their own (`[consul] hot_services`).
+    pub hot_services: Gauge,
     /// Seconds since the Unix epoch of the last snapshot swap.
     pub snapshot_swapped: Gauge,
 }
@@ -266,6 +268,11 @@ impl Metrics {
         );
         registry.register("upsync_dns_catalog_read_bytes", "Size of the last full catalog read", f.catalog_read_bytes.clone());
         registry.register("upsync_dns_snapshot_builds", "Snapshots built and swapped in", f.snapshot_builds.clone());
+        registry.register(
+            "upsync_dns_hot_services",
+            "Recently changed services watched by a blocking query of their own",
+            f.hot_services.clone(),
+        );
         registry.register(
             "upsync_dns_snapshot_swapped_timestamp_seconds",
             "Unix time of the last snapshot swap",

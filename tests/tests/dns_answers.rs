@@ -224,3 +224,39 @@ fn instances_leaving_and_joining_with_the_instance_counts_read() {
     assert!(!metrics.contains("watch=\"ui-services\""), "reading /v1/internal/ui/services failed:\n{metrics}\n{}", dns.log());
     assert!(!dns.log().contains("/v1/internal/ui/services with"), "{}", dns.log());
 }
+
+/// A service whose instances just changed gets a blocking query of its own (`hot_services`):
+/// its next changes are served at once even when nothing else names them. The catalog-wide
+/// reads are spaced out of this test's reach here (`catalog_read_budget = 0.000001`: a 1 ms
+/// read is followed by 1,000 s of pause), so only that watch can carry the deregistration of
+/// a passing instance and the re-registration of another in place with a new port (with
+/// `hot_services = 0` this test times out).
+#[test]
+fn recently_changed_services_are_watched_on_their_own() {
+    let dir = TestDir::new("dns_hot");
+    let consul = Consul::start(dir.path());
+    consul.register_service(&with_ttl_check(service("db1", "db", "127.0.0.41", 5432, &[])));
+    let config = "[consul]\ncatalog_read_budget = 0.000001\nhot_services = 4\n".to_string();
+    let dns = DnsServer::start(dir.path(), &consul.http_addr(), DnsOptions { config: Some(config), ..Default::default() });
+    let (a, srv) = (["db.service.upsync.", "A"], ["db.service.upsync.", "SRV"]);
+    wait_dig(&dns, "the first instance", &a, |d| d.data("A") == ["127.0.0.41"]);
+    assert_eq!(dns.metric("upsync_dns_hot_services"), Some(0.0));
+
+    // A new instance, its check critical until its first pass (Consul's default): the list of
+    // critical checks names the service, which is read alone and becomes hot.
+    let db2 = |port: u16, status: &str| json!({"ID": "db2", "Name": "db", "Address": "127.0.0.42", "Port": port, "Check": {"CheckID": "db2-ttl", "TTL": "10m", "Status": status}});
+    consul.register_service(&db2(5432, "critical"));
+    upsync_tests::wait_until("db watched on its own", std::time::Duration::from_secs(60), || {
+        dns.metric("upsync_dns_hot_services") == Some(1.0)
+    });
+    consul.ttl_check("db2-ttl", "pass");
+    wait_dig(&dns, "the new instance once passing", &a, |d| d.data("A") == ["127.0.0.41", "127.0.0.42"]);
+
+    // Deregistered while passing: no check changes state, the service list stays the same.
+    consul.deregister_service("db1");
+    wait_dig(&dns, "the deregistered instance gone", &a, |d| d.data("A") == ["127.0.0.42"]);
+    // Registered again in place with another port: the same instance, the same checks.
+    consul.register_service(&db2(6432, "passing"));
+    wait_dig(&dns, "the new port", &srv, |d| d.data("SRV") == ["1 1 6432 127-0-0-42.addr.service.upsync."]);
+    assert_eq!(dns.metric("upsync_dns_catalog_reads_total"), Some(1.0), "only the first full read: {}", dns.log());
+}

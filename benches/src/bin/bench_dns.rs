@@ -259,6 +259,9 @@ impl Delays {
     }
 
     fn cell(&self) -> String {
+        if self.ours.rounds == 0 {
+            return "–".into();
+        }
         format!("{} (Consul DNS {:.1} / {:.1})", self.ours.cell(), self.consul_dns.p50_ms, self.consul_dns.p99_ms)
     }
 }
@@ -272,11 +275,22 @@ struct Freshness {
     new_instance: Delays,
     /// An instance drained (maintenance mode on) before it goes.
     drain: Delays,
-    /// A passing instance deregistered without draining first.
+    /// A passing instance deregistered without draining first (of the service that has been
+    /// changing: watched on its own, see `hot_services`).
     abrupt_deregistration: Delays,
+    /// The same, in a service without any change since the catalog was loaded.
+    abrupt_deregistration_cold: Delays,
 }
 
-fn freshness(consul: &Consul, dns: &DnsServer, rounds: usize, slow_rounds: usize) -> Freshness {
+/// An instance loaded by `load_catalog`: (node, service id, service, address).
+type Loaded = (String, String, String, String);
+
+/// Instance 0 of services `services` (loaded by `load_catalog`).
+fn loaded(services: impl Iterator<Item = usize>, per: usize, nodes: usize) -> Vec<Loaded> {
+    services.map(|s| (format!("node{}", (s * per) % nodes), format!("svc{s}-0"), format!("svc{s}"), instance_addr(s * per).0)).collect()
+}
+
+fn freshness(consul: &Consul, dns: &DnsServer, rounds: usize, slow_rounds: usize, cold: &[Loaded]) -> Freshness {
     let put = |path: &str, body: Option<serde_json::Value>| {
         let b = body.map(|b| b.to_string());
         let (status, text) = consul.api("PUT", path, b.as_deref().map(str::as_bytes)).expect("Consul PUT");
@@ -347,6 +361,20 @@ fn freshness(consul: &Consul, dns: &DnsServer, rounds: usize, slow_rounds: usize
         abrupt.push(both(&ip, false, start));
     }
     f.abrupt_deregistration = Delays::of(abrupt);
+
+    let mut v = Vec::new();
+    for (node, id, service, ip) in cold {
+        let targets = [(dns.addr(), format!("{service}.service.upsync.")), (consul_dns, format!("{service}.service.consul."))];
+        let targets: Vec<(SocketAddr, &str)> = targets.iter().map(|(a, n)| (*a, n.as_str())).collect();
+        until_visible(&targets, ip, true, Instant::now());
+        let start = Instant::now();
+        put("/v1/catalog/deregister", Some(json!({"Node": node, "ServiceID": id})));
+        let d = until_visible(&targets, ip, false, start);
+        v.push((d[0].as_secs_f64() * 1000.0, d[1].as_secs_f64() * 1000.0));
+    }
+    if !v.is_empty() {
+        f.abrupt_deregistration_cold = Delays::of(v);
+    }
     put("/v1/agent/service/deregister/fresh-1", None);
     f
 }
@@ -462,7 +490,7 @@ fn main() -> anyhow::Result<()> {
     let phase = Phase { dir: dir.path(), consul: &consul, dns: &dns, secs };
 
     eprintln!("freshness on a small catalog: {rounds} rounds");
-    let fresh_small = freshness(&consul, &dns, rounds, rounds / 2);
+    let fresh_small = freshness(&consul, &dns, rounds, rounds / 2, &[]);
 
     eprintln!("loading {small} services x {per} instances on {nodes} nodes into Consul");
     load_catalog(&consul, 0..small, per, nodes)?;
@@ -486,7 +514,9 @@ fn main() -> anyhow::Result<()> {
     let full_runs = if services > small && dnsperf_on { phase.run(services, per)? } else { Vec::new() };
 
     eprintln!("freshness on the full catalog");
-    let fresh_big = freshness(&consul, &dns, rounds, (rounds / 10).max(3));
+    // Cold services: the first ones loaded, long evicted from the hot watches since.
+    let cold = loaded((0..small).step_by(small.div_ceil(10).max(1)), per, nodes);
+    let fresh_big = freshness(&consul, &dns, rounds, (rounds / 10).max(3), &cold);
 
     println!("### upsync-dns vs Consul DNS, dnsmasq, unbound (dnsperf -c 8 -T 2 -q 500, {secs} s per run, same machine and run)\n");
     println!("| instances | server | type | queries/s | avg latency | lost | server CPU/query | upsync-dns qps ratio |");
@@ -502,11 +532,12 @@ fn main() -> anyhow::Result<()> {
     println!("\n| freshness, Consul write -> DNS answer: upsync-dns p50 / p99 / max (Consul DNS p50 / p99) | few instances | {total} instances |");
     println!("|---|---:|---:|");
     type Row = (&'static str, fn(&Freshness) -> &Delays);
-    let rows: [Row; 4] = [
+    let rows: [Row; 5] = [
         ("check of a known instance failing / passing", |f| &f.check_flip),
         ("new instance, its check passing 200 ms after registration", |f| &f.new_instance),
         ("instance drained (maintenance on)", |f| &f.drain),
-        ("passing instance deregistered abruptly", |f| &f.abrupt_deregistration),
+        ("passing instance deregistered abruptly (a service being changed: watched alone)", |f| &f.abrupt_deregistration),
+        ("the same in a service without a change for minutes", |f| &f.abrupt_deregistration_cold),
     ];
     for (what, get) in rows {
         println!("| {what} | {} | {} |", get(&fresh_small).cell(), get(&fresh_big).cell());
