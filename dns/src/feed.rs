@@ -1049,7 +1049,7 @@ impl Feed {
     /// everything when nothing can be shared. One swap: answers never go back to the older
     /// state a snapshot built aside started from.
     async fn rebuild(&self, st: &mut State) {
-        let (current, mut took) = match st.ready.take() {
+        let (current, built_aside) = match st.ready.take() {
             Some((inputs, snap, took)) => {
                 if st.built_from.is_none() {
                     tracing::info!(index = snap.index, instances = snap.stats.instances, "first snapshot built from the Consul catalog");
@@ -1065,7 +1065,7 @@ impl Feed {
         let before = st.built_from.replace(inputs.clone());
         let zone = self.zone.clone();
         let started = Instant::now();
-        let base = took.is_some().then(|| current.clone());
+        let base = built_aside.is_some().then(|| current.clone());
         let work = move || {
             let Some(before) = before.filter(|b| !full && current.synced && Arc::ptr_eq(&b.dump, &inputs.dump)) else {
                 return Some(Arc::new(build(zone, &inputs)));
@@ -1083,10 +1083,7 @@ impl Feed {
             Some(Arc::new(current.with_services(inputs_index(&inputs).max(current.index), changed.collect())))
         };
         match tokio::task::spawn_blocking(work).await {
-            Ok(Some(snap)) => {
-                took = Some(took.unwrap_or_default() + started.elapsed());
-                self.install(st, snap, took.unwrap_or_default());
-            }
+            Ok(Some(snap)) => self.install(st, snap, built_aside.unwrap_or_default() + started.elapsed()),
             Ok(None) => {}
             Err(e) => {
                 tracing::error!("building the DNS snapshot failed ({e}); still answering from the previous one");
