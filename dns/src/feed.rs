@@ -18,7 +18,9 @@
 //!   summary per service, a tenth of the full read's cost) is read, spaced by the same budget;
 //!   a service whose number of instances there differs from the snapshot's (an instance
 //!   registered or deregistered without any other sign) is patched at once instead of
-//!   waiting for the next full read;
+//!   waiting for the next full read. The counts go first: a full read does not start while
+//!   they are being read, and a count read slowed by a full read already under way is
+//!   spaced by what it costs alone, not by its slowed time;
 //! - hot services: a service named by one of these changes (its instances come and go: it
 //!   is being scaled) gets a blocking query of its own on `/v1/health/service/NAME`, for at
 //!   most `hot_services` services at a time (the least recently changed gives its place up),
@@ -173,6 +175,11 @@ struct SpacedRead {
     wanted: bool,
     in_flight: bool,
     not_before: Option<tokio::time::Instant>,
+    /// The read in flight ran beside the other catalog-wide read for a while: its time is
+    /// partly the other's (they shared Consul's CPU) and must not stretch its own spacing.
+    overlapped: bool,
+    /// What the last read run alone took.
+    alone: Option<Duration>,
 }
 
 impl SpacedRead {
@@ -181,24 +188,33 @@ impl SpacedRead {
         (self.wanted && !self.in_flight).then(|| self.not_before.unwrap_or_else(tokio::time::Instant::now))
     }
 
-    fn start(&mut self) {
-        (self.in_flight, self.wanted, self.not_before) = (true, false, None);
+    /// Starts a read while `other` (the other catalog-wide read) may be in flight.
+    fn start_beside(&mut self, other: &mut SpacedRead) {
+        (self.in_flight, self.wanted, self.not_before, self.overlapped) = (true, false, None, other.in_flight);
+        other.overlapped |= other.in_flight;
     }
 
     /// The read failed: again after `retry_in`.
     fn failed(&mut self, retry_in: Duration) {
-        (self.in_flight, self.wanted, self.not_before) = (false, true, Some(tokio::time::Instant::now() + retry_in));
+        (self.in_flight, self.wanted, self.not_before, self.overlapped) =
+            (false, true, Some(tokio::time::Instant::now() + retry_in), false);
     }
 
     /// The answer belongs to data that is gone (an older epoch): read again.
     fn discarded(&mut self) {
-        (self.in_flight, self.wanted) = (false, true);
+        (self.in_flight, self.wanted, self.overlapped) = (false, true, false);
     }
 
-    /// The read took `took`: the next one waits `took × (1 / budget − 1)`.
+    /// The read took `took`: the next one waits `cost × (1 / budget − 1)`, where the cost is
+    /// `took`, or for a read that ran beside the other one what it takes alone (the last
+    /// such read; at least half of `took`, in case the catalog grew since).
     fn done(&mut self, took: Duration, budget: f64) {
-        self.in_flight = false;
-        self.not_before = Some(tokio::time::Instant::now() + took.mul_f64(1.0 / budget - 1.0));
+        let cost = if self.overlapped { took.min((took / 2).max(self.alone.unwrap_or(took))) } else { took };
+        if !self.overlapped {
+            self.alone = Some(took);
+        }
+        (self.in_flight, self.overlapped) = (false, false);
+        self.not_before = Some(tokio::time::Instant::now() + cost.mul_f64(1.0 / budget - 1.0));
     }
 }
 
@@ -684,7 +700,10 @@ impl Feed {
         let mut stale_tick = tokio::time::interval(STALE_LOG_EVERY);
         stale_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let (read_at, count_at) = (st.catalog.due(), st.counts.due());
+            // The counts first: they name the service that changed in a fraction of the full
+            // read's time, which must not make them wait or slow them down by running beside.
+            let counts_now = st.counts.in_flight || st.counts.due().is_some_and(|t| t <= tokio::time::Instant::now());
+            let (read_at, count_at) = (st.catalog.due().filter(|_| !counts_now), st.counts.due());
             tokio::select! {
                 ev = rx.recv() => {
                     let Some(ev) = ev else { return };
@@ -698,7 +717,7 @@ impl Feed {
                     }
                 }
                 _ = tokio::time::sleep_until(read_at.unwrap_or_else(tokio::time::Instant::now)), if read_at.is_some() => {
-                    st.catalog.start();
+                    st.catalog.start_beside(&mut st.counts);
                     let (client, path, tx, metrics, epoch) = (self.client.clone(), dump_path.clone(), tx.clone(), self.shared.metrics.clone(), st.epoch);
                     tokio::spawn(async move {
                         let ev = match read_catalog(client, path, epoch, metrics).await {
@@ -709,7 +728,7 @@ impl Feed {
                     });
                 }
                 _ = tokio::time::sleep_until(count_at.unwrap_or_else(tokio::time::Instant::now)), if count_at.is_some() => {
-                    st.counts.start();
+                    st.counts.start_beside(&mut st.catalog);
                     let (client, path, tx, epoch) = (self.client.clone(), counts_path.clone(), tx.clone(), st.epoch);
                     tokio::spawn(async move {
                         let ev = match read_counts(client, path).await {
@@ -1342,23 +1361,51 @@ mod tests {
 
     #[test]
     fn spaced_reads_coalesce_and_wait_by_their_cost() {
-        let mut r = SpacedRead::default();
+        let (mut r, mut idle) = (SpacedRead::default(), SpacedRead::default());
         assert!(r.due().is_none(), "nothing wanted");
         r.wanted = true;
         assert!(r.due().is_some_and(|t| t <= tokio::time::Instant::now()), "due at once");
-        r.start();
+        r.start_beside(&mut idle);
         r.wanted = true;
         assert!(r.due().is_none(), "one in flight: a change meanwhile waits for it");
         // 100 ms at a 20% budget: the next read waits 400 ms.
         r.done(Duration::from_millis(100), 0.2);
         let wait = r.due().unwrap() - tokio::time::Instant::now();
         assert!(wait > Duration::from_millis(350) && wait <= Duration::from_millis(400), "{wait:?}");
-        r.start();
+        r.start_beside(&mut idle);
         r.failed(Duration::from_secs(1));
         assert!(r.due().unwrap() > tokio::time::Instant::now() + Duration::from_millis(900), "retried after the backoff");
-        r.start();
+        r.start_beside(&mut idle);
         r.discarded();
         assert!(r.due().is_some_and(|t| t <= tokio::time::Instant::now()), "a discarded answer is read again at once");
+    }
+
+    #[test]
+    fn a_read_slowed_by_the_other_is_spaced_by_what_it_takes_alone() {
+        let (mut counts, mut full) = (SpacedRead::default(), SpacedRead::default());
+        let wait = |r: &SpacedRead| r.due().unwrap() - tokio::time::Instant::now();
+        counts.start_beside(&mut full);
+        counts.done(Duration::from_millis(100), 0.5);
+        counts.wanted = true;
+        assert!(wait(&counts) > Duration::from_millis(90), "alone: spaced by its own time");
+        // A full read starts while the counts are read: the counts take 300 ms, charged as
+        // 150 (half: they shared Consul; 100 alone).
+        counts.start_beside(&mut full);
+        full.start_beside(&mut counts);
+        counts.done(Duration::from_millis(300), 0.5);
+        counts.wanted = true;
+        assert!(wait(&counts) > Duration::from_millis(140) && wait(&counts) <= Duration::from_millis(150), "{:?}", wait(&counts));
+        // The full read started beside them too; the next counts read starts beside it.
+        full.done(Duration::from_secs(2), 0.5);
+        assert!(full.due().is_none() && !full.overlapped);
+        full.wanted = true;
+        assert!(wait(&full) > Duration::from_millis(1900), "the first full read has no time alone: its own counts");
+        full.start_beside(&mut counts);
+        counts.start_beside(&mut full);
+        // Six times what it took alone (the catalog grew since?): charged half.
+        counts.done(Duration::from_millis(600), 0.5);
+        counts.wanted = true;
+        assert!(wait(&counts) > Duration::from_millis(290) && wait(&counts) <= Duration::from_millis(300), "{:?}", wait(&counts));
     }
 
     #[test]
