@@ -280,7 +280,13 @@ struct Freshness {
     abrupt_deregistration: Delays,
     /// The same, in a service without any change since the catalog was loaded.
     abrupt_deregistration_cold: Delays,
+    /// The same, each after `QUIET` without any change (not back to back).
+    abrupt_deregistration_cold_quiet: Delays,
 }
+
+/// The pause before each of the "after a quiet moment" rounds: longer than the spacing of
+/// upsync-dns's instance-count reads (4x their ~0.4 s at the default budget).
+const QUIET: Duration = Duration::from_secs(3);
 
 /// An instance loaded by `load_catalog`: (node, service id, service, address).
 type Loaded = (String, String, String, String);
@@ -362,20 +368,39 @@ fn freshness(consul: &Consul, dns: &DnsServer, rounds: usize, slow_rounds: usize
     }
     f.abrupt_deregistration = Delays::of(abrupt);
 
-    let mut v = Vec::new();
-    for (node, id, service, ip) in cold {
-        let targets = [(dns.addr(), format!("{service}.service.upsync.")), (consul_dns, format!("{service}.service.consul."))];
-        let targets: Vec<(SocketAddr, &str)> = targets.iter().map(|(a, n)| (*a, n.as_str())).collect();
-        until_visible(&targets, ip, true, Instant::now());
-        let start = Instant::now();
-        put("/v1/catalog/deregister", Some(json!({"Node": node, "ServiceID": id})));
-        let d = until_visible(&targets, ip, false, start);
-        v.push((d[0].as_secs_f64() * 1000.0, d[1].as_secs_f64() * 1000.0));
+    // Cold means cold: services loaded one after another may still be among the last ones
+    // upsync-dns watched alone. 32 services (its default hot_services) registered one at a
+    // time, each seen before the next, push every earlier one out.
+    if !cold.is_empty() {
+        for i in 0..32 {
+            let (id, ip) = (format!("flush{i}"), format!("127.0.3.{}", i + 1));
+            put("/v1/agent/service/register", Some(json!({"ID": id, "Name": id, "Address": ip, "Port": 80})));
+            until_visible(&[(dns.addr(), &format!("{id}.service.upsync."))], &ip, true, Instant::now());
+        }
+        // Their reads done and spaced out: the rounds start from a quiet registry.
+        std::thread::sleep(2 * QUIET);
     }
-    if !v.is_empty() {
-        f.abrupt_deregistration_cold = Delays::of(v);
+    // Back to back, then each after a quiet moment.
+    for (half, pause) in [(0, Duration::ZERO), (1, QUIET)] {
+        let mut v = Vec::new();
+        for (node, id, service, ip) in cold.iter().skip(half).step_by(2) {
+            let targets = [(dns.addr(), format!("{service}.service.upsync.")), (consul_dns, format!("{service}.service.consul."))];
+            let targets: Vec<(SocketAddr, &str)> = targets.iter().map(|(a, n)| (*a, n.as_str())).collect();
+            until_visible(&targets, ip, true, Instant::now());
+            std::thread::sleep(pause);
+            let start = Instant::now();
+            put("/v1/catalog/deregister", Some(json!({"Node": node, "ServiceID": id})));
+            let d = until_visible(&targets, ip, false, start);
+            v.push((d[0].as_secs_f64() * 1000.0, d[1].as_secs_f64() * 1000.0));
+        }
+        if !v.is_empty() {
+            *(if half == 0 { &mut f.abrupt_deregistration_cold } else { &mut f.abrupt_deregistration_cold_quiet }) = Delays::of(v);
+        }
     }
     put("/v1/agent/service/deregister/fresh-1", None);
+    for i in 0..if cold.is_empty() { 0 } else { 32 } {
+        put(&format!("/v1/agent/service/deregister/flush{i}"), None);
+    }
     f
 }
 
@@ -515,7 +540,7 @@ fn main() -> anyhow::Result<()> {
 
     eprintln!("freshness on the full catalog");
     // Cold services: the first ones loaded, long evicted from the hot watches since.
-    let cold = loaded((0..small).step_by(small.div_ceil(10).max(1)), per, nodes);
+    let cold = loaded((0..small).step_by(small.div_ceil(20).max(1)), per, nodes);
     let fresh_big = freshness(&consul, &dns, rounds, (rounds / 10).max(3), &cold);
 
     println!("### upsync-dns vs Consul DNS, dnsmasq, unbound (dnsperf -c 8 -T 2 -q 500, {secs} s per run, same machine and run)\n");
@@ -532,12 +557,13 @@ fn main() -> anyhow::Result<()> {
     println!("\n| freshness, Consul write -> DNS answer: upsync-dns p50 / p99 / max (Consul DNS p50 / p99) | few instances | {total} instances |");
     println!("|---|---:|---:|");
     type Row = (&'static str, fn(&Freshness) -> &Delays);
-    let rows: [Row; 5] = [
+    let rows: [Row; 6] = [
         ("check of a known instance failing / passing", |f| &f.check_flip),
         ("new instance, its check passing 200 ms after registration", |f| &f.new_instance),
         ("instance drained (maintenance on)", |f| &f.drain),
         ("passing instance deregistered abruptly (a service being changed: watched alone)", |f| &f.abrupt_deregistration),
-        ("the same in a service without a change for minutes", |f| &f.abrupt_deregistration_cold),
+        ("the same in a service without a change for minutes, back to back", |f| &f.abrupt_deregistration_cold),
+        ("the same, each after 3 s without any change", |f| &f.abrupt_deregistration_cold_quiet),
     ];
     for (what, get) in rows {
         println!("| {what} | {} | {} |", get(&fresh_small).cell(), get(&fresh_big).cell());
