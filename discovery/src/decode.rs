@@ -626,4 +626,6 @@ impl<'de> Deserialize<'de> for ServiceList {
 mod tests;
 
 mod node_dump;
-pub use node_dump::{decode_check_states, decode_health_instances, decode_instance_counts, decode_node_dump, CheckState};
+pub use node_dump::{
+    decode_check_states, decode_health_instances, decode_instance_counts, decode_node_addresses, decode_node_dump, CheckState,
+};

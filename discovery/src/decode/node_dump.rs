@@ -147,6 +147,26 @@ pub fn decode_instance_counts(body: &[u8]) -> Result<HashMap<String, u64>, Decod
     Ok(list.into_iter().map(|s| (s.name.into_owned(), s.instance_count)).collect())
 }
 
+#[derive(Deserialize)]
+struct CatalogNode<'a> {
+    #[serde(rename = "Node", borrow)]
+    node: Cow<'a, str>,
+    #[serde(rename = "Address", borrow, default)]
+    address: Cow<'a, str>,
+}
+
+/// Decodes `GET /v1/catalog/nodes` into node name -> address. A change names the nodes whose
+/// address changed or that left, and through them the services whose instances moved (an
+/// instance without an address of its own is served at its node's).
+pub fn decode_node_addresses(body: &[u8]) -> Result<HashMap<String, String>, DecodeError> {
+    const WHAT: &str = "node list";
+    if is_blank(body) {
+        return Ok(HashMap::new());
+    }
+    let list: Vec<CatalogNode> = serde_json::from_slice(body).map_err(|e| body_error(WHAT, e))?;
+    Ok(list.into_iter().map(|n| (n.node.into_owned(), n.address.into_owned())).collect())
+}
+
 /// Decodes `GET /v1/health/service/NAME` into one endpoint per instance, in Consul's order,
 /// with `health` the worst of its checks and `down` from the tags only (unlike
 /// [`super::decode_health_service`], which folds failing health into `down`).
@@ -191,6 +211,17 @@ mod tests {
         assert!(decode_instance_counts(b"").unwrap().is_empty());
         let err = decode_instance_counts(b"{\"Name\":").unwrap_err().to_string();
         assert!(err.contains("service summary list"), "{err}");
+    }
+
+    #[test]
+    fn node_addresses_from_the_catalog_node_list() {
+        let nodes = decode_node_addresses(&fixture("dump_catalog_nodes.json")).unwrap();
+        let mut got: Vec<(&str, &str)> = nodes.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        got.sort();
+        assert_eq!(got, [("capture-node", "127.0.0.1"), ("ext-node", "10.1.2.3"), ("sick-node", "10.1.2.4")]);
+        assert!(decode_node_addresses(b"").unwrap().is_empty());
+        let err = decode_node_addresses(b"[{\"Address\": 1}]").unwrap_err().to_string();
+        assert!(err.contains("node list"), "{err}");
     }
 
     fn by_id<'a>(eps: &'a [Endpoint], id: &str) -> &'a Endpoint {

@@ -185,6 +185,11 @@ fn decode_all(data: &[u8]) {
     let _ = decode_health_service(data, HealthMode::MarkDown);
     let _ = decode_health_service(data, HealthMode::Omit);
     let _ = decode_services(data);
+    let _ = decode_node_dump(data);
+    let _ = decode_check_states(data);
+    let _ = decode_instance_counts(data);
+    let _ = decode_node_addresses(data);
+    let _ = decode_health_instances(data);
 }
 
 /// JSON-ish strings built from the pieces Consul responses are made of, so the generator
