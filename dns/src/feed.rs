@@ -2,7 +2,8 @@
 //! requests whatever the number of services (dns/README.md, "Watch plan"):
 //!
 //! - change detectors: blocking queries on `/v1/catalog/services` (wakes on any service
-//!   registration, deregistration or update) and `/v1/catalog/nodes` (node address changes).
+//!   registration, deregistration or update) and `/v1/catalog/nodes` (node changes; the
+//!   services of a node whose address changed or that left are patched at once, below).
 //!   A new index schedules one full read of the catalog, `/v1/internal/ui/nodes` (every node
 //!   with its services and checks). Reads are coalesced (changes arriving during a read cause
 //!   one more read, not one each) and spaced by their cost, so Consul spends at most
@@ -39,7 +40,8 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use tokio::sync::mpsc;
 use upsync_discovery::decode::{
-    decode_check_states, decode_health_instances, decode_instance_counts, decode_node_dump, decode_services, CheckState, HealthMode,
+    decode_check_states, decode_health_instances, decode_instance_counts, decode_node_addresses, decode_node_dump, decode_services,
+    CheckState, HealthMode,
 };
 use upsync_discovery::{Backoff, Blocking, Client, Consistency, Endpoint, Query};
 
@@ -633,6 +635,8 @@ struct State {
     warning: Option<Arc<Overlay>>,
     /// The service list of the last `/v1/catalog/services` answer.
     services: Option<BTreeMap<String, Vec<String>>>,
+    /// Node name -> address, from the last `/v1/catalog/nodes` answer.
+    nodes: Option<HashMap<String, String>>,
     /// Reads of the instance counts (`/v1/internal/ui/services`), wanted when the service
     /// list's index moves.
     counts: SpacedRead,
@@ -747,15 +751,21 @@ impl Feed {
         }
     }
 
-    /// Reads `services` alone (at most [`MAX_PATCHES`]; more are left to the full read).
+    /// Reads `services` alone (at most [`MAX_PATCHES`]; more are left to the full read) and
+    /// makes them hot: their instances changed.
     fn patch(&self, st: &mut State, services: Vec<String>, tx: &mpsc::Sender<Event>) {
-        if st.dump.is_none() || services.len() > MAX_PATCHES {
-            return;
-        }
         // A few services changing is a deployment or a scaling going on: they will change
         // again. Dozens at once (a bulk registration) would only churn the hot watches.
-        if services.len() <= MAX_HEAT {
+        if st.dump.is_some() && services.len() <= MAX_HEAT {
             self.heat(st, &services, tx);
+        }
+        self.read_alone(st, services, tx);
+    }
+
+    /// Reads `services` alone (at most [`MAX_PATCHES`]; more are left to the full read).
+    fn read_alone(&self, st: &mut State, services: Vec<String>, tx: &mpsc::Sender<Event>) {
+        if st.dump.is_none() || services.len() > MAX_PATCHES {
+            return;
         }
         for service in services {
             if !st.patching.insert(service.clone()) {
@@ -820,6 +830,25 @@ impl Feed {
         names
     }
 
+    /// Services with instances on the nodes whose address changed or that left between two
+    /// node lists (in the dump or in a patch).
+    fn on_moved_nodes(st: &State, old: &HashMap<String, String>, new: &HashMap<String, String>) -> Vec<String> {
+        let moved: HashSet<&str> = old.iter().filter(|(n, a)| new.get(*n) != Some(*a)).map(|(n, _)| n.as_str()).collect();
+        if moved.is_empty() {
+            return Vec::new();
+        }
+        let in_dump = st.dump.iter().flat_map(|d| moved.iter().filter_map(|n| d.by_node.get(*n)).flatten().cloned());
+        let in_patches = st
+            .patches
+            .iter()
+            .filter(|(_, p)| p.endpoints.iter().any(|e| e.node.as_deref().is_some_and(|n| moved.contains(n))))
+            .map(|(name, _)| name.clone());
+        let mut names: Vec<String> = in_dump.chain(in_patches).collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
     /// Services added, removed or retagged between two service lists.
     fn list_diff(old: &BTreeMap<String, Vec<String>>, new: &BTreeMap<String, Vec<String>>) -> Vec<String> {
         let changed = new.iter().filter(|(k, v)| old.get(*k) != Some(*v)).map(|(k, _)| k.clone());
@@ -864,12 +893,26 @@ impl Feed {
                     st.warning = None;
                     st.patches.clear();
                     st.services = None;
+                    st.nodes = None;
                     st.catalog.wanted = true;
                     st.full_rebuild = true;
                 }
                 match kind {
                     Kind::Services | Kind::Nodes => {
                         st.catalog.wanted |= index > st.dump_index();
+                        if kind == Kind::Nodes {
+                            // A node's address moved or the node left: its services, read
+                            // alone (an instance without an address of its own is served at
+                            // its node's), without waiting for the full read.
+                            match decode_node_addresses(&body) {
+                                Ok(nodes) => {
+                                    let moved = st.nodes.as_ref().map(|old| Self::on_moved_nodes(st, old, &nodes));
+                                    st.nodes = Some(nodes);
+                                    self.read_alone(st, moved.unwrap_or_default(), tx);
+                                }
+                                Err(e) => tracing::debug!("decoding /v1/catalog/nodes: {e}"),
+                            }
+                        }
                         if kind == Kind::Services {
                             // Which service gained or lost an instance: the counts say.
                             st.counts.wanted = true;
@@ -1295,6 +1338,23 @@ mod tests {
         changed.insert("web".into(), 1);
         changed.insert("db".into(), 1);
         assert!(stale_services(&dump, &patches, &changed).is_empty());
+    }
+
+    #[test]
+    fn nodes_that_moved_or_left_name_their_services() {
+        let mut st = State::default();
+        let dump = Read::new(10, 0, decode_node_dump(&fixture("dump_ui_nodes.json")).unwrap().value).indexed();
+        // A patch holding an instance on ext-node (where db runs in the dump).
+        let db = dump.endpoints[dump.by_service["db"][0]].clone();
+        st.patches.insert("extra".into(), Arc::new(Read::new(11, 0, vec![db])));
+        st.dump = Some(Arc::new(dump));
+        let before = upsync_discovery::decode::decode_node_addresses(&fixture("dump_catalog_nodes.json")).unwrap();
+        assert!(Feed::on_moved_nodes(&st, &before, &before).is_empty());
+        let mut after = before.clone();
+        after.insert("ext-node".into(), "10.9.9.9".into());
+        after.remove("sick-node");
+        after.insert("new-node".into(), "10.9.9.8".into());
+        assert_eq!(Feed::on_moved_nodes(&st, &before, &after), ["cache", "db", "extra"]);
     }
 
     #[test]

@@ -262,3 +262,34 @@ fn recently_changed_services_are_watched_on_their_own() {
     wait_dig(&dns, "the new port", &srv, |d| d.data("SRV") == ["1 1 6432 127-0-0-42.addr.service.upsync."]);
     assert_eq!(dns.metric("upsync_dns_catalog_reads_total"), Some(1.0), "only the first full read: {}", dns.log());
 }
+
+/// A node whose address changes, and a node that leaves the catalog: the services with
+/// instances there are read alone at once (`/v1/catalog/nodes` names the nodes). Full reads
+/// and instance counts are spaced out of this test's reach as above, and "multi" keeps its
+/// name and tags in the service list, so nothing else can carry these changes.
+#[test]
+fn nodes_moving_or_leaving_show_in_answers_at_once() {
+    let dir = TestDir::new("dns_nodes");
+    let consul = Consul::start(dir.path());
+    let put = |path: &str, body: serde_json::Value| {
+        let (status, text) = consul.api("PUT", path, Some(body.to_string().as_bytes())).expect("Consul PUT");
+        assert_eq!(status, 200, "PUT {path}: {text}");
+    };
+    // Instances without an address of their own: served at their node's.
+    for (node, addr, id, name) in
+        [("ext1", "127.0.0.61", "moving1", "moving"), ("ext2", "127.0.0.62", "multi2", "multi"), ("ext3", "127.0.0.63", "multi3", "multi")]
+    {
+        put("/v1/catalog/register", json!({"Node": node, "Address": addr, "Service": {"ID": id, "Service": name, "Port": 80}}));
+    }
+    let config = "[consul]\ncatalog_read_budget = 0.000001\n".to_string();
+    let dns = DnsServer::start(dir.path(), &consul.http_addr(), DnsOptions { config: Some(config), ..Default::default() });
+    let (moving, multi) = (["moving.service.upsync.", "A"], ["multi.service.upsync.", "A"]);
+    wait_dig(&dns, "moving at its node's address", &moving, |d| d.data("A") == ["127.0.0.61"]);
+    wait_dig(&dns, "multi on two nodes", &multi, |d| d.data("A") == ["127.0.0.62", "127.0.0.63"]);
+
+    put("/v1/catalog/register", json!({"Node": "ext1", "Address": "127.0.0.71"}));
+    wait_dig(&dns, "moving at its node's new address", &moving, |d| d.data("A") == ["127.0.0.71"]);
+    put("/v1/catalog/deregister", json!({"Node": "ext2"}));
+    wait_dig(&dns, "multi without the node that left", &multi, |d| d.data("A") == ["127.0.0.63"]);
+    assert_eq!(dns.metric("upsync_dns_catalog_reads_total"), Some(1.0), "only the first full read: {}", dns.log());
+}
