@@ -282,6 +282,8 @@ struct Freshness {
     abrupt_deregistration_cold: Delays,
     /// The same, each after `QUIET` without any change (not back to back).
     abrupt_deregistration_cold_quiet: Delays,
+    /// A node leaving the catalog (all its instances at once): one of them gone.
+    node_leaving: Delays,
 }
 
 /// The pause before each of the "after a quiet moment" rounds: longer than the spacing of
@@ -296,7 +298,7 @@ fn loaded(services: impl Iterator<Item = usize>, per: usize, nodes: usize) -> Ve
     services.map(|s| (format!("node{}", (s * per) % nodes), format!("svc{s}-0"), format!("svc{s}"), instance_addr(s * per).0)).collect()
 }
 
-fn freshness(consul: &Consul, dns: &DnsServer, rounds: usize, slow_rounds: usize, cold: &[Loaded]) -> Freshness {
+fn freshness(consul: &Consul, dns: &DnsServer, rounds: usize, slow_rounds: usize, cold: &[Loaded], leaving: &[Loaded]) -> Freshness {
     let put = |path: &str, body: Option<serde_json::Value>| {
         let b = body.map(|b| b.to_string());
         let (status, text) = consul.api("PUT", path, b.as_deref().map(str::as_bytes)).expect("Consul PUT");
@@ -396,6 +398,21 @@ fn freshness(consul: &Consul, dns: &DnsServer, rounds: usize, slow_rounds: usize
         if !v.is_empty() {
             *(if half == 0 { &mut f.abrupt_deregistration_cold } else { &mut f.abrupt_deregistration_cold_quiet }) = Delays::of(v);
         }
+    }
+    // A node deregistered with its instances (a host leaving: `consul leave`, scale-in).
+    let mut v = Vec::new();
+    for (node, _, service, ip) in leaving {
+        let targets = [(dns.addr(), format!("{service}.service.upsync.")), (consul_dns, format!("{service}.service.consul."))];
+        let targets: Vec<(SocketAddr, &str)> = targets.iter().map(|(a, n)| (*a, n.as_str())).collect();
+        until_visible(&targets, ip, true, Instant::now());
+        std::thread::sleep(QUIET);
+        let start = Instant::now();
+        put("/v1/catalog/deregister", Some(json!({"Node": node})));
+        let d = until_visible(&targets, ip, false, start);
+        v.push((d[0].as_secs_f64() * 1000.0, d[1].as_secs_f64() * 1000.0));
+    }
+    if !v.is_empty() {
+        f.node_leaving = Delays::of(v);
     }
     put("/v1/agent/service/deregister/fresh-1", None);
     for i in 0..if cold.is_empty() { 0 } else { 32 } {
@@ -515,7 +532,7 @@ fn main() -> anyhow::Result<()> {
     let phase = Phase { dir: dir.path(), consul: &consul, dns: &dns, secs };
 
     eprintln!("freshness on a small catalog: {rounds} rounds");
-    let fresh_small = freshness(&consul, &dns, rounds, rounds / 2, &[]);
+    let fresh_small = freshness(&consul, &dns, rounds, rounds / 2, &[], &[]);
 
     eprintln!("loading {small} services x {per} instances on {nodes} nodes into Consul");
     load_catalog(&consul, 0..small, per, nodes)?;
@@ -541,7 +558,19 @@ fn main() -> anyhow::Result<()> {
     eprintln!("freshness on the full catalog");
     // Cold services: the first ones loaded, long evicted from the hot watches since.
     let cold = loaded((0..small).step_by(small.div_ceil(20).max(1)), per, nodes);
-    let fresh_big = freshness(&consul, &dns, rounds, (rounds / 10).max(3), &cold);
+    // Nodes leaving: instance `per - 1` of services 100, 101, 102 (from the big load),
+    // each on its own node with about `total / nodes` instances of as many services.
+    let leaving: Vec<Loaded> = if services > small + 3 {
+        (small..small + 3)
+            .map(|s| {
+                let i = s * per + per - 1;
+                (format!("node{}", i % nodes), format!("svc{s}-{}", per - 1), format!("svc{s}"), instance_addr(i).0)
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let fresh_big = freshness(&consul, &dns, rounds, (rounds / 10).max(3), &cold, &leaving);
 
     println!("### upsync-dns vs Consul DNS, dnsmasq, unbound (dnsperf -c 8 -T 2 -q 500, {secs} s per run, same machine and run)\n");
     println!("| instances | server | type | queries/s | avg latency | lost | server CPU/query | upsync-dns qps ratio |");
@@ -557,13 +586,14 @@ fn main() -> anyhow::Result<()> {
     println!("\n| freshness, Consul write -> DNS answer: upsync-dns p50 / p99 / max (Consul DNS p50 / p99) | few instances | {total} instances |");
     println!("|---|---:|---:|");
     type Row = (&'static str, fn(&Freshness) -> &Delays);
-    let rows: [Row; 6] = [
+    let rows: [Row; 7] = [
         ("check of a known instance failing / passing", |f| &f.check_flip),
         ("new instance, its check passing 200 ms after registration", |f| &f.new_instance),
         ("instance drained (maintenance on)", |f| &f.drain),
         ("passing instance deregistered abruptly (a service being changed: watched alone)", |f| &f.abrupt_deregistration),
         ("the same in a service without a change for minutes, back to back", |f| &f.abrupt_deregistration_cold),
         ("the same, each after 3 s without any change", |f| &f.abrupt_deregistration_cold_quiet),
+        ("a node leaving the catalog with its instances (one of them gone)", |f| &f.node_leaving),
     ];
     for (what, get) in rows {
         println!("| {what} | {} | {} |", get(&fresh_small).cell(), get(&fresh_big).cell());
