@@ -289,6 +289,9 @@ struct Freshness {
 /// The pause before each of the "after a quiet moment" rounds: longer than the spacing of
 /// upsync-dns's instance-count reads (4x their ~0.4 s at the default budget).
 const QUIET: Duration = Duration::from_secs(3);
+/// Services registered to push the cold ones out of upsync-dns's hot watches: its default
+/// `hot_services`.
+const FLUSH: usize = 32;
 
 /// An instance loaded by `load_catalog`: (node, service id, service, address).
 type Loaded = (String, String, String, String);
@@ -370,52 +373,50 @@ fn freshness(consul: &Consul, dns: &DnsServer, rounds: usize, slow_rounds: usize
     }
     f.abrupt_deregistration = Delays::of(abrupt);
 
+    // `ip` of `service` served by both, then after `pause` a catalog deregistration (`body`):
+    // until it is gone from each.
+    let gone_after = |service: &str, ip: &str, pause: Duration, body: serde_json::Value| -> (f64, f64) {
+        let targets = [(dns.addr(), format!("{service}.service.upsync.")), (consul_dns, format!("{service}.service.consul."))];
+        let targets: Vec<(SocketAddr, &str)> = targets.iter().map(|(a, n)| (*a, n.as_str())).collect();
+        until_visible(&targets, ip, true, Instant::now());
+        std::thread::sleep(pause);
+        let start = Instant::now();
+        put("/v1/catalog/deregister", Some(body));
+        let d = until_visible(&targets, ip, false, start);
+        (d[0].as_secs_f64() * 1000.0, d[1].as_secs_f64() * 1000.0)
+    };
     // Cold means cold: services loaded one after another may still be among the last ones
-    // upsync-dns watched alone. 32 services (its default hot_services) registered one at a
+    // upsync-dns watched alone. FLUSH services (its default hot_services) registered one at a
     // time, each seen before the next, push every earlier one out.
-    if !cold.is_empty() {
-        for i in 0..32 {
-            let (id, ip) = (format!("flush{i}"), format!("127.0.3.{}", i + 1));
-            put("/v1/agent/service/register", Some(json!({"ID": id, "Name": id, "Address": ip, "Port": 80})));
-            until_visible(&[(dns.addr(), &format!("{id}.service.upsync."))], &ip, true, Instant::now());
-        }
+    let flush = if cold.is_empty() { 0 } else { FLUSH };
+    for i in 0..flush {
+        let (id, ip) = (format!("flush{i}"), format!("127.0.3.{}", i + 1));
+        put("/v1/agent/service/register", Some(json!({"ID": id, "Name": id, "Address": ip, "Port": 80})));
+        until_visible(&[(dns.addr(), &format!("{id}.service.upsync."))], &ip, true, Instant::now());
+    }
+    if flush > 0 {
         // Their reads done and spaced out: the rounds start from a quiet registry.
         std::thread::sleep(2 * QUIET);
     }
     // Back to back, then each after a quiet moment.
     for (half, pause) in [(0, Duration::ZERO), (1, QUIET)] {
-        let mut v = Vec::new();
-        for (node, id, service, ip) in cold.iter().skip(half).step_by(2) {
-            let targets = [(dns.addr(), format!("{service}.service.upsync.")), (consul_dns, format!("{service}.service.consul."))];
-            let targets: Vec<(SocketAddr, &str)> = targets.iter().map(|(a, n)| (*a, n.as_str())).collect();
-            until_visible(&targets, ip, true, Instant::now());
-            std::thread::sleep(pause);
-            let start = Instant::now();
-            put("/v1/catalog/deregister", Some(json!({"Node": node, "ServiceID": id})));
-            let d = until_visible(&targets, ip, false, start);
-            v.push((d[0].as_secs_f64() * 1000.0, d[1].as_secs_f64() * 1000.0));
-        }
+        let v: Vec<(f64, f64)> = cold
+            .iter()
+            .skip(half)
+            .step_by(2)
+            .map(|(node, id, service, ip)| gone_after(service, ip, pause, json!({"Node": node, "ServiceID": id})))
+            .collect();
         if !v.is_empty() {
             *(if half == 0 { &mut f.abrupt_deregistration_cold } else { &mut f.abrupt_deregistration_cold_quiet }) = Delays::of(v);
         }
     }
     // A node deregistered with its instances (a host leaving: `consul leave`, scale-in).
-    let mut v = Vec::new();
-    for (node, _, service, ip) in leaving {
-        let targets = [(dns.addr(), format!("{service}.service.upsync.")), (consul_dns, format!("{service}.service.consul."))];
-        let targets: Vec<(SocketAddr, &str)> = targets.iter().map(|(a, n)| (*a, n.as_str())).collect();
-        until_visible(&targets, ip, true, Instant::now());
-        std::thread::sleep(QUIET);
-        let start = Instant::now();
-        put("/v1/catalog/deregister", Some(json!({"Node": node})));
-        let d = until_visible(&targets, ip, false, start);
-        v.push((d[0].as_secs_f64() * 1000.0, d[1].as_secs_f64() * 1000.0));
-    }
+    let v: Vec<(f64, f64)> = leaving.iter().map(|(node, _, service, ip)| gone_after(service, ip, QUIET, json!({"Node": node}))).collect();
     if !v.is_empty() {
         f.node_leaving = Delays::of(v);
     }
     put("/v1/agent/service/deregister/fresh-1", None);
-    for i in 0..if cold.is_empty() { 0 } else { 32 } {
+    for i in 0..flush {
         put(&format!("/v1/agent/service/deregister/flush{i}"), None);
     }
     f
