@@ -559,13 +559,14 @@ fn main() -> anyhow::Result<()> {
     eprintln!("freshness on the full catalog");
     // Cold services: the first ones loaded, long evicted from the hot watches since.
     let cold = loaded((0..small).step_by(small.div_ceil(20).max(1)), per, nodes);
-    // Nodes leaving: instance `per - 1` of services 100, 101, 102 (from the big load),
-    // each on its own node with about `total / nodes` instances of as many services.
-    let leaving: Vec<Loaded> = if services > small + 3 {
-        (small..small + 3)
-            .map(|s| {
-                let i = s * per + per - 1;
-                (format!("node{}", i % nodes), format!("svc{s}-{}", per - 1), format!("svc{s}"), instance_addr(i).0)
+    // Nodes leaving: the first three instances of the big load, on three consecutive nodes
+    // (each with about `total / nodes` instances of as many services; instances a node apart
+    // would share a node when there are few nodes, and the second round would find it gone).
+    let leaving: Vec<Loaded> = if services > small && nodes >= 3 {
+        (small * per..small * per + 3)
+            .map(|i| {
+                let s = i / per;
+                (format!("node{}", i % nodes), format!("svc{s}-{}", i % per), format!("svc{s}"), instance_addr(i).0)
             })
             .collect()
     } else {
