@@ -2,8 +2,9 @@
 //! worker, as nginx-upsync-module does); the others read its results from shared memory. The
 //! lease lives in the shared zone: the leader's PID, the config generation it runs and a
 //! heartbeat it refreshes on every tick. This module decides, from a snapshot of that lease,
-//! what one worker should do on its tick; the FFI layer applies the decision with a
-//! compare-and-swap so two workers can never both take the lease.
+//! what one worker should do on its tick; the FFI layer reads the lease, decides and writes the
+//! result in one critical section under the zone's mutex, so two workers can never both take the
+//! lease and pid, generation and heartbeat always change together.
 
 /// A worker's snapshot of the lease.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -22,7 +23,9 @@ pub struct Me {
     pub pid: i64,
     /// The generation of the config this worker runs.
     pub generation: u64,
-    /// The newest generation the master has loaded (a reload bumps it).
+    /// The generation of the newest configuration that loaded completely (committed by the
+    /// master once nginx initialised the whole cycle). A reload that fails leaves it as it was,
+    /// so the running workers keep leading.
     pub current_generation: u64,
     /// nginx is shutting this worker down (`ngx_exiting`/`ngx_terminate`/`ngx_quit`).
     pub exiting: bool,
@@ -39,7 +42,7 @@ pub enum Decision {
     /// I hold the lease but must give it up now (shutting down, or a reload made my config old):
     /// stop the watches, clear the lease.
     Release,
-    /// Nobody valid holds the lease: try to take it (CAS from the observed value).
+    /// Nobody valid holds the lease: take it.
     Acquire,
     /// Someone else leads (or I must not): only follow the shared slots.
     Follow,
@@ -93,6 +96,14 @@ mod tests {
         assert_eq!(decide(held_by(11, 2, 9_900), Me { leader_alive: false, ..me() }), Decision::Acquire);
         assert_eq!(decide(held_by(11, 2, 10_000 - LEASE_TIMEOUT_MS - 1), me()), Decision::Acquire);
         assert_eq!(decide(held_by(11, 1, 9_999), me()), Decision::Acquire);
+    }
+
+    #[test]
+    fn a_failed_reload_changes_nothing() {
+        // The failed load took generation 3 but never committed it: the leader of generation 2
+        // keeps renewing, and its followers keep following.
+        assert_eq!(decide(held_by(10, 2, 9_900), Me { current_generation: 2, ..me() }), Decision::Renew);
+        assert_eq!(decide(held_by(11, 2, 9_900), me()), Decision::Follow);
     }
 
     #[test]

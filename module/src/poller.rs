@@ -2,11 +2,23 @@
 //! upstream through `upsync-discovery`, and handing results to the worker's event loop.
 //!
 //! The thread never touches nginx: it owns its data (`WatchSpec`s built from the config), puts
-//! [`Update`]s in a queue and pokes a socket the event loop watches. It also writes the dump
-//! files (plain file I/O, kept off the event loop).
+//! [`Update`]s in a queue and pokes a socket the event loop watches. Everything that can take
+//! time is done here, off the event loop: hostname resolution (bounded by [`RESOLVE_TIMEOUT`]),
+//! encoding lists for the shared zone, summarising changes, and writing the dump files (asked for
+//! by the event loop once a list is installed, so the dump always matches what the workers serve).
+//!
+//! Supervision: a watch whose client cannot be built (unreadable CA file, bad token file) retries
+//! with capped backoff and resumes by itself once the cause is fixed; a watch task that panics is
+//! logged, reported to `upstream_show` and restarted.
+//!
+//! Stopping never waits: [`Poller::stop`] flags the thread and returns at once (the event loop
+//! must not block on a join); the thread drops its tasks and its runtime without waiting for
+//! blocking work still running (a resolver that never answers), and ends.
+use std::collections::HashMap;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -19,7 +31,16 @@ use upsync_discovery::{
 };
 
 use crate::conf::{Consistency, Source, Token, UpstreamSync, Upsync, BURST};
-use crate::model::Server;
+use crate::model::{describe_change, encode_servers, Server};
+
+/// How long one hostname (a `HOST:PORT` key) may take to resolve before it is skipped for this
+/// answer (glibc's resolver can wait 30 s and more for a server that never answers).
+pub const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Backoff of a watch that cannot start (its client cannot be built): first wait and cap.
+const START_RETRY_FIRST: Duration = Duration::from_millis(500);
+const START_RETRY_MAX: Duration = Duration::from_secs(10);
+/// Pause before a watch task that panicked is started again.
+const RESTART_DELAY: Duration = Duration::from_secs(1);
 
 /// What the poller watches for one upstream.
 #[derive(Clone, Debug)]
@@ -35,17 +56,32 @@ pub struct WatchSpec {
 /// A result for the event loop.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Update {
-    /// A new list (different from the last one) at Consul index `index`.
-    Servers { id: usize, servers: Vec<Server>, index: u64 },
+    /// A new list (different from the last one this watch sent) at Consul index `index`, with
+    /// its encoded form for the shared zone and a summary of the change (`+1 -0 ~0`), both
+    /// prepared on the poller thread.
+    Servers { id: usize, servers: Vec<Server>, encoded: Vec<u8>, summary: String, index: u64 },
     /// Consul answered; the list did not change.
     Synced { id: usize, index: u64 },
-    /// Something went wrong; the list being served stays.
-    Error { id: usize, message: String, index: u64 },
+    /// Something went wrong; the list being served stays. `watch_ok`: the watch itself works
+    /// (the answer was refused, e.g. empty) as opposed to failing to reach or query Consul.
+    Error { id: usize, message: String, index: u64, watch_ok: bool },
+    /// The watch task panicked and is restarted.
+    Restarted { id: usize, message: String },
+}
+
+/// A dump file to write: the list the workers now serve.
+#[derive(Clone, Debug)]
+pub struct DumpRequest {
+    pub upstream: String,
+    pub path: PathBuf,
+    pub servers: Arc<Vec<Server>>,
 }
 
 /// Shared between the poller thread and the event loop.
 pub struct Mailbox {
     updates: Mutex<Vec<Update>>,
+    dumps: Mutex<Vec<DumpRequest>>,
+    dump_wanted: Notify,
     stop: AtomicBool,
     notify: Notify,
     waker: UnixStream,
@@ -53,7 +89,14 @@ pub struct Mailbox {
 
 impl Mailbox {
     pub fn new(waker: UnixStream) -> Arc<Mailbox> {
-        Arc::new(Mailbox { updates: Mutex::new(Vec::new()), stop: AtomicBool::new(false), notify: Notify::new(), waker })
+        Arc::new(Mailbox {
+            updates: Mutex::new(Vec::new()),
+            dumps: Mutex::new(Vec::new()),
+            dump_wanted: Notify::new(),
+            stop: AtomicBool::new(false),
+            notify: Notify::new(),
+            waker,
+        })
     }
 
     pub fn push(&self, u: Update) {
@@ -69,6 +112,20 @@ impl Mailbox {
 
     pub fn take(&self) -> Vec<Update> {
         std::mem::take(&mut *self.updates.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Asks the poller thread to write a dump file (the event loop calls this once a list is
+    /// installed in the shared zone). Only the newest request per file is kept.
+    pub fn request_dump(&self, request: DumpRequest) {
+        let mut q = self.dumps.lock().unwrap_or_else(|e| e.into_inner());
+        q.retain(|r| r.path != request.path);
+        q.push(request);
+        drop(q);
+        self.dump_wanted.notify_one();
+    }
+
+    fn take_dumps(&self) -> Vec<DumpRequest> {
+        std::mem::take(&mut *self.dumps.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     pub fn stopping(&self) -> bool {
@@ -88,7 +145,7 @@ pub type Spawner = dyn FnOnce(Box<dyn FnOnce() + Send>) -> std::io::Result<JoinH
 impl Poller {
     pub fn start(specs: Vec<WatchSpec>, mailbox: Arc<Mailbox>, spawn: Box<Spawner>) -> std::io::Result<Poller> {
         let mb = mailbox.clone();
-        let thread = spawn(Box::new(move || run(specs, mb)))?;
+        let thread = spawn(Box::new(move || run(specs, mb, |spec, mb| Box::pin(watch_upstream(spec, mb)))))?;
         Ok(Poller { mailbox, thread: Some(thread) })
     }
 
@@ -96,23 +153,28 @@ impl Poller {
         &self.mailbox
     }
 
-    /// Whether the thread ended (it only ends on stop, or if it panicked).
+    /// Whether the thread ended (it only ends on stop, or if its runtime could not start).
     pub fn is_finished(&self) -> bool {
         self.thread.as_ref().is_none_or(|t| t.is_finished())
     }
 
-    /// Stops the watches and joins the thread.
+    /// Tells the thread to stop and returns at once: it never waits for the thread, which
+    /// closes its connections and ends on its own (see the module's documentation).
     pub fn stop(mut self) {
         self.mailbox.stop.store(true, Ordering::Release);
         // A stored permit: the thread sees it even if it is not waiting yet.
         self.mailbox.notify.notify_one();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        // Detach.
+        drop(self.thread.take());
     }
 }
 
-fn run(specs: Vec<WatchSpec>, mailbox: Arc<Mailbox>) {
+/// A watch task as the supervisor starts it (a function so tests can supervise other tasks).
+pub type TaskFn = fn(WatchSpec, Arc<Mailbox>) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// The poller thread's body: one task per upstream, supervised, plus the dump writer, until the
+/// mailbox says stop.
+pub fn run(specs: Vec<WatchSpec>, mailbox: Arc<Mailbox>, task: TaskFn) {
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -120,18 +182,75 @@ fn run(specs: Vec<WatchSpec>, mailbox: Arc<Mailbox>) {
             return;
         }
     };
-    rt.block_on(async {
-        let mut tasks = tokio::task::JoinSet::new();
-        for spec in specs {
-            tasks.spawn(watch_upstream(spec, mailbox.clone()));
+    rt.block_on(supervise(specs, mailbox, task));
+    // Do not wait for blocking work still running (a hostname lookup that never returns).
+    rt.shutdown_background();
+}
+
+async fn supervise(specs: Vec<WatchSpec>, mailbox: Arc<Mailbox>, task: TaskFn) {
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut running: HashMap<tokio::task::Id, WatchSpec> = HashMap::new();
+    for spec in specs {
+        let handle = tasks.spawn(task(spec.clone(), mailbox.clone()));
+        running.insert(handle.id(), spec);
+    }
+    let dumps = tokio::spawn(write_dumps(mailbox.clone()));
+    while !mailbox.stopping() {
+        tokio::select! {
+            _ = mailbox.notify.notified() => {}
+            Some(done) = tasks.join_next_with_id() => {
+                let (task_id, why) = match done {
+                    Ok((task_id, ())) => (task_id, "ended".to_string()),
+                    Err(e) => {
+                        let task_id = e.id();
+                        let why = if e.is_panic() { format!("panicked: {}", panic_message(e.into_panic())) } else { "was cancelled".into() };
+                        (task_id, why)
+                    }
+                };
+                let Some(spec) = running.remove(&task_id) else { continue };
+                let message = format!("the Consul watch {why}; restarting it in {} ms", RESTART_DELAY.as_millis());
+                tracing::error!("upstream \"{}\": {message}", spec.upstream);
+                mailbox.push(Update::Restarted { id: spec.id, message });
+                let (again, mb) = (spec.clone(), mailbox.clone());
+                let handle = tasks.spawn(async move {
+                    tokio::time::sleep(RESTART_DELAY).await;
+                    task(again, mb).await
+                });
+                running.insert(handle.id(), spec);
+            }
         }
-        if !mailbox.stopping() {
-            mailbox.notify.notified().await;
+    }
+    // Dropping the watches closes their connections at once.
+    tasks.abort_all();
+    dumps.abort();
+}
+
+fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_else(|| "(no message)".into())
+}
+
+/// Writes the dump files the event loop asks for, on the runtime's blocking pool (file I/O and
+/// fsync never run on nginx's event loop, nor hold up the watches).
+async fn write_dumps(mailbox: Arc<Mailbox>) {
+    loop {
+        mailbox.dump_wanted.notified().await;
+        for d in mailbox.take_dumps() {
+            let result = tokio::task::spawn_blocking({
+                let d = d.clone();
+                move || crate::dump::write_atomic(&d.path, &d.servers)
+            })
+            .await;
+            match result {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(
+                    "upstream \"{}\": cannot write the dump file {}: {e} (check the directory exists and is writable by nginx's worker user)",
+                    d.upstream,
+                    d.path.display()
+                ),
+                Err(e) => tracing::error!("upstream \"{}\": writing the dump file {} failed: {e}", d.upstream, d.path.display()),
+            }
         }
-        // Dropping the watches closes their connections at once.
-        tasks.abort_all();
-        while tasks.join_next().await.is_some() {}
-    });
+    }
 }
 
 /// The discovery client configuration of one upstream.
@@ -204,18 +323,11 @@ pub fn watch_options(u: &Upsync) -> WatchOptions {
 
 async fn watch_upstream(spec: WatchSpec, mailbox: Arc<Mailbox>) {
     let WatchSpec { id, upstream, sync, known } = spec;
-    let fail = |message: String| {
-        tracing::error!("upstream \"{upstream}\": {message}; keeping the current servers");
-        mailbox.push(Update::Error { id, message, index: 0 });
-    };
     let Some(u) = sync.upsync.as_ref() else { return };
-    let client = match consul_config(&sync).and_then(|c| Client::new(c).map_err(|e| e.to_string())) {
-        Ok(c) => c,
-        Err(e) => return fail(e),
-    };
+    let client = start_client(id, &upstream, &sync, &mailbox).await;
     let mut watch = Watch::new(client, query(&u.source), watch_options(u));
     let mut last = known;
-    let mut dumped = false;
+    let mut unresolvable = Unresolvable::default();
     loop {
         match watch.next().await {
             WatchEvent::Changed { value, index, skipped } => {
@@ -223,7 +335,7 @@ async fn watch_upstream(spec: WatchSpec, mailbox: Arc<Mailbox>) {
                     tracing::warn!("upstream \"{upstream}\": skipped Consul entry \"{}\" at index {index}: {}", s.key, s.reason);
                 }
                 let Some(set) = value.into_endpoints() else { continue };
-                let mut servers = to_servers(&upstream, &set, index).await;
+                let mut servers = to_servers(&upstream, &set, index, &mut unresolvable).await;
                 keep_skipped(&mut servers, last.as_deref(), &skipped);
                 if servers.is_empty() && !sync.allow_empty {
                     let message = format!(
@@ -231,24 +343,15 @@ async fn watch_upstream(spec: WatchSpec, mailbox: Arc<Mailbox>) {
                         last.as_ref().map(Vec::len).unwrap_or(0)
                     );
                     tracing::warn!("upstream \"{upstream}\": {message}");
-                    mailbox.push(Update::Error { id, message, index });
+                    mailbox.push(Update::Error { id, message, index, watch_ok: true });
                     continue;
                 }
                 if last.as_ref() == Some(&servers) {
                     mailbox.push(Update::Synced { id, index });
                 } else {
-                    mailbox.push(Update::Servers { id, servers: servers.clone(), index });
-                }
-                if last.as_ref() != Some(&servers) || !dumped {
-                    if let Some(path) = &sync.dump_path {
-                        match crate::dump::write_atomic(path, &servers) {
-                            Ok(()) => dumped = true,
-                            Err(e) => tracing::error!(
-                                "upstream \"{upstream}\": cannot write the dump file {}: {e} (check the directory exists and is writable by nginx's worker user)",
-                                path.display()
-                            ),
-                        }
-                    }
+                    let summary = describe_change(last.as_deref().unwrap_or(&[]), &servers);
+                    let encoded = encode_servers(&servers);
+                    mailbox.push(Update::Servers { id, servers: servers.clone(), encoded, summary, index });
                 }
                 last = Some(servers);
             }
@@ -258,7 +361,33 @@ async fn watch_upstream(spec: WatchSpec, mailbox: Arc<Mailbox>) {
                     "upstream \"{upstream}\": {message} (Consul index {index}, attempt {attempt}, next try in {} ms); keeping the current servers",
                     retry_in.as_millis()
                 );
-                mailbox.push(Update::Error { id, message, index });
+                mailbox.push(Update::Error { id, message, index, watch_ok: false });
+            }
+        }
+    }
+}
+
+/// The watch's Consul client. Building it reads files (CA, client certificate); while that
+/// fails (a file being rotated, unreadable) the error is reported and the build retried with
+/// capped exponential backoff, so the watch resumes by itself once the cause is fixed.
+async fn start_client(id: usize, upstream: &str, sync: &UpstreamSync, mailbox: &Mailbox) -> Client {
+    let mut wait = START_RETRY_FIRST;
+    let mut attempt = 1u32;
+    loop {
+        match consul_config(sync).and_then(|c| Client::new(c).map_err(|e| e.to_string())) {
+            Ok(c) => {
+                if attempt > 1 {
+                    tracing::info!("upstream \"{upstream}\": the Consul watch started after {attempt} attempts");
+                }
+                return c;
+            }
+            Err(e) => {
+                let message = format!("cannot start the Consul watch: {e} (attempt {attempt}, next try in {} ms)", wait.as_millis());
+                tracing::error!("upstream \"{upstream}\": {message}; keeping the current servers");
+                mailbox.push(Update::Error { id, message, index: 0, watch_ok: false });
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(START_RETRY_MAX);
+                attempt += 1;
             }
         }
     }
@@ -268,22 +397,37 @@ async fn watch_upstream(spec: WatchSpec, mailbox: Arc<Mailbox>) {
 /// (the last good state), instead of dropping it: the registry data is bad, not the server.
 pub fn keep_skipped(servers: &mut Vec<Server>, last: Option<&[Server]>, skipped: &[upsync_discovery::Skipped]) {
     let Some(last) = last else { return };
+    if skipped.is_empty() {
+        return;
+    }
+    let mut present: std::collections::HashSet<SocketAddr> = servers.iter().map(|s| s.addr).collect();
+    let before: HashMap<SocketAddr, &Server> = last.iter().map(|s| (s.addr, s)).collect();
     for s in skipped {
         let tail = s.key.rsplit('/').next().unwrap_or("");
         let Ok(addr) = tail.parse::<SocketAddr>() else { continue };
-        if servers.iter().any(|x| x.addr == addr) {
-            continue;
-        }
-        if let Some(old) = last.iter().find(|x| x.addr == addr) {
-            servers.push(old.clone());
+        if let Some(old) = before.get(&addr) {
+            if present.insert(addr) {
+                servers.push((*old).clone());
+            }
         }
     }
 }
 
 /// Endpoints as nginx servers: IP endpoints as they are, hostnames resolved (every address
 /// becomes a server with the same attributes; a name that does not resolve is skipped).
-async fn to_servers(upstream: &str, set: &EndpointSet, index: u64) -> Vec<Server> {
+/// Names whose resolution timed out, skipped without asking the resolver again until
+/// [`UNRESOLVABLE_FOR`] has passed: a resolver that never answers costs one
+/// [`RESOLVE_TIMEOUT`] per name and period, not one per Consul answer.
+#[derive(Default)]
+pub struct Unresolvable(HashMap<String, tokio::time::Instant>);
+
+/// How long a name that timed out is skipped.
+pub const UNRESOLVABLE_FOR: Duration = Duration::from_secs(30);
+
+async fn to_servers(upstream: &str, set: &EndpointSet, index: u64, unresolvable: &mut Unresolvable) -> Vec<Server> {
     let mut out: Vec<Server> = Vec::with_capacity(set.len());
+    // Addresses already in `out`, for names that resolve to a server listed otherwise.
+    let mut seen: std::collections::HashSet<SocketAddr> = std::collections::HashSet::new();
     for e in set.iter() {
         let make = |addr: SocketAddr| Server {
             addr,
@@ -294,14 +438,18 @@ async fn to_servers(upstream: &str, set: &EndpointSet, index: u64) -> Vec<Server
             backup: e.backup,
         };
         match &e.host {
-            Host::Ip(ip) => out.push(make(SocketAddr::new(*ip, e.port))),
-            Host::Name(name) => match tokio::net::lookup_host((name.as_str(), e.port)).await {
+            Host::Ip(ip) => {
+                let a = SocketAddr::new(*ip, e.port);
+                seen.insert(a);
+                out.push(make(a));
+            }
+            Host::Name(name) => match unresolvable.resolve(name, e.port).await {
                 Ok(addrs) => {
-                    let mut addrs: Vec<SocketAddr> = addrs.collect();
+                    let mut addrs = addrs;
                     addrs.sort();
                     addrs.dedup();
                     for a in addrs {
-                        if !out.iter().any(|s| s.addr == a) {
+                        if seen.insert(a) {
                             out.push(make(a));
                         }
                     }
@@ -313,6 +461,30 @@ async fn to_servers(upstream: &str, set: &EndpointSet, index: u64) -> Vec<Server
         }
     }
     out
+}
+
+impl Unresolvable {
+    /// Resolves `name` through the system resolver (on the runtime's blocking pool), giving up
+    /// after [`RESOLVE_TIMEOUT`].
+    async fn resolve(&mut self, name: &str, port: u16) -> Result<Vec<SocketAddr>, String> {
+        let now = tokio::time::Instant::now();
+        if let Some(until) = self.0.get(name) {
+            if *until > now {
+                return Err(format!("the resolver did not answer within {} s; not asked again before {} s", RESOLVE_TIMEOUT.as_secs(), (*until - now).as_secs()));
+            }
+        }
+        match tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((name, port))).await {
+            Ok(Ok(addrs)) => {
+                self.0.remove(name);
+                Ok(addrs.collect())
+            }
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => {
+                self.0.insert(name.to_string(), now + UNRESOLVABLE_FOR);
+                Err(format!("no answer from the resolver within {} s", RESOLVE_TIMEOUT.as_secs()))
+            }
+        }
+    }
 }
 
 /// A blocking read of one upstream's servers at start-up (`strong_dependency=on`): `attempts`
@@ -333,7 +505,7 @@ pub fn fetch_initial(upstream: &str, sync: &UpstreamSync, attempts: u32) -> Resu
                         tracing::warn!("upstream \"{upstream}\": skipped Consul entry \"{}\": {}", s.key, s.reason);
                     }
                     let set = f.value.into_endpoints().unwrap_or_default();
-                    let servers = to_servers(upstream, &set, f.index).await;
+                    let servers = to_servers(upstream, &set, f.index, &mut Unresolvable::default()).await;
                     if servers.is_empty() && !sync.allow_empty {
                         return Err(format!("Consul has no servers for it (index {})", f.index));
                     }
@@ -350,8 +522,8 @@ pub fn fetch_initial(upstream: &str, sync: &UpstreamSync, attempts: u32) -> Resu
         }
         Err(last_err)
     });
-    // Dropping the runtime here joins any blocking-pool thread (hostname resolution) it started.
-    drop(rt);
+    // Hostname lookups are bounded by RESOLVE_TIMEOUT; one still running is not waited for.
+    rt.shutdown_background();
     result
 }
 
@@ -418,5 +590,40 @@ mod tests {
         assert!((o.rate.per_second - 2.0).abs() < 1e-9);
         let long = parse_upsync(&["127.0.0.1:8500/v1/kv/x", "upsync_timeout=1h"]).unwrap();
         assert_eq!(watch_options(&long).wait, Duration::from_secs(600));
+    }
+
+    fn panics_first_time(spec: WatchSpec, mb: Arc<Mailbox>) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+        static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        Box::pin(async move {
+            if CALLS.fetch_add(1, Ordering::SeqCst) == 0 {
+                panic!("boom in {}", spec.upstream);
+            }
+            mb.push(Update::Synced { id: spec.id, index: 7 });
+            std::future::pending::<()>().await
+        })
+    }
+
+    #[test]
+    fn a_watch_that_panics_is_reported_and_restarted() {
+        let (_rx, tx) = UnixStream::pair().unwrap();
+        tx.set_nonblocking(true).unwrap();
+        let mailbox = Mailbox::new(tx);
+        let spec = WatchSpec { id: 3, upstream: "app".into(), sync: UpstreamSync::default(), known: None };
+        let mb = mailbox.clone();
+        let thread = std::thread::spawn(move || run(vec![spec], mb, panics_first_time));
+        let mut seen = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !seen.iter().any(|u| matches!(u, Update::Synced { id: 3, .. })) && std::time::Instant::now() < deadline {
+            seen.extend(mailbox.take());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(
+            seen.iter().any(|u| matches!(u, Update::Restarted { id: 3, message } if message.contains("panicked: boom in app"))),
+            "{seen:?}"
+        );
+        assert!(seen.iter().any(|u| matches!(u, Update::Synced { id: 3, index: 7 })), "not restarted: {seen:?}");
+        // Stopping returns at once and the thread ends by itself.
+        Poller { mailbox: mailbox.clone(), thread: None }.stop();
+        thread.join().unwrap();
     }
 }

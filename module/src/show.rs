@@ -3,7 +3,7 @@
 //! shared slots; rendering is here.
 use serde::Serialize;
 
-use crate::model::{Origin, Server};
+use crate::model::{Origin, Server, WatchHealth};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct UpstreamView {
@@ -62,6 +62,11 @@ pub struct SyncView {
     pub last_error: Option<String>,
     pub last_error_ms: u64,
     pub leader_pid: i64,
+    /// Whether the upstream's watch works (`healthy`), is retrying after a failure (`failing`),
+    /// or has not answered yet (`starting`).
+    pub watch: WatchHealth,
+    /// Restarts of the watch task after a panic, by the current leader.
+    pub watch_restarts: u32,
 }
 
 #[derive(Serialize)]
@@ -186,6 +191,8 @@ mod tests {
             last_error: None,
             last_error_ms: 0,
             leader_pid: 10,
+            watch: WatchHealth::Healthy,
+            watch_restarts: 0,
         });
         let j: serde_json::Value = serde_json::from_str(&render_json(&[v], None, 123).unwrap()).unwrap();
         assert_eq!(j["worker_pid"], 123);

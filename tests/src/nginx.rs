@@ -18,6 +18,9 @@ pub struct NginxConf {
     pub main: String,
     pub http: String,
     pub error_log_level: String,
+    /// Run nginx in a mount namespace of its own where this file is `/etc/resolv.conf` (for
+    /// tests with a resolver that never answers); None: the machine's resolver.
+    pub resolv_conf: Option<PathBuf>,
 }
 
 impl NginxConf {
@@ -30,7 +33,15 @@ impl NginxConf {
             // UPSYNC_NGINX_LOG_LEVEL=debug runs every test's nginx with debug logging (which
             // takes other code paths in nginx, e.g. its timer code reads ev->data).
             error_log_level: std::env::var("UPSYNC_NGINX_LOG_LEVEL").unwrap_or_else(|_| "info".into()),
+            resolv_conf: None,
         }
+    }
+
+    /// nginx sees `file` as `/etc/resolv.conf` (its own mount namespace; the machine's file is
+    /// untouched).
+    pub fn resolv_conf(mut self, file: &Path) -> Self {
+        self.resolv_conf = Some(file.to_path_buf());
+        self
     }
 
     pub fn workers(mut self, n: usize) -> Self {
@@ -171,7 +182,17 @@ impl Nginx {
 
     fn launch(&mut self) -> anyhow::Result<()> {
         let path = Nginx::prepare(&self.dir, &self.conf, &self.ports);
-        let mut cmd = Command::new(crate::paths::nginx_bin());
+        let mut cmd = match &self.conf.resolv_conf {
+            None => Command::new(crate::paths::nginx_bin()),
+            Some(file) => {
+                // unshare and sh exec in place: the PID stays nginx's master.
+                let mut c = Command::new("unshare");
+                c.args(["--mount", "--propagation", "private", "--", "sh", "-c", "mount --bind \"$0\" /etc/resolv.conf && exec \"$@\""])
+                    .arg(file)
+                    .arg(crate::paths::nginx_bin());
+                c
+            }
+        };
         cmd.arg("-p").arg(&self.dir).arg("-c").arg(&path).arg("-e").arg(self.dir.join("error.log"));
         let mut proc = Proc::spawn("nginx", cmd, &self.dir.join("nginx.stderr.log"))?;
         let start = std::time::Instant::now();
@@ -247,6 +268,25 @@ impl Nginx {
         self.conf = conf;
         Nginx::prepare(&self.dir, &self.conf, &self.ports);
         self.reload();
+    }
+
+    /// Replaces the configuration with one whose load must fail, sends SIGHUP and waits until
+    /// the master logs the failure (an `[emerg]` line after the reload); the running workers stay.
+    /// Returns the new lines of the error log. The configuration file keeps the failing text
+    /// (nginx keeps running the old one); `reload_with` puts a good one back.
+    pub fn reload_failing(&mut self, conf: NginxConf) -> String {
+        let log_path = self.dir.join("error.log");
+        let offset = std::fs::metadata(&log_path).map(|m| m.len()).unwrap_or(0) as usize;
+        std::fs::write(self.dir.join("nginx.conf"), conf.render(&self.dir, &self.ports)).expect("writing nginx.conf");
+        let before = self.active_worker_pids();
+        self.proc.as_ref().expect("nginx running").signal(libc::SIGHUP);
+        let new_lines = || std::fs::read(&log_path).map(|b| String::from_utf8_lossy(&b[offset.min(b.len())..]).into_owned()).unwrap_or_default();
+        wait_until("the failed reload in the error log", Duration::from_secs(60), || new_lines().contains("[emerg]"));
+        // Give the master a moment to roll back, then check nothing was replaced.
+        std::thread::sleep(Duration::from_millis(200));
+        let after = self.active_worker_pids();
+        assert_eq!(after, before, "a failed reload replaced the workers:\n{}", new_lines());
+        new_lines()
     }
 
     /// SIGHUP to the master; waits until the new workers run (the old ones may still exit).

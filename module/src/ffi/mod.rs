@@ -27,6 +27,8 @@ mod worker;
 
 /// Default size of the shared zone. nginx maps it once; untouched pages cost no memory.
 const DEFAULT_SHM_SIZE: usize = 32 << 20;
+/// Room for the zone's header (lease, table of workers) and a few small lists.
+const MIN_SHM_SIZE: usize = 64 << 10;
 
 /// http{}-level configuration.
 pub struct MainConf {
@@ -93,7 +95,7 @@ impl HttpModule for Module {
 
     unsafe extern "C" fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
         // SAFETY: nginx calls postconfiguration with a valid cf inside the http{} block.
-        unsafe { postconfiguration(&mut *cf) }
+        guard("postconfiguration", NGX_ERROR as ngx_int_t, || unsafe { postconfiguration(&mut *cf) })
     }
 }
 
@@ -151,6 +153,7 @@ pub static mut ngx_http_upsync_module: ngx_module_t = ngx_module_t {
     // SAFETY: taking the address of a static; nginx reads the array, never frees it.
     commands: unsafe { ptr::addr_of_mut!(COMMANDS[0]) },
     type_: NGX_HTTP_MODULE as _,
+    init_module: Some(worker::init_module),
     init_process: Some(worker::init_process),
     exit_process: Some(worker::exit_process),
     ..ngx_module_t::default()
@@ -192,7 +195,7 @@ unsafe fn with_srv_conf(
     // SAFETY: see the function's contract.
     let (cfr, srv) = unsafe { (&*cf, &mut *(conf as *mut SrvConf)) };
     // SAFETY: cfr is a directive handler's cf.
-    let result = unsafe { args(cfr) }.and_then(|a| f(srv, &a));
+    let result = guard(directive, Err("failed unexpectedly (see the error log)".into()), || unsafe { args(cfr) }.and_then(|a| f(srv, &a)));
     match result {
         Ok(()) => NGX_CONF_OK,
         Err(e) => conf_error(cf, directive, &e),
@@ -292,68 +295,74 @@ extern "C" fn set_allow_empty(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, con
 }
 
 extern "C" fn set_shm_size(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut c_void) -> *mut c_char {
-    // SAFETY: registered with NGX_HTTP_MAIN_CONF_OFFSET: conf is our MainConf; cf is valid.
-    let (main, a) = unsafe { (&mut *(conf as *mut MainConf), args(&*cf)) };
-    let r = a.and_then(|a| {
-        let size = conf::parse_size(a[0])?;
-        if size < (1 << 20) {
-            return Err(format!("\"{}\" is too small: use at least 1m", a[0]));
+    guard("\"upsync_shm_size\" directive", NGX_CONF_ERROR, || {
+        // SAFETY: registered with NGX_HTTP_MAIN_CONF_OFFSET: conf is our MainConf; cf is valid.
+        let (main, a) = unsafe { (&mut *(conf as *mut MainConf), args(&*cf)) };
+        let r = a.and_then(|a| {
+            let size = conf::parse_size(a[0])?;
+            if size < MIN_SHM_SIZE {
+                return Err(format!("\"{}\" is too small: use at least 64k", a[0]));
+            }
+            main.shm_size = Some(size);
+            Ok(())
+        });
+        match r {
+            Ok(()) => NGX_CONF_OK,
+            Err(e) => conf_error(cf, "upsync_shm_size", &e),
         }
-        main.shm_size = Some(size);
-        Ok(())
-    });
-    match r {
-        Ok(()) => NGX_CONF_OK,
-        Err(e) => conf_error(cf, "upsync_shm_size", &e),
-    }
+    })
 }
 
 /// `upsync_lb`: round robin is nginx's default; least_conn and ip_hash run nginx's own directive
 /// of that name (found by name among the loaded modules), so balancing stays nginx's code.
 extern "C" fn set_lb(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut c_void) -> *mut c_char {
-    // SAFETY: cf is valid during the handler.
-    let lb = match unsafe { args(&*cf) }.and_then(|a| conf::parse_lb(a[0])) {
-        Ok(lb) => lb,
-        Err(e) => return conf_error(cf, "upsync_lb", &e),
-    };
-    let (module_name, directive) = match lb {
-        Lb::RoundRobin => return NGX_CONF_OK,
-        Lb::LeastConn => ("ngx_http_upstream_least_conn_module", "least_conn"),
-        Lb::IpHash => ("ngx_http_upstream_ip_hash_module", "ip_hash"),
-    };
-    // SAFETY: cf->cycle->modules is the NULL-terminated module list of the cycle being
-    // configured; each module's commands array ends with an entry whose name.len is 0. The
-    // handlers of least_conn/ip_hash take no arguments and only use cf (they ignore conf).
-    unsafe {
-        let mut m = (*(*cf).cycle).modules;
-        while !(*m).is_null() {
-            let module = &**m;
-            if !module.name.is_null() && CStr::from_ptr(module.name).to_bytes() == module_name.as_bytes() {
-                let mut c = module.commands;
-                while !c.is_null() && (*c).name.len != 0 {
-                    if (*c).name.as_bytes() == directive.as_bytes() {
-                        return match (*c).set {
-                            Some(set) => set(cf, c, conf),
-                            None => break,
-                        };
+    guard("\"upsync_lb\" directive", NGX_CONF_ERROR, || {
+        // SAFETY: cf is valid during the handler.
+        let lb = match unsafe { args(&*cf) }.and_then(|a| conf::parse_lb(a[0])) {
+            Ok(lb) => lb,
+            Err(e) => return conf_error(cf, "upsync_lb", &e),
+        };
+        let (module_name, directive) = match lb {
+            Lb::RoundRobin => return NGX_CONF_OK,
+            Lb::LeastConn => ("ngx_http_upstream_least_conn_module", "least_conn"),
+            Lb::IpHash => ("ngx_http_upstream_ip_hash_module", "ip_hash"),
+        };
+        // SAFETY: cf->cycle->modules is the NULL-terminated module list of the cycle being
+        // configured; each module's commands array ends with an entry whose name.len is 0. The
+        // handlers of least_conn/ip_hash take no arguments and only use cf (they ignore conf).
+        unsafe {
+            let mut m = (*(*cf).cycle).modules;
+            while !(*m).is_null() {
+                let module = &**m;
+                if !module.name.is_null() && CStr::from_ptr(module.name).to_bytes() == module_name.as_bytes() {
+                    let mut c = module.commands;
+                    while !c.is_null() && (*c).name.len != 0 {
+                        if (*c).name.as_bytes() == directive.as_bytes() {
+                            return match (*c).set {
+                                Some(set) => set(cf, c, conf),
+                                None => break,
+                            };
+                        }
+                        c = c.add(1);
                     }
-                    c = c.add(1);
                 }
+                m = m.add(1);
             }
-            m = m.add(1);
         }
-    }
-    conf_error(cf, "upsync_lb", &format!("nginx has no \"{directive}\" directive ({module_name} is not built in)"))
+        conf_error(cf, "upsync_lb", &format!("nginx has no \"{directive}\" directive ({module_name} is not built in)"))
+    })
 }
 
 extern "C" fn set_show(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, _conf: *mut c_void) -> *mut c_char {
-    // SAFETY: in a location block, the core module's loc conf is an ngx_http_core_loc_conf_t.
-    unsafe {
-        let ctx = (*cf).ctx as *mut ngx_http_conf_ctx_t;
-        let clcf = *(*ctx).loc_conf.add(ngx_http_core_module.ctx_index) as *mut ngx_http_core_loc_conf_t;
-        (*clcf).handler = Some(show::handler);
-    }
-    NGX_CONF_OK
+    guard("\"upstream_show\" directive", NGX_CONF_ERROR, || {
+        // SAFETY: in a location block, the core module's loc conf is an ngx_http_core_loc_conf_t.
+        unsafe {
+            let ctx = (*cf).ctx as *mut ngx_http_conf_ctx_t;
+            let clcf = *(*ctx).loc_conf.add(ngx_http_core_module.ctx_index) as *mut ngx_http_core_loc_conf_t;
+            (*clcf).handler = Some(show::handler);
+        }
+        NGX_CONF_OK
+    })
 }
 
 /// The first argument as an absolute path (relative to nginx's prefix, as nginx does for paths).
@@ -408,7 +417,7 @@ unsafe fn postconfiguration(cf: &mut ngx_conf_t) -> ngx_int_t {
             return NGX_ERROR as ngx_int_t;
         }
         srv.source = format!("{}{}", u.addresses[0], u.path);
-        srv.key = crate::model::stable_hash(&[&name, &format!("{u:?}")]);
+        srv.key = crate::model::slot_key(&name, u);
         srv.original_init_peer = us.peer.init;
         us.peer.init = Some(peers::init_peer);
         srv.us = ptr::NonNull::new(uscf);
@@ -433,10 +442,18 @@ unsafe fn postconfiguration(cf: &mut ngx_conf_t) -> ngx_int_t {
 /// # Safety
 /// Call only from the main thread of a worker or the master (reads ngx_cycle).
 unsafe fn cycle_main_conf() -> Option<&'static mut MainConf> {
-    // SAFETY: ngx_cycle is valid on the main thread; its conf_ctx holds the http conf ctx.
+    // SAFETY: ngx_cycle is valid on the main thread.
+    unsafe { main_conf_of(ngx_cycle as *mut ngx_cycle_t) }
+}
+
+/// Our main conf in `cycle`, if its http{} block exists and loads us.
+///
+/// # Safety
+/// `cycle` null or a cycle whose configuration nginx has parsed; main thread.
+unsafe fn main_conf_of(cycle: *mut ngx_cycle_t) -> Option<&'static mut MainConf> {
+    // SAFETY: contract; conf_ctx holds the http conf ctx at the http module's index.
     unsafe {
-        let cycle = ngx_cycle;
-        if cycle.is_null() {
+        if cycle.is_null() || (*cycle).conf_ctx.is_null() {
             return None;
         }
         let http = *(*cycle).conf_ctx.add(ngx_http_module.index) as *mut ngx_http_conf_ctx_t;
@@ -445,6 +462,21 @@ unsafe fn cycle_main_conf() -> Option<&'static mut MainConf> {
         }
         let main = *(*http).main_conf.add(Module::module().ctx_index) as *mut MainConf;
         main.as_mut()
+    }
+}
+
+/// Runs the body of an entry point nginx calls (`extern "C"`): a panic must never unwind into
+/// nginx's C frames (undefined behaviour). It is caught here, logged with what was running,
+/// and `fallback` returned (an error code, or nothing). The crate keeps `panic = "unwind"` so
+/// that the poller thread can restart a watch task that panicked instead of losing the worker.
+pub(crate) fn guard<T>(what: &str, fallback: T, body: impl FnOnce() -> T) -> T {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)) {
+        Ok(v) => v,
+        Err(p) => {
+            let msg = p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_default();
+            tracing::error!("upsync: {what} panicked ({msg}); nginx goes on without it (please report this as a bug)");
+            fallback
+        }
     }
 }
 

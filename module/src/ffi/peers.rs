@@ -54,7 +54,7 @@ impl Generation {
     /// # Safety
     /// `old` must be null or a valid rr peers list (with its backup list in `next`); `name` must
     /// outlive the generation (it is the upstream's `host` in the cycle's config).
-    pub unsafe fn build(servers: &[Server], old: *const ngx_http_upstream_rr_peers_t, name: *mut ngx_str_t) -> Generation {
+    pub unsafe fn build(servers: Vec<Server>, old: *const ngx_http_upstream_rr_peers_t, name: *mut ngx_str_t) -> Generation {
         let primary_servers: Vec<&Server> = servers.iter().filter(|s| !s.backup).collect();
         let backup_servers: Vec<&Server> = servers.iter().filter(|s| s.backup).collect();
         // An empty primary list would divide by zero in ip_hash/hash (total_weight 0): an empty
@@ -141,7 +141,7 @@ impl Generation {
             })
             .collect();
         Generation {
-            servers: servers.to_vec(),
+            servers,
             peer_index,
             primary: primary_list,
             backup: backup_list,
@@ -174,6 +174,35 @@ extern "C" {
     fn SSL_SESSION_free(session: *mut c_void);
 }
 
+/// nginx's `ngx_http_upstream_rr_peers_rlock`/`_unlock`: the read lock of a peer list kept in
+/// a shared zone (`zone` directive); nothing for per-worker lists (no `shpool`).
+pub(super) struct PeersReadLock(*mut ngx_http_upstream_rr_peers_t);
+
+impl PeersReadLock {
+    /// # Safety
+    /// `peers` null or a valid rr peers list that outlives the lock.
+    pub(super) unsafe fn new(peers: *const ngx_http_upstream_rr_peers_t) -> PeersReadLock {
+        let peers = peers as *mut ngx_http_upstream_rr_peers_t;
+        // SAFETY: contract; rwlock is the list's lock when shpool is set.
+        unsafe {
+            if !peers.is_null() && !(*peers).shpool.is_null() {
+                ngx_rwlock_rlock(&mut (*peers).rwlock);
+                return PeersReadLock(peers);
+            }
+        }
+        PeersReadLock(ptr::null_mut())
+    }
+}
+
+impl Drop for PeersReadLock {
+    fn drop(&mut self) {
+        if !self.0.is_null() {
+            // SAFETY: locked in `new`.
+            unsafe { ngx_rwlock_unlock(&mut (*self.0).rwlock) };
+        }
+    }
+}
+
 #[derive(Clone, Copy)]
 struct Carried {
     weight: ngx_int_t,
@@ -191,8 +220,11 @@ struct Carried {
 unsafe fn old_state(old: *const ngx_http_upstream_rr_peers_t) -> HashMap<SocketAddr, Carried> {
     let mut m = HashMap::new();
     let mut list = old;
-    // SAFETY: walking nginx's lists through their `peer`/`next` links; sockaddrs are valid.
+    // SAFETY: walking nginx's lists through their `peer`/`next` links; sockaddrs are valid. A
+    // list in a `zone` (nginx's own, before our first generation) is shared with the other
+    // workers: read it under its lock, as nginx does.
     unsafe {
+        let _lock = PeersReadLock::new(old);
         while !list.is_null() {
             let mut p = (*list).peer;
             while !p.is_null() {
@@ -283,12 +315,12 @@ pub unsafe fn sync(srv: &mut SrvConf) {
         return;
     }
     // SAFETY: main thread, zone pointers of this cycle.
-    let Some((version, state)) = (unsafe { shm::read(pool.as_ptr(), slot.as_ptr()) }) else {
+    let Some((version, bytes)) = (unsafe { shm::read_servers(pool.as_ptr(), slot.as_ptr()) }) else {
         srv.local_version = v;
         return;
     };
     srv.local_version = version;
-    let state = match state {
+    let servers = match crate::model::decode_servers(&bytes) {
         Ok(s) => s,
         Err(e) => {
             tracing::error!("upstream \"{}\": {e}; keeping the current servers", shm::upstream_name(srv));
@@ -299,7 +331,7 @@ pub unsafe fn sync(srv: &mut SrvConf) {
     // or ours); host outlives every generation of this cycle.
     unsafe {
         let us = us.as_mut();
-        let generation = Generation::build(&state.servers, us.peer.data as *const _, &mut us.host);
+        let generation = Generation::build(servers, us.peer.data as *const _, &mut us.host);
         us.peer.data = generation.data();
         srv.current = Some(Rc::new(generation));
     }
@@ -308,6 +340,12 @@ pub unsafe fn sync(srv: &mut SrvConf) {
 /// `us->peer.init` of a synced upstream: catch up with the shared list, pin the generation the
 /// request starts on, then run the balancer's own init (round robin, keepalive, least_conn...).
 pub unsafe extern "C" fn init_peer(r: *mut ngx_http_request_t, us: *mut ngx_http_upstream_srv_conf_t) -> ngx_int_t {
+    super::guard("the upstream peer init", NGX_ERROR as ngx_int_t, || unsafe { init_peer_inner(r, us) })
+}
+
+/// # Safety
+/// What nginx passes to `peer.init`, on the main thread.
+unsafe fn init_peer_inner(r: *mut ngx_http_request_t, us: *mut ngx_http_upstream_srv_conf_t) -> ngx_int_t {
     // SAFETY: nginx calls peer.init with a valid request and upstream conf on the main thread.
     unsafe {
         let Some(srv) = srv_conf_of(us) else { return NGX_ERROR as ngx_int_t };
@@ -330,5 +368,5 @@ pub unsafe extern "C" fn init_peer(r: *mut ngx_http_request_t, us: *mut ngx_http
 /// Pool cleanup: the request no longer uses its generation.
 unsafe extern "C" fn release(data: *mut c_void) {
     // SAFETY: data is the Rc::into_raw of init_peer, released exactly once by nginx.
-    drop(unsafe { Rc::from_raw(data as *const Generation) });
+    super::guard("releasing a peer list", (), || drop(unsafe { Rc::from_raw(data as *const Generation) }));
 }

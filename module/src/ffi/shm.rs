@@ -1,13 +1,24 @@
-//! The shared zone "upsync": a header (magic, config generation, leader lease) and one slot per
-//! synced upstream. A slot holds the upstream's [`SlotState`] as JSON in slab memory plus two
-//! counters: `servers_version` (moves when the server list changes: workers rebuild their peers)
-//! and `state_version` (moves on any change, e.g. a new error).
+//! The shared zone "upsync": a header (configuration generations, the leader lease, the table of
+//! running workers) and one slot per synced upstream. A slot holds the upstream's server list
+//! (compact binary, in slab memory) and its metadata (inline, fixed size), plus two counters:
+//! `servers_version` (moves when the list changes: workers rebuild their peers) and
+//! `state_version` (moves on any change, e.g. a new error).
 //!
 //! All slab allocation happens on nginx main threads (master during config load, workers on
-//! their event loop) under the slab mutex; the poller thread never touches the zone.
+//! their event loop) under the zone's mutex; the poller thread never touches the zone.
 //!
-//! Slots are found by key (upstream name + where it syncs from), so after `nginx -s reload` the
-//! new workers share the old slots: they start from the latest list, no Consul round trip.
+//! Slots are found by key (upstream name + where it syncs from, [`crate::model::slot_key`]), so
+//! after `nginx -s reload` the new workers share the old slots: they start from the latest list,
+//! no Consul round trip. Slots that no running configuration uses are freed at the next
+//! configuration load ([`collect_garbage`]).
+//!
+//! Generations. Every configuration load (start, reload) takes the next number
+//! (`last_generation`) in the zone's init, but only a load that gets through nginx's whole cycle
+//! initialisation *commits* it (`committed_generation`, set in the master's `init_module`, which
+//! nginx runs after everything that can fail: listening sockets, open files, other zones). A
+//! worker leads only if it runs the committed generation, so a reload that fails after the zones
+//! were set up (port taken, file missing, `strong_dependency=on` with Consul down) changes
+//! nothing: the running workers keep the lease and keep syncing.
 use core::ffi::c_void;
 use core::ptr;
 use core::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -16,19 +27,40 @@ use ngx::ffi::*;
 use ngx::ngx_string;
 
 use super::{MainConf, SrvConf};
-use crate::model::{unix_ms, Origin, SlotState};
+use crate::lease::Lease;
+use crate::model::{encode_servers, unix_ms, Origin, SlotMeta};
 
-const MAGIC: u64 = 0x7570_7379_6e63_0001; // "upsync" v1
+const MAGIC: u64 = 0x7570_7379_6e63_0002; // "upsync" v2
+/// Workers (of every configuration still running) the zone keeps track of.
+const MAX_WORKERS: usize = 1024;
+/// Room for a slot's metadata (origin, indexes, times, the last error message).
+pub const META_CAP: usize = 1024;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct WorkerEntry {
+    pid: i64,
+    generation: u64,
+}
 
 #[repr(C)]
 pub struct Header {
     magic: u64,
-    /// Bumped by every configuration load (start, reload).
-    pub generation: AtomicU64,
-    pub leader_pid: AtomicI64,
-    pub leader_generation: AtomicU64,
-    pub heartbeat_ms: AtomicU64,
-    /// All slots ever created, newest first.
+    /// The generation the last configuration load took (loads that failed included).
+    last_generation: AtomicU64,
+    /// The generation of the newest configuration that loaded completely (its workers run or
+    /// are being started). Only its workers may lead.
+    pub committed_generation: AtomicU64,
+    /// The lease, only written under the zone's mutex by [`update_lease`] (read, decide and
+    /// write are one critical section: pid, generation and heartbeat change together).
+    lease_pid: AtomicI64,
+    lease_generation: AtomicU64,
+    lease_heartbeat_ms: AtomicU64,
+    /// Non-zero once a worker could not register (table full): slots are then never freed.
+    untracked_workers: u64,
+    /// Running workers and their generation (pid 0: free entry); under the zone's mutex.
+    workers: [WorkerEntry; MAX_WORKERS],
+    /// All live slots, newest first; under the zone's mutex.
     slots: *mut Slot,
 }
 
@@ -36,11 +68,36 @@ pub struct Header {
 pub struct Slot {
     next: *mut Slot,
     key: u64,
+    /// The newest configuration generation that uses this slot (under the mutex).
+    generation: u64,
     pub servers_version: AtomicU64,
     pub state_version: AtomicU64,
-    /// JSON of SlotState, in slab memory; guarded by the slab mutex.
-    data: *mut u8,
-    len: usize,
+    /// The list ([`encode_servers`]), in slab memory; guarded by the mutex.
+    servers: *mut u8,
+    servers_len: usize,
+    /// [`SlotMeta`] encoded, inline so that recording a problem never needs an allocation.
+    meta_len: usize,
+    meta: [u8; META_CAP],
+}
+
+/// The zone's mutex, held for the life of the value (released on drop, also when unwinding).
+struct Locked(*mut ngx_slab_pool_t);
+
+impl Locked {
+    /// # Safety
+    /// `pool` is the zone's slab pool, mapped in this process.
+    unsafe fn new(pool: *mut ngx_slab_pool_t) -> Locked {
+        // SAFETY: contract; nginx's shmtx works across processes and threads.
+        unsafe { ngx_shmtx_lock(&mut (*pool).mutex) };
+        Locked(pool)
+    }
+}
+
+impl Drop for Locked {
+    fn drop(&mut self) {
+        // SAFETY: locked in `new` by this thread.
+        unsafe { ngx_shmtx_unlock(&mut (*self.0).mutex) };
+    }
 }
 
 /// Registers the zone; nginx creates it (or keeps the old one across a reload when the size is
@@ -68,75 +125,114 @@ pub unsafe fn add_zone(cf: &mut ngx_conf_t, main: &mut MainConf, size: usize) ->
     Ok(())
 }
 
-/// The zone's init, in the master for every configuration load (not for `nginx -t`). Finds or
-/// creates the header and the slots of this configuration's upstreams and gives each new slot
-/// its first list: from Consul when `strong_dependency=on` (failing the load if Consul cannot be
-/// reached), else from the dump file when there is one.
+/// The zone's init, in the master for every configuration load.
 unsafe extern "C" fn init_zone(zone: *mut ngx_shm_zone_t, old_data: *mut c_void) -> ngx_int_t {
-    // SAFETY: nginx passes the zone registered in add_zone, whose data is our MainConf; the slab
-    // pool sits at the start of the zone's memory and nginx initialised it.
-    unsafe {
-        let main = &mut *((*zone).data as *mut MainConf);
-        let pool = (*zone).shm.addr as *mut ngx_slab_pool_t;
-        let mut header = (*pool).data as *mut Header;
-        if old_data.is_null() || header.is_null() || (*header).magic != MAGIC {
-            header = ngx_slab_alloc(pool, core::mem::size_of::<Header>()) as *mut Header;
-            if header.is_null() {
-                log_emerg("upsync: the shared zone is too small for its header; raise upsync_shm_size");
-                return NGX_ERROR as ngx_int_t;
+    super::guard("the shared zone's init", NGX_ERROR as ngx_int_t, || {
+        // SAFETY: nginx passes the zone registered in add_zone (data = our MainConf); the slab
+        // pool sits at the start of the zone's memory and nginx initialised it.
+        let (main, pool) = unsafe { (&mut *((*zone).data as *mut MainConf), (*zone).shm.addr as *mut ngx_slab_pool_t) };
+        // SAFETY: master, during the cycle's init, pool of this zone.
+        match unsafe { init_zone_contents(main, pool, !old_data.is_null()) } {
+            Ok(()) => NGX_OK as ngx_int_t,
+            Err(e) => {
+                log_emerg(&e);
+                NGX_ERROR as ngx_int_t
             }
-            ptr::write(
-                header,
-                Header {
-                    magic: MAGIC,
-                    generation: AtomicU64::new(0),
-                    leader_pid: AtomicI64::new(0),
-                    leader_generation: AtomicU64::new(0),
-                    heartbeat_ms: AtomicU64::new(0),
-                    slots: ptr::null_mut(),
-                },
-            );
-            (*pool).data = header as *mut c_void;
-            (*pool).log_ctx = c" in upsync zone \"upsync\"".as_ptr() as *mut u_char;
         }
-        main.header = header;
-        main.generation = (*header).generation.fetch_add(1, Ordering::AcqRel) + 1;
-        for &srv in &main.upstreams {
-            let srv = &mut *srv;
-            let slot = match find_or_create_slot(pool, header, srv.key) {
-                Some(s) => s,
-                None => {
-                    log_emerg("upsync: the shared zone is full; raise upsync_shm_size");
-                    return NGX_ERROR as ngx_int_t;
-                }
-            };
-            srv.slot = ptr::NonNull::new(slot);
-            srv.shpool = ptr::NonNull::new(pool);
-            if (*slot).servers_version.load(Ordering::Acquire) == 0 {
-                if let Err(e) = first_list(pool, slot, srv) {
-                    log_emerg(&e);
-                    return NGX_ERROR as ngx_int_t;
-                }
-            }
+    })
+}
+
+/// Finds or creates the header and the slots of this configuration's upstreams, gives each new
+/// slot its first list (from Consul when `strong_dependency=on`, failing the load if Consul
+/// cannot be reached; else from the dump file when there is one) and frees the slots no running
+/// configuration uses any more.
+///
+/// # Safety
+/// Master, during the cycle's init; `pool` is the zone's slab pool.
+unsafe fn init_zone_contents(main: &mut MainConf, pool: *mut ngx_slab_pool_t, reused: bool) -> Result<(), String> {
+    // SAFETY: contract; `data` of the pool is ours (we set it when creating the header).
+    let header = unsafe { header_of(pool, reused)? };
+    main.header = header;
+    // SAFETY: header lives in the zone for the life of the process.
+    let h = unsafe { &mut *header };
+    main.generation = h.last_generation.fetch_add(1, Ordering::AcqRel) + 1;
+    for &srv in &main.upstreams {
+        // SAFETY: the synced upstream confs of this configuration.
+        let srv = unsafe { &mut *srv };
+        // SAFETY: master; header and pool of this zone.
+        let slot = unsafe { find_or_create_slot(pool, header, srv.key, main.generation) }
+            .ok_or("upsync: the shared zone is full; raise upsync_shm_size")?;
+        srv.slot = ptr::NonNull::new(slot);
+        srv.shpool = ptr::NonNull::new(pool);
+        // SAFETY: slot just found or created in this zone.
+        if unsafe { (*slot).servers_version.load(Ordering::Acquire) } == 0 {
+            // SAFETY: master during the zone's init.
+            unsafe { first_list(pool, slot, srv)? };
         }
     }
-    NGX_OK as ngx_int_t
+    // SAFETY: master; header and pool of this zone.
+    unsafe { collect_garbage(pool, header) };
+    Ok(())
 }
 
 /// # Safety
-/// Master or worker main thread; `pool`/`header` from the zone.
-unsafe fn find_or_create_slot(pool: *mut ngx_slab_pool_t, header: *mut Header, key: u64) -> Option<*mut Slot> {
-    // SAFETY: the slot list is only modified here, in the master, before workers fork;
-    // allocation takes the slab mutex.
+/// Master; `pool` is the zone's slab pool.
+unsafe fn header_of(pool: *mut ngx_slab_pool_t, reused: bool) -> Result<*mut Header, String> {
+    // SAFETY: contract.
     unsafe {
+        let header = (*pool).data as *mut Header;
+        if reused && !header.is_null() && (*header).magic == MAGIC {
+            return Ok(header);
+        }
+        let header = ngx_slab_alloc(pool, core::mem::size_of::<Header>()) as *mut Header;
+        if header.is_null() {
+            return Err("upsync: the shared zone is too small for its header; raise upsync_shm_size".into());
+        }
+        ptr::write(
+            header,
+            Header {
+                magic: MAGIC,
+                last_generation: AtomicU64::new(0),
+                committed_generation: AtomicU64::new(0),
+                lease_pid: AtomicI64::new(0),
+                lease_generation: AtomicU64::new(0),
+                lease_heartbeat_ms: AtomicU64::new(0),
+                untracked_workers: 0,
+                workers: [WorkerEntry { pid: 0, generation: 0 }; MAX_WORKERS],
+                slots: ptr::null_mut(),
+            },
+        );
+        (*pool).data = header as *mut c_void;
+        (*pool).log_ctx = c" in upsync zone \"upsync\"".as_ptr() as *mut u_char;
+        Ok(header)
+    }
+}
+
+/// The configuration `generation` loaded completely (the master's `init_module`): its workers
+/// may lead from now on.
+///
+/// # Safety
+/// Master, `header` of the running zone.
+pub unsafe fn commit(header: *mut Header, generation: u64) {
+    // SAFETY: contract.
+    unsafe { (*header).committed_generation.fetch_max(generation, Ordering::AcqRel) };
+}
+
+/// # Safety
+/// Master; `pool`/`header` from the zone.
+unsafe fn find_or_create_slot(pool: *mut ngx_slab_pool_t, header: *mut Header, key: u64, generation: u64) -> Option<*mut Slot> {
+    // SAFETY: contract; the slot list and `generation` are guarded by the zone's mutex.
+    unsafe {
+        let _lock = Locked::new(pool);
         let mut s = (*header).slots;
         while !s.is_null() {
             if (*s).key == key {
+                (*s).generation = (*s).generation.max(generation);
                 return Some(s);
             }
             s = (*s).next;
         }
-        let slot = ngx_slab_alloc(pool, core::mem::size_of::<Slot>()) as *mut Slot;
+        let slot = ngx_slab_alloc_locked(pool, core::mem::size_of::<Slot>()) as *mut Slot;
         if slot.is_null() {
             return None;
         }
@@ -145,15 +241,146 @@ unsafe fn find_or_create_slot(pool: *mut ngx_slab_pool_t, header: *mut Header, k
             Slot {
                 next: (*header).slots,
                 key,
+                generation,
                 servers_version: AtomicU64::new(0),
                 state_version: AtomicU64::new(0),
-                data: ptr::null_mut(),
-                len: 0,
+                servers: ptr::null_mut(),
+                servers_len: 0,
+                meta_len: 0,
+                meta: [0; META_CAP],
             },
         );
         (*header).slots = slot;
         Some(slot)
     }
+}
+
+/// Frees the slots that no running configuration uses: those whose newest user is older than
+/// both the committed configuration (whose workers run or are about to be forked) and every
+/// registered worker. Slots of a failed load are freed once nothing older runs.
+///
+/// A worker forked by an older configuration registers in its `init_process`, long before the
+/// master can have committed a newer configuration and loaded yet another one.
+///
+/// # Safety
+/// Master; `pool`/`header` from the zone.
+unsafe fn collect_garbage(pool: *mut ngx_slab_pool_t, header: *mut Header) {
+    // SAFETY: contract; workers and slots are guarded by the mutex.
+    unsafe {
+        let _lock = Locked::new(pool);
+        let h = &mut *header;
+        if h.untracked_workers != 0 {
+            return;
+        }
+        let mut keep_from = h.committed_generation.load(Ordering::Acquire);
+        for e in h.workers.iter_mut().filter(|e| e.pid != 0) {
+            if process_exists(e.pid) {
+                keep_from = keep_from.min(e.generation);
+            } else {
+                // Killed without running exit_process (SIGKILL, crash).
+                *e = WorkerEntry { pid: 0, generation: 0 };
+            }
+        }
+        let mut freed = 0usize;
+        let mut link: *mut *mut Slot = &mut h.slots;
+        while !(*link).is_null() {
+            let s = *link;
+            if (*s).generation < keep_from {
+                *link = (*s).next;
+                if !(*s).servers.is_null() {
+                    ngx_slab_free_locked(pool, (*s).servers as *mut c_void);
+                }
+                ngx_slab_free_locked(pool, s as *mut c_void);
+                freed += 1;
+            } else {
+                link = &mut (*s).next;
+            }
+        }
+        if freed > 0 {
+            tracing::info!("freed {freed} shared slot(s) that no running configuration uses");
+        }
+    }
+}
+
+/// Whether `pid` exists (kill with signal 0 checks existence and permission only).
+pub fn process_exists(pid: i64) -> bool {
+    if pid <= 0 {
+        return false;
+    }
+    // SAFETY: signal 0 sends nothing.
+    let r = unsafe { libc::kill(pid as libc::pid_t, 0) };
+    r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+}
+
+/// Adds this worker (its pid and configuration generation) to the zone's table, so the slots it
+/// uses are kept while it runs.
+///
+/// # Safety
+/// Worker main thread; `main` of the running cycle with a header.
+pub unsafe fn register_worker(main: &MainConf) {
+    let pool = pool_of(main);
+    let pid = std::process::id() as i64;
+    // SAFETY: contract; the table is guarded by the mutex.
+    unsafe {
+        let _lock = Locked::new(pool);
+        let h = &mut *main.header;
+        if let Some(e) = h.workers.iter_mut().find(|e| e.pid == 0 || e.pid == pid || !process_exists(e.pid)) {
+            *e = WorkerEntry { pid, generation: main.generation };
+        } else {
+            h.untracked_workers = 1;
+            tracing::warn!("more than {MAX_WORKERS} nginx workers share the upsync zone: unused slots will not be freed until restart");
+        }
+    }
+}
+
+/// Removes this worker from the zone's table (exit_process).
+///
+/// # Safety
+/// Worker main thread; `main` of the running cycle with a header.
+pub unsafe fn unregister_worker(main: &MainConf) {
+    let pool = pool_of(main);
+    let pid = std::process::id() as i64;
+    // SAFETY: contract.
+    unsafe {
+        let _lock = Locked::new(pool);
+        for e in (*main.header).workers.iter_mut().filter(|e| e.pid == pid) {
+            *e = WorkerEntry { pid: 0, generation: 0 };
+        }
+    }
+}
+
+/// Reads the lease and writes what `decide` returns for it, in one critical section.
+///
+/// # Safety
+/// Worker main thread; `main` of the running cycle with a header.
+pub unsafe fn update_lease<T>(main: &MainConf, decide: impl FnOnce(Lease) -> (T, Option<Lease>)) -> T {
+    let pool = pool_of(main);
+    // SAFETY: contract; the lease is only written under the mutex.
+    unsafe {
+        let _lock = Locked::new(pool);
+        let h = &*main.header;
+        let lease = Lease {
+            leader_pid: h.lease_pid.load(Ordering::Acquire),
+            leader_generation: h.lease_generation.load(Ordering::Acquire),
+            heartbeat_ms: h.lease_heartbeat_ms.load(Ordering::Acquire),
+        };
+        let (out, new) = decide(lease);
+        if let Some(n) = new {
+            h.lease_pid.store(n.leader_pid, Ordering::Release);
+            h.lease_generation.store(n.leader_generation, Ordering::Release);
+            h.lease_heartbeat_ms.store(n.heartbeat_ms, Ordering::Release);
+        }
+        out
+    }
+}
+
+/// The PID holding the lease (a lock-free read, for checks that tolerate a stale answer).
+///
+/// # Safety
+/// `main` of the running cycle with a header.
+pub unsafe fn leader_pid(main: &MainConf) -> i64 {
+    // SAFETY: contract.
+    unsafe { (*main.header).lease_pid.load(Ordering::Acquire) }
 }
 
 /// The list a new slot starts with.
@@ -175,19 +402,18 @@ unsafe fn first_list(pool: *mut ngx_slab_pool_t, slot: *mut Slot, srv: &SrvConf)
             )
         })?;
         let now = unix_ms();
-        let state =
-            SlotState { servers, origin: Origin::Consul, consul_index: index, changed_ms: now, synced_ms: now, ..Default::default() };
+        let meta = SlotMeta { origin: Origin::Consul, consul_index: index, changed_ms: now, synced_ms: now, ..Default::default() };
         // SAFETY: contract of this function.
-        return unsafe { write(pool, slot, &state, true) };
+        return unsafe { install(pool, slot, &encode_servers(&servers), &meta) };
     }
     let Some(path) = &srv.sync.dump_path else { return Ok(()) };
     match std::fs::read_to_string(path) {
         Ok(text) => match crate::dump::parse(&text) {
             Ok(servers) if !servers.is_empty() => {
                 tracing::info!("upstream \"{name}\": starting from the dump file {} ({} servers)", path.display(), servers.len());
-                let state = SlotState { servers, origin: Origin::Dump, changed_ms: unix_ms(), ..Default::default() };
+                let meta = SlotMeta { origin: Origin::Dump, changed_ms: unix_ms(), ..Default::default() };
                 // SAFETY: contract of this function.
-                unsafe { write(pool, slot, &state, true) }
+                unsafe { install(pool, slot, &encode_servers(&servers), &meta) }
             }
             Ok(_) => Ok(()),
             Err(e) => {
@@ -209,50 +435,91 @@ unsafe fn first_list(pool: *mut ngx_slab_pool_t, slot: *mut Slot, srv: &SrvConf)
     }
 }
 
-/// Replaces a slot's state. `servers_changed` moves `servers_version` (workers rebuild peers).
+/// Replaces a slot's list with `servers` ([`encode_servers`]) and its metadata with `meta`, and
+/// moves both versions. When the zone has no room for the list, nothing changes (the list,
+/// its version and the metadata stay) and the error says so; the caller records it with
+/// [`write_meta`].
 ///
 /// # Safety
 /// Main thread of the master or a worker; `pool` and `slot` from the zone.
-pub unsafe fn write(pool: *mut ngx_slab_pool_t, slot: *mut Slot, state: &SlotState, servers_changed: bool) -> Result<(), String> {
-    let bytes = state.to_json();
-    // SAFETY: the slab mutex guards data/len; memory comes from and returns to the same pool.
+pub unsafe fn install(pool: *mut ngx_slab_pool_t, slot: *mut Slot, servers: &[u8], meta: &SlotMeta) -> Result<(), String> {
+    let meta = meta.encode_bounded(META_CAP);
+    // SAFETY: contract; the mutex guards the list pointer, its length and the metadata.
     unsafe {
-        ngx_shmtx_lock(&mut (*pool).mutex);
-        let p = ngx_slab_alloc_locked(pool, bytes.len().max(1)) as *mut u8;
+        let _lock = Locked::new(pool);
+        let p = ngx_slab_alloc_locked(pool, servers.len().max(1)) as *mut u8;
         if p.is_null() {
-            ngx_shmtx_unlock(&mut (*pool).mutex);
-            return Err(format!("the shared zone \"upsync\" has no room for a {} byte server list; raise upsync_shm_size", bytes.len()));
+            return Err(format!(
+                "the shared zone \"upsync\" has no room for a list of {} bytes; the workers keep the previous list; raise upsync_shm_size",
+                servers.len()
+            ));
         }
-        ptr::copy_nonoverlapping(bytes.as_ptr(), p, bytes.len());
-        let old = (*slot).data;
-        (*slot).data = p;
-        (*slot).len = bytes.len();
+        ptr::copy_nonoverlapping(servers.as_ptr(), p, servers.len());
+        let old = (*slot).servers;
+        (*slot).servers = p;
+        (*slot).servers_len = servers.len();
         if !old.is_null() {
             ngx_slab_free_locked(pool, old as *mut c_void);
         }
-        if servers_changed {
-            (*slot).servers_version.fetch_add(1, Ordering::AcqRel);
-        }
+        store_meta(slot, &meta);
+        (*slot).servers_version.fetch_add(1, Ordering::AcqRel);
         (*slot).state_version.fetch_add(1, Ordering::AcqRel);
-        ngx_shmtx_unlock(&mut (*pool).mutex);
     }
     Ok(())
 }
 
-/// A copy of a slot's state and the servers version it belongs to (None: nothing stored yet).
+/// Replaces a slot's metadata (never allocates: the zone may be full).
 ///
 /// # Safety
 /// Main thread; `pool` and `slot` from the zone.
-pub unsafe fn read(pool: *mut ngx_slab_pool_t, slot: *mut Slot) -> Option<(u64, Result<SlotState, String>)> {
-    // SAFETY: the slab mutex guards data/len.
-    let (version, bytes) = unsafe {
-        ngx_shmtx_lock(&mut (*pool).mutex);
+pub unsafe fn write_meta(pool: *mut ngx_slab_pool_t, slot: *mut Slot, meta: &SlotMeta) {
+    let meta = meta.encode_bounded(META_CAP);
+    // SAFETY: contract.
+    unsafe {
+        let _lock = Locked::new(pool);
+        store_meta(slot, &meta);
+        (*slot).state_version.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+/// # Safety
+/// Zone mutex held; `bytes.len() <= META_CAP`.
+unsafe fn store_meta(slot: *mut Slot, bytes: &[u8]) {
+    // SAFETY: contract.
+    unsafe {
+        (&mut (*slot).meta)[..bytes.len()].copy_from_slice(bytes);
+        (*slot).meta_len = bytes.len();
+    }
+}
+
+/// A copy of a slot's list ([`crate::model::decode_servers`]) and the version it belongs to
+/// (None: nothing stored yet).
+///
+/// # Safety
+/// Main thread; `pool` and `slot` from the zone.
+pub unsafe fn read_servers(pool: *mut ngx_slab_pool_t, slot: *mut Slot) -> Option<(u64, Vec<u8>)> {
+    // SAFETY: contract; the mutex guards the list.
+    unsafe {
+        let _lock = Locked::new(pool);
         let version = (*slot).servers_version.load(Ordering::Acquire);
-        let bytes = if (*slot).data.is_null() { None } else { Some(std::slice::from_raw_parts((*slot).data, (*slot).len).to_vec()) };
-        ngx_shmtx_unlock(&mut (*pool).mutex);
-        (version, bytes?)
+        if (*slot).servers.is_null() {
+            return None;
+        }
+        Some((version, std::slice::from_raw_parts((*slot).servers, (*slot).servers_len).to_vec()))
+    }
+}
+
+/// A slot's metadata and list version.
+///
+/// # Safety
+/// Main thread; `pool` and `slot` from the zone.
+pub unsafe fn read_meta(pool: *mut ngx_slab_pool_t, slot: *mut Slot) -> (u64, SlotMeta) {
+    // SAFETY: contract; the mutex guards the metadata.
+    let (version, bytes) = unsafe {
+        let _lock = Locked::new(pool);
+        ((*slot).servers_version.load(Ordering::Acquire), (&(*slot).meta)[..(*slot).meta_len].to_vec())
     };
-    Some((version, SlotState::from_json(&bytes)))
+    (version, if bytes.is_empty() { SlotMeta::default() } else { SlotMeta::decode(&bytes).unwrap_or_default() })
 }
 
 /// The zone's slab pool for this cycle.

@@ -8,6 +8,12 @@ use super::{cycle_upstreams, peers, shm, srv_conf_of};
 use crate::show::{self, ServerJson, ServerView, SyncView, UpstreamView};
 
 pub unsafe extern "C" fn handler(r: *mut ngx_http_request_t) -> ngx_int_t {
+    super::guard("upstream_show", NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t, || unsafe { handle(r) })
+}
+
+/// # Safety
+/// A valid request on the main thread.
+unsafe fn handle(r: *mut ngx_http_request_t) -> ngx_int_t {
     // SAFETY: nginx calls content handlers with a valid request on the main thread.
     unsafe {
         if (*r).method & (NGX_HTTP_GET | NGX_HTTP_HEAD) as ngx_uint_t == 0 {
@@ -98,18 +104,20 @@ fn collect() -> Vec<UpstreamView> {
                 None => nginx_peers((*us).peer.data as *const _),
             };
             let pool = srv.shpool.map(|p| p.as_ptr()).unwrap_or(ptr::null_mut());
-            let sync = srv.slot.and_then(|slot| shm::read(pool, slot.as_ptr())).map(|(version, state)| {
-                let state = state.unwrap_or_default();
+            let sync = srv.slot.map(|slot| {
+                let (version, meta) = shm::read_meta(pool, slot.as_ptr());
                 SyncView {
                     source: srv.source.clone(),
-                    origin: state.origin,
+                    origin: meta.origin,
                     version,
-                    consul_index: state.consul_index,
-                    last_change_ms: state.changed_ms,
-                    last_sync_ms: state.synced_ms,
-                    last_error: state.last_error,
-                    last_error_ms: state.error_ms,
-                    leader_pid: state.leader_pid,
+                    consul_index: meta.consul_index,
+                    last_change_ms: meta.changed_ms,
+                    last_sync_ms: meta.synced_ms,
+                    last_error: meta.last_error,
+                    last_error_ms: meta.error_ms,
+                    leader_pid: meta.leader_pid,
+                    watch: meta.watch,
+                    watch_restarts: meta.watch_restarts,
                 }
             });
             views.push(UpstreamView { name, servers, sync });
@@ -126,8 +134,10 @@ unsafe fn nginx_peers(peers: *const ngx_http_upstream_rr_peers_t) -> Vec<ServerV
     let mut out = Vec::new();
     let mut list = peers;
     let mut backup = false;
-    // SAFETY: contract; walking the lists through `peer`/`next`.
+    // SAFETY: contract; walking the lists through `peer`/`next`, under the list's lock when it
+    // is in a shared zone.
     unsafe {
+        let _lock = peers::PeersReadLock::new(peers);
         while !list.is_null() {
             let mut p = (*list).peer;
             while !p.is_null() {

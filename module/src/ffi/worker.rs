@@ -11,17 +11,17 @@
 //! the latest on its next request to that upstream.
 use core::ffi::c_void;
 use core::ptr;
-use core::sync::atomic::Ordering;
 use std::cell::RefCell;
 use std::os::fd::IntoRawFd;
 use std::os::unix::net::UnixStream;
+use std::sync::Arc;
 
 use ngx::ffi::*;
 
-use super::{cycle_main_conf, log, peers, shm, MainConf, SrvConf};
+use super::{cycle_main_conf, guard, log, main_conf_of, peers, shm, MainConf, SrvConf};
 use crate::lease::{self, Decision, Lease, Me};
-use crate::model::{unix_ms, Origin, SlotState};
-use crate::poller::{Mailbox, Poller, Update, WatchSpec};
+use crate::model::{decode_servers, unix_ms, Origin, Server, SlotMeta, WatchHealth};
+use crate::poller::{DumpRequest, Mailbox, Poller, Update, WatchSpec};
 
 /// How often a worker looks at the lease and the slots.
 const TICK_MS: ngx_msec_t = 200;
@@ -36,13 +36,19 @@ struct Worker {
     leader: Option<Leadership>,
 }
 
+/// What the leader knows of one upstream's slot (index = position in MainConf::upstreams).
+struct LeaderSlot {
+    /// The list installed in the slot (what every worker serves).
+    servers: Arc<Vec<Server>>,
+    meta: SlotMeta,
+}
+
 /// What the leader runs.
 struct Leadership {
     poller: Poller,
     /// The socket the poller writes to, registered in nginx's event loop.
     wake: *mut ngx_connection_t,
-    /// The leader's copy of each slot's state (index = position in MainConf::upstreams).
-    states: Vec<SlotState>,
+    slots: Vec<LeaderSlot>,
 }
 
 thread_local! {
@@ -50,17 +56,45 @@ thread_local! {
     static WORKER: RefCell<Option<Worker>> = const { RefCell::new(None) };
 }
 
+/// `init_module`, in the master once nginx has initialised the whole new cycle (after every
+/// step that can fail: listening sockets, files, shared zones): commits the configuration's
+/// generation, so its workers take over the Consul watches. A reload that fails before this
+/// point leaves the running workers leading.
+pub unsafe extern "C" fn init_module(cycle: *mut ngx_cycle_t) -> ngx_int_t {
+    guard("init_module", NGX_OK as ngx_int_t, || {
+        // SAFETY: nginx passes the cycle being initialised, on the master's main thread.
+        if let Some(main) = unsafe { main_conf_of(cycle) } {
+            if !main.header.is_null() {
+                // SAFETY: the header was set by this cycle's zone init.
+                unsafe { shm::commit(main.header, main.generation) };
+            }
+        }
+        NGX_OK as ngx_int_t
+    })
+}
+
 pub unsafe extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
-    // SAFETY: called by nginx on the new process's main thread with the running cycle.
+    guard("init_process", NGX_OK as ngx_int_t, || {
+        // SAFETY: called by nginx on the new process's main thread with the running cycle.
+        unsafe { start_worker(cycle) };
+        NGX_OK as ngx_int_t
+    })
+}
+
+/// # Safety
+/// The new process's main thread, `cycle` the running cycle.
+unsafe fn start_worker(cycle: *mut ngx_cycle_t) {
+    // SAFETY: contract.
     unsafe {
         if ngx_process != NGX_PROCESS_WORKER as ngx_uint_t && ngx_process != NGX_PROCESS_SINGLE as ngx_uint_t {
-            return NGX_OK as ngx_int_t;
+            return;
         }
         log::set_level((*(*cycle).log).log_level);
-        let Some(main) = cycle_main_conf() else { return NGX_OK as ngx_int_t };
+        let Some(main) = cycle_main_conf() else { return };
         if main.upstreams.is_empty() || main.header.is_null() {
-            return NGX_OK as ngx_int_t;
+            return;
         }
+        shm::register_worker(main);
         let mut dummy: Box<ngx_connection_t> = Box::new(core::mem::zeroed());
         dummy.fd = -1;
         let mut tick: Box<ngx_event_t> = Box::new(core::mem::zeroed());
@@ -74,17 +108,21 @@ pub unsafe extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
         // First tick right away: a new worker takes a vacant lease (e.g. after a reload) at once.
         nginx_sys::ngx_add_timer(tick_ptr, 1);
     }
-    NGX_OK as ngx_int_t
 }
 
 pub unsafe extern "C" fn exit_process(_cycle: *mut ngx_cycle_t) {
-    // Before nginx checks for open sockets: stop the poller and close our socket.
-    let worker = WORKER.with(|w| w.borrow_mut().take());
-    if let Some(mut w) = worker {
-        // SAFETY: main thread; the worker's main conf belongs to the running cycle.
-        unsafe { stop_leading(&mut w, true) };
-    }
-    log::drain();
+    guard("exit_process", (), || {
+        // Before nginx checks for open sockets: stop the poller and close our socket.
+        let worker = WORKER.with(|w| w.borrow_mut().take());
+        if let Some(mut w) = worker {
+            // SAFETY: main thread; the worker's main conf belongs to the running cycle.
+            unsafe {
+                stop_leading(&mut w, true);
+                shm::unregister_worker(&*w.main);
+            }
+        }
+        log::drain();
+    })
 }
 
 fn exiting() -> bool {
@@ -93,53 +131,65 @@ fn exiting() -> bool {
 }
 
 unsafe extern "C" fn on_tick(ev: *mut ngx_event_t) {
-    log::drain();
-    WORKER.with(|cell| {
-        let mut guard = cell.borrow_mut();
-        let Some(w) = guard.as_mut() else { return };
-        // SAFETY: main thread; main conf and header belong to this worker's cycle.
-        unsafe {
-            tick(w);
-            let main = &mut *w.main;
-            for &srv in &main.upstreams {
-                peers::sync(&mut *srv);
+    guard("the tick", (), || {
+        log::drain();
+        WORKER.with(|cell| {
+            let mut guard = cell.borrow_mut();
+            let Some(w) = guard.as_mut() else { return };
+            // SAFETY: main thread; main conf and header belong to this worker's cycle.
+            unsafe {
+                tick(w);
+                let main = &mut *w.main;
+                for &srv in &main.upstreams {
+                    peers::sync(&mut *srv);
+                }
             }
-        }
-        if !exiting() {
-            // SAFETY: the tick event lives in the Worker, which lives until exit_process.
-            unsafe { nginx_sys::ngx_add_timer(ev, TICK_MS) };
-        }
+        });
     });
+    if !exiting() {
+        // SAFETY: the tick event lives in the Worker, which lives until exit_process.
+        unsafe { nginx_sys::ngx_add_timer(ev, TICK_MS) };
+    }
 }
 
-/// One lease decision.
+/// One lease decision, taken and written under the zone's mutex (pid, generation and heartbeat
+/// change together); starting or stopping the poller happens after, outside the lock.
 ///
 /// # Safety
 /// Main thread, `w.main` of the running cycle.
 unsafe fn tick(w: &mut Worker) {
     // SAFETY: contract.
     let main = unsafe { &mut *w.main };
-    // SAFETY: header is in the shared zone mapped for the life of the process.
-    let header = unsafe { &*main.header };
     let pid = std::process::id() as i64;
     // SAFETY: ngx_current_msec is updated by nginx's event loop on this thread.
     let now = unsafe { ngx_current_msec } as u64;
-    let lease = Lease {
-        leader_pid: header.leader_pid.load(Ordering::Acquire),
-        leader_generation: header.leader_generation.load(Ordering::Acquire),
-        heartbeat_ms: header.heartbeat_ms.load(Ordering::Acquire),
+    // SAFETY: header is in the shared zone mapped for the life of the process.
+    let committed = unsafe { (*main.header).committed_generation.load(core::sync::atomic::Ordering::Acquire) };
+    let generation = main.generation;
+    let is_exiting = exiting();
+    // SAFETY: main thread, header of the running cycle.
+    let (decision, previous) = unsafe {
+        shm::update_lease(main, |lease| {
+            let me = Me {
+                pid,
+                generation,
+                current_generation: committed,
+                exiting: is_exiting,
+                now_ms: now,
+                leader_alive: lease.leader_pid == 0 || shm::process_exists(lease.leader_pid),
+            };
+            let d = lease::decide(lease, me);
+            let mine = Lease { leader_pid: pid, leader_generation: generation, heartbeat_ms: now };
+            let new = match d {
+                Decision::Renew | Decision::Acquire => Some(mine),
+                Decision::Release => Some(Lease { leader_pid: 0, leader_generation: 0, heartbeat_ms: 0 }),
+                Decision::Follow => None,
+            };
+            ((d, lease.leader_pid), new)
+        })
     };
-    let me = Me {
-        pid,
-        generation: main.generation,
-        current_generation: header.generation.load(Ordering::Acquire),
-        exiting: exiting(),
-        now_ms: now,
-        leader_alive: lease.leader_pid == 0 || process_exists(lease.leader_pid),
-    };
-    match lease::decide(lease, me) {
+    match decision {
         Decision::Renew => {
-            header.heartbeat_ms.store(now, Ordering::Release);
             let dead = w.leader.as_ref().is_some_and(|l| l.poller.is_finished());
             if w.leader.is_none() || dead {
                 if dead {
@@ -152,22 +202,19 @@ unsafe fn tick(w: &mut Worker) {
             }
         }
         Decision::Release => {
+            // The lease is already cleared.
             // SAFETY: main thread.
-            unsafe { stop_leading(w, true) };
+            unsafe { stop_leading(w, false) };
+            tracing::info!("worker {pid} released the Consul watches");
         }
         Decision::Acquire => {
-            if header.leader_pid.compare_exchange(lease.leader_pid, pid, Ordering::AcqRel, Ordering::Acquire).is_ok() {
-                header.leader_generation.store(main.generation, Ordering::Release);
-                header.heartbeat_ms.store(now, Ordering::Release);
-                if lease.leader_pid != 0 {
-                    tracing::info!(
-                        "took over the Consul watches from worker {} (gone, stuck or from an older configuration)",
-                        lease.leader_pid
-                    );
-                }
-                // SAFETY: main thread.
-                unsafe { start_leading(w) };
+            if previous != 0 {
+                tracing::info!("took over the Consul watches from worker {previous} (gone, stuck or from an older configuration)");
             }
+            // SAFETY: main thread.
+            unsafe { stop_leading(w, false) };
+            // SAFETY: main thread.
+            unsafe { start_leading(w) };
         }
         Decision::Follow => {
             if w.leader.is_some() {
@@ -179,12 +226,6 @@ unsafe fn tick(w: &mut Worker) {
     }
 }
 
-fn process_exists(pid: i64) -> bool {
-    // SAFETY: kill with signal 0 only checks for existence/permission.
-    let r = unsafe { libc::kill(pid as libc::pid_t, 0) };
-    r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
-}
-
 /// Starts the poller thread and its wake-up socket.
 ///
 /// # Safety
@@ -193,23 +234,28 @@ unsafe fn start_leading(w: &mut Worker) {
     // SAFETY: contract.
     let main = unsafe { &mut *w.main };
     let pool = shm::pool_of(main);
-    let mut states = Vec::with_capacity(main.upstreams.len());
+    let mut slots = Vec::with_capacity(main.upstreams.len());
     let mut specs = Vec::with_capacity(main.upstreams.len());
     for (id, &srv) in main.upstreams.iter().enumerate() {
         // SAFETY: srv is a synced upstream conf of this cycle.
         let srv: &SrvConf = unsafe { &*srv };
-        // SAFETY: main thread, zone pointers of this cycle.
-        let state = match srv.slot.and_then(|s| unsafe { shm::read(pool, s.as_ptr()) }) {
-            Some((_, Ok(s))) => s,
-            _ => SlotState::default(),
+        let (meta, servers) = match srv.slot {
+            Some(s) => {
+                // SAFETY: main thread, zone pointers of this cycle.
+                let (_, meta) = unsafe { shm::read_meta(pool, s.as_ptr()) };
+                // SAFETY: as above.
+                let servers = unsafe { shm::read_servers(pool, s.as_ptr()) }.and_then(|(_, b)| decode_servers(&b).ok()).unwrap_or_default();
+                (meta, servers)
+            }
+            None => (SlotMeta::default(), Vec::new()),
         };
         specs.push(WatchSpec {
             id,
             upstream: shm::upstream_name(srv),
             sync: srv.sync.clone(),
-            known: (state.origin == Origin::Consul).then(|| state.servers.clone()),
+            known: (meta.origin == Origin::Consul).then(|| servers.clone()),
         });
-        states.push(state);
+        slots.push(LeaderSlot { servers: Arc::new(servers), meta });
     }
     let (rx, tx) = match UnixStream::pair().and_then(|(rx, tx)| {
         rx.set_nonblocking(true)?;
@@ -237,7 +283,7 @@ unsafe fn start_leading(w: &mut Worker) {
     match Poller::start(specs, mailbox, Box::new(spawn_without_signals)) {
         Ok(poller) => {
             tracing::info!("worker {} holds the Consul watches of {} upstream(s)", std::process::id(), main.upstreams.len());
-            w.leader = Some(Leadership { poller, wake, states });
+            w.leader = Some(Leadership { poller, wake, slots });
         }
         Err(e) => {
             log::set_waker(None);
@@ -248,8 +294,8 @@ unsafe fn start_leading(w: &mut Worker) {
     }
 }
 
-/// Stops the poller (joining its thread) and closes the wake-up socket; with `release`, also
-/// gives the lease back so another worker takes it on its next tick.
+/// Stops the poller (without waiting for its thread) and closes the wake-up socket; with
+/// `release`, also gives the lease back so another worker takes it on its next tick.
 ///
 /// # Safety
 /// Main thread; `w.main` of the running cycle.
@@ -259,13 +305,20 @@ unsafe fn stop_leading(w: &mut Worker, release: bool) {
         l.poller.stop();
         // SAFETY: the connection was registered by start_leading and is closed only here.
         unsafe { ngx_close_connection(l.wake) };
-        // Results that arrived before the stop are still valid.
     }
     if release {
-        // SAFETY: contract.
-        let header = unsafe { &*(*w.main).header };
         let pid = std::process::id() as i64;
-        if header.leader_pid.compare_exchange(pid, 0, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+        // SAFETY: contract: main thread, header of the running cycle.
+        let released = unsafe {
+            shm::update_lease(&*w.main, |lease| {
+                if lease.leader_pid == pid {
+                    (true, Some(Lease { leader_pid: 0, leader_generation: 0, heartbeat_ms: 0 }))
+                } else {
+                    (false, None)
+                }
+            })
+        };
+        if released {
             tracing::info!("worker {pid} released the Consul watches");
         }
     }
@@ -307,8 +360,8 @@ unsafe fn register_wake(rx: UnixStream) -> Option<*mut ngx_connection_t> {
         // `idle`: when nginx starts a graceful shutdown it calls the read handler of idle
         // connections with `close` set, which is our cue to stop polling at once.
         (*c).set_idle(1);
-        let add = ngx_event_actions.add?;
-        if add(rev, (libc::EPOLLIN | libc::EPOLLRDHUP) as ngx_int_t, 0) != NGX_OK as ngx_int_t {
+        // nginx's portable registration (edge-triggered on epoll: on_wake reads until EAGAIN).
+        if ngx_handle_read_event(rev, 0) != NGX_OK as ngx_int_t {
             ngx_close_connection(c);
             return None;
         }
@@ -318,35 +371,39 @@ unsafe fn register_wake(rx: UnixStream) -> Option<*mut ngx_connection_t> {
 
 /// The poller (or a log line from it) woke us up; or nginx is shutting down.
 unsafe extern "C" fn on_wake(ev: *mut ngx_event_t) {
-    // SAFETY: ev is the read event of our wake connection.
-    let (c, closing) = unsafe {
-        let c = (*ev).data as *mut ngx_connection_t;
-        (c, (*c).close() != 0)
-    };
-    if closing {
+    guard("the poller's wake-up", (), || {
+        // SAFETY: ev is the read event of our wake connection.
+        let (c, closing) = unsafe {
+            let c = (*ev).data as *mut ngx_connection_t;
+            (c, (*c).close() != 0)
+        };
+        if closing {
+            WORKER.with(|cell| {
+                if let Some(w) = cell.borrow_mut().as_mut() {
+                    // SAFETY: main thread.
+                    unsafe { stop_leading(w, true) };
+                }
+            });
+            log::drain();
+            return;
+        }
+        // Drain the socket (level-triggered: it stays readable until empty).
+        let mut buf = [0u8; 256];
+        // SAFETY: c is our connection; fd is a non-blocking socket we own through it.
+        while unsafe { libc::read((*c).fd, buf.as_mut_ptr() as *mut c_void, buf.len()) } > 0 {}
+        log::drain();
         WORKER.with(|cell| {
             if let Some(w) = cell.borrow_mut().as_mut() {
                 // SAFETY: main thread.
-                unsafe { stop_leading(w, true) };
+                unsafe { apply_updates(w) };
             }
         });
-        log::drain();
-        return;
-    }
-    // Drain the socket (level-triggered: it stays readable until empty).
-    let mut buf = [0u8; 256];
-    // SAFETY: c is our connection; fd is a non-blocking socket we own through it.
-    while unsafe { libc::read((*c).fd, buf.as_mut_ptr() as *mut c_void, buf.len()) } > 0 {}
-    log::drain();
-    WORKER.with(|cell| {
-        if let Some(w) = cell.borrow_mut().as_mut() {
-            // SAFETY: main thread.
-            unsafe { apply_updates(w) };
-        }
-    });
+    })
 }
 
-/// Writes the poller's results into the shared slots and installs them in this worker.
+/// Writes the poller's results into the shared slots and installs them in this worker. The
+/// work per update is a comparison with the installed list and a copy of the prepared bytes
+/// into the zone (the poller thread decoded, summarised and encoded the list).
 ///
 /// # Safety
 /// Main thread; `w.main` of the running cycle.
@@ -354,61 +411,88 @@ unsafe fn apply_updates(w: &mut Worker) {
     // SAFETY: contract.
     let main = unsafe { &mut *w.main };
     let Some(l) = w.leader.as_mut() else { return };
-    // SAFETY: header in the shared zone.
-    let header = unsafe { &*main.header };
     let pid = std::process::id() as i64;
-    if header.leader_pid.load(Ordering::Acquire) != pid {
+    // SAFETY: main thread, header of the running cycle.
+    if unsafe { shm::leader_pid(main) } != pid {
         // Lost the lease (we were stuck); the next tick stops the poller.
         return;
     }
     let pool = shm::pool_of(main);
     for u in l.poller.mailbox().take() {
-        let (id, servers_changed) = match &u {
-            Update::Servers { id, .. } | Update::Synced { id, .. } | Update::Error { id, .. } => (*id, matches!(u, Update::Servers { .. })),
+        let id = match &u {
+            Update::Servers { id, .. } | Update::Synced { id, .. } | Update::Error { id, .. } | Update::Restarted { id, .. } => *id,
         };
-        let (Some(&srv), Some(state)) = (main.upstreams.get(id), l.states.get_mut(id)) else { continue };
+        let (Some(&srv), Some(state)) = (main.upstreams.get(id), l.slots.get_mut(id)) else { continue };
         // SAFETY: srv is a synced upstream conf of this cycle.
         let srv = unsafe { &mut *srv };
+        let Some(slot) = srv.slot else { continue };
         let name = shm::upstream_name(srv);
         let now = unix_ms();
-        state.leader_pid = pid;
+        let meta = &mut state.meta;
+        meta.leader_pid = pid;
         match u {
-            Update::Servers { servers, index, .. } => {
-                let diff = describe_change(&state.servers, &servers);
-                tracing::info!("upstream \"{name}\": {} server(s) from Consul at index {index} ({diff})", servers.len());
-                state.servers = servers;
-                state.origin = Origin::Consul;
-                state.consul_index = index;
-                state.changed_ms = now;
-                state.synced_ms = now;
-                state.last_error = None;
-            }
-            Update::Synced { index, .. } => {
-                state.consul_index = index;
-                state.synced_ms = now;
-                state.last_error = None;
-            }
-            Update::Error { message, index, .. } => {
-                state.last_error = Some(message);
-                state.error_ms = now;
-                if index != 0 {
-                    state.consul_index = index;
+            Update::Servers { servers, encoded, summary, index, .. } if *state.servers != servers => {
+                let mut next = meta.clone();
+                next.origin = Origin::Consul;
+                next.consul_index = index;
+                next.changed_ms = now;
+                next.synced_ms = now;
+                next.last_error = None;
+                next.watch = WatchHealth::Healthy;
+                // SAFETY: main thread; zone pointers of this cycle.
+                match unsafe { shm::install(pool, slot.as_ptr(), &encoded, &next) } {
+                    Ok(()) => {
+                        tracing::info!("upstream \"{name}\": {} server(s) from Consul at index {index} ({summary})", servers.len());
+                        *meta = next;
+                        state.servers = Arc::new(servers);
+                        if let Some(path) = &srv.sync.dump_path {
+                            l.poller.mailbox().request_dump(DumpRequest {
+                                upstream: name.clone(),
+                                path: path.clone(),
+                                servers: state.servers.clone(),
+                            });
+                        }
+                        // SAFETY: main thread.
+                        unsafe { peers::sync(srv) };
+                    }
+                    Err(e) => {
+                        tracing::error!("upstream \"{name}\": {e} (Consul index {index}, {} servers)", servers.len());
+                        meta.last_error = Some(e);
+                        meta.error_ms = now;
+                        meta.watch = WatchHealth::Healthy;
+                        // SAFETY: main thread; zone pointers of this cycle.
+                        unsafe { shm::write_meta(pool, slot.as_ptr(), meta) };
+                    }
                 }
             }
+            Update::Servers { index, .. } | Update::Synced { index, .. } => {
+                // An answer equal to the list installed (also after a failed install was
+                // followed by the previous list again).
+                meta.consul_index = index;
+                meta.synced_ms = now;
+                meta.last_error = None;
+                meta.watch = WatchHealth::Healthy;
+                // SAFETY: main thread; zone pointers of this cycle.
+                unsafe { shm::write_meta(pool, slot.as_ptr(), meta) };
+            }
+            Update::Error { message, index, watch_ok, .. } => {
+                meta.last_error = Some(message);
+                meta.error_ms = now;
+                meta.watch = if watch_ok { WatchHealth::Healthy } else { WatchHealth::Failing };
+                if index != 0 {
+                    meta.consul_index = index;
+                }
+                // SAFETY: main thread; zone pointers of this cycle.
+                unsafe { shm::write_meta(pool, slot.as_ptr(), meta) };
+            }
+            Update::Restarted { message, .. } => {
+                meta.last_error = Some(message);
+                meta.error_ms = now;
+                meta.watch = WatchHealth::Failing;
+                meta.watch_restarts = meta.watch_restarts.saturating_add(1);
+                // SAFETY: main thread; zone pointers of this cycle.
+                unsafe { shm::write_meta(pool, slot.as_ptr(), meta) };
+            }
         }
-        let Some(slot) = srv.slot else { continue };
-        // SAFETY: main thread; zone pointers of this cycle.
-        if let Err(e) = unsafe { shm::write(pool, slot.as_ptr(), state, servers_changed) } {
-            tracing::error!("upstream \"{name}\": {e}; the workers keep the previous list");
-        }
-        // SAFETY: main thread.
-        unsafe { peers::sync(srv) };
     }
-}
-
-fn describe_change(old: &[crate::model::Server], new: &[crate::model::Server]) -> String {
-    let added = new.iter().filter(|n| !old.iter().any(|o| o.addr == n.addr)).count();
-    let removed = old.iter().filter(|o| !new.iter().any(|n| n.addr == o.addr)).count();
-    let changed = new.iter().filter(|n| old.iter().any(|o| o.addr == n.addr && o != *n)).count();
-    format!("+{added} -{removed} ~{changed}")
 }
