@@ -550,7 +550,7 @@ pub(crate) fn query_value(s: &str) -> String {
 /// Go's duration syntax as Consul parses it: `300s`, `1500ms`.
 pub(crate) fn go_duration(d: Duration) -> String {
     let ms = d.as_millis();
-    if ms % 1000 == 0 {
+    if ms.is_multiple_of(1000) {
         format!("{}s", ms / 1000)
     } else {
         format!("{ms}ms")

@@ -470,7 +470,11 @@ impl Unresolvable {
         let now = tokio::time::Instant::now();
         if let Some(until) = self.0.get(name) {
             if *until > now {
-                return Err(format!("the resolver did not answer within {} s; not asked again before {} s", RESOLVE_TIMEOUT.as_secs(), (*until - now).as_secs()));
+                return Err(format!(
+                    "the resolver did not answer within {} s; not asked again before {} s",
+                    RESOLVE_TIMEOUT.as_secs(),
+                    (*until - now).as_secs()
+                ));
             }
         }
         match tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((name, port))).await {

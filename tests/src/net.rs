@@ -38,6 +38,18 @@ pub fn http_get(url: &str) -> anyhow::Result<(u16, String)> {
     http_request("GET", url, &[], None)
 }
 
+/// `GET url` that gives up after `timeout` (for servers that may not answer).
+pub fn http_request_timeout(url: &str, timeout: Duration) -> anyhow::Result<(u16, String)> {
+    match ureq::AgentBuilder::new().timeout(timeout).build().get(url).call() {
+        Ok(resp) => {
+            let status = resp.status();
+            Ok((status, resp.into_string()?))
+        }
+        Err(ureq::Error::Status(status, resp)) => Ok((status, resp.into_string().unwrap_or_default())),
+        Err(e) => Err(anyhow::anyhow!("GET {url}: {e}")),
+    }
+}
+
 /// One HTTP request; returns the status and body. Non-2xx statuses are returned, not errors.
 pub fn http_request(method: &str, url: &str, headers: &[(&str, &str)], body: Option<&[u8]>) -> anyhow::Result<(u16, String)> {
     let mut req = agent().request(method, url);

@@ -278,13 +278,24 @@ impl Nginx {
         let log_path = self.dir.join("error.log");
         let offset = std::fs::metadata(&log_path).map(|m| m.len()).unwrap_or(0) as usize;
         std::fs::write(self.dir.join("nginx.conf"), conf.render(&self.dir, &self.ports)).expect("writing nginx.conf");
-        let before = self.active_worker_pids();
+        let mut before = self.active_worker_pids();
+        before.sort();
         self.proc.as_ref().expect("nginx running").signal(libc::SIGHUP);
-        let new_lines = || std::fs::read(&log_path).map(|b| String::from_utf8_lossy(&b[offset.min(b.len())..]).into_owned()).unwrap_or_default();
+        let new_lines =
+            || std::fs::read(&log_path).map(|b| String::from_utf8_lossy(&b[offset.min(b.len())..]).into_owned()).unwrap_or_default();
         wait_until("the failed reload in the error log", Duration::from_secs(60), || new_lines().contains("[emerg]"));
-        // Give the master a moment to roll back, then check nothing was replaced.
-        std::thread::sleep(Duration::from_millis(200));
-        let after = self.active_worker_pids();
+        // The master may retry (bind() is tried 5 times, 500 ms apart): wait until its log has
+        // been quiet for a second, then check nothing was replaced.
+        let mut last = (new_lines().len(), std::time::Instant::now());
+        while last.1.elapsed() < Duration::from_secs(1) {
+            std::thread::sleep(Duration::from_millis(100));
+            let n = new_lines().len();
+            if n != last.0 {
+                last = (n, std::time::Instant::now());
+            }
+        }
+        let mut after = self.active_worker_pids();
+        after.sort();
         assert_eq!(after, before, "a failed reload replaced the workers:\n{}", new_lines());
         new_lines()
     }

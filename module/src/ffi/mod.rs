@@ -70,6 +70,8 @@ pub struct SrvConf {
     /// Worker only: the peer list we built and installed in `us->peer.data` (None: nginx's own
     /// list from the config is still in use).
     current: Option<Rc<peers::Generation>>,
+    /// Worker only: a large list being built on a builder thread.
+    building: Option<peers::Pending>,
 }
 
 impl Merge for SrvConf {

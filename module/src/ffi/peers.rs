@@ -12,6 +12,7 @@
 use core::ffi::c_void;
 use core::ptr;
 use std::collections::HashMap;
+use std::io::Write;
 use std::net::SocketAddr;
 use std::rc::Rc;
 
@@ -19,6 +20,14 @@ use ngx::ffi::*;
 
 use super::{shm, srv_conf_of, SrvConf};
 use crate::model::Server;
+
+/// Lists whose encoded form is at most this many bytes (about 2,500 IPv4 servers, a millisecond
+/// or two of work) are built on the event loop when a request or the tick first needs them;
+/// larger ones on a short-lived thread, so a change in an upstream of 50,000 servers costs the
+/// event loop only the carry-over of the per-peer state (one hash lookup per server).
+const INLINE_BUILD_MAX_BYTES: usize = 32 * 1024;
+
+type AddrIndex = HashMap<SocketAddr, usize, fnv::FnvBuildHasher>;
 
 /// One installed peer list and everything it points to.
 pub struct Generation {
@@ -31,8 +40,23 @@ pub struct Generation {
     peers: Box<[ngx_http_upstream_rr_peer_t]>,
     /// For `servers[i]`, its index in `peers`.
     peer_index: Vec<usize>,
+    /// Address -> index in `peers` (built with the generation, used to carry state over).
+    by_addr: AddrIndex,
     _addrs: Box<[libc::sockaddr_storage]>,
     _names: Box<[u8]>,
+}
+
+/// A generation built on a builder thread, waiting to be installed by the event loop.
+struct Prepared(Generation);
+
+// SAFETY: a prepared generation's raw pointers point into its own boxes (which move with it) or
+// to the upstream's `host` string, which the builder thread never dereferences; nginx sees the
+// generation only after the event loop received and installed it.
+unsafe impl Send for Prepared {}
+
+/// A list being built on a builder thread.
+pub struct Pending {
+    rx: std::sync::mpsc::Receiver<Result<Prepared, String>>,
 }
 
 impl Generation {
@@ -47,43 +71,37 @@ impl Generation {
         (p.fails as u64, p.conns as u64)
     }
 
-    /// Builds a generation for `servers`, carrying over the passive-health and rotation state of
-    /// servers that were already in `old` (nginx's list or a previous generation), so a server
-    /// that stays keeps its failure count and its place in the smooth round robin.
-    ///
-    /// # Safety
-    /// `old` must be null or a valid rr peers list (with its backup list in `next`); `name` must
-    /// outlive the generation (it is the upstream's `host` in the cycle's config).
-    pub unsafe fn build(servers: Vec<Server>, old: *const ngx_http_upstream_rr_peers_t, name: *mut ngx_str_t) -> Generation {
+    /// Builds a generation for `servers` with fresh per-peer state. Touches no nginx memory
+    /// (`name` is only stored), so it may run on any thread; [`Generation::carry_over`] then
+    /// brings the state of servers that stay, on the event loop.
+    fn prepare(servers: Vec<Server>, name: *mut ngx_str_t) -> Generation {
         let primary_servers: Vec<&Server> = servers.iter().filter(|s| !s.backup).collect();
         let backup_servers: Vec<&Server> = servers.iter().filter(|s| s.backup).collect();
         // An empty primary list would divide by zero in ip_hash/hash (total_weight 0): an empty
         // list is one placeholder server marked down, which fails requests fast with 502.
         let placeholder =
             Server { addr: SocketAddr::from(([127, 0, 0, 1], 0)), weight: 1, max_fails: 0, fail_timeout: 0, down: true, backup: false };
-        let primary: Vec<&Server> = if primary_servers.is_empty() { vec![&placeholder] } else { primary_servers };
+        let has_placeholder = primary_servers.is_empty();
+        let primary: Vec<&Server> = if has_placeholder { vec![&placeholder] } else { primary_servers };
         let all: Vec<&Server> = primary.iter().chain(backup_servers.iter()).copied().collect();
 
-        // SAFETY: contract of this function.
-        let carried = unsafe { old_state(old) };
-
-        let mut names = Vec::new();
+        let mut names = Vec::with_capacity(all.len() * 20);
         let mut spans = Vec::with_capacity(all.len());
         for s in &all {
-            let n = s.name();
-            spans.push((names.len(), n.len()));
-            names.extend_from_slice(n.as_bytes());
+            let start = names.len();
+            let _ = write!(names, "{}", s.addr);
+            spans.push((start, names.len() - start));
         }
         let mut names = names.into_boxed_slice();
         let mut addrs: Box<[libc::sockaddr_storage]> = all.iter().map(|s| sockaddr(&s.addr).0).collect();
         // SAFETY: ngx_http_upstream_rr_peer_t is a C struct of integers and pointers; all-zero
         // is its "unset" state (nginx itself pcallocs peers).
         let mut peers: Box<[ngx_http_upstream_rr_peer_t]> = (0..all.len()).map(|_| unsafe { core::mem::zeroed() }).collect();
-        let now_len = |s: &Server| sockaddr(&s.addr).1;
+        let mut by_addr = AddrIndex::with_capacity_and_hasher(all.len(), Default::default());
         for (i, s) in all.iter().enumerate() {
             let p = &mut peers[i];
             p.sockaddr = &mut addrs[i] as *mut libc::sockaddr_storage as *mut sockaddr;
-            p.socklen = now_len(s);
+            p.socklen = sockaddr(&s.addr).1;
             // SAFETY: names is not resized after this point; the span is inside it.
             let name_ptr = unsafe { names.as_mut_ptr().add(spans[i].0) };
             p.name = ngx_str_t { len: spans[i].1, data: name_ptr };
@@ -93,14 +111,8 @@ impl Generation {
             p.max_fails = s.max_fails as ngx_uint_t;
             p.fail_timeout = s.fail_timeout as time_t;
             p.down = s.down as ngx_uint_t;
-            if let Some(c) = carried.get(&s.addr) {
-                p.current_weight = c.current_weight;
-                if c.weight == p.weight {
-                    p.effective_weight = c.effective_weight;
-                }
-                p.fails = c.fails;
-                p.accessed = c.accessed;
-                p.checked = c.checked;
+            if !(has_placeholder && i == 0) {
+                by_addr.insert(s.addr, i);
             }
         }
         let np = primary.len();
@@ -140,14 +152,54 @@ impl Generation {
                 *slot - 1
             })
             .collect();
-        Generation {
-            servers,
-            peer_index,
-            primary: primary_list,
-            backup: backup_list,
-            peers,
-            _addrs: addrs,
-            _names: names,
+        drop(all);
+        drop(primary);
+        drop(backup_servers);
+        Generation { servers, peer_index, by_addr, primary: primary_list, backup: backup_list, peers, _addrs: addrs, _names: names }
+    }
+
+    /// Carries the passive-health and rotation state of the servers that stay over from the
+    /// list nginx balances now (`old`: nginx's own list from the config, or `previous`, our
+    /// generation installed there), so a server that stays keeps its failure count and its
+    /// place in the smooth round robin. One hash lookup per server of the old list.
+    ///
+    /// # Safety
+    /// Event loop; `old` null or the valid rr peers list in `us->peer.data` (with its backup
+    /// list in `next`); `previous`, when given, is the generation whose `data()` is `old`.
+    unsafe fn carry_over(&mut self, old: *const ngx_http_upstream_rr_peers_t, previous: Option<&Generation>) {
+        let mut apply = |addr: SocketAddr, c: &ngx_http_upstream_rr_peer_t| {
+            if let Some(&i) = self.by_addr.get(&addr) {
+                let p = &mut self.peers[i];
+                p.current_weight = c.current_weight;
+                if c.weight == p.weight {
+                    p.effective_weight = c.effective_weight;
+                }
+                p.fails = c.fails;
+                p.accessed = c.accessed;
+                p.checked = c.checked;
+            }
+        };
+        match previous {
+            Some(g) => {
+                for (addr, &i) in &g.by_addr {
+                    apply(*addr, &g.peers[i]);
+                }
+            }
+            // SAFETY: contract; nginx's list, walked under its lock when it is in a zone.
+            None => unsafe {
+                let _lock = PeersReadLock::new(old);
+                let mut list = old;
+                while !list.is_null() {
+                    let mut p = (*list).peer;
+                    while !p.is_null() {
+                        if let Some(addr) = socket_addr((*p).sockaddr, (*p).socklen) {
+                            apply(addr, &*p);
+                        }
+                        p = (*p).next;
+                    }
+                    list = (*list).next;
+                }
+            },
         }
     }
 }
@@ -201,52 +253,6 @@ impl Drop for PeersReadLock {
             unsafe { ngx_rwlock_unlock(&mut (*self.0).rwlock) };
         }
     }
-}
-
-#[derive(Clone, Copy)]
-struct Carried {
-    weight: ngx_int_t,
-    current_weight: ngx_int_t,
-    effective_weight: ngx_int_t,
-    fails: ngx_uint_t,
-    accessed: time_t,
-    checked: time_t,
-}
-
-/// The state of every peer of `old` (primary and backup), by address.
-///
-/// # Safety
-/// `old` null or a valid rr peers list.
-unsafe fn old_state(old: *const ngx_http_upstream_rr_peers_t) -> HashMap<SocketAddr, Carried> {
-    let mut m = HashMap::new();
-    let mut list = old;
-    // SAFETY: walking nginx's lists through their `peer`/`next` links; sockaddrs are valid. A
-    // list in a `zone` (nginx's own, before our first generation) is shared with the other
-    // workers: read it under its lock, as nginx does.
-    unsafe {
-        let _lock = PeersReadLock::new(old);
-        while !list.is_null() {
-            let mut p = (*list).peer;
-            while !p.is_null() {
-                if let Some(addr) = socket_addr((*p).sockaddr, (*p).socklen) {
-                    m.insert(
-                        addr,
-                        Carried {
-                            weight: (*p).weight,
-                            current_weight: (*p).current_weight,
-                            effective_weight: (*p).effective_weight,
-                            fails: (*p).fails,
-                            accessed: (*p).accessed,
-                            checked: (*p).checked,
-                        },
-                    );
-                }
-                p = (*p).next;
-            }
-            list = (*list).next;
-        }
-    }
-    m
 }
 
 fn sockaddr(addr: &SocketAddr) -> (libc::sockaddr_storage, socklen_t) {
@@ -303,12 +309,29 @@ unsafe fn socket_addr(sa: *const sockaddr, len: socklen_t) -> Option<SocketAddr>
 }
 
 /// Brings this worker's peers of `srv` up to the shared slot's version. Cheap when nothing
-/// changed (one atomic load); otherwise copies the slot and builds a new generation.
+/// changed (one atomic load); otherwise copies the slot's bytes and builds a new generation,
+/// here for a small list, on a builder thread for a large one (installed by a later call, at
+/// the latest on the next tick: requests meanwhile keep the current list).
 ///
 /// # Safety
 /// Worker main thread; `srv` is a synced upstream of the running cycle.
 pub unsafe fn sync(srv: &mut SrvConf) {
-    let (Some(slot), Some(mut us), Some(pool)) = (srv.slot, srv.us, srv.shpool) else { return };
+    let (Some(slot), Some(pool)) = (srv.slot, srv.shpool) else { return };
+    if let Some(p) = &srv.building {
+        match p.rx.try_recv() {
+            Ok(Ok(Prepared(g))) => {
+                srv.building = None;
+                // SAFETY: contract.
+                unsafe { install(srv, g) };
+            }
+            Ok(Err(e)) => {
+                srv.building = None;
+                tracing::error!("upstream \"{}\": {e}; keeping the current servers", shm::upstream_name(srv));
+            }
+            Err(std::sync::mpsc::TryRecvError::Empty) => return,
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => srv.building = None,
+        }
+    }
     // SAFETY: the slot lives in the shared zone for the life of the cycle.
     let v = unsafe { slot.as_ref() }.servers_version.load(core::sync::atomic::Ordering::Acquire);
     if v == srv.local_version {
@@ -320,21 +343,54 @@ pub unsafe fn sync(srv: &mut SrvConf) {
         return;
     };
     srv.local_version = version;
-    let servers = match crate::model::decode_servers(&bytes) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!("upstream \"{}\": {e}; keeping the current servers", shm::upstream_name(srv));
-            return;
+    let Some(mut us) = srv.us else { return };
+    // SAFETY: `host` of this cycle's upstream conf outlives every generation of the cycle.
+    let name: *mut ngx_str_t = unsafe { &mut us.as_mut().host };
+    if bytes.len() <= INLINE_BUILD_MAX_BYTES {
+        match crate::model::decode_servers(&bytes) {
+            // SAFETY: contract.
+            Ok(servers) => unsafe { install(srv, Generation::prepare(servers, name)) },
+            Err(e) => tracing::error!("upstream \"{}\": {e}; keeping the current servers", shm::upstream_name(srv)),
         }
+        return;
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let name = SendPtr(name);
+    let build = move || {
+        let name = name;
+        let _ = tx.send(crate::model::decode_servers(&bytes).map(|servers| Prepared(Generation::prepare(servers, name.0))));
     };
-    // SAFETY: us is the upstream conf of this cycle; its peer.data is an rr peers list (nginx's
-    // or ours); host outlives every generation of this cycle.
+    match super::worker::spawn_without_signals(Box::new(build), "upsync-build") {
+        Ok(_) => srv.building = Some(Pending { rx }),
+        Err(e) => {
+            // Retry on the next call.
+            srv.local_version = 0;
+            tracing::error!("upstream \"{}\": cannot start a thread to build the new list: {e}", shm::upstream_name(srv));
+        }
+    }
+}
+
+/// The upstream's name pointer, handed to the builder thread, which only stores it.
+struct SendPtr(*mut ngx_str_t);
+// SAFETY: see `Prepared`: the pointer is never dereferenced off the event loop.
+unsafe impl Send for SendPtr {}
+
+/// Installs `g` as the upstream's peer list, carrying over the state of servers that stay.
+///
+/// # Safety
+/// Worker main thread; `srv` is a synced upstream of the running cycle.
+unsafe fn install(srv: &mut SrvConf, mut g: Generation) {
+    let Some(mut us) = srv.us else { return };
+    // SAFETY: contract; us is the upstream conf of this cycle, its peer.data an rr peers list
+    // (nginx's or our current generation's).
     unsafe {
         let us = us.as_mut();
-        let generation = Generation::build(servers, us.peer.data as *const _, &mut us.host);
-        us.peer.data = generation.data();
-        srv.current = Some(Rc::new(generation));
+        let old = us.peer.data as *const ngx_http_upstream_rr_peers_t;
+        let previous = srv.current.as_deref().filter(|c| c.data() as *const ngx_http_upstream_rr_peers_t == old);
+        g.carry_over(old, previous);
+        us.peer.data = g.data();
     }
+    srv.current = Some(Rc::new(g));
 }
 
 /// `us->peer.init` of a synced upstream: catch up with the shared list, pin the generation the

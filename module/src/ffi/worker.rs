@@ -280,9 +280,18 @@ unsafe fn start_leading(w: &mut Worker) {
     };
     let mailbox = Mailbox::new(tx);
     log::set_waker(Some(mailbox.clone()));
-    match Poller::start(specs, mailbox, Box::new(spawn_without_signals)) {
+    match Poller::start(specs, mailbox, Box::new(|f| spawn_without_signals(f, "upsync-poller"))) {
         Ok(poller) => {
             tracing::info!("worker {} holds the Consul watches of {} upstream(s)", std::process::id(), main.upstreams.len());
+            // A list from Consul that no leader dumped yet (the first list of a
+            // strong_dependency=on upstream is read by the master): dump it once.
+            for (&srv, slot) in main.upstreams.iter().zip(&slots) {
+                if slot.meta.origin == Origin::Consul {
+                    // SAFETY: srv is a synced upstream conf of this cycle.
+                    let srv = unsafe { &*srv };
+                    request_dump(poller.mailbox(), srv, &shm::upstream_name(srv), &slot.servers);
+                }
+            }
             w.leader = Some(Leadership { poller, wake, slots });
         }
         Err(e) => {
@@ -324,9 +333,10 @@ unsafe fn stop_leading(w: &mut Worker, release: bool) {
     }
 }
 
-fn spawn_without_signals(f: Box<dyn FnOnce() + Send>) -> std::io::Result<std::thread::JoinHandle<()>> {
-    // nginx relies on process signals reaching the worker's main thread: the poller thread
-    // (and any thread it starts) inherits a mask that blocks them all.
+/// Starts a thread that never receives process signals.
+pub(super) fn spawn_without_signals(f: Box<dyn FnOnce() + Send>, name: &str) -> std::io::Result<std::thread::JoinHandle<()>> {
+    // nginx relies on process signals reaching the worker's main thread: our threads (and any
+    // thread they start) inherit a mask that blocks them all.
     // SAFETY: sigset_t is plain data; pthread_sigmask only changes this thread's mask, restored
     // right after the spawn.
     unsafe {
@@ -334,7 +344,7 @@ fn spawn_without_signals(f: Box<dyn FnOnce() + Send>) -> std::io::Result<std::th
         let mut old: libc::sigset_t = core::mem::zeroed();
         libc::sigfillset(&mut all);
         libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
-        let r = std::thread::Builder::new().name("upsync-poller".into()).spawn(f);
+        let r = std::thread::Builder::new().name(name.into()).spawn(f);
         libc::pthread_sigmask(libc::SIG_SETMASK, &old, ptr::null_mut());
         r
     }
@@ -445,13 +455,7 @@ unsafe fn apply_updates(w: &mut Worker) {
                         tracing::info!("upstream \"{name}\": {} server(s) from Consul at index {index} ({summary})", servers.len());
                         *meta = next;
                         state.servers = Arc::new(servers);
-                        if let Some(path) = &srv.sync.dump_path {
-                            l.poller.mailbox().request_dump(DumpRequest {
-                                upstream: name.clone(),
-                                path: path.clone(),
-                                servers: state.servers.clone(),
-                            });
-                        }
+                        request_dump(l.poller.mailbox(), srv, &name, &state.servers);
                         // SAFETY: main thread.
                         unsafe { peers::sync(srv) };
                     }
@@ -459,6 +463,7 @@ unsafe fn apply_updates(w: &mut Worker) {
                         tracing::error!("upstream \"{name}\": {e} (Consul index {index}, {} servers)", servers.len());
                         meta.last_error = Some(e);
                         meta.error_ms = now;
+                        meta.consul_index = index;
                         meta.watch = WatchHealth::Healthy;
                         // SAFETY: main thread; zone pointers of this cycle.
                         unsafe { shm::write_meta(pool, slot.as_ptr(), meta) };
@@ -467,7 +472,12 @@ unsafe fn apply_updates(w: &mut Worker) {
             }
             Update::Servers { index, .. } | Update::Synced { index, .. } => {
                 // An answer equal to the list installed (also after a failed install was
-                // followed by the previous list again).
+                // followed by the previous list again). A list from the dump file or the
+                // config that Consul confirms is now Consul's, and the dump file says so.
+                if meta.origin != Origin::Consul {
+                    meta.origin = Origin::Consul;
+                    request_dump(l.poller.mailbox(), srv, &name, &state.servers);
+                }
                 meta.consul_index = index;
                 meta.synced_ms = now;
                 meta.last_error = None;
@@ -494,5 +504,12 @@ unsafe fn apply_updates(w: &mut Worker) {
                 unsafe { shm::write_meta(pool, slot.as_ptr(), meta) };
             }
         }
+    }
+}
+
+/// Asks the poller thread to write the upstream's dump file (when it has one) with `servers`.
+fn request_dump(mailbox: &Mailbox, srv: &SrvConf, name: &str, servers: &Arc<Vec<Server>>) {
+    if let Some(path) = &srv.sync.dump_path {
+        mailbox.request_dump(DumpRequest { upstream: name.to_string(), path: path.clone(), servers: servers.clone() });
     }
 }
