@@ -18,7 +18,11 @@
 //! upstream's `version` in `upstream_show` must have moved by exactly one per change.
 //!
 //! Per size: max and p99.9 latency of both windows, the extra stall = max(change) - max(quiet),
-//! and the propagation; the worst of UPSYNC_BENCH_STALL_RUNS runs (default 3) is reported. The
+//! and the propagation; the worst of UPSYNC_BENCH_STALL_RUNS runs (default 3) is reported.
+//! On a loaded machine the stall is mostly time the workers wait for a core, so each size also
+//! measures, without traffic, the CPU one change costs each worker's event loop: on-CPU time of
+//! the worker's main thread (schedstat) in 4 s after one change minus 4 s without a change. That
+//! figure is what a request queued behind the change waits on an idle core. The
 //! module under test is `build/ngx_http_upsync_module.so` or UPSYNC_MODULE;
 //! UPSYNC_BENCH_STALL_LABEL names it in the output. Other settings: UPSYNC_BENCH_STALL_SIZES
 //! (default `1000,20000,50000`), UPSYNC_BENCH_WORKERS (2). Prints a markdown section; the runs
@@ -40,6 +44,9 @@ const REAL: usize = 4;
 const QUIET: Duration = Duration::from_secs(3);
 const CHANGE_MIN: Duration = Duration::from_secs(3);
 const TAIL: Duration = Duration::from_secs(1);
+/// Window of the event-loop CPU measurement (without traffic: idle workers install a new list
+/// at their next 200 ms tick).
+const CPU_WINDOW: Duration = Duration::from_secs(4);
 /// Consul refuses transactions of more than 64 operations.
 const TXN_OPS: usize = 64;
 const DOWN: &str = "{\"down\":1}";
@@ -100,6 +107,43 @@ struct Run {
     requests_per_worker: BTreeMap<u32, usize>,
     version_step: i64,
     loadavg: String,
+}
+
+/// On-CPU time of each worker's main thread (its event loop; the leader's Consul thread is
+/// another task), in ns, from the scheduler's accounting (`/proc/PID/task/PID/schedstat`).
+fn event_loop_cpu_ns(pids: &[u32]) -> Vec<u64> {
+    pids.iter()
+        .map(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/task/{p}/schedstat"))
+                .ok()
+                .and_then(|s| s.split_whitespace().next()?.parse().ok())
+                .unwrap_or(0)
+        })
+        .collect()
+}
+
+/// Event-loop CPU of the workers (ms each) over `CPU_WINDOW` after `f`, with no traffic.
+fn event_loop_cpu_ms(pids: &[u32], f: impl FnOnce()) -> Vec<f64> {
+    let before = event_loop_cpu_ns(pids);
+    f();
+    std::thread::sleep(CPU_WINDOW);
+    event_loop_cpu_ns(pids).iter().zip(before).map(|(a, b)| a.saturating_sub(b) as f64 / 1e6).collect()
+}
+
+#[derive(Clone, Debug, Default, serde::Serialize)]
+struct CpuRun {
+    servers: usize,
+    /// Event-loop CPU per worker (ms) in CPU_WINDOW without a change, then with one change.
+    idle_ms: Vec<f64>,
+    change_ms: Vec<f64>,
+    version_step: i64,
+}
+
+impl CpuRun {
+    /// The largest per-worker difference: CPU one change cost one event loop.
+    fn extra_ms(&self) -> f64 {
+        self.change_ms.iter().zip(&self.idle_ms).map(|(c, i)| c - i).fold(f64::MIN, f64::max)
+    }
 }
 
 fn loadavg() -> String {
@@ -233,6 +277,7 @@ fn main() -> anyhow::Result<()> {
 
     let mut loaded = 0usize; // fillers in Consul
     let mut results: Vec<Run> = Vec::new();
+    let mut cpu_results: Vec<CpuRun> = Vec::new();
     for &n in &sizes {
         let want = n - REAL - 1;
         if want > loaded {
@@ -337,37 +382,65 @@ fn main() -> anyhow::Result<()> {
             wait_list(&front, n, &probe, true)?;
             std::thread::sleep(Duration::from_secs(1));
         }
+
+        // Event-loop CPU of one change, without traffic: independent of how loaded the machine is.
+        for run in 0..runs {
+            let pids = front.active_worker_pids();
+            let v_before = wait_list(&front, n, &probe, true)?;
+            std::thread::sleep(Duration::from_secs(1));
+            let idle_ms = event_loop_cpu_ms(&pids, || {});
+            let change_ms = event_loop_cpu_ms(&pids, || consul.kv_put(&format!("upstreams/{UPSTREAM}/{probe}"), UP));
+            let v_after = wait_list(&front, n, &probe, false)?;
+            let r = CpuRun { servers: n, idle_ms, change_ms, version_step: v_after as i64 - v_before as i64 };
+            eprintln!(
+                "  {n} servers, CPU run {}: event-loop CPU per worker idle {:?} ms, with one change {:?} ms, version +{}",
+                run + 1,
+                r.idle_ms,
+                r.change_ms,
+                r.version_step
+            );
+            cpu_results.push(r);
+            consul.kv_put(&format!("upstreams/{UPSTREAM}/{probe}"), DOWN);
+            wait_list(&front, n, &probe, true)?;
+        }
     }
 
     println!("### Big upstreams: request stall around one change ({label}, {workers} nginx workers, {conns} keep-alive connections)\n");
     println!("Worst of {runs} runs per size; quiet window {} s, change window from the Consul write until every worker served the new server plus {} s (at least {} s).\n", QUIET.as_secs(), TAIL.as_secs(), CHANGE_MIN.as_secs());
-    println!("| servers | quiet max | quiet p99.9 | change max | change p99.9 | extra stall (max change - max quiet) | propagation to all workers | failed requests | load average |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+    println!("| servers | quiet max | quiet p99.9 | change max | change p99.9 | extra stall (max change - max quiet) | propagation to all workers | event-loop CPU of one change, per worker, no traffic | failed requests | load average |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
     let worst = |v: &[&Run], f: &dyn Fn(&Run) -> f64| v.iter().map(|r| f(r)).fold(f64::MIN, f64::max);
     let prop = |r: &Run| r.propagation_ms.values().map(|p| p.unwrap_or(f64::INFINITY)).fold(0.0, f64::max);
     for &n in &sizes {
         let rs: Vec<&Run> = results.iter().filter(|r| r.servers == n).collect();
         let p = worst(&rs, &prop);
         println!(
-            "| {n} | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | **{:.1} ms** | {} | {} | {} |",
+            "| {n} | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | **{:.1} ms** | {} | {:.1} ms | {} | {} |",
             worst(&rs, &|r| r.quiet.max_ms),
             worst(&rs, &|r| r.quiet.p999_ms),
             worst(&rs, &|r| r.change.max_ms),
             worst(&rs, &|r| r.change.p999_ms),
             worst(&rs, &|r| r.extra_stall_ms),
             if p.is_finite() { format!("{p:.0} ms") } else { "not within 60 s".into() },
+            cpu_results.iter().filter(|r| r.servers == n).map(CpuRun::extra_ms).fold(f64::MIN, f64::max),
             rs.iter().map(|r| r.quiet.failed + r.change.failed).sum::<usize>(),
             rs.iter().map(|r| r.loadavg.split(' ').next().unwrap_or("?")).collect::<Vec<_>>().join(", "),
         );
     }
+    println!(
+        "\nEvent-loop CPU: on-CPU time of each worker's main thread ({} s after one change minus {} s without), worst worker of {runs} runs.",
+        CPU_WINDOW.as_secs(),
+        CPU_WINDOW.as_secs()
+    );
     println!("\nModule: `{}`.", module.display());
     let out = upsync_tests::paths::build_dir().join("bench");
     std::fs::create_dir_all(&out)?;
-    let json = serde_json::json!({ "label": label, "module": module, "workers": workers, "connections": conns, "runs": results });
+    let json = serde_json::json!({ "label": label, "module": module, "workers": workers, "connections": conns, "runs": results, "cpu_runs": cpu_results });
     std::fs::write(out.join(format!("stall-{label}.json")), serde_json::to_string_pretty(&json)?)?;
-    let bad: Vec<&Run> = results.iter().filter(|r| r.version_step != 1 || r.propagation_ms.values().any(Option::is_none)).collect();
-    if !bad.is_empty() {
-        anyhow::bail!("{} run(s) did not see exactly one change reach every worker (see build/bench/stall-{label}.json)", bad.len());
+    let bad = results.iter().filter(|r| r.version_step != 1 || r.propagation_ms.values().any(Option::is_none)).count()
+        + cpu_results.iter().filter(|r| r.version_step != 1).count();
+    if bad > 0 {
+        anyhow::bail!("{bad} run(s) did not see exactly one change reach every worker (see build/bench/stall-{label}.json)");
     }
     Ok(())
 }
