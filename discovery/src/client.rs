@@ -15,7 +15,8 @@ use std::task::Poll;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use bytes::BytesMut;
+use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1;
 use hyper::header::{HeaderValue, CONTENT_TYPE, HOST, USER_AGENT};
 use hyper::Request;
@@ -106,6 +107,18 @@ const MAX_IDLE_PER_ADDRESS: usize = 8;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest Consul message quoted in an error.
 const MAX_MESSAGE: usize = 400;
+
+/// TCP keepalive on every Consul connection: the first probe after this much silence...
+pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(15);
+/// ...then one probe per interval...
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+/// ...and the connection is dropped after this many unanswered probes.
+pub const KEEPALIVE_PROBES: u32 = 3;
+/// Longest time a connection whose peer vanished without a FIN or RST (host powered off,
+/// network partition, a NAT or firewall that forgot the flow) goes unnoticed, whether it is idle
+/// in the pool, waiting in a blocking query, or has unacknowledged data in flight
+/// (`TCP_USER_TIMEOUT`, set to the same bound): 15 s + 3 x 5 s.
+pub const HALF_OPEN_BOUND: Duration = Duration::from_secs(15 + 3 * 5);
 
 impl Client {
     /// Checks `cfg`, loads the TLS files and the token file. Does no network I/O and needs no
@@ -229,7 +242,7 @@ impl Client {
                     None => (self.connect(address).await?, false),
                 };
                 let req = self.build_request(address, method, path, body)?;
-                match send(&mut conn.0, req, self.inner.cfg.max_response_bytes).await {
+                match send(&mut conn.0, req, self.inner.cfg.max_response_bytes, self.inner.cfg.request_timeout).await {
                     Ok(r) => {
                         if r.reusable {
                             self.checkin(i, conn.0);
@@ -238,6 +251,14 @@ impl Client {
                     }
                     Err(SendError::NotSent(_)) if conn.1 => continue,
                     Err(SendError::Failed(_)) if conn.1 && *method == Method::GET => continue,
+                    Err(SendError::Stalled) => {
+                        return Err(Error::Stalled {
+                            address: address.clone(),
+                            method: method.to_string(),
+                            path: path.to_string(),
+                            after: self.inner.cfg.request_timeout,
+                        })
+                    }
                     Err(SendError::TooLarge) => {
                         return Err(Error::TooLarge {
                             address: address.clone(),
@@ -279,7 +300,24 @@ impl Client {
             }
         };
         let status = raw.status.as_u16();
-        let index = header_u64(&raw.headers, "x-consul-index").unwrap_or(0);
+        let index = match consul_index(&raw.headers) {
+            Ok(i) => i.unwrap_or(0),
+            // Only reads need the index (a watch blocks on it); a write that went through is
+            // not failed because of a header it does not use.
+            Err(bad) if *method == Method::GET && ((200..300).contains(&status) || status == 404) => {
+                return Err(Error::Decode {
+                    address: address.clone(),
+                    path: path.to_string(),
+                    error: crate::decode::DecodeError {
+                        what: "X-Consul-Index header",
+                        message: format!(
+                            "{bad:?} is not a Consul index (a whole number below 2^64); the answer is not used and the last one is kept; check what sits between this client and Consul"
+                        ),
+                    },
+                })
+            }
+            Err(_) => 0,
+        };
         let known_leader = raw.headers.get("x-consul-knownleader").map(|v| v.as_bytes() != b"false").unwrap_or(true);
         tracing::debug!(address = %address, %method, path, status, index, elapsed_ms = started.elapsed().as_millis() as u64, "Consul request");
         if (200..300).contains(&status) || status == 404 {
@@ -340,6 +378,10 @@ impl Client {
             }
             let tcp = tcp.ok_or_else(|| fail(last))?;
             let _ = tcp.set_nodelay(true);
+            if let Err(e) = set_keepalive(&tcp) {
+                // Not fatal: the request timeouts still bound every exchange.
+                tracing::warn!(address = %address, "Consul: cannot enable TCP keepalive ({e}); a dead peer is then noticed only by the request timeout");
+            }
             let io: Box<dyn IoStream> = match address.scheme {
                 Scheme::Http => Box::new(tcp),
                 Scheme::Https => {
@@ -349,11 +391,11 @@ impl Client {
                     Box::new(s)
                 }
             };
-            let io_error = Arc::new(Mutex::new(None));
-            let io = RecordErrors { inner: io, last: io_error.clone() };
+            let shared = Arc::new(IoShared::default());
+            let io = RecordErrors { inner: io, shared: shared.clone() };
             let (sender, driver) =
                 http1::Builder::new().handshake(TokioIo::new(io)).await.map_err(|e| fail(format!("HTTP handshake: {e}")))?;
-            Ok(Conn { sender, driver: Box::pin(driver), idle_since: Instant::now(), io_error })
+            Ok(Conn { sender, driver: Box::pin(driver), idle_since: Instant::now(), shared })
         };
         match tokio::time::timeout(self.inner.cfg.connect_timeout, work).await {
             Ok(r) => r,
@@ -557,8 +599,15 @@ pub(crate) fn go_duration(d: Duration) -> String {
     }
 }
 
-fn header_u64(h: &hyper::HeaderMap, name: &str) -> Option<u64> {
-    h.get(name)?.to_str().ok()?.trim().parse().ok()
+/// `X-Consul-Index`: `Ok(None)` when absent, `Err(value)` (cut to 64 characters) when present
+/// but not a `u64` (empty, negative, not a number, above 2^64-1).
+fn consul_index(h: &hyper::HeaderMap) -> Result<Option<u64>, String> {
+    let Some(v) = h.get("x-consul-index") else { return Ok(None) };
+    let text = String::from_utf8_lossy(v.as_bytes());
+    match text.trim().parse::<u64>() {
+        Ok(i) if !text.trim().starts_with('+') => Ok(Some(i)),
+        _ => Err(text.chars().take(64).collect()),
+    }
 }
 
 /// Consul's error bodies are plain text; keep one line of at most MAX_MESSAGE characters.
@@ -772,22 +821,31 @@ struct Conn {
     sender: http1::SendRequest<Full<Bytes>>,
     driver: Pin<Box<http1::Connection<Io, Full<Bytes>>>>,
     idle_since: Instant,
-    /// The last I/O error on the socket: hyper closes an idle connection on a read error
-    /// without reporting it, and a TLS alert (client certificate refused) arrives that way.
-    io_error: Arc<Mutex<Option<String>>>,
+    /// What the socket wrapper saw (shared with it).
+    shared: Arc<IoShared>,
 }
 
-/// Passes I/O through and keeps the last error's text (hand-written: a few lines of
-/// delegation no crate offers in this form).
+/// State the socket wrapper records for [`send`].
+#[derive(Default)]
+struct IoShared {
+    /// The last I/O error on the socket: hyper closes an idle connection on a read error
+    /// without reporting it, and a TLS alert (client certificate refused) arrives that way.
+    last_error: Mutex<Option<String>>,
+    /// When the first byte of the current exchange's answer arrived (reset by [`send`]).
+    first_read: Mutex<Option<Instant>>,
+}
+
+/// Passes I/O through and keeps the last error's text and the time of the first byte read
+/// (hand-written: a few lines of delegation no crate offers in this form).
 struct RecordErrors<T> {
     inner: T,
-    last: Arc<Mutex<Option<String>>>,
+    shared: Arc<IoShared>,
 }
 
 impl<T> RecordErrors<T> {
     fn note<R>(&self, r: Poll<std::io::Result<R>>) -> Poll<std::io::Result<R>> {
         if let Poll::Ready(Err(e)) = &r {
-            *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+            *self.shared.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
         }
         r
     }
@@ -795,7 +853,12 @@ impl<T> RecordErrors<T> {
 
 impl<T: AsyncRead + Unpin> AsyncRead for RecordErrors<T> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &mut tokio::io::ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            let mut first = self.shared.first_read.lock().unwrap_or_else(|p| p.into_inner());
+            first.get_or_insert_with(Instant::now);
+        }
         self.note(r)
     }
 }
@@ -830,6 +893,14 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for RecordErrors<T> {
     }
 }
 
+/// Keepalive probes and `TCP_USER_TIMEOUT` (see [`HALF_OPEN_BOUND`]).
+fn set_keepalive(tcp: &TcpStream) -> std::io::Result<()> {
+    let sock = socket2::SockRef::from(tcp);
+    let ka = socket2::TcpKeepalive::new().with_time(KEEPALIVE_IDLE).with_interval(KEEPALIVE_INTERVAL).with_retries(KEEPALIVE_PROBES);
+    sock.set_tcp_keepalive(&ka)?;
+    sock.set_tcp_user_timeout(Some(HALF_OPEN_BOUND))
+}
+
 struct RawResponse {
     status: hyper::StatusCode,
     headers: hyper::HeaderMap,
@@ -842,18 +913,30 @@ enum SendError {
     NotSent(String),
     /// It may have been written.
     Failed(String),
+    /// The body is larger than the limit (declared in `Content-Length` or counted as it came).
     TooLarge,
+    /// The answer began but was not complete within the transfer limit.
+    Stalled,
 }
 
 /// Sends `req` on `conn` and reads the whole body, polling the connection's driver in the same
 /// future (hand-written because hyper's pooled client needs an executor to spawn connection
 /// tasks on; this keeps every byte of I/O inside the caller's future).
-async fn send(conn: &mut Conn, req: Request<Full<Bytes>>, limit: usize) -> Result<RawResponse, SendError> {
-    let Conn { sender, driver, io_error: conn_io_error, .. } = conn;
+///
+/// Memory: the body is never held beyond `limit` bytes: a `Content-Length` above it is refused
+/// before any of the body is read, and a chunked body is counted as it arrives and dropped
+/// (with its connection) as soon as it passes the limit. Time: from the first byte of the
+/// answer (Consul sends nothing while a blocking query waits, then the whole answer at once),
+/// the rest must arrive within `transfer`, so a connection that stalls mid-answer or trickles
+/// a byte a second is closed after `transfer`, whatever the blocking query's own timeout.
+async fn send(conn: &mut Conn, req: Request<Full<Bytes>>, limit: usize, transfer: Duration) -> Result<RawResponse, SendError> {
+    let Conn { sender, driver, shared, .. } = conn;
+    *shared.first_read.lock().unwrap_or_else(|p| p.into_inner()) = None;
     let mut driver_done = false;
     // Why the connection ended, when it did: more telling than the request's "canceled"
     // (e.g. a TLS alert from a server that wants a client certificate).
     let mut driver_err: Option<String> = None;
+    let mut deadline: Option<Pin<Box<tokio::time::Sleep>>> = None;
     let exchange = async {
         std::future::poll_fn(|cx| sender.poll_ready(cx)).await.map_err(|e| SendError::NotSent(e.to_string()))?;
         let resp = sender.try_send_request(req).await.map_err(|mut e| {
@@ -863,15 +946,23 @@ async fn send(conn: &mut Conn, req: Request<Full<Bytes>>, limit: usize) -> Resul
                 SendError::Failed(error_chain(e.error()))
             }
         })?;
-        let (parts, body) = resp.into_parts();
-        let body = Limited::new(body, limit).collect().await.map_err(|e| {
-            if e.is::<http_body_util::LengthLimitError>() {
-                SendError::TooLarge
-            } else {
-                SendError::Failed(format!("reading the body: {e}"))
+        let (parts, mut body) = resp.into_parts();
+        let declared =
+            parts.headers.get(hyper::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit as u64) {
+            return Err(SendError::TooLarge);
+        }
+        let mut buf = BytesMut::with_capacity(declared.unwrap_or(0) as usize);
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| SendError::Failed(format!("reading the body: {}", error_chain(&e))))?;
+            if let Ok(data) = frame.into_data() {
+                if buf.len() + data.len() > limit {
+                    return Err(SendError::TooLarge);
+                }
+                buf.extend_from_slice(&data);
             }
-        })?;
-        Ok((parts, body.to_bytes()))
+        }
+        Ok((parts, buf.freeze()))
     };
     let result = {
         let mut exchange = std::pin::pin!(exchange);
@@ -890,11 +981,21 @@ async fn send(conn: &mut Conn, req: Request<Full<Bytes>>, limit: usize) -> Resul
                     return exchange.as_mut().poll(cx);
                 }
             }
+            if deadline.is_none() {
+                if let Some(t) = *shared.first_read.lock().unwrap_or_else(|p| p.into_inner()) {
+                    deadline = Some(Box::pin(tokio::time::sleep_until(t + transfer)));
+                }
+            }
+            if let Some(d) = deadline.as_mut() {
+                if d.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Err(SendError::Stalled));
+                }
+            }
             Poll::Pending
         })
         .await
     };
-    let driver_err = driver_err.or_else(|| conn_io_error.lock().unwrap_or_else(|p| p.into_inner()).take());
+    let driver_err = driver_err.or_else(|| shared.last_error.lock().unwrap_or_else(|p| p.into_inner()).take());
     let (parts, body) = match (result, driver_err) {
         (Err(SendError::NotSent(_)), Some(why)) => return Err(SendError::NotSent(why)),
         (Err(SendError::Failed(_)), Some(why)) => return Err(SendError::Failed(why)),
@@ -939,6 +1040,157 @@ mod tests {
         assert_eq!(consul_message(b"  Permission denied\n"), "Permission denied");
         assert_eq!(consul_message(b""), "(empty body)");
         assert!(consul_message(&[b'x'; 5000]).len() < 420);
+    }
+
+    #[test]
+    fn consul_index_header_is_a_u64_or_an_error() {
+        let h = |v: &str| {
+            let mut m = hyper::HeaderMap::new();
+            m.insert("x-consul-index", HeaderValue::from_str(v).unwrap());
+            consul_index(&m)
+        };
+        assert_eq!(consul_index(&hyper::HeaderMap::new()), Ok(None));
+        assert_eq!(h("42"), Ok(Some(42)));
+        assert_eq!(h(" 7 "), Ok(Some(7)));
+        assert_eq!(h("18446744073709551615"), Ok(Some(u64::MAX)));
+        for bad in ["abc", "-5", "18446744073709551616", "", "+5", "1.5", "0x10"] {
+            assert!(h(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    // The tests below put a raw socket on loopback in Consul's place to produce what Consul
+    // never sends (a stalled or trickling answer, a body without end, a garbage index): the
+    // client's protocol handling is what is tested. The same faults against real Consul behind
+    // a fault proxy: tests/tests/module_consul_faults.rs.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A listener that runs `answer` on each connection after reading the request head.
+    async fn raw_server<F, Fut>(answer: F) -> (Client, tokio::task::JoinHandle<()>)
+    where
+        F: Fn(TcpStream) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = l.accept().await else { return };
+                let mut head = Vec::new();
+                let mut b = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut b).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => head.extend_from_slice(&b[..n]),
+                    }
+                }
+                tokio::spawn(answer(s));
+            }
+        });
+        let mut cfg = ConsulConfig::from_addresses(&format!("127.0.0.1:{port}")).unwrap();
+        cfg.request_timeout = Duration::from_millis(300);
+        cfg.max_response_bytes = 1 << 20;
+        (Client::new(cfg).unwrap(), task)
+    }
+
+    fn blocking() -> Option<Blocking> {
+        // The overall timeout is then 300 ms + 5 s + 5 s/16: any error before that is the
+        // transfer limit's doing.
+        Some(Blocking { index: 1, wait: Duration::from_secs(5) })
+    }
+
+    #[tokio::test]
+    async fn a_garbage_index_is_a_decode_error_not_index_zero() {
+        let (c, _t) = raw_server(|mut s| async move {
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nX-Consul-Index: abc\r\nContent-Length: 2\r\n\r\n[]").await;
+            tokio::time::sleep(Duration::from_secs(10)).await;
+        })
+        .await;
+        match c.get("/v1/kv/x?recurse", blocking()).await {
+            Err(Error::Decode { error, .. }) => assert!(error.to_string().contains("\"abc\" is not a Consul index"), "{error}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_stalled_mid_way_is_cut_by_the_transfer_limit() {
+        let (c, _t) = raw_server(|mut s| async move {
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nX-Consul-Index: 5\r\nContent-Length: 100\r\n\r\n[{\"Key\":").await;
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        })
+        .await;
+        let started = Instant::now();
+        match c.get("/v1/kv/x?recurse", blocking()).await {
+            Err(e @ Error::Stalled { .. }) => assert!(e.to_string().contains("not complete 300ms later"), "{e}"),
+            other => panic!("{other:?} after {:?}", started.elapsed()),
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "cut after {:?}, by the blocking query's timeout", started.elapsed());
+    }
+
+    #[tokio::test]
+    async fn a_trickling_answer_is_cut_by_the_transfer_limit() {
+        let (c, _t) = raw_server(|mut s| async move {
+            for b in b"HTTP/1.1 200 OK\r\nX-Consul-Index: 5\r\nContent-Length: 2\r\n\r\n[]" {
+                if s.write_all(&[*b]).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        assert!(matches!(c.get("/v1/kv/x?recurse", blocking()).await, Err(Error::Stalled { .. })));
+    }
+
+    #[tokio::test]
+    async fn an_endless_chunked_body_is_dropped_at_the_limit() {
+        let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = sent.clone();
+        let (c, _t) = raw_server(move |mut s| {
+            let sent = counter.clone();
+            async move {
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nX-Consul-Index: 5\r\nTransfer-Encoding: chunked\r\n\r\n").await;
+                let chunk = [b'x'; 65536];
+                let head = format!("{:x}\r\n", chunk.len());
+                // Up to 300 MB, as long as the client reads.
+                for _ in 0..4800 {
+                    if s.write_all(head.as_bytes()).await.is_err()
+                        || s.write_all(&chunk).await.is_err()
+                        || s.write_all(b"\r\n").await.is_err()
+                    {
+                        return;
+                    }
+                    sent.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                }
+            }
+        })
+        .await;
+        assert!(matches!(c.get("/v1/kv/x?recurse", None).await, Err(Error::TooLarge { limit: 1048576, .. })));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let n = sent.load(Ordering::Relaxed);
+        assert!(n < 32 << 20, "the server could send {n} bytes: the client kept reading past its 1 MiB limit");
+    }
+
+    #[tokio::test]
+    async fn a_declared_length_above_the_limit_is_refused_unread() {
+        let (c, _t) = raw_server(|mut s| async move {
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nX-Consul-Index: 5\r\nContent-Length: 314572800\r\n\r\n").await;
+            tokio::time::sleep(Duration::from_secs(10)).await;
+        })
+        .await;
+        assert!(matches!(c.get("/v1/kv/x?recurse", blocking()).await, Err(Error::TooLarge { .. })));
+    }
+
+    #[tokio::test]
+    async fn consul_connections_have_keepalive_and_a_user_timeout() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let s = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        set_keepalive(&s).unwrap();
+        let r = socket2::SockRef::from(&s);
+        assert!(r.keepalive().unwrap());
+        assert_eq!(r.tcp_keepalive_time().unwrap(), KEEPALIVE_IDLE);
+        assert_eq!(r.tcp_keepalive_interval().unwrap(), KEEPALIVE_INTERVAL);
+        assert_eq!(r.tcp_keepalive_retries().unwrap(), KEEPALIVE_PROBES);
+        assert_eq!(r.tcp_user_timeout().unwrap(), Some(HALF_OPEN_BOUND));
+        assert_eq!(KEEPALIVE_IDLE + KEEPALIVE_INTERVAL * KEEPALIVE_PROBES, HALF_OPEN_BOUND);
     }
 
     #[test]

@@ -25,6 +25,12 @@ pub enum Error {
     #[error("Consul at {address} did not answer {method} {path} within {after:?}")]
     Timeout { address: ConsulAddr, method: String, path: String, after: Duration },
 
+    /// Consul began to answer but the answer did not complete within the transfer limit
+    /// (`request_timeout`, counted from its first byte): a connection that stalls mid-body or
+    /// trickles bytes. The connection is closed.
+    #[error("Consul at {address} began answering {method} {path} but the answer was not complete {after:?} later (stalled or trickling connection); the connection was closed; check the network path to Consul (proxies, load balancers, packet loss)")]
+    Stalled { address: ConsulAddr, method: String, path: String, after: Duration },
+
     /// The connection broke during the exchange, or the answer was not valid HTTP.
     #[error("HTTP exchange with Consul at {address} failed ({method} {path}): {message}")]
     Transport { address: ConsulAddr, method: String, path: String, message: String },
@@ -66,7 +72,7 @@ impl Error {
     /// transient.
     pub fn is_transient(&self) -> bool {
         match self {
-            Error::Connect { .. } | Error::Timeout { .. } | Error::Transport { .. } => true,
+            Error::Connect { .. } | Error::Timeout { .. } | Error::Stalled { .. } | Error::Transport { .. } => true,
             Error::Http { status: 429, .. } => true,
             Error::Http { status, message, .. } if *status >= 500 => !PERMANENT_500.iter().any(|m| message.contains(m)),
             _ => false,
@@ -88,6 +94,7 @@ impl Error {
             Error::Connect { address, .. }
             | Error::Tls { address, .. }
             | Error::Timeout { address, .. }
+            | Error::Stalled { address, .. }
             | Error::Transport { address, .. }
             | Error::AclDenied { address, .. }
             | Error::Http { address, .. }
@@ -99,7 +106,7 @@ impl Error {
     /// Whether trying another Consul address may help (the address itself is the problem).
     pub(crate) fn should_fail_over(&self) -> bool {
         match self {
-            Error::Connect { .. } | Error::Tls { .. } | Error::Timeout { .. } | Error::Transport { .. } => true,
+            Error::Connect { .. } | Error::Tls { .. } | Error::Timeout { .. } | Error::Stalled { .. } | Error::Transport { .. } => true,
             Error::Http { status, .. } => *status >= 500 || *status == 429,
             _ => false,
         }

@@ -7,7 +7,7 @@
 //! ```text
 //! upsync ADDR[,ADDR...]/PATH [upsync_type=consul|consul_services|consul_health]
 //!        [upsync_interval=TIME] [upsync_timeout=TIME] [strong_dependency=on|off]
-//!        [dc=NAME]* [stale|consistent]* [health=down|omit]*;
+//!        [dc=NAME]* [stale|consistent]* [health=down|omit]* [max_body=SIZE]*;
 //! upsync_dump_path PATH;
 //! upsync_lb round_robin|least_conn|ip_hash;
 //! upsync_token TOKEN;* / upsync_token_file PATH;*
@@ -74,6 +74,8 @@ pub struct Upsync {
     pub strong_dependency: bool,
     pub datacenter: Option<String>,
     pub consistency: Consistency,
+    /// `max_body=SIZE`: the largest Consul answer accepted (the body is never buffered beyond it).
+    pub max_body: usize,
 }
 
 /// Everything one upstream block says about syncing, gathered from all directives.
@@ -110,6 +112,13 @@ pub const DEFAULT_INTERVAL: Duration = Duration::from_millis(500);
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(6 * 60);
 /// How many polls may follow each other without waiting for the bucket to refill.
 pub const BURST: u32 = 10;
+/// Largest Consul answer accepted by default. Consul 1.8's compact JSON takes ~130 bytes per
+/// KV server and ~1 KB per health instance (`discovery/testdata`), so 64 MiB holds a KV list of
+/// ~500,000 servers or a health list of ~60,000 instances, while a runaway answer (a wrong path,
+/// a proxy's error page, a hostile peer) costs the leader worker at most this much memory.
+pub const DEFAULT_MAX_BODY: usize = 64 << 20;
+/// Smallest `max_body`: an answer listing a few servers, with room to spare.
+pub const MIN_MAX_BODY: usize = 4 << 10;
 
 /// Parses `upsync`'s arguments (without the directive name).
 pub fn parse_upsync(args: &[&str]) -> Result<Upsync, String> {
@@ -124,6 +133,7 @@ pub fn parse_upsync(args: &[&str]) -> Result<Upsync, String> {
     let mut datacenter = None;
     let mut consistency = Consistency::Default;
     let mut omit_unhealthy = false;
+    let mut max_body = DEFAULT_MAX_BODY;
     for p in params {
         if let Some(v) = p.strip_prefix("upsync_type=") {
             kind = match v {
@@ -148,6 +158,11 @@ pub fn parse_upsync(args: &[&str]) -> Result<Upsync, String> {
                 return Err(format!("invalid dc \"{v}\": a datacenter name has letters, digits, '-', '_' or '.'"));
             }
             datacenter = Some(v.to_string());
+        } else if let Some(v) = p.strip_prefix("max_body=") {
+            max_body = parse_size(v).map_err(|e| format!("invalid max_body \"{v}\": {e}"))?;
+            if max_body < MIN_MAX_BODY {
+                return Err(format!("max_body={v} is too small: a Consul answer listing a few servers needs more, use at least 4k"));
+            }
         } else if *p == "stale" {
             consistency = Consistency::Stale;
         } else if *p == "consistent" {
@@ -161,7 +176,7 @@ pub fn parse_upsync(args: &[&str]) -> Result<Upsync, String> {
         } else {
             return Err(format!(
                 "unknown parameter \"{p}\": expected upsync_type=, upsync_interval=, upsync_timeout=, \
-                 strong_dependency=, dc=, stale, consistent or health="
+                 strong_dependency=, dc=, stale, consistent, health= or max_body="
             ));
         }
     }
@@ -169,7 +184,7 @@ pub fn parse_upsync(args: &[&str]) -> Result<Upsync, String> {
     if omit_unhealthy && !matches!(source, Source::HealthService { .. }) {
         return Err("health= applies only to upsync_type=consul_health".into());
     }
-    Ok(Upsync { addresses, path, source, interval, timeout, strong_dependency, datacenter, consistency })
+    Ok(Upsync { addresses, path, source, interval, timeout, strong_dependency, datacenter, consistency, max_body })
 }
 
 fn source_for(kind: &str, path: &str, omit_unhealthy: bool) -> Result<Source, String> {
@@ -420,6 +435,7 @@ mod tests {
         let d = up("127.0.0.1:8500/v1/catalog/service/api upsync_type=consul_services").unwrap();
         assert_eq!(d.interval, DEFAULT_INTERVAL);
         assert_eq!(d.timeout, DEFAULT_TIMEOUT);
+        assert_eq!(d.max_body, DEFAULT_MAX_BODY);
         assert_eq!(d.source, Source::CatalogService { name: "api".into() });
         let v6 = up("[::1]:8500/v1/kv/x").unwrap();
         assert_eq!(v6.addresses[0].host, "::1");
@@ -447,6 +463,10 @@ mod tests {
             ("127.0.0.1:8500/v1/kv/x dc=a/b", "invalid dc"),
             ("127.0.0.1:8500/v1/kv/x health=omit", "only to upsync_type=consul_health"),
             ("127.0.0.1:8500/v1/kv/x foo=bar", "unknown parameter \"foo=bar\""),
+            ("127.0.0.1:8500/v1/kv/x max_body=lots", "invalid max_body \"lots\""),
+            ("127.0.0.1:8500/v1/kv/x max_body=", "invalid max_body"),
+            ("127.0.0.1:8500/v1/kv/x max_body=1k", "too small"),
+            ("127.0.0.1:8500/v1/kv/x max_body=99999999999g", "too large"),
             ("127.0.0.1:8500/v1/kv/x?recurse", "query string"),
             ("user:pw@127.0.0.1:8500/v1/kv/x", "credentials"),
         ];
@@ -454,6 +474,14 @@ mod tests {
             let e = up(args).expect_err(args);
             assert!(e.contains(want), "{args}: {e:?} does not contain {want:?}");
         }
+    }
+
+    #[test]
+    fn max_body_sizes() {
+        let u = up("127.0.0.1:8500/v1/kv/x max_body=16m").unwrap();
+        assert_eq!(u.max_body, 16 << 20);
+        assert_eq!(up("127.0.0.1:8500/v1/kv/x max_body=4096").unwrap().max_body, MIN_MAX_BODY);
+        assert_eq!(up("127.0.0.1:8500/v1/kv/x max_body=1G").unwrap().max_body, 1 << 30);
     }
 
     #[test]

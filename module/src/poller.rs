@@ -290,6 +290,8 @@ pub fn consul_config(sync: &UpstreamSync) -> Result<ConsulConfig, String> {
             Consistency::Stale => upsync_discovery::Consistency::Stale,
             Consistency::Consistent => upsync_discovery::Consistency::Consistent,
         },
+        // upsync max_body= (consul-faults branch): the body limit of every Consul answer.
+        max_response_bytes: u.max_body,
         ..ConsulConfig::default()
     };
     cfg.validate().map_err(|e| e.to_string())?;

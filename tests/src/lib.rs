@@ -6,6 +6,8 @@
 //! - [`nginx::Nginx`]: Debian's `/usr/sbin/nginx` with the built module, its own prefix, config,
 //!   pid file and logs in the test's directory.
 //! - [`backend::Backend`]: small HTTP servers that answer with their own name.
+//! - [`faultproxy::FaultProxy`]: a TCP proxy in front of real Consul that stalls, drops,
+//!   trickles, floods or corrupts its answers on demand.
 //! - [`TestDir`]: a per-test directory, removed when the test passes, kept (and its path printed)
 //!   when it fails, so the logs of a failed test can be read.
 //!
@@ -16,6 +18,7 @@
 pub mod backend;
 pub mod consul;
 pub mod dns;
+pub mod faultproxy;
 pub mod load;
 pub mod net;
 pub mod nginx;

@@ -146,3 +146,30 @@ fn futures_are_send_and_the_client_is_sync() {
     send(&fetch_once(&c, &Query::Services));
     send(&c.kv_put("k", b"v", None));
 }
+
+/// A garbage `X-Consul-Index` (the client turns it into a decode error): the watch keeps its
+/// index and value, backs off exponentially (no hot loop) and keeps blocking on the index it
+/// had, never on 0.
+#[test]
+fn a_garbage_index_backs_off_and_keeps_index_and_value() {
+    let mut w = watch();
+    changed_addrs(w.on_result(resp(10, 200, kv_body(&["10.0.0.1:80"]))));
+    let garbage = || {
+        Err(Error::Decode {
+            address: ConsulAddr::parse("127.0.0.1:1").unwrap(),
+            path: "/v1/kv/up/app?recurse".into(),
+            error: crate::decode::DecodeError { what: "X-Consul-Index header", message: "\"abc\" is not a Consul index".into() },
+        })
+    };
+    let mut previous = Duration::ZERO;
+    for n in 1..=6 {
+        let Some(WatchEvent::Error { attempt, index, retry_in, .. }) = w.on_result(garbage()) else { panic!() };
+        assert_eq!((attempt, index, w.index(), w.resync), (n, 10, 10, false));
+        let floor = w.opts.backoff.initial.saturating_mul(1 << (n - 1)).min(w.opts.backoff.max) / 2;
+        assert!(retry_in >= floor && retry_in >= previous / 2, "attempt {n}: {retry_in:?}");
+        previous = retry_in;
+    }
+    assert_eq!(changed_addrs(Some(WatchEvent::Changed { value: w.last().unwrap().clone(), index: 10, skipped: vec![] })), ["10.0.0.1:80"]);
+    assert_eq!(changed_addrs(w.on_result(resp(12, 200, kv_body(&["10.0.0.2:80"])))), ["10.0.0.2:80"]);
+    assert_eq!(w.index(), 12);
+}
