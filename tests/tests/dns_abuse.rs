@@ -276,15 +276,16 @@ fn accept_loops_back_off_when_out_of_file_descriptors() {
         held.push(TcpStream::connect(metrics_addr).expect("TCP connect to the HTTP endpoint"));
     }
     wait_until("the descriptor table full", Duration::from_secs(10), || count_fds(pid) >= 63);
-    wait_until("the DNS accept loop warned", Duration::from_secs(10), || dns.log().contains("cannot accept connections"));
+    std::thread::sleep(Duration::from_millis(300));
     let before = cpu_ticks(pid);
     std::thread::sleep(Duration::from_secs(2));
     let used = cpu_ticks(pid) - before;
     println!("EMFILE: {used} clock ticks of CPU in 2 s");
     // A spinning accept loop uses a whole core: ~200 ticks (at 100 Hz) in 2 s.
-    assert!(used < 50, "the server used {used} ticks of CPU in 2 s while out of descriptors (spinning?)");
+    assert!(used < 30, "the server used {used} ticks of CPU in 2 s while out of descriptors (spinning?)");
     let d = dns.dig(&["web.service.upsync.", "A"]);
     assert_eq!(d.data("A"), ["127.0.0.61"], "UDP still answers: {}", d.raw);
+    wait_until("the DNS accept loop warned", Duration::from_secs(10), || dns.log().contains("cannot accept connections"));
     let log = dns.log();
     let warnings = log.lines().filter(|l| l.contains("DNS over TCP on") && l.contains("cannot accept connections")).count();
     assert_eq!(warnings, 1, "one warning per burst:\n{log}");
