@@ -626,6 +626,30 @@ mod tests {
     }
 
     #[test]
+    fn rate_limiting_tcp_bounds_and_open_recursion() {
+        let c = from_toml("", &[]).unwrap();
+        assert_eq!((c.server.rrl.rate, c.server.rrl.slip, c.server.max_tcp_connections), (20, 2, 256));
+        assert_eq!(c.server.rrl.exempt, c.forward.allow_recursion, "allow_recursion is exempt");
+        assert!(c.warnings().is_empty());
+        let c = from_toml(
+            "[rrl]\nresponses_per_second = 5\nslip = 1\nwindow = \"3s\"\nipv4_prefix_length = 32\n[dns]\nmax_tcp_connections = 10\n",
+            &["--allow-recursion", "10.0.0.0/8"],
+        )
+        .unwrap();
+        assert_eq!((c.server.rrl.rate, c.server.rrl.slip, c.server.rrl.ipv4_prefix, c.server.max_tcp_connections), (5, 1, 32, 10));
+        assert_eq!(c.server.rrl.window, Duration::from_secs(3));
+        assert_eq!(c.server.rrl.exempt, ["10.0.0.0/8".parse::<IpNet>().unwrap()]);
+        assert_eq!(from_toml("", &["--rrl-rate", "0"]).unwrap().server.rrl.rate, 0);
+        for bad in ["[rrl]\nipv4_prefix_length = 33", "[rrl]\nwindow = \"0s\"", "[dns]\nmax_tcp_connections = 0", "[rrl]\nrate = 1"] {
+            assert!(from_toml(bad, &[]).is_err(), "{bad}");
+        }
+        let open = from_toml("", &["--allow-recursion", "0.0.0.0/0,::/0"]).unwrap();
+        let w = open.warnings();
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(w[0].contains("0.0.0.0/0") && w[1].contains("::/0"), "{w:?}");
+    }
+
+    #[test]
     fn flags_as_named_in_the_issue() {
         let c = from_toml("", &["--consul", "127.0.0.1:1,127.0.0.1:2", "--listen", "127.0.0.1:5353", "--zone", "Apps.Example"]).unwrap();
         assert_eq!(c.feed.consul.addresses.len(), 2);

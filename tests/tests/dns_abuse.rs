@@ -203,6 +203,11 @@ fn idle_tcp_connections_are_bounded_and_shed() {
     consul.register_service(&json!({"ID": "w1", "Name": "web", "Address": "127.0.0.61", "Port": 80}));
     wait_dig(&dns, "web registered", &["web.service.upsync.", "A"], |d| d.data("A") == ["127.0.0.61"]);
 
+    // A client sending one byte of a query and nothing more: not idle (never shed), closed
+    // when the query is not complete within the idle timeout.
+    let mut slow = TcpStream::connect(dns.addr()).expect("TCP connect");
+    std::io::Write::write_all(&mut slow, &[0]).unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let start = Instant::now();
     let mut idle: Vec<TcpStream> = (0..48).map(|_| TcpStream::connect(dns.addr()).expect("TCP connect")).collect();
     for s in &idle {
@@ -236,6 +241,9 @@ fn idle_tcp_connections_are_bounded_and_shed() {
     assert!(dns.metric("upsync_dns_tcp_connections").unwrap_or(99.0) <= 16.0, "{}", dns.metrics());
     // The rest are closed by the idle timeout.
     wait_until("every idle connection closed", Duration::from_secs(30), || closed(&mut idle) == 48);
+    let mut b = [0u8; 1];
+    assert!(matches!(slow.read(&mut b), Ok(0) | Err(_)), "the slow client is closed");
+    assert!(start.elapsed() < Duration::from_secs(25), "closed by the 6 s timeout, not by the test's own");
 }
 
 /// CPU time (user + system) of `pid`, in clock ticks.
