@@ -10,10 +10,13 @@
 //! - `ns.ZONE` (the NS target when inside the zone): the configured name-server addresses.
 //!
 //! Reverse names: PTR for every registered instance address → `NAME.ZONE`.
+//!
+//! `ANY` is answered minimally (RFC 8482): one HINFO "RFC8482" for a service name, the SOA
+//! alone at the apex, the one address of an `addr` name.
 use std::net::IpAddr;
 
 use hickory_proto::op::ResponseCode;
-use hickory_proto::rr::rdata::{A, AAAA, PTR, SRV, TXT};
+use hickory_proto::rr::rdata::{A, AAAA, HINFO, PTR, SRV, TXT};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 
 use crate::names::{is_reverse, parse_ip_label, parse_reverse, ADDR_LABEL};
@@ -91,10 +94,8 @@ impl Snapshot {
                     out.answers.push(self.ns.clone());
                     out.additional.extend(self.ns_glue.iter().cloned());
                 }
-                RecordType::ANY => {
-                    out.answers.push(self.soa.clone());
-                    out.answers.push(self.ns.clone());
-                }
+                // RFC 8482: one RRset for ANY.
+                RecordType::ANY => out.answers.push(self.soa.clone()),
                 _ => nodata(out),
             },
             1 => {
@@ -184,9 +185,11 @@ impl Service {
         match qtype {
             RecordType::A => push_rotated(&view.v4, params, &mut out.answers, |a| rec(RData::A(A(*a)))),
             RecordType::AAAA => push_rotated(&view.v6, params, &mut out.answers, |a| rec(RData::AAAA(AAAA(*a)))),
-            RecordType::ANY => {
-                push_rotated(&view.v4, params, &mut out.answers, |a| rec(RData::A(A(*a))));
-                push_rotated(&view.v6, params, &mut out.answers, |a| rec(RData::AAAA(AAAA(*a))));
+            // RFC 8482 (4.2): ANY is answered with one synthesized HINFO record, however many
+            // instances the name has: ANY cannot be used to amplify, and a resolver asking
+            // ANY gets a positive answer it may cache.
+            RecordType::ANY if !view.v4.is_empty() || !view.v6.is_empty() || !view.srv.is_empty() => {
+                out.answers.push(rec(RData::HINFO(HINFO::new("RFC8482".into(), String::new()))))
             }
             RecordType::SRV => {
                 push_rotated(&view.srv, params, &mut out.answers, |&i| {
@@ -336,6 +339,19 @@ mod tests {
         // v2 exists only on a failing instance: the name exists, it has no usable answer.
         assert!(is_nodata(&ask(&s, "v2.web.service.upsync.", RecordType::A)));
         assert!(is_nxdomain(&ask(&s, "v3.web.service.upsync.", RecordType::A)));
+    }
+
+    #[test]
+    fn any_is_answered_minimally() {
+        let many: Vec<_> = (0..200).map(|i| inst("big", &format!("b{i}"), &format!("10.2.0.{}", i + 1), 80)).collect();
+        let s = Snapshot::build(1, zone(), many);
+        let a = ask(&s, "big.service.upsync.", RecordType::ANY);
+        assert_eq!(a.answers.len(), 1);
+        assert!(matches!(&a.answers[0].data, RData::HINFO(h) if &*h.cpu == b"RFC8482"), "{:?}", a.answers);
+        assert!(a.additional.is_empty() && a.authority.is_empty());
+        let apex = ask(&s, "service.upsync.", RecordType::ANY);
+        assert_eq!(apex.answers.iter().map(|r| r.record_type()).collect::<Vec<_>>(), [RecordType::SOA]);
+        assert!(is_nxdomain(&ask(&s, "nope.service.upsync.", RecordType::ANY)));
     }
 
     #[test]

@@ -5,18 +5,15 @@ use std::time::Duration;
 
 use anyhow::Context;
 use arc_swap::ArcSwap;
-use hickory_server::server::Server;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::config::{Config, LogFormat};
 use crate::feed::Feed;
 use crate::forward::Forwarder;
 use crate::metrics::Metrics;
-use crate::server::{Responder, Shared, TcpHandler, UdpServer};
+use crate::server::{Responder, Shared, UdpServer};
 use crate::snapshot::Snapshot;
-
-/// Largest TCP answer queue per connection (answers waiting to be written).
-const TCP_RESPONSE_BUFFER: usize = 32;
+use crate::tcp::TcpServer;
 /// How long in-flight TCP answers and forwarded queries get at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -53,10 +50,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let mut terminate = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let udp = UdpServer::start(&cfg.server.listen, cfg.server.udp_workers, responder.clone(), tokio::runtime::Handle::current())?;
-    let mut tcp = Server::new(TcpHandler(responder.clone()));
+    let mut listeners = Vec::new();
     for addr in &udp.bound {
-        let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding TCP {addr}"))?;
-        tcp.register_listener(l, cfg.server.tcp_idle_timeout, TCP_RESPONSE_BUFFER);
+        listeners.push(tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding TCP {addr}"))?);
     }
     let http = match cfg.metrics_listen {
         Some(a) => {
@@ -66,6 +62,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let tcp = TcpServer::start(listeners, responder.clone(), cfg.server.max_tcp_connections, cfg.server.tcp_idle_timeout);
     let feed = tokio::spawn(Feed::new(cfg.feed.clone(), zone.clone(), shared.clone())?.run());
 
     let listen: Vec<String> = udp.bound.iter().map(SocketAddr::to_string).collect();
@@ -79,6 +76,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         metrics = %http.as_ref().map_or("off".to_string(), |(_, a)| format!("http://{a}/metrics")),
         "upsync-dns started"
     );
+    for w in cfg.warnings() {
+        tracing::warn!("{w}");
+    }
 
     tokio::select! {
         _ = terminate.recv() => tracing::info!("SIGTERM: shutting down"),
@@ -90,7 +90,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     }
     // UDP threads finish the packet in hand (at most one receive timeout).
     let stop_udp = tokio::task::spawn_blocking(move || udp.stop());
-    if tokio::time::timeout(SHUTDOWN_GRACE, tcp.shutdown_gracefully()).await.is_err() {
+    if !tcp.shutdown(SHUTDOWN_GRACE).await {
         tracing::warn!("TCP connections still open after {SHUTDOWN_GRACE:?}; closing them");
     }
     let _ = stop_udp.await;

@@ -14,6 +14,7 @@ use serde::Deserialize;
 use upsync_discovery::{Consistency, ConsulConfig, Secret, TlsOptions};
 
 use crate::names::parse_zone;
+use crate::rrl::RrlConfig;
 use crate::snapshot::{ReverseZone, ZoneConfig};
 
 /// Command line. Flags override the config file.
@@ -48,6 +49,10 @@ pub struct Cli {
     /// Networks whose clients may have names outside the zone resolved (default loopback).
     #[arg(long, value_name = "CIDR,...", value_delimiter = ',')]
     pub allow_recursion: Vec<IpNet>,
+    /// UDP responses per second per client prefix outside `allow_recursion` (response rate
+    /// limiting; default 20, 0 turns it off).
+    #[arg(long, value_name = "N")]
+    pub rrl_rate: Option<u32>,
     /// Address of the HTTP endpoint serving /metrics (Prometheus) and /health.
     #[arg(long, value_name = "IP:PORT")]
     pub metrics_listen: Option<SocketAddr>,
@@ -104,8 +109,35 @@ struct FileConfig {
     consul: ConsulFile,
     dns: DnsFile,
     forward: ForwardFile,
+    rrl: RrlFile,
     metrics: MetricsFile,
     log: LogFile,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RrlFile {
+    responses_per_second: u32,
+    slip: u32,
+    #[serde(with = "humantime_serde")]
+    window: Duration,
+    ipv4_prefix_length: u8,
+    ipv6_prefix_length: u8,
+    table_size: usize,
+}
+
+impl Default for RrlFile {
+    fn default() -> Self {
+        let d = RrlConfig::default();
+        RrlFile {
+            responses_per_second: d.rate,
+            slip: d.slip,
+            window: d.window,
+            ipv4_prefix_length: d.ipv4_prefix,
+            ipv6_prefix_length: d.ipv6_prefix,
+            table_size: d.table_size,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -175,6 +207,7 @@ struct DnsFile {
     reverse_zones: Vec<String>,
     #[serde(with = "humantime_serde")]
     tcp_idle_timeout: Duration,
+    max_tcp_connections: usize,
 }
 
 impl Default for DnsFile {
@@ -193,6 +226,7 @@ impl Default for DnsFile {
             hostmaster: None,
             reverse_zones: Vec::new(),
             tcp_idle_timeout: Duration::from_secs(10),
+            max_tcp_connections: DEFAULT_MAX_TCP_CONNECTIONS,
         }
     }
 }
@@ -263,13 +297,22 @@ pub const DEFAULT_HOT_SERVICES: usize = 32;
 /// finish their last request), the detectors and the reads stay under it.
 pub const MAX_HOT_SERVICES: usize = 64;
 
+/// Default of `[dns] max_tcp_connections`.
+pub const DEFAULT_MAX_TCP_CONNECTIONS: usize = 256;
+
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
     pub listen: Vec<SocketAddr>,
     pub udp_workers: usize,
     pub max_udp_payload: u16,
     pub udp_answer_limit: usize,
+    /// A TCP connection without a complete query for this long is closed.
     pub tcp_idle_timeout: Duration,
+    /// Open DNS-over-TCP connections at most (all listen addresses together); at the bound
+    /// the connection idle the longest is closed for a new one.
+    pub max_tcp_connections: usize,
+    /// Response rate limiting of UDP answers; `exempt` is `[forward] allow_recursion`.
+    pub rrl: RrlConfig,
 }
 
 #[derive(Clone, Debug)]
@@ -387,7 +430,33 @@ impl Config {
             max_udp_payload: d.max_udp_payload,
             udp_answer_limit: d.udp_answer_limit,
             tcp_idle_timeout: d.tcp_idle_timeout,
+            max_tcp_connections: d.max_tcp_connections,
+            rrl: RrlConfig {
+                rate: cli.rrl_rate.unwrap_or(f.rrl.responses_per_second),
+                slip: f.rrl.slip,
+                window: f.rrl.window,
+                ipv4_prefix: f.rrl.ipv4_prefix_length,
+                ipv6_prefix: f.rrl.ipv6_prefix_length,
+                table_size: f.rrl.table_size,
+                exempt: Vec::new(),
+            },
         };
+        if server.tcp_idle_timeout.is_zero() {
+            bail!("[dns] tcp_idle_timeout must be above zero (default 10s)");
+        }
+        if server.max_tcp_connections == 0 {
+            bail!("[dns] max_tcp_connections must be at least 1 (default {DEFAULT_MAX_TCP_CONNECTIONS})");
+        }
+        let r = &server.rrl;
+        if r.ipv4_prefix > 32 || r.ipv6_prefix > 128 {
+            bail!("[rrl] ipv4_prefix_length (0 to 32) or ipv6_prefix_length (0 to 128) out of range");
+        }
+        if r.window < Duration::from_secs(1) || r.window > Duration::from_secs(3600) {
+            bail!("[rrl] window = {:?}: use 1s to 1h (default 15s)", r.window);
+        }
+        if !(4..=16_777_216).contains(&r.table_size) {
+            bail!("[rrl] table_size = {}: use 4 to 16777216 prefixes (default 65536)", r.table_size);
+        }
         if !(512..=4096).contains(&server.max_udp_payload) {
             bail!("[dns] max_udp_payload = {}: use 512 to 4096 (1232 avoids IP fragmentation)", server.max_udp_payload);
         }
@@ -414,6 +483,8 @@ impl Config {
         if forward.timeout.is_zero() {
             bail!("[forward] timeout must be above zero");
         }
+        let mut server = server;
+        server.rrl.exempt = forward.allow_recursion.clone();
 
         Ok(Config {
             feed: FeedConfig {
@@ -432,6 +503,18 @@ impl Config {
         })
     }
 
+    /// Settings that work but expose the server: logged as warnings at start.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        for net in self.forward.allow_recursion.iter().filter(|n| n.prefix_len() == 0) {
+            w.push(format!(
+                "allow_recursion includes {net}: every client may use this server as an open resolver{} and is exempt from response rate limiting (an amplifier for spoofed traffic); list only your own networks",
+                if self.forward.upstreams.is_empty() { " once forwarding is on" } else { "" }
+            ));
+        }
+        w
+    }
+
     /// What `--check-config` prints: the effective settings, without secrets.
     pub fn summary(&self) -> String {
         let consul: Vec<String> = self.feed.consul.addresses.iter().map(|a| a.to_string()).collect();
@@ -448,8 +531,23 @@ impl Config {
             let allow: Vec<String> = self.forward.allow_recursion.iter().map(|n| n.to_string()).collect();
             format!("to {} for clients in {}", up.join(", "), allow.join(", "))
         };
+        let r = &self.server.rrl;
+        let rrl = if r.rate == 0 {
+            "off".to_string()
+        } else {
+            let exempt: Vec<String> = r.exempt.iter().map(|n| n.to_string()).collect();
+            format!(
+                "{}/s per /{} and /{} over UDP, slip {}, window {:?}, exempt {}",
+                r.rate,
+                r.ipv4_prefix,
+                r.ipv6_prefix,
+                r.slip,
+                r.window,
+                if exempt.is_empty() { "none".to_string() } else { exempt.join(", ") }
+            )
+        };
         format!(
-            "configuration OK\n  consul: {} (token: {token}, datacenter: {}, consistency: {:?})\n  zone: {} (ttl {}s, negative ttl {}s, NS {})\n  listen: {} (UDP workers per address: {})\n  forwarding: {fwd}\n  metrics: {}",
+            "configuration OK\n  consul: {} (token: {token}, datacenter: {}, consistency: {:?})\n  zone: {} (ttl {}s, negative ttl {}s, NS {})\n  listen: {} (UDP workers per address: {})\n  forwarding: {fwd}\n  rate limiting: {rrl}\n  TCP: at most {} connections, idle timeout {:?}\n  metrics: {}",
             consul.join(", "),
             self.feed.consul.datacenter.as_deref().unwrap_or("agent's"),
             self.feed.consul.consistency,
@@ -459,6 +557,8 @@ impl Config {
             self.zone.ns_name,
             listen.join(", "),
             self.server.udp_workers,
+            self.server.max_tcp_connections,
+            self.server.tcp_idle_timeout,
             self.metrics_listen.map_or("off".to_string(), |a| format!("http://{a}/metrics")),
         )
     }
@@ -523,6 +623,30 @@ mod tests {
         assert_eq!(c.forward.allow_recursion, ["127.0.0.0/8".parse::<IpNet>().unwrap(), "::1/128".parse().unwrap()]);
         assert_eq!(c.zone.ns_addrs, ["127.0.0.1".parse::<IpAddr>().unwrap()]);
         assert!(c.server.udp_workers >= 1);
+    }
+
+    #[test]
+    fn rate_limiting_tcp_bounds_and_open_recursion() {
+        let c = from_toml("", &[]).unwrap();
+        assert_eq!((c.server.rrl.rate, c.server.rrl.slip, c.server.max_tcp_connections), (20, 2, 256));
+        assert_eq!(c.server.rrl.exempt, c.forward.allow_recursion, "allow_recursion is exempt");
+        assert!(c.warnings().is_empty());
+        let c = from_toml(
+            "[rrl]\nresponses_per_second = 5\nslip = 1\nwindow = \"3s\"\nipv4_prefix_length = 32\n[dns]\nmax_tcp_connections = 10\n",
+            &["--allow-recursion", "10.0.0.0/8"],
+        )
+        .unwrap();
+        assert_eq!((c.server.rrl.rate, c.server.rrl.slip, c.server.rrl.ipv4_prefix, c.server.max_tcp_connections), (5, 1, 32, 10));
+        assert_eq!(c.server.rrl.window, Duration::from_secs(3));
+        assert_eq!(c.server.rrl.exempt, ["10.0.0.0/8".parse::<IpNet>().unwrap()]);
+        assert_eq!(from_toml("", &["--rrl-rate", "0"]).unwrap().server.rrl.rate, 0);
+        for bad in ["[rrl]\nipv4_prefix_length = 33", "[rrl]\nwindow = \"0s\"", "[dns]\nmax_tcp_connections = 0", "[rrl]\nrate = 1"] {
+            assert!(from_toml(bad, &[]).is_err(), "{bad}");
+        }
+        let open = from_toml("", &["--allow-recursion", "0.0.0.0/0,::/0"]).unwrap();
+        let w = open.warnings();
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(w[0].contains("0.0.0.0/0") && w[1].contains("::/0"), "{w:?}");
     }
 
     #[test]

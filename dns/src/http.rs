@@ -1,8 +1,9 @@
 //! The operator's HTTP endpoint: `GET /metrics` (Prometheus/OpenMetrics text) and
 //! `GET /health` (JSON; 200 once the first snapshot is loaded, 503 before).
+//! At most 64 connections at once, each for at most 30 s.
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -12,17 +13,29 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
 use crate::server::Shared;
 
-/// Serves until the task is dropped.
+/// Connections served at once at most; more are closed at once.
+const MAX_CONNECTIONS: usize = 64;
+/// A connection is closed after this long, whatever it does (a scrape takes milliseconds).
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Serves until the task is dropped. Accept failures (EMFILE...) back off (see
+/// [`crate::tcp::accept`]); connections are bounded in number and in time.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    let what = format!("the HTTP endpoint on {}", listener.local_addr().map_or("?".to_string(), |a| a.to_string()));
+    let mut backoff = crate::tcp::Backoff::default();
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let (stream, _) = crate::tcp::accept(&listener, &what, &shared.metrics.shared, &mut backoff).await;
+        let Ok(slot) = slots.clone().try_acquire_owned() else { continue };
         let shared = shared.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let svc = service_fn(move |req| handle(req, shared.clone()));
-            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, http1::Builder::new().serve_connection(TokioIo::new(stream), svc)).await;
         });
     }
 }

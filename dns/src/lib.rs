@@ -8,5 +8,7 @@ pub mod forward;
 pub mod http;
 pub mod metrics;
 pub mod names;
+pub mod rrl;
 pub mod server;
 pub mod snapshot;
+pub mod tcp;

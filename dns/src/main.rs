@@ -15,6 +15,9 @@ fn main() -> ExitCode {
     };
     if cli.check_config {
         println!("{}", cfg.summary());
+        for w in cfg.warnings() {
+            println!("  warning: {w}");
+        }
         return ExitCode::SUCCESS;
     }
     upsync_dns::app::init_logging(&cfg);

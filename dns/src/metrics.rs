@@ -60,6 +60,8 @@ pub enum Drop {
     /// Shorter than a DNS header, or a response (QR=1): answering could reflect traffic.
     Malformed = 0,
     Response = 1,
+    /// Beyond the client prefix's response rate (RRL), not slipped.
+    RateLimited = 2,
 }
 
 /// Counters written by one thread.
@@ -69,8 +71,11 @@ pub struct Shard {
     latency: [AtomicU64; BUCKETS.len() + 1],
     latency_sum_ns: AtomicU64,
     truncated: AtomicU64,
-    dropped: [AtomicU64; 2],
+    dropped: [AtomicU64; 3],
+    slipped: AtomicU64,
     forwarded: AtomicU64,
+    tcp_shed: AtomicU64,
+    accept_errors: AtomicU64,
 }
 
 impl Default for Shard {
@@ -81,7 +86,10 @@ impl Default for Shard {
             latency_sum_ns: AtomicU64::new(0),
             truncated: AtomicU64::new(0),
             dropped: std::array::from_fn(|_| AtomicU64::new(0)),
+            slipped: AtomicU64::new(0),
             forwarded: AtomicU64::new(0),
+            tcp_shed: AtomicU64::new(0),
+            accept_errors: AtomicU64::new(0),
         }
     }
 }
@@ -106,6 +114,21 @@ impl Shard {
 
     pub fn forwarded(&self) {
         self.forwarded.fetch_add(1, Relaxed);
+    }
+
+    /// A rate-limited response sent as an empty truncated answer (RRL slip).
+    pub fn slipped(&self) {
+        self.slipped.fetch_add(1, Relaxed);
+    }
+
+    /// An idle TCP connection closed to make room for a new one.
+    pub fn tcp_shed(&self) {
+        self.tcp_shed.fetch_add(1, Relaxed);
+    }
+
+    /// An `accept` that failed for lack of resources (EMFILE, ENFILE, ENOBUFS, ENOMEM).
+    pub fn accept_error(&self) {
+        self.accept_errors.fetch_add(1, Relaxed);
     }
 }
 
@@ -152,6 +175,22 @@ impl Collector for Shards {
         let simple = [
             ("upsync_dns_truncated", "UDP answers sent truncated (TC) because they did not fit", self.sum(|s| s.truncated.load(Relaxed))),
             ("upsync_dns_forwarded", "Queries forwarded to the upstream resolvers", self.sum(|s| s.forwarded.load(Relaxed))),
+            (
+                "upsync_dns_rrl_dropped",
+                "UDP responses not sent: beyond the client prefix's response rate (RRL)",
+                self.sum(|s| s.dropped[Drop::RateLimited as usize].load(Relaxed)),
+            ),
+            (
+                "upsync_dns_rrl_slipped",
+                "UDP responses beyond the client prefix's rate sent as empty truncated answers (RRL slip)",
+                self.sum(|s| s.slipped.load(Relaxed)),
+            ),
+            ("upsync_dns_tcp_shed", "Idle TCP connections closed to make room for new ones", self.sum(|s| s.tcp_shed.load(Relaxed))),
+            (
+                "upsync_dns_accept_errors",
+                "Failed accepts for lack of resources (EMFILE, ENFILE, ENOBUFS, ENOMEM), DNS over TCP and HTTP",
+                self.sum(|s| s.accept_errors.load(Relaxed)),
+            ),
         ];
         for (name, help, v) in simple {
             ConstCounter::new(v).encode(encoder.encode_descriptor(name, help, None, MetricType::Counter)?)?;
@@ -240,6 +279,8 @@ pub struct Metrics {
     /// Shared shard for TCP connections and forwarded queries (not on the UDP hot path).
     pub shared: Arc<Shard>,
     fresh: Arc<Freshness>,
+    /// Open DNS-over-TCP connections.
+    pub tcp_connections: Gauge,
     registry: Registry,
 }
 
@@ -285,9 +326,11 @@ impl Metrics {
             consul_up: f.consul_up.clone(),
         });
         registry.register_collector(Box::new(fresh.clone()));
+        let tcp_connections = Gauge::default();
+        registry.register("upsync_dns_tcp_connections", "Open DNS-over-TCP connections", tcp_connections.clone());
         let shared = Arc::new(Shard::default());
         shards.0.lock().unwrap_or_else(|e| e.into_inner()).push(shared.clone());
-        Arc::new(Metrics { shards, feed, shared, fresh, registry })
+        Arc::new(Metrics { shards, feed, shared, fresh, tcp_connections, registry })
     }
 
     /// A shard for one thread.

@@ -7,8 +7,8 @@
 //!   loop rather than hickory's `Server::register_socket`, which spawns a task per packet,
 //!   funnels every answer through one channel per socket and makes two system calls per
 //!   query (the profile of a loaded server is mostly those system calls and the wake-ups).
-//! - TCP: hickory-server's `Server::register_listener`, with [`TcpHandler`] as its
-//!   `RequestHandler`.
+//! - TCP: [`crate::tcp`] (bounded connections, idle timeouts), answering with
+//!   [`Responder::handle_tcp`].
 //! - Forwarded queries (names outside the zone, allowed clients) run on the tokio runtime.
 use std::io::{IoSlice, IoSliceMut};
 use std::net::{IpAddr, SocketAddr};
@@ -21,9 +21,8 @@ use arc_swap::ArcSwap;
 use hickory_proto::op::{Edns, Header, HeaderCounts, MessageType, Metadata, OpCode, ResponseCode};
 use hickory_proto::rr::{DNSClass, Record, RecordType};
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder, BinEncodable, BinEncoder};
-use hickory_server::net::runtime::Time;
 use hickory_server::net::xfer::Protocol;
-use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
+use hickory_server::server::Request;
 use hickory_server::zone_handler::MessageResponseBuilder;
 use nix::errno::Errno;
 use nix::sys::socket::{recvmmsg, sendmmsg, MsgFlags, MultiHeaders, SockaddrStorage};
@@ -34,6 +33,7 @@ use crate::answer::{Answer, Outcome, Params};
 use crate::config::ServerConfig;
 use crate::forward::Forwarder;
 use crate::metrics::{Drop, Metrics, Proto, Shard};
+use crate::rrl::{Rrl, Verdict};
 use crate::snapshot::Snapshot;
 
 /// At most this many forwarded queries in flight; more get SERVFAIL at once rather than
@@ -72,6 +72,8 @@ pub enum UdpStep {
         rcode: ResponseCode,
     },
     Forward(Box<Request>),
+    /// Rate limited (RRL slip): `Scratch::out` holds an empty truncated answer (TC=1).
+    Slip,
     Drop(Drop),
 }
 
@@ -85,6 +87,8 @@ pub struct Responder {
     max_udp_payload: u16,
     udp_answer_limit: usize,
     tcp_rotation: AtomicUsize,
+    /// Response rate limiting of UDP answers (`None`: off).
+    rrl: Option<Rrl>,
 }
 
 impl Responder {
@@ -99,6 +103,7 @@ impl Responder {
             max_udp_payload: cfg.max_udp_payload,
             udp_answer_limit: cfg.udp_answer_limit,
             tcp_rotation: AtomicUsize::new(0),
+            rrl: Rrl::new(&cfg.rrl),
         }
     }
 
@@ -193,24 +198,39 @@ impl Responder {
         if matches!(full.destructive_emit(&mut enc), Ok(info) if !info.truncation) {
             return false;
         }
+        self.encode_tc(req, md, out);
+        true
+    }
+
+    /// An empty answer with TC set: header, question and our OPT record only, never larger
+    /// than the query (truncated answers and RRL slips).
+    fn encode_tc(&self, req: &Request, md: Metadata, out: &mut Vec<u8>) {
+        let edns = req.edns.as_ref().map(|_| &self.edns);
         out.clear();
         let mut md = md;
         md.truncation = true;
         let empty: [Record; 0] = [];
         let short = MessageResponseBuilder::new(&req.queries, edns).build(md, empty.iter(), empty.iter(), empty.iter(), empty.iter());
         let mut enc = BinEncoder::new(out);
-        enc.set_max_size(max);
+        enc.set_max_size(u16::MAX);
         if short.destructive_emit(&mut enc).is_err() {
             header_only(md.id, md.op_code, ResponseCode::ServFail, out);
         }
-        true
     }
 
     /// One UDP packet. Answers locally into `scratch.out`, or says to forward or drop it.
+    /// Clients outside the networks allowed recursion are rate limited (see [`crate::rrl`]).
     pub fn handle_udp(&self, raw: &[u8], src: SocketAddr, scratch: &mut Scratch) -> UdpStep {
         let Ok(header) = Header::read(&mut BinDecoder::new(raw)) else { return UdpStep::Drop(Drop::Malformed) };
         if header.metadata.message_type == MessageType::Response {
             return UdpStep::Drop(Drop::Response);
+        }
+        let verdict = match &self.rrl {
+            Some(rrl) if !rrl.exempt(src.ip()) => rrl.check(src.ip(), Instant::now()),
+            _ => Verdict::Send,
+        };
+        if verdict == Verdict::Drop {
+            return UdpStep::Drop(Drop::RateLimited);
         }
         let req = match Request::from_bytes(raw.to_vec(), src, Protocol::Udp) {
             Ok(r) => r,
@@ -220,6 +240,10 @@ impl Responder {
                 return UdpStep::Send { qtype: RecordType::Unknown(0), rcode: ResponseCode::FormErr };
             }
         };
+        if verdict == Verdict::Slip {
+            self.encode_tc(&req, Metadata::response_from_request(&req.metadata), &mut scratch.out);
+            return UdpStep::Slip;
+        }
         scratch.rotation = scratch.rotation.wrapping_add(1);
         let (local, qtype) = self.decide(&req, Proto::Udp, scratch.rotation, &mut scratch.answer);
         match local {
@@ -233,6 +257,44 @@ impl Responder {
                 UdpStep::Send { qtype, rcode }
             }
         }
+    }
+
+    /// One DNS-over-TCP message (without its length prefix): the answer in `out`, whole (up
+    /// to 65,535 bytes). False when there is nothing to answer (a response, or shorter than a
+    /// header). TCP is not rate limited: its source address cannot be spoofed.
+    pub async fn handle_tcp(&self, raw: &[u8], src: SocketAddr, out: &mut Vec<u8>) -> bool {
+        let start = Instant::now();
+        let shard = &self.shared.metrics.shared;
+        let Ok(header) = Header::read(&mut BinDecoder::new(raw)) else {
+            shard.dropped(Drop::Malformed);
+            return false;
+        };
+        if header.metadata.message_type == MessageType::Response {
+            shard.dropped(Drop::Response);
+            return false;
+        }
+        let req = match Request::from_bytes(raw.to_vec(), src, Protocol::Tcp) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(%src, "malformed query over TCP: {e}");
+                header_only(header.metadata.id, header.metadata.op_code, ResponseCode::FormErr, out);
+                shard.answered(Proto::Tcp, RecordType::Unknown(0), ResponseCode::FormErr, start.elapsed());
+                return true;
+            }
+        };
+        let mut ans = Answer::default();
+        let rotation = self.tcp_rotation.fetch_add(1, Ordering::Relaxed);
+        let (local, qtype) = self.decide(&req, Proto::Tcp, rotation, &mut ans);
+        let md = match local {
+            Local::Reply(md) => md,
+            Local::Forward => {
+                shard.forwarded();
+                self.forward_into(&req, &mut ans).await
+            }
+        };
+        self.encode(&req, md, &ans, u16::MAX, out);
+        shard.answered(Proto::Tcp, qtype, md.response_code, start.elapsed());
+        true
     }
 
     /// Forwards a UDP request on the runtime and sends the answer from there.
@@ -270,46 +332,6 @@ fn header_only(id: u16, op_code: OpCode, rcode: ResponseCode, out: &mut Vec<u8>)
     let header = Header { metadata, counts: HeaderCounts::default() };
     // A 12-byte header always fits.
     let _ = header.emit(&mut BinEncoder::new(out));
-}
-
-/// hickory-server's request handler, for TCP.
-pub struct TcpHandler(pub Arc<Responder>);
-
-#[async_trait::async_trait]
-impl RequestHandler for TcpHandler {
-    async fn handle_request<R: ResponseHandler, T: Time>(&self, request: &Request, mut response_handle: R) -> ResponseInfo {
-        let start = Instant::now();
-        let r = &self.0;
-        let mut ans = Answer::default();
-        let rotation = r.tcp_rotation.fetch_add(1, Ordering::Relaxed);
-        let (local, qtype) = r.decide(request, Proto::Tcp, rotation, &mut ans);
-        let md = match local {
-            Local::Reply(md) => md,
-            Local::Forward => {
-                r.shared.metrics.shared.forwarded();
-                r.forward_into(request, &mut ans).await
-            }
-        };
-        let edns = request.edns.as_ref().map(|_| &r.edns);
-        let resp = MessageResponseBuilder::new(&request.queries, edns).build(
-            md,
-            ans.answers.iter(),
-            ans.authority.iter(),
-            std::iter::empty(),
-            ans.additional.iter(),
-        );
-        let info = match response_handle.send_response(resp).await {
-            Ok(info) => info,
-            Err(e) => {
-                tracing::debug!(src = %request.src(), "sending a TCP answer: {e}");
-                let mut metadata = md;
-                metadata.response_code = ResponseCode::ServFail;
-                ResponseInfo::from(Header { metadata, counts: HeaderCounts::default() })
-            }
-        };
-        r.shared.metrics.shared.answered(Proto::Tcp, qtype, md.response_code, start.elapsed());
-        info
-    }
 }
 
 /// A UDP socket for `addr` that shares the port with its siblings (`SO_REUSEPORT`).
@@ -431,6 +453,11 @@ fn udp_loop(sock: Arc<std::net::UdpSocket>, responder: &Arc<Responder>, shard: &
                     dests.push(Some(SockaddrStorage::from(src)));
                     answered.push((qtype, rcode));
                 }
+                UdpStep::Slip => {
+                    std::mem::swap(&mut scratch.out, &mut outs[dests.len()]);
+                    dests.push(Some(SockaddrStorage::from(src)));
+                    shard.slipped();
+                }
                 UdpStep::Forward(req) => responder.spawn_forward(rt, req, sock.clone(), start),
                 UdpStep::Drop(why) => shard.dropped(why),
             }
@@ -474,6 +501,8 @@ mod tests {
             max_udp_payload: 1232,
             udp_answer_limit: 0,
             tcp_idle_timeout: Duration::from_secs(1),
+            max_tcp_connections: 8,
+            rrl: crate::rrl::RrlConfig { rate: 3, exempt: vec!["127.0.0.0/8".parse().unwrap()], ..Default::default() },
         };
         Responder::new(shared, None, &cfg)
     }
@@ -496,6 +525,7 @@ mod tests {
         match r.handle_udp(raw, "127.0.0.1:5000".parse().unwrap(), &mut s) {
             UdpStep::Send { .. } => Message::from_vec(&s.out).unwrap(),
             UdpStep::Forward(_) => panic!("forwarded"),
+            UdpStep::Slip => panic!("rate limited"),
             UdpStep::Drop(d) => panic!("dropped: {d:?}"),
         }
     }
@@ -577,6 +607,33 @@ mod tests {
             let junk: Vec<u8> =
                 (0..(seed % 80) as usize).map(|i| (seed.wrapping_mul(2654435761).wrapping_add(i as u32 * 40503) >> 7) as u8).collect();
             let _ = r.handle_udp(&junk, src, &mut s);
+        }
+    }
+
+    #[test]
+    fn clients_outside_allow_recursion_are_rate_limited_with_slips() {
+        let many: Vec<_> = (0..10).map(|i| inst("big", &format!("b{i}"), &format!("10.1.0.{}", i + 1), 8000)).collect();
+        let r = responder(many);
+        let q = query("big.service.upsync.", RecordType::SRV, Some(4096));
+        let mut s = Scratch::default();
+        let spoofed: SocketAddr = "192.0.2.1:4444".parse().unwrap();
+        let steps: Vec<&str> = (0..9)
+            .map(|_| match r.handle_udp(&q, spoofed, &mut s) {
+                UdpStep::Send { .. } => "send",
+                UdpStep::Slip => {
+                    let m = Message::from_vec(&s.out).unwrap();
+                    assert!(m.metadata.truncation && m.answers.is_empty());
+                    assert!(s.out.len() <= q.len(), "a slip is no larger than the query");
+                    "slip"
+                }
+                UdpStep::Drop(Drop::RateLimited) => "drop",
+                _ => "other",
+            })
+            .collect();
+        assert_eq!(steps, ["send", "send", "send", "drop", "slip", "drop", "slip", "drop", "slip"]);
+        // Exempt (loopback here): never limited.
+        for _ in 0..50 {
+            assert!(!ask(&r, &q).answers.is_empty());
         }
     }
 

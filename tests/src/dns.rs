@@ -25,6 +25,8 @@ pub struct DnsOptions {
     pub args: Vec<String>,
     /// Do not wait for the first snapshot (e.g. when Consul is down on purpose).
     pub no_wait_synced: bool,
+    /// Run it with this open-file limit (soft and hard, through util-linux's `prlimit`).
+    pub nofile: Option<u64>,
 }
 
 /// A running `upsync-dns` on free loopback ports; stopped (SIGTERM, then SIGKILL) when dropped.
@@ -43,7 +45,14 @@ impl DnsServer {
         for attempt in 0..3 {
             let (port, metrics_port) = (free_port(), free_port());
             let log = dir.join(format!("upsync-dns-{port}.log"));
-            let mut cmd = Command::new(crate::paths::workspace_bin("upsync-dns"));
+            let mut cmd = match opts.nofile {
+                Some(n) => {
+                    let mut c = Command::new("prlimit");
+                    c.arg(format!("--nofile={n}:{n}")).arg("--").arg(crate::paths::workspace_bin("upsync-dns"));
+                    c
+                }
+                None => Command::new(crate::paths::workspace_bin("upsync-dns")),
+            };
             cmd.args(["--consul", consul_http])
                 .args(["--listen", &format!("127.0.0.1:{port}")])
                 .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
@@ -269,6 +278,33 @@ pub fn send_raw(server: SocketAddr, bytes: &[u8], timeout: Duration) -> Option<V
     let (n, _) = sock.recv_from(&mut buf).ok()?;
     buf.truncate(n);
     Some(buf)
+}
+
+/// Sends `bytes` in one datagram from `from` (any address of 127/8 is local on Linux) and
+/// returns the answer, if any arrives within `timeout`.
+pub fn send_raw_from(from: std::net::IpAddr, server: SocketAddr, bytes: &[u8], timeout: Duration) -> Option<Vec<u8>> {
+    let sock = UdpSocket::bind(SocketAddr::new(from, 0)).unwrap_or_else(|e| panic!("binding a UDP client socket to {from}: {e}"));
+    sock.set_read_timeout(Some(timeout)).ok()?;
+    sock.send_to(bytes, server).ok()?;
+    let mut buf = vec![0u8; 65535];
+    let (n, _) = sock.recv_from(&mut buf).ok()?;
+    buf.truncate(n);
+    Some(buf)
+}
+
+/// A DNS query in wire form (recursion desired), with an EDNS OPT record offering `edns`
+/// bytes when given.
+pub fn query_bytes(id: u16, name: &str, rtype: RecordType, edns: Option<u16>) -> Vec<u8> {
+    let mut m = Message::query();
+    m.metadata.id = id;
+    m.metadata.recursion_desired = true;
+    m.add_query(hickory_proto::op::Query::query(Name::from_str(name).expect("a query name"), rtype));
+    if let Some(p) = edns {
+        let mut e = hickory_proto::op::Edns::new();
+        e.set_max_payload(p);
+        m.edns = Some(e);
+    }
+    m.to_vec().expect("encoding a query")
 }
 
 /// Waits until `dig ARGS` satisfies `cond`; the last answer. Panics naming `what` after 60 s.
