@@ -1,5 +1,6 @@
 //! upsync-dns: a DNS server for the services registered in Consul, answering from memory.
 //! See `dns/README.md` for what it serves and how it watches Consul.
+#![forbid(unsafe_code)]
 pub mod answer;
 pub mod app;
 pub mod config;

@@ -1,4 +1,5 @@
 //! upsync-dns: answers DNS for the services registered in Consul, from memory (dns/README.md).
+#![forbid(unsafe_code)]
 use std::process::ExitCode;
 
 use clap::Parser;

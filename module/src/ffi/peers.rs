@@ -357,6 +357,11 @@ pub unsafe fn sync(srv: &mut SrvConf) {
     let (tx, rx) = std::sync::mpsc::channel();
     let name = SendPtr(name);
     let build = move || {
+        // The workers' event loops come first: on a busy machine the builder takes the CPU
+        // they leave (Linux applies the nice value of setpriority(PRIO_PROCESS, 0) to the
+        // calling thread only).
+        // SAFETY: plain system call on this thread; failure only keeps the default priority.
+        unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) };
         let name = name;
         let _ = tx.send(crate::model::decode_servers(&bytes).map(|servers| Prepared(Generation::prepare(servers, name.0))));
     };
@@ -396,6 +401,7 @@ unsafe fn install(srv: &mut SrvConf, mut g: Generation) {
 /// `us->peer.init` of a synced upstream: catch up with the shared list, pin the generation the
 /// request starts on, then run the balancer's own init (round robin, keepalive, least_conn...).
 pub unsafe extern "C" fn init_peer(r: *mut ngx_http_request_t, us: *mut ngx_http_upstream_srv_conf_t) -> ngx_int_t {
+    // SAFETY: nginx calls peer.init with a valid request and upstream conf on the main thread.
     super::guard("the upstream peer init", NGX_ERROR as ngx_int_t, || unsafe { init_peer_inner(r, us) })
 }
 

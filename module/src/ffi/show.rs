@@ -8,6 +8,7 @@ use super::{cycle_upstreams, peers, shm, srv_conf_of};
 use crate::show::{self, ServerJson, ServerView, SyncView, UpstreamView};
 
 pub unsafe extern "C" fn handler(r: *mut ngx_http_request_t) -> ngx_int_t {
+    // SAFETY: nginx calls content handlers with a valid request on the main thread.
     super::guard("upstream_show", NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t, || unsafe { handle(r) })
 }
 
