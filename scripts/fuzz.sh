@@ -29,7 +29,7 @@ else
     mapfile -t targets < <(cargo fuzz list)
 fi
 say "building ${#targets[@]} targets"
-cargo fuzz build -s none --release || { echo "fuzz: building the targets failed" >&2; exit 1; }
+cargo fuzz build -s none || { echo "fuzz: building the targets failed" >&2; exit 1; }
 
 failed=()
 summary=()
@@ -43,7 +43,7 @@ for t in "${targets[@]}"; do
     case "$t" in decode_*) dirs+=("../discovery/testdata" "../discovery/testdata/fuzz") ;; esac
     log="artifacts/$t/last-run.log"
     say "$t: ${seconds}s"
-    cargo fuzz run -s none --release "$t" "${dirs[@]}" -- \
+    cargo fuzz run -s none "$t" "${dirs[@]}" -- \
         -max_total_time="$seconds" -artifact_prefix="$artifacts/" -print_final_stats=1 >"$log" 2>&1
     rc=$?
     runs="$(grep -oE '^stat::number_of_executed_units: *[0-9]+' "$log" | grep -oE '[0-9]+$' | tail -1)"

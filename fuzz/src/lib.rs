@@ -18,9 +18,12 @@ use conf::{Token, UpstreamSync};
 use upsync_discovery::decode;
 use upsync_discovery::HealthMode;
 
+/// A target's function: one input, no panic.
+pub type Target = fn(&[u8]);
+
 /// Every target: its name (a file under `fuzz_targets/`, a folder under `regressions/`) and
 /// its function.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("dns_request", dns_request),
     ("decode_kv", decode_kv),
     ("decode_catalog_service", decode_catalog_service),
