@@ -1,7 +1,7 @@
-# upsync — see README.md. Targets: deps, build, test, demo, demo-stack, bench, clean.
+# upsync — see README.md. Targets: deps, build, test, demo, demo-stack, bench, fuzz, clean.
 SHELL := /bin/bash
 .DEFAULT_GOAL := build
-.PHONY: deps build test unit-test integration-test demo demo-stack bench bench-micro bench-e2e clean nginx-objs check
+.PHONY: deps build test unit-test integration-test demo demo-stack bench bench-micro bench-e2e fuzz clean nginx-objs check
 
 # The nginx tree the module is compiled against. Left empty, `make` prepares Debian's nginx-dev
 # tree under build/nginx (scripts/nginx-objs.sh). Set both to build against any other
@@ -45,6 +45,14 @@ bench-micro:
 
 bench-e2e:
 	scripts/bench/run-all.sh
+
+# Every cargo-fuzz target for FUZZ_SECONDS each (FUZZ_TARGETS: a space-separated subset).
+# Installs cargo-fuzz on first use. Crashes are kept in fuzz/regressions/, which `make test`
+# runs (tests/tests/fuzz_regressions.rs).
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?=
+fuzz:
+	FUZZ_SECONDS=$(FUZZ_SECONDS) scripts/fuzz.sh $(FUZZ_TARGETS)
 
 check:
 	$(CARGO) fmt --all -- --check

@@ -46,4 +46,7 @@ say "nginx and nginx-dev $nginx_v"
 
 "$here/scripts/install-consul.sh"
 "$here/scripts/install-etcd.sh"
+"$here/scripts/install-schemathesis.sh"
+# cargo-fuzz is not installed here: it takes minutes to compile and only `make fuzz` needs
+# it (scripts/fuzz.sh installs it on first use).
 say "done"

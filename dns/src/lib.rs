@@ -6,6 +6,7 @@ pub mod app;
 pub mod config;
 pub mod feed;
 pub mod forward;
+pub mod fuzzing;
 pub mod http;
 pub mod metrics;
 pub mod names;
