@@ -46,7 +46,9 @@ const CLIENT: &str = "192.0.2.1:5353";
 
 impl Fixture {
     pub fn new() -> Fixture {
-        let cli = Cli::try_parse_from(["upsync-dns", "--listen", "127.0.0.1:53", "--consul", "127.0.0.1:8500"])
+        // Rate limiting off (`--rrl-rate 0`): every packet is answered the same way whatever came
+        // before it, so a crash reproduces from its input alone.
+        let cli = Cli::try_parse_from(["upsync-dns", "--listen", "127.0.0.1:53", "--consul", "127.0.0.1:8500", "--rrl-rate", "0"])
             .expect("the fuzz fixture's command line parses");
         let mut cfg = Config::load(&cli, None).expect("the fuzz fixture's configuration is valid");
         for (zone, net) in [("10.in-addr.arpa.", "10.0.0.0/8"), ("d.f.ip6.arpa.", "fd00::/8")] {
@@ -67,7 +69,7 @@ impl Fixture {
     pub fn answer(&mut self, packet: &[u8]) -> Reply<'_> {
         let src: SocketAddr = CLIENT.parse().expect("a valid address");
         match self.responder.handle_udp(packet, src, &mut self.scratch) {
-            UdpStep::Send { .. } => Reply::Send(&self.scratch.out),
+            UdpStep::Send { .. } | UdpStep::Slip => Reply::Send(&self.scratch.out),
             UdpStep::Forward(_) => Reply::Forward,
             UdpStep::Drop(_) => Reply::Drop,
         }
