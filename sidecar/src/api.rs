@@ -115,7 +115,9 @@ fn duration(field: &str, v: Option<&str>, default: Duration) -> Result<Duration,
 
 /// An HTTP check is a path (`/health`: the endpoint's own address) or an `http`/`https` URL
 /// whose host the address rules allow (the Consul agent fetches it: a metadata address would
-/// hand it the host's credentials). Control characters and spaces are refused.
+/// hand it the host's credentials). Control characters, spaces and user information are
+/// refused. The URL is read by the `url` crate (WHATWG rules, which also read hex and octal
+/// IPv4 forms), after the scheme is checked on the raw text as Consul will see it.
 fn check_url(h: &str, allowed: &[ipnet::IpNet]) -> Result<(), ApiError> {
     let field = "check.http";
     if h.chars().any(|c| c.is_control() || c.is_whitespace()) {
@@ -124,23 +126,23 @@ fn check_url(h: &str, allowed: &[ipnet::IpNet]) -> Result<(), ApiError> {
     if h.starts_with('/') && !h.starts_with("//") {
         return Ok(());
     }
-    let rest = match h.split_once("://") {
-        Some((scheme, rest)) if scheme == "http" || scheme == "https" => rest,
+    match h.split_once("://") {
+        Some(("http", _)) | Some(("https", _)) => {}
         Some((scheme, _)) => {
             return Err(ApiError::bad(field, format!("scheme `{scheme}` is not allowed; give a path starting with / or an http(s):// URL")))
         }
         None => return Err(ApiError::bad(field, "give a path starting with / or an http(s):// URL")),
-    };
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
-    if authority.contains('@') {
+    }
+    let url = url::Url::parse(h).map_err(|e| ApiError::bad(field, format!("not a URL ({e})")))?;
+    if !url.username().is_empty() || url.password().is_some() {
         return Err(ApiError::bad(field, "user information (user@host) is not allowed in a check URL"));
     }
-    let host = if authority.starts_with('[') {
-        authority.split_inclusive(']').next().unwrap_or("")
-    } else {
-        authority.rsplit_once(':').map(|(h, _)| h).unwrap_or(authority)
+    let host = match url.host() {
+        Some(url::Host::Ipv4(ip)) => upsync_discovery::Host::Ip(ip.into()),
+        Some(url::Host::Ipv6(ip)) => upsync_discovery::Host::Ip(ip.into()),
+        Some(url::Host::Domain(d)) => parse_host(d).map_err(|e| ApiError::bad(field, format!("host: {e}")))?,
+        None => return Err(ApiError::bad(field, "the URL has no host")),
     };
-    let host = parse_host(host).map_err(|e| ApiError::bad(field, format!("host: {e}")))?;
     if let Some(why) = forbidden_address(&host, allowed) {
         return Err(ApiError::bad(field, why));
     }
@@ -469,6 +471,7 @@ mod tests {
             (r#"{"port":80,"check":{"http":"http://169.254.169.254/latest/meta-data/"}}"#, "check.http"),
             (r#"{"port":80,"check":{"http":"http://[fd00:ec2::254]:80/"}}"#, "check.http"),
             (r#"{"port":80,"check":{"http":"http://x@127.0.0.1/"}}"#, "check.http"),
+            (r#"{"port":80,"check":{"http":"http://0x7f.1:8500/"}}"#, "check.http"),
             (r#"{"port":80,"address":"127.0.0.1"}"#, "address"),
             (r#"{"port":80,"address":"::1"}"#, "address"),
             (r#"{"port":80,"address":"169.254.3.4"}"#, "address"),

@@ -20,7 +20,7 @@ use crate::model::EndpointSpec;
 #[serde(tag = "call", rename_all = "lowercase")]
 pub enum Intent {
     /// `PUT`: the endpoint as accepted.
-    Put { spec: EndpointSpec },
+    Put { spec: Box<EndpointSpec> },
     /// `DELETE` (with or without a drain).
     Delete { service: String },
 }
@@ -135,7 +135,7 @@ mod tests {
         let (j, pending) = Journal::open(&dir, "node-a").unwrap();
         assert!(pending.is_empty());
         let mut set = BTreeMap::new();
-        set.insert("a".to_string(), Intent::Put { spec: spec("a", "10.0.0.1", 80) });
+        set.insert("a".to_string(), Intent::Put { spec: Box::new(spec("a", "10.0.0.1", 80)) });
         set.insert("b".to_string(), Intent::Delete { service: "web".into() });
         j.persist(|| (2, set.clone())).unwrap();
         // An older version is not written over a newer one.

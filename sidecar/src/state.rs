@@ -235,7 +235,7 @@ impl Shared {
             match intent {
                 Intent::Put { spec } => {
                     puts += 1;
-                    st.entries.insert(id.clone(), Entry::new(spec.clone()));
+                    st.entries.insert(id.clone(), Entry::new(spec.as_ref().clone()));
                 }
                 Intent::Delete { .. } => deletes += 1,
             }
@@ -526,7 +526,7 @@ impl Shared {
         };
         if outcome != PutOutcome::Unchanged {
             tracing::info!(service = %spec.service, id = %spec.id, addr = %spec.addr(), "API: endpoint {}", if outcome == PutOutcome::Created { "created" } else { "updated" });
-            st.record_call(&spec.id, Intent::Put { spec: spec.clone() });
+            st.record_call(&spec.id, Intent::Put { spec: Box::new(spec.clone()) });
             upsert(&mut st, spec, false);
             drop(st);
             self.wake_applier();

@@ -132,8 +132,7 @@ impl Sidecar {
 
     /// Waits up to `timeout` for the process to exit by itself; its exit status.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        let status = self.proc.as_mut()?.wait_exit(timeout);
-        status
+        self.proc.as_mut()?.wait_exit(timeout)
     }
 
     /// `http://127.0.0.1:PORT` + path.

@@ -146,6 +146,8 @@ fn the_api_refuses_unsafe_ids_addresses_and_check_urls_by_name() {
 
 /// A proxy in front of real Consul that answers 503 to every request mentioning `needle` (the
 /// KV transaction and the registration of one service) and passes everything else through.
+/// Hand-written (one request per connection, `Connection: close`): it must look into each
+/// request and fail some, which no proxy crate in the workspace does; the rest is real Consul.
 fn fault_proxy(upstream: u16, needle: &'static str) -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("proxy listener");
     let port = listener.local_addr().unwrap().port();
@@ -264,7 +266,9 @@ fn a_second_sidecar_with_the_same_node_id_refuses_to_reconcile() {
     // Host A runs a container (its engine is not listed yet, so A keeps the entry; a real
     // engine would list it).
     let a = Sidecar::start(dir.path(), &consul.http_addr(), SidecarOpts::new("node-a", &dir.join("engine-a.sock")));
-    eventually("A holds the lock", || a.healthz()["lock"]["state"] == "held");
+    // A reconciles (only the lock's holder does).
+    eventually("A reconciled", || a.healthz()["consul"]["last_reconcile_seconds_ago"].as_u64().is_some());
+    assert_eq!(a.healthz()["lock"]["state"], "held");
     let container = json!({"kind": "container", "id": "0123456789ab", "name": "web1"});
     consul.kv_put("upstreams/web/10.0.0.7:80", r#"{"weight":1,"max_fails":2,"fail_timeout":10,"down":0,"backup":0}"#);
     consul.kv_put(
