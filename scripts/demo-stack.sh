@@ -86,7 +86,8 @@ consul="127.0.0.1:$http_port"
 for _ in $(seq 1 100); do curl -sf "http://$consul/v1/status/leader" | grep -q 127.0.0.1 && break; sleep 0.1; done
 
 "$build/upsync-sidecar" --consul "$consul" --docker-socket "$dir/docker.sock" --listen "127.0.0.1:$api_port" \
-    --kv-prefix upstreams --advertise-ip 127.0.0.1 --node-id demo-host --poll 250ms >"$dir/logs/sidecar.log" 2>&1 &
+    --kv-prefix upstreams --advertise-ip 127.0.0.1 --node-id demo-host --poll 250ms \
+    --state-dir "$dir/sidecar-state" --allow-address 127.0.0.0/8 >"$dir/logs/sidecar.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$api_port/healthz" >/dev/null && break; sleep 0.1; done
 

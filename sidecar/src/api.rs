@@ -22,11 +22,11 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::model::{
-    format_go_duration, parse_go_duration, parse_host, validate_check_duration, validate_endpoint_id, validate_fail_timeout,
-    validate_max_fails, validate_meta, validate_service_name, validate_tag, validate_weight, CheckKind, CheckSpec, EndpointSpec, Protocol,
-    Source,
+    forbidden_address, format_go_duration, parse_go_duration, parse_host, validate_check_duration, validate_endpoint_id,
+    validate_fail_timeout, validate_max_fails, validate_meta, validate_service_name, validate_tag, validate_weight, CheckKind, CheckSpec,
+    EndpointSpec, Protocol, Source,
 };
-use crate::state::{DeleteOutcome, PutOutcome, Shared};
+use crate::state::{DeleteOutcome, LockState, PutOutcome, Shared};
 
 /// Largest request body accepted.
 const MAX_BODY: usize = 64 * 1024;
@@ -113,6 +113,42 @@ fn duration(field: &str, v: Option<&str>, default: Duration) -> Result<Duration,
     }
 }
 
+/// An HTTP check is a path (`/health`: the endpoint's own address) or an `http`/`https` URL
+/// whose host the address rules allow (the Consul agent fetches it: a metadata address would
+/// hand it the host's credentials). Control characters, spaces and user information are
+/// refused. The URL is read by the `url` crate (WHATWG rules, which also read hex and octal
+/// IPv4 forms), after the scheme is checked on the raw text as Consul will see it.
+fn check_url(h: &str, allowed: &[ipnet::IpNet]) -> Result<(), ApiError> {
+    let field = "check.http";
+    if h.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(ApiError::bad(field, "has spaces or control characters"));
+    }
+    if h.starts_with('/') && !h.starts_with("//") {
+        return Ok(());
+    }
+    match h.split_once("://") {
+        Some(("http", _)) | Some(("https", _)) => {}
+        Some((scheme, _)) => {
+            return Err(ApiError::bad(field, format!("scheme `{scheme}` is not allowed; give a path starting with / or an http(s):// URL")))
+        }
+        None => return Err(ApiError::bad(field, "give a path starting with / or an http(s):// URL")),
+    }
+    let url = url::Url::parse(h).map_err(|e| ApiError::bad(field, format!("not a URL ({e})")))?;
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(ApiError::bad(field, "user information (user@host) is not allowed in a check URL"));
+    }
+    let host = match url.host() {
+        Some(url::Host::Ipv4(ip)) => upsync_discovery::Host::Ip(ip.into()),
+        Some(url::Host::Ipv6(ip)) => upsync_discovery::Host::Ip(ip.into()),
+        Some(url::Host::Domain(d)) => parse_host(d).map_err(|e| ApiError::bad(field, format!("host: {e}")))?,
+        None => return Err(ApiError::bad(field, "the URL has no host")),
+    };
+    if let Some(why) = forbidden_address(&host, allowed) {
+        return Err(ApiError::bad(field, why));
+    }
+    Ok(())
+}
+
 /// Turns a request into an endpoint, or names the first field at fault.
 fn validate(shared: &Shared, service: &str, id: &str, body: &[u8]) -> Result<EndpointSpec, ApiError> {
     validate_service_name(service).map_err(|e| ApiError::bad("service", e))?;
@@ -125,7 +161,13 @@ fn validate(shared: &Shared, service: &str, id: &str, body: &[u8]) -> Result<End
         serde_path_to_error::deserialize(value).map_err(|e| ApiError::bad(e.path().to_string(), e.into_inner().to_string()))?;
     let s = &shared.settings;
     let address = match &b.address {
-        Some(a) => parse_host(a).map_err(|e| ApiError::bad("address", e))?,
+        Some(a) => {
+            let host = parse_host(a).map_err(|e| ApiError::bad("address", e))?;
+            if let Some(why) = forbidden_address(&host, &s.allow_addresses) {
+                return Err(ApiError::bad("address", why));
+            }
+            host
+        }
         None => upsync_discovery::Host::Ip(s.advertise_ip),
     };
     let port = match b.port {
@@ -161,9 +203,7 @@ fn validate(shared: &Shared, service: &str, id: &str, body: &[u8]) -> Result<End
                 return Err(ApiError::bad("check", "give exactly one of http, tcp (true) or ttl"));
             }
             let kind = if let Some(h) = c.http {
-                if !(h.starts_with('/') || h.starts_with("http://") || h.starts_with("https://")) {
-                    return Err(ApiError::bad("check.http", "give a path starting with / or an http(s):// URL"));
-                }
+                check_url(&h, &s.allow_addresses)?;
                 CheckKind::Http(h)
             } else if c.tcp == Some(true) {
                 CheckKind::Tcp
@@ -217,6 +257,7 @@ async fn put_endpoint(
     let spec = validate(&shared, &service, &id, &body)?;
     let outcome =
         shared.api_put(spec).map_err(|c| ApiError { status: StatusCode::CONFLICT, field: Some(c.field.into()), reason: c.reason })?;
+    durable(&shared).await?;
     let view = shared.list(Some(&service)).into_iter().find(|v| v.spec.id == id);
     let (status, result) = match outcome {
         PutOutcome::Created => (StatusCode::CREATED, "created"),
@@ -247,7 +288,11 @@ async fn delete_endpoint(
             Some(d)
         }
     };
-    Ok(match shared.api_delete(&service, &id, drain) {
+    let outcome = shared.api_delete(&service, &id, drain);
+    if !matches!(outcome, DeleteOutcome::Conflict(_)) {
+        durable(&shared).await?;
+    }
+    Ok(match outcome {
         DeleteOutcome::Deleted => (StatusCode::OK, Json(json!({"result": "deleted"}))).into_response(),
         DeleteOutcome::NotFound => (StatusCode::OK, Json(json!({"result": "absent"}))).into_response(),
         DeleteOutcome::Draining { until } => (
@@ -256,6 +301,22 @@ async fn delete_endpoint(
         )
             .into_response(),
         DeleteOutcome::Conflict(c) => return Err(ApiError { status: StatusCode::CONFLICT, field: Some(c.field.into()), reason: c.reason }),
+    })
+}
+
+/// A change is answered 2xx only once it is on disk (see [`crate::journal`]); otherwise 503,
+/// naming the file: the change is kept in memory and applied if the sidecar keeps running,
+/// but the caller should repeat it.
+async fn durable(shared: &Arc<Shared>) -> Result<(), ApiError> {
+    let s = Arc::clone(shared);
+    let r = tokio::task::spawn_blocking(move || s.persist_calls()).await.unwrap_or_else(|e| Err(format!("recording task failed: {e}")));
+    r.map_err(|e| {
+        tracing::error!("{e}");
+        ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            field: Some("state_dir".into()),
+            reason: format!("{e}; the change is not durable: repeat the call once the state directory is writable"),
+        }
     })
 }
 
@@ -271,11 +332,25 @@ async fn list_service(State(shared): State<Arc<Shared>>, Path(service): Path<Str
 async fn healthz(State(shared): State<Arc<Shared>>) -> Response {
     let (status, pending, endpoints) = shared.status();
     let engine_enabled = shared.settings.engine_enabled;
-    let ok = status.consul_reachable && (status.engine_connected || !engine_enabled);
+    let lock_ok = matches!(status.lock, LockState::Held | LockState::Unavailable(_));
+    let ok = status.consul_reachable && (status.engine_connected || !engine_enabled) && lock_ok;
+    let conflict = matches!(status.lock, LockState::Conflict(_));
+    let (lock_state, lock_error) = match &status.lock {
+        LockState::Waiting => ("waiting", None),
+        LockState::Held => ("held", None),
+        LockState::Conflict(e) => ("conflict", Some(e.clone())),
+        LockState::Unavailable(e) => ("unavailable", Some(e.clone())),
+    };
     Json(json!({
-        "status": if ok { "ok" } else { "degraded" },
+        "status": if conflict { "conflict" } else if ok { "ok" } else { "degraded" },
         "node": shared.settings.node_id,
         "endpoints": endpoints,
+        "lock": {
+            "key": crate::lock::lock_key(&shared),
+            "state": lock_state,
+            "error": lock_error,
+        },
+        "invalid_records": status.invalid_records,
         "consul": {
             "reachable": status.consul_reachable,
             "error": status.consul_error,
@@ -391,6 +466,17 @@ mod tests {
             (r#"{"port":80,"meta":{"bad key":"x"}}"#, "meta.bad key"),
             (r#"{"port":80,"check":{"http":"/a","tcp":true}}"#, "check"),
             (r#"{"port":80,"check":{"http":"health"}}"#, "check.http"),
+            (r#"{"port":80,"check":{"http":"file:///etc/passwd"}}"#, "check.http"),
+            (r#"{"port":80,"check":{"http":"gopher://10.0.0.1/"}}"#, "check.http"),
+            (r#"{"port":80,"check":{"http":"http://169.254.169.254/latest/meta-data/"}}"#, "check.http"),
+            (r#"{"port":80,"check":{"http":"http://[fd00:ec2::254]:80/"}}"#, "check.http"),
+            (r#"{"port":80,"check":{"http":"http://x@127.0.0.1/"}}"#, "check.http"),
+            (r#"{"port":80,"check":{"http":"http://0x7f.1:8500/"}}"#, "check.http"),
+            (r#"{"port":80,"address":"127.0.0.1"}"#, "address"),
+            (r#"{"port":80,"address":"::1"}"#, "address"),
+            (r#"{"port":80,"address":"169.254.3.4"}"#, "address"),
+            (r#"{"port":80,"address":"169.254.169.254"}"#, "address"),
+            (r#"{"port":80,"address":"fd00:ec2::254"}"#, "address"),
             (r#"{"port":80,"check":{"tcp":true,"interval":"1ms"}}"#, "check.interval"),
             (r#"{"port":80,"check":{"ttl":"10s","deregister_critical_service_after":"10s"}}"#, "check.deregister_critical_service_after"),
             (r#"{"port":80,"colour":"blue"}"#, "colour"),
@@ -404,6 +490,13 @@ mod tests {
         let shared = Shared::new(Arc::new(settings(&[])));
         assert_eq!(validate(&shared, "bad.name", "x", b"{}").unwrap_err().field.as_deref(), Some("service"));
         assert_eq!(validate(&shared, "web", "a b", b"{}").unwrap_err().field.as_deref(), Some("id"));
+        for id in [".", "..", "a/b", "a%2Fb", "a\u{1}b"] {
+            assert_eq!(validate(&shared, "web", id, b"{}").unwrap_err().field.as_deref(), Some("id"), "{id:?}");
+        }
+        // Allowed explicitly.
+        let shared = Shared::new(Arc::new(settings(&["--allow-address", "127.0.0.0/8"])));
+        let body = br#"{"address":"127.0.0.1","port":80,"check":{"http":"http://127.0.0.1:80/health"}}"#;
+        assert!(validate(&shared, "web", "w", body).is_ok());
     }
 
     #[test]

@@ -168,11 +168,14 @@ async fn apply(client: &Client, id: &str, t: &Target, mut w: Written) -> Result<
 
 /// What this node owns in Consul: ownership records, agent services carrying its node id,
 /// and the KV entries the records name.
-async fn read_reality(client: &Client, s: &Settings) -> Result<HashMap<String, (Written, Option<Record>)>, Error> {
+async fn read_reality(client: &Client, s: &Settings) -> Result<(HashMap<String, (Written, Option<Record>)>, Vec<String>), Error> {
     let mut out: HashMap<String, (Written, Option<Record>)> = HashMap::new();
     let prefix = s.records_prefix();
     let mut kv_keys: Vec<(String, String)> = Vec::new(); // (id, key)
-    for pair in client.kv_list(&prefix).await? {
+    let records = client.kv_list(&prefix).await?;
+    let services = client.agent_services().await?;
+    let mut invalid = Vec::new();
+    for pair in records {
         let Some(id) = pair.key.strip_prefix(&prefix).filter(|id| !id.is_empty() && !id.contains('/')) else {
             continue;
         };
@@ -184,6 +187,13 @@ async fn read_reality(client: &Client, s: &Settings) -> Result<HashMap<String, (
                 None
             }
         };
+        if let Some(why) = rec.as_ref().and_then(|r| invalid_record(r, id, s, &services)) {
+            // Acting on it could delete or overwrite what another node (or someone else)
+            // owns: reported, left in place, never used.
+            tracing::error!(key = %pair.key, "ownership record not used: {why}; remove it once checked (consul kv delete {})", pair.key);
+            invalid.push(format!("{}: {why}", pair.key));
+            continue;
+        }
         if let Some(k) = rec.as_ref().and_then(|r| r.kv_key.clone()) {
             kv_keys.push((id.to_string(), k));
         }
@@ -192,7 +202,6 @@ async fn read_reality(client: &Client, s: &Settings) -> Result<HashMap<String, (
         entry.1 = rec;
     }
 
-    let services = client.agent_services().await?;
     let ours: Vec<_> = services.values().filter(|svc| svc.meta.get(META_NODE) == Some(&s.node_id)).collect();
     if !ours.is_empty() {
         let checks = client.agent_checks().await?;
@@ -228,13 +237,40 @@ async fn read_reality(client: &Client, s: &Settings) -> Result<HashMap<String, (
             }
         }
     }
-    Ok(out)
+    Ok((out, invalid))
+}
+
+/// Why an ownership record must not be acted on, if it must not: it names another id than its
+/// key, a KV entry outside `PREFIX/SERVICE/`, or an agent service another node (or nobody
+/// through the sidecar) registered.
+fn invalid_record(r: &Record, id: &str, s: &Settings, services: &BTreeMap<String, upsync_discovery::AgentService>) -> Option<String> {
+    if r.spec.id != id {
+        return Some(format!("it describes endpoint `{}`, not `{id}`", r.spec.id));
+    }
+    if let Some(k) = &r.kv_key {
+        let folder = format!("{}/{}/", s.kv_prefix, r.spec.service);
+        let rest = k.strip_prefix(&folder);
+        if rest.is_none_or(|rest| rest.is_empty() || rest.contains('/')) {
+            return Some(format!("its KV key `{k}` is outside this sidecar's folder {folder}"));
+        }
+    }
+    if let Some(svc) = services.get(id) {
+        let owner = svc.meta.get(META_NODE);
+        if owner != Some(&s.node_id) {
+            let who = owner.map(|o| format!("node `{o}`")).unwrap_or_else(|| "someone else (no upsync-node meta)".into());
+            return Some(format!("agent service `{id}` belongs to {who}, not to this node"));
+        }
+    }
+    None
 }
 
 /// Reconciles once: returns how many endpoint ids were queued.
 pub async fn reconcile(shared: &Arc<Shared>, client: &Client) -> Result<usize, Error> {
-    let reality = read_reality(client, &shared.settings).await?;
-    Ok(shared.reconcile(reality))
+    let (reality, invalid) = read_reality(client, &shared.settings).await?;
+    shared.set_invalid_records(invalid);
+    let queued = shared.reconcile(reality);
+    forget_settled_calls(shared).await;
+    Ok(queued)
 }
 
 /// The applier task: runs forever.
@@ -243,7 +279,14 @@ pub async fn run(shared: Arc<Shared>, client: Client) {
     let mut rng = fastrand::Rng::new();
     let mut failures: u32 = 0;
     let mut next_reconcile = Instant::now();
+    // Per endpoint: consecutive refusals of its change (its own backoff).
+    let mut endpoint_failures: HashMap<String, u32> = HashMap::new();
     loop {
+        if !shared.lock_held() {
+            // Another sidecar may own this node id: write nothing, delete nothing.
+            shared.wait_for_work().await;
+            continue;
+        }
         if Instant::now() >= next_reconcile || shared.take_reconcile_request() {
             match reconcile(&shared, &client).await {
                 Ok(queued) => {
@@ -285,6 +328,8 @@ pub async fn run(shared: Arc<Shared>, client: Client) {
                 log_change(&id, &t, &w);
                 shared.set_written(&id, w);
                 shared.set_failed(&id, None);
+                endpoint_failures.remove(&id);
+                forget_settled_calls(&shared).await;
                 if failures > 0 {
                     failures = 0;
                     tracing::info!(pending = shared.queue_len(), "Consul reachable again; applying the queued changes in order");
@@ -295,17 +340,43 @@ pub async fn run(shared: Arc<Shared>, client: Client) {
             }
             Err((w, e)) => {
                 shared.set_written(&id, w);
-                if e.is_transient() {
+                if e.is_transient() && e.status().is_none() {
+                    // Consul unreachable: every change would fail alike. The queue waits, in
+                    // order, with a backoff.
                     failures += 1;
                     let delay = backoff.delay(failures, &mut rng);
                     shared.retry_first(id);
                     report_failure(&shared, &e, failures, delay, "writing");
                     tokio::time::sleep(delay).await;
+                } else if e.is_transient() {
+                    // Consul answered, but refused this one change for now (5xx, 429): only
+                    // this endpoint waits; the others go on. Its changes stay in order (one
+                    // pending change per endpoint).
+                    let n = endpoint_failures.entry(id.clone()).or_insert(0);
+                    *n += 1;
+                    let delay = backoff.delay(*n, &mut rng);
+                    if *n == 1 || n.is_power_of_two() {
+                        tracing::warn!(id = %id, retry_in = ?delay, attempt = *n, "Consul refused the change of endpoint {id} for now: {e}; retrying it alone, the other endpoints go on");
+                    }
+                    shared.set_failed(&id, Some(e.to_string()));
+                    shared.retry_later(id, delay);
                 } else {
                     tracing::error!(id = %id, "Consul refused the change of endpoint {id}: {e}; retrying at the next resync");
                     shared.set_failed(&id, Some(e.to_string()));
                 }
             }
+        }
+    }
+}
+
+/// Rewrites the record of pending API calls when some are now held by Consul.
+async fn forget_settled_calls(shared: &Arc<Shared>) {
+    if shared.calls_changed() {
+        let s = Arc::clone(shared);
+        match tokio::task::spawn_blocking(move || s.persist_calls()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("{e}; the calls Consul holds now are applied again after a restart (harmless)"),
+            Err(e) => tracing::warn!("recording the pending API calls: {e}"),
         }
     }
 }

@@ -94,6 +94,18 @@ pub struct Args {
     /// Log format: text or json [default: text]. The level comes from RUST_LOG (default info).
     #[arg(long, value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
+    /// Accept API endpoints in this network although it is loopback, link-local or a cloud
+    /// metadata address (refused by default); repeatable (also: `api.allow_addresses`).
+    #[arg(long = "allow-address", value_name = "CIDR")]
+    pub allow_address: Vec<String>,
+    /// Start although the API listens beyond loopback without a bearer token (refused by
+    /// default: anyone who reaches it could register endpoints).
+    #[arg(long)]
+    pub insecure_no_token: bool,
+    /// Directory where accepted API calls are recorded (fsync'd) until Consul holds them
+    /// [default: /var/lib/upsync-sidecar].
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -128,6 +140,7 @@ pub struct FileConfig {
     pub defaults: FileDefaults,
     pub resync: Option<String>,
     pub state_prefix: Option<String>,
+    pub state_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -165,6 +178,8 @@ pub struct FileApi {
     pub listen: Option<SocketAddr>,
     pub token: Option<String>,
     pub token_file: Option<PathBuf>,
+    pub allow_addresses: Option<Vec<String>>,
+    pub insecure_no_token: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -233,6 +248,22 @@ pub struct Settings {
     pub state_prefix: String,
     pub defaults: Defaults,
     pub log_format: LogFormat,
+    /// Networks whose addresses the API accepts although they are loopback, link-local or a
+    /// cloud metadata address.
+    pub allow_addresses: Vec<ipnet::IpNet>,
+    /// Where accepted API calls are recorded until Consul holds them.
+    pub state_dir: PathBuf,
+}
+
+/// Default of `--state-dir`.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/upsync-sidecar";
+
+fn parse_cidr(s: &str) -> Result<ipnet::IpNet, String> {
+    let s = s.trim();
+    if let Ok(n) = s.parse::<ipnet::IpNet>() {
+        return Ok(n.trunc());
+    }
+    s.parse::<IpAddr>().map(ipnet::IpNet::from).map_err(|_| format!("`{s}` is not an address or a network (10.0.0.0/8, ::1/128)"))
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -383,6 +414,22 @@ impl Settings {
             None => duration_key("engine.ready_timeout", file.engine.ready_timeout.as_deref(), Duration::from_secs(30))?,
         };
         let request_timeout = duration_key("consul.request_timeout", file.consul.request_timeout.as_deref(), Duration::from_secs(10))?;
+        let listen = args.listen.or(file.api.listen).unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default"));
+        let insecure_no_token = args.insecure_no_token || file.api.insecure_no_token.unwrap_or(false);
+        if !listen.ip().is_loopback() && api_token.is_none() && !insecure_no_token {
+            anyhow::bail!(
+                "--listen {listen}: the API would listen beyond loopback without a bearer token, so anyone who reaches it could \
+                 register and delete endpoints; give --api-token-file (or api.token), listen on 127.0.0.1, or say --insecure-no-token"
+            );
+        }
+        let mut allow_addresses = Vec::new();
+        let from_file = file.api.allow_addresses.clone().unwrap_or_default();
+        for (opt, a) in
+            args.allow_address.iter().map(|a| ("--allow-address", a)).chain(from_file.iter().map(|a| ("api.allow_addresses", a)))
+        {
+            allow_addresses.push(parse_cidr(a).map_err(|e| anyhow::anyhow!("{opt}: {e}"))?);
+        }
+        let state_dir = args.state_dir.or(file.state_dir).unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
 
         Ok(Settings {
             node_id,
@@ -400,7 +447,7 @@ impl Settings {
             },
             docker_socket: args.docker_socket.or(file.engine.socket).unwrap_or_else(|| PathBuf::from("/var/run/docker.sock")),
             engine_enabled: !args.no_engine && file.engine.enabled.unwrap_or(true),
-            listen: args.listen.or(file.api.listen).unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default")),
+            listen,
             api_token,
             kv_enabled,
             kv_prefix,
@@ -413,6 +460,8 @@ impl Settings {
             state_prefix,
             defaults,
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
+            allow_addresses,
+            state_dir,
         })
     }
 
@@ -507,12 +556,21 @@ mod tests {
             (&["--advertise-ip", "192.0.2.1", "--node-id", "bad id"], "--node-id"),
             (&["--advertise-ip", "192.0.2.1", "--no-kv", "--no-services"], "both outputs"),
             (&["--advertise-ip", "192.0.2.1", "--resync", "1ms"], "--resync"),
+            (&["--advertise-ip", "192.0.2.1", "--listen", "0.0.0.0:8515"], "--insecure-no-token"),
+            (&["--advertise-ip", "192.0.2.1", "--allow-address", "10.0.0.0/33"], "--allow-address"),
         ];
         for (a, needle) in cases {
             let err = Settings::merge(args(a), FileConfig::default(), None).expect_err("must fail");
             assert!(err.to_string().contains(needle), "{a:?}: {err}");
         }
         assert!(Args::try_parse_from(["x", "--drain", "soon"]).is_err());
+        let ok = Settings::merge(
+            args(&["--advertise-ip", "192.0.2.1", "--listen", "0.0.0.0:8515", "--insecure-no-token", "--allow-address", "127.0.0.1"]),
+            FileConfig::default(),
+            None,
+        )
+        .expect("allowed explicitly");
+        assert_eq!(ok.allow_addresses, vec!["127.0.0.1/32".parse::<ipnet::IpNet>().unwrap()]);
     }
 
     #[test]

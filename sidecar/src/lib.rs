@@ -2,13 +2,18 @@
 //! in Consul (agent services with checks, and upsync KV entries the nginx module reads), drains
 //! them before removing them, and reconciles Consul with reality. See README.md.
 //!
-//! Three tasks share one [`state::Shared`]: the engine watcher ([`engine`]), the scheduler API
-//! ([`api`]) and the applier ([`applier`]), which alone writes to Consul.
+//! Four tasks share one [`state::Shared`]: the engine watcher ([`engine`]), the scheduler API
+//! ([`api`]), the node lock ([`lock`]) and the applier ([`applier`]), which alone writes
+//! endpoints to Consul, and only while this sidecar holds its node's lock. The API's calls are
+//! recorded on disk ([`journal`]) before they are answered. A task that panics or ends stops
+//! the process with an error.
 pub mod api;
 pub mod applier;
 pub mod config;
 pub mod container;
 pub mod engine;
+pub mod journal;
+pub mod lock;
 pub mod mapping;
 pub mod model;
 pub mod state;
@@ -68,30 +73,75 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     if !listen.ip().is_loopback() && settings.api_token.is_none() {
         tracing::warn!(%listen, "the API listens beyond loopback without a bearer token: anyone who reaches it can register endpoints; set api.token_file");
     }
-    let shared = state::Shared::new(Arc::new(settings));
+    let (journal, pending) = journal::Journal::open(&settings.state_dir, &settings.node_id)?;
+    let shared = state::Shared::with_journal(Arc::new(settings), journal, pending);
     let s = &shared.settings;
     tracing::info!(
         node = %s.node_id, advertise_ip = %s.advertise_ip, consul = ?s.consul.addresses, socket = %s.docker_socket.display(),
         api = %listen, kv_prefix = %s.kv_prefix, kv = s.kv_enabled, services = s.services_enabled, internal = s.internal,
-        drain = ?s.drain, resync = ?s.resync, "upsync-sidecar starting"
+        drain = ?s.drain, resync = ?s.resync, state_dir = %s.state_dir.display(), "upsync-sidecar starting"
     );
-    let applier = tokio::spawn(applier::run(Arc::clone(&shared), client));
-    let engine = if shared.settings.engine_enabled {
-        Some(tokio::spawn(engine::run(Arc::clone(&shared))))
+    // Test hook, read once here: the named task panics 3 s after start, so the tests can
+    // check that a dead task stops the process (see README.md, Reliability).
+    let hook = std::env::var("UPSYNC_SIDECAR_TEST_PANIC").ok();
+    let mut locker = tokio::spawn(supervised("lock", hook.clone(), lock::run(Arc::clone(&shared), client.clone())));
+    let mut applier = tokio::spawn(supervised("applier", hook.clone(), applier::run(Arc::clone(&shared), client.clone())));
+    let mut engine = if shared.settings.engine_enabled {
+        Some(tokio::spawn(supervised("engine", hook.clone(), engine::run(Arc::clone(&shared)))))
     } else {
         tracing::info!("no container engine (--no-engine): only the API's endpoints are registered");
         shared.engine_synced();
         None
     };
     let app = api::router(Arc::clone(&shared));
-    let served = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await;
+    let server = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal());
+    let engine_done = async {
+        match engine.as_mut() {
+            Some(h) => h.await,
+            None => std::future::pending().await,
+        }
+    };
+    // A task that ends (they run forever) or panics stops the process with an error: a
+    // service manager restarts it, and /healthz never answers for a dead task.
+    let served = tokio::select! {
+        r = &mut applier => return Err(task_died("applier", r)),
+        r = &mut locker => return Err(task_died("lock", r)),
+        r = engine_done => return Err(task_died("engine", r)),
+        served = server => served,
+    };
     applier.abort();
+    locker.abort();
     if let Some(e) = engine {
         e.abort();
     }
+    lock::release(&shared, &client).await;
     served.map_err(|e| anyhow::anyhow!("API server on {listen}: {e}"))?;
     tracing::info!("stopped; registrations are kept in Consul for the next start to reconcile");
     Ok(())
+}
+
+async fn supervised(name: &'static str, hook: Option<String>, task: impl std::future::Future<Output = ()>) {
+    if hook.as_deref() == Some(name) {
+        tokio::select! {
+            _ = task => {}
+            _ = tokio::time::sleep(std::time::Duration::from_secs(3)) => panic!("UPSYNC_SIDECAR_TEST_PANIC={name}: test hook"),
+        }
+    } else {
+        task.await
+    }
+}
+
+fn task_died(name: &str, r: Result<(), tokio::task::JoinError>) -> anyhow::Error {
+    let why = match r {
+        Ok(()) => "ended".to_string(),
+        Err(e) if e.is_panic() => {
+            let p = e.into_panic();
+            let msg = p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_default();
+            format!("panicked: {msg}")
+        }
+        Err(e) => format!("failed: {e}"),
+    };
+    anyhow::anyhow!("the {name} task {why}; exiting so that the service manager restarts the sidecar (registrations are kept in Consul)")
 }
 
 async fn shutdown_signal() {

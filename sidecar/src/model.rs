@@ -238,9 +238,53 @@ pub fn validate_service_name(s: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Endpoint (Consul service) ids: letters, digits and `-_.:@`, up to 128 characters.
+/// Endpoint (Consul service) ids: letters, digits and `-_.:@`, up to 128 characters; not `.`
+/// or `..` (the id ends KV keys and URL paths, where those name other entries). `/`, `%`
+/// (so `%2F` decoded or not) and control characters are refused by the character rule.
 pub fn validate_endpoint_id(s: &str) -> Result<(), String> {
+    if s == "." || s == ".." {
+        return Err(format!("`{s}` is not allowed (it names a path, not an endpoint)"));
+    }
     check_chars(s, 128, |c| c.is_ascii_alphanumeric() || "-_.:@".contains(c), "letters, digits and -_.:@")
+}
+
+/// Cloud metadata addresses (AWS, GCP, Azure, OpenStack: 169.254.169.254; AWS IPv6:
+/// fd00:ec2::254). A check or a proxy sent there leaks the host's credentials.
+pub const METADATA_ADDRESSES: [std::net::IpAddr; 2] = [
+    std::net::IpAddr::V4(std::net::Ipv4Addr::new(169, 254, 169, 254)),
+    std::net::IpAddr::V6(std::net::Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)),
+];
+
+/// Why an address given to the API must not be registered unless the operator allows it
+/// (`--allow-address`): loopback (nginx on another host would connect to itself), link-local
+/// (not routed) and cloud metadata addresses (credentials). `None` when it may be registered.
+pub fn forbidden_address(host: &Host, allowed: &[ipnet::IpNet]) -> Option<String> {
+    let ip = match host {
+        Host::Ip(ip) => ip.to_canonical(),
+        Host::Name(n) if n == "localhost" || n.ends_with(".localhost") => {
+            let lo = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+            if allowed.iter().any(|net| net.contains(&lo)) {
+                return None;
+            }
+            return Some(format!("`{n}` is a loopback name; allow it with --allow-address 127.0.0.0/8 if that is meant"));
+        }
+        Host::Name(_) => return None,
+    };
+    if allowed.iter().any(|net| net.contains(&ip)) {
+        return None;
+    }
+    let what = if METADATA_ADDRESSES.contains(&ip) {
+        "a cloud metadata address"
+    } else if ip.is_loopback() {
+        "a loopback address"
+    } else {
+        match ip {
+            std::net::IpAddr::V4(v4) if v4.is_link_local() => "a link-local address",
+            std::net::IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80 => "a link-local address",
+            _ => return None,
+        }
+    };
+    Some(format!("`{ip}` is {what}; allow it with --allow-address {ip} if that is meant"))
 }
 
 /// Node ids: letters, digits and `-_.`, up to 63 characters.
@@ -363,12 +407,30 @@ mod tests {
         assert!(validate_service_name("web.v2").is_err());
         assert!(validate_service_name(&"a".repeat(64)).is_err());
         assert!(validate_endpoint_id("node-1:web1:80").is_ok());
-        assert!(validate_endpoint_id("a/b").is_err());
+        for bad in ["a/b", ".", "..", "a%2Fb", "a\u{0}b", "a\nb"] {
+            assert!(validate_endpoint_id(bad).is_err(), "{bad:?}");
+        }
+        assert!(validate_endpoint_id("a..b").is_ok());
         let mut meta = BTreeMap::new();
         meta.insert("version".to_string(), "1.2".to_string());
         assert!(validate_meta(&meta).is_ok());
         meta.insert("consul-x".to_string(), "1".to_string());
         assert_eq!(validate_meta(&meta).unwrap_err().0, "meta.consul-x");
+    }
+
+    #[test]
+    fn loopback_link_local_and_metadata_addresses_need_allowing() {
+        let h = |s: &str| parse_host(s).unwrap();
+        for a in ["127.0.0.1", "::1", "169.254.10.1", "fe80::1", "169.254.169.254", "fd00:ec2::254", "::ffff:127.0.0.1", "localhost"] {
+            assert!(forbidden_address(&h(a), &[]).is_some(), "{a}");
+        }
+        for a in ["10.0.0.1", "192.0.2.1", "2001:db8::1", "web.example.com"] {
+            assert!(forbidden_address(&h(a), &[]).is_none(), "{a}");
+        }
+        let lo: Vec<ipnet::IpNet> = vec!["127.0.0.0/8".parse().unwrap()];
+        assert!(forbidden_address(&h("127.0.0.5"), &lo).is_none());
+        assert!(forbidden_address(&h("localhost"), &lo).is_none());
+        assert!(forbidden_address(&h("169.254.169.254"), &lo).unwrap().contains("metadata"));
     }
 
     #[test]

@@ -16,6 +16,7 @@ use tokio::time::Instant;
 
 use crate::config::Settings;
 use crate::container::{ContainerInfo, RunState};
+use crate::journal::{Intent, Journal};
 use crate::mapping::Mapped;
 use crate::model::{EndpointSpec, Source};
 use crate::target::{target, DownReason, Record, Target};
@@ -107,9 +108,27 @@ struct ContainerRec {
     draining_since: Option<Instant>,
 }
 
+/// Whether this sidecar holds its node's lock (see [`crate::lock`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(tag = "state", content = "error", rename_all = "lowercase")]
+pub enum LockState {
+    /// Not acquired yet (Consul not asked yet, or unreachable).
+    #[default]
+    Waiting,
+    Held,
+    /// Another sidecar with this node id holds it.
+    Conflict(String),
+    /// The Consul token may not create sessions or write the lock key: the sidecar works
+    /// without the lock (as before it had one), and says so.
+    Unavailable(String),
+}
+
 /// Health of the two connections, for `/healthz` and the logs.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Status {
+    pub lock: LockState,
+    /// Ownership records found invalid at the last reconcile (reported, never acted on).
+    pub invalid_records: Vec<String>,
     pub consul_reachable: bool,
     pub consul_error: Option<String>,
     pub engine_connected: bool,
@@ -136,7 +155,18 @@ pub struct State {
     engine_synced: bool,
     reconcile_requested: bool,
     next_gen: u64,
+    /// API calls answered but not yet held by Consul (recorded on disk), and the version of
+    /// this set (bumped at every change).
+    pending_calls: BTreeMap<String, Intent>,
+    pending_version: u64,
     pub status: Status,
+}
+
+impl State {
+    fn record_call(&mut self, id: &str, intent: Intent) {
+        self.pending_calls.insert(id.to_string(), intent);
+        self.pending_version += 1;
+    }
 }
 
 /// Outcome of `PUT /v1/endpoints/...`.
@@ -186,11 +216,67 @@ pub struct Shared {
     pub settings: Arc<Settings>,
     state: Mutex<State>,
     wake: Notify,
+    journal: Option<Journal>,
 }
 
 impl Shared {
+    /// Without a journal: API calls are kept in memory only (unit tests).
     pub fn new(settings: Arc<Settings>) -> Arc<Shared> {
-        Arc::new(Shared { settings, state: Mutex::new(State::default()), wake: Notify::new() })
+        Arc::new(Shared { settings, state: Mutex::new(State::default()), wake: Notify::new(), journal: None })
+    }
+
+    /// With the journal of API calls, and the calls it held at start applied as if they had
+    /// just been made (before Consul's records are read, so they win over them).
+    pub fn with_journal(settings: Arc<Settings>, journal: Journal, pending: BTreeMap<String, Intent>) -> Arc<Shared> {
+        let mut st = State::default();
+        let (mut puts, mut deletes) = (0, 0);
+        for (id, intent) in &pending {
+            st.api_touched.insert(id.clone());
+            match intent {
+                Intent::Put { spec } => {
+                    puts += 1;
+                    st.entries.insert(id.clone(), Entry::new(spec.as_ref().clone()));
+                }
+                Intent::Delete { .. } => deletes += 1,
+            }
+            enqueue(&mut st, id);
+        }
+        if !pending.is_empty() {
+            tracing::info!(puts, deletes, file = %journal.path().display(), "API calls recorded before the restart and not yet in Consul; applying them");
+        }
+        st.pending_calls = pending;
+        Arc::new(Shared { settings, state: Mutex::new(st), wake: Notify::new(), journal: Some(journal) })
+    }
+
+    /// Writes the pending API calls to disk (blocking: fsync) if they changed since the last
+    /// write. An error names the file.
+    pub fn persist_calls(&self) -> Result<(), String> {
+        let Some(j) = &self.journal else { return Ok(()) };
+        j.persist(|| {
+            let st = self.lock();
+            (st.pending_version, st.pending_calls.clone())
+        })
+    }
+
+    /// Whether pending API calls changed since they were last written (cheap; the applier
+    /// then writes them off its thread).
+    pub fn calls_changed(&self) -> bool {
+        let Some(j) = &self.journal else { return false };
+        let written = j.written_version();
+        self.lock().pending_version > written
+    }
+
+    /// Drops the pending call of `id` once Consul holds what it asked for.
+    fn settle(&self, st: &mut State, id: &str) {
+        if !st.pending_calls.contains_key(id) {
+            return;
+        }
+        let t = self.target_in(st, id);
+        let held = st.written.get(id).map_or(t == Target::default(), |w| w.matches(&t));
+        if held {
+            st.pending_calls.remove(id);
+            st.pending_version += 1;
+        }
     }
 
     pub fn lock(&self) -> MutexGuard<'_, State> {
@@ -245,6 +331,7 @@ impl Shared {
         } else {
             st.written.insert(id.to_string(), w);
         }
+        self.settle(&mut st, id);
     }
 
     /// The change of `id` failed transiently: it goes back to the head of the queue.
@@ -253,6 +340,19 @@ impl Shared {
         if st.queued.insert(id.clone()) {
             st.queue.push_front(id);
         }
+    }
+
+    /// Consul refused the change of `id` for now: it is queued again (at the back) after
+    /// `delay`, while the other ids go on.
+    pub fn retry_later(self: &Arc<Self>, id: String, delay: Duration) {
+        let shared = Arc::clone(self);
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let mut st = shared.lock();
+            enqueue(&mut st, &id);
+            drop(st);
+            shared.wake_applier();
+        });
     }
 
     /// Consul refused the change of `id` for good (bad registration, ACL): kept out of the
@@ -426,6 +526,7 @@ impl Shared {
         };
         if outcome != PutOutcome::Unchanged {
             tracing::info!(service = %spec.service, id = %spec.id, addr = %spec.addr(), "API: endpoint {}", if outcome == PutOutcome::Created { "created" } else { "updated" });
+            st.record_call(&spec.id, Intent::Put { spec: Box::new(spec.clone()) });
             upsert(&mut st, spec, false);
             drop(st);
             self.wake_applier();
@@ -438,6 +539,10 @@ impl Shared {
         let mut st = self.lock();
         let Some(e) = st.entries.get(id) else {
             st.api_touched.insert(id.to_string());
+            if !st.api_loaded {
+                // Consul's records were not read yet: it may exist there, and must go.
+                st.record_call(id, Intent::Delete { service: service.to_string() });
+            }
             return DeleteOutcome::NotFound;
         };
         if e.spec.source != Source::Api || e.spec.service != service {
@@ -450,6 +555,7 @@ impl Shared {
         }
         let draining_until = e.drain.as_ref().map(|d| d.until);
         st.api_touched.insert(id.to_string());
+        st.record_call(id, Intent::Delete { service: service.to_string() });
         match drain.filter(|d| !d.is_zero()) {
             None => {
                 tracing::info!(service, id, "API: endpoint deleted");
@@ -500,6 +606,32 @@ impl Shared {
     pub fn status(&self) -> (Status, usize, usize) {
         let st = self.lock();
         (st.status.clone(), st.queue.len(), st.entries.len())
+    }
+
+    /// Sets the lock state; `true` when it changed. The applier is woken (and reconciles
+    /// first) when the lock is taken.
+    pub fn set_lock(&self, lock: LockState) -> bool {
+        let mut st = self.lock();
+        if st.status.lock == lock {
+            return false;
+        }
+        let held = lock == LockState::Held;
+        st.status.lock = lock;
+        if held {
+            st.reconcile_requested = true;
+        }
+        drop(st);
+        self.wake_applier();
+        true
+    }
+
+    /// Whether the applier may write: the lock is held, or cannot be had at all (token).
+    pub fn lock_held(&self) -> bool {
+        matches!(self.lock().status.lock, LockState::Held | LockState::Unavailable(_))
+    }
+
+    pub fn set_invalid_records(&self, records: Vec<String>) {
+        self.lock().status.invalid_records = records;
     }
 
     pub fn set_consul_status(&self, reachable: bool, error: Option<String>) {
@@ -580,6 +712,10 @@ impl Shared {
                 st.queue.push_back(id);
                 queued += 1;
             }
+        }
+        let pending: Vec<String> = st.pending_calls.keys().cloned().collect();
+        for id in pending {
+            self.settle(&mut st, &id);
         }
         st.status.last_reconcile = Some(Instant::now());
         queued

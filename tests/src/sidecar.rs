@@ -20,6 +20,8 @@ pub struct SidecarOpts {
     pub socket: PathBuf,
     pub extra_args: Vec<String>,
     pub api_token: Option<String>,
+    /// Extra environment variables of the process.
+    pub env: Vec<(String, String)>,
 }
 
 impl SidecarOpts {
@@ -28,10 +30,36 @@ impl SidecarOpts {
             node_id: node_id.to_string(),
             kv_prefix: "upstreams".to_string(),
             socket: socket.to_path_buf(),
-            // Short intervals so that tests see reconciles and polls quickly.
-            extra_args: vec!["--resync".into(), "2s".into(), "--poll".into(), "250ms".into()],
+            // Short intervals so that tests see reconciles and polls quickly. The tests'
+            // backends listen on loopback: allowed explicitly (refused by default).
+            extra_args: vec![
+                "--resync".into(),
+                "2s".into(),
+                "--poll".into(),
+                "250ms".into(),
+                "--allow-address".into(),
+                "127.0.0.0/8".into(),
+                "--allow-address".into(),
+                "::1/128".into(),
+            ],
             api_token: None,
+            env: Vec::new(),
         }
+    }
+
+    /// Without the harness's `--allow-address` for loopback (the sidecar's defaults).
+    pub fn strict_addresses(mut self) -> SidecarOpts {
+        let mut out = Vec::new();
+        let mut args = std::mem::take(&mut self.extra_args).into_iter();
+        while let Some(a) = args.next() {
+            if a == "--allow-address" {
+                args.next();
+            } else {
+                out.push(a);
+            }
+        }
+        self.extra_args = out;
+        self
     }
 
     pub fn arg(mut self, a: &str) -> SidecarOpts {
@@ -73,6 +101,12 @@ impl Sidecar {
             .arg(&self.opts.node_id)
             .args(&self.opts.extra_args)
             .env("RUST_LOG", "info,upsync_sidecar=debug");
+        if !self.opts.extra_args.iter().any(|a| a == "--state-dir") {
+            cmd.arg("--state-dir").arg(self.state_dir());
+        }
+        for (k, v) in &self.opts.env {
+            cmd.env(k, v);
+        }
         if let Some(t) = &self.opts.api_token {
             let f = self.dir.join(format!("api-token-{}", self.opts.node_id));
             std::fs::write(&f, t).expect("writing the API token file");
@@ -89,6 +123,16 @@ impl Sidecar {
             std::thread::sleep(Duration::from_millis(20));
         }
         self.proc = Some(proc);
+    }
+
+    /// Its `--state-dir` (one per node id in the test's directory).
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.join(format!("state-{}", self.opts.node_id))
+    }
+
+    /// Waits up to `timeout` for the process to exit by itself; its exit status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        self.proc.as_mut()?.wait_exit(timeout)
     }
 
     /// `http://127.0.0.1:PORT` + path.

@@ -115,7 +115,7 @@ fn api_round_trip_with_validation_drain_and_token() {
     assert_eq!(sidecar.api_json("DELETE", "/v1/endpoints/api/a1", None, 200)["result"], "absent");
     assert_eq!(sidecar.api_json("DELETE", "/v1/endpoints/api/a1?drain=soon", None, 400)["field"], "drain");
     eventually("a1 removed", || view.kv_json("upstreams/api/10.1.2.3:8080").is_none() && view.service_ids("api").is_empty());
-    eventually("ownership records removed", || consul.kv_keys("upsync-sidecar/").is_empty());
+    eventually("ownership records removed", || consul.kv_keys("upsync-sidecar/node-a/endpoints/").is_empty());
     assert_eq!(sidecar.api_json("GET", "/v1/endpoints", None, 200), json!([]));
 }
 

@@ -114,7 +114,7 @@ fn a_stopped_container_is_drained_while_it_still_runs_then_deregistered() {
     let _ = stopper.wait();
     eventually("KV entry removed", || view.kv_json(&key).is_none());
     eventually("service deregistered", || view.service_ids("web").is_empty());
-    assert!(consul.kv_keys("upsync-sidecar/node-a/").is_empty(), "ownership record left behind");
+    assert!(consul.kv_keys("upsync-sidecar/node-a/endpoints/").is_empty(), "ownership record left behind");
 }
 
 #[test]
@@ -132,7 +132,7 @@ fn a_killed_container_is_deregistered() {
     podman.podman(&["kill", "--signal", "KILL", "web-1"]);
     eventually("KV entry removed", || view.kv_json(&key).is_none());
     eventually("service deregistered", || view.service_ids("web").is_empty());
-    eventually("ownership record removed", || consul.kv_keys("upsync-sidecar/node-a/").is_empty());
+    eventually("ownership record removed", || consul.kv_keys("upsync-sidecar/node-a/endpoints/").is_empty());
     // Nothing else was touched, and the container is really gone from the engine's view.
     assert_eq!(podman.state("web-1").as_deref(), Some("exited"));
 }
