@@ -7,6 +7,7 @@
 //! endpoints to Consul, and only while this sidecar holds its node's lock. The API's calls are
 //! recorded on disk ([`journal`]) before they are answered. A task that panics or ends stops
 //! the process with an error.
+#![forbid(unsafe_code)]
 pub mod api;
 pub mod applier;
 pub mod config;

@@ -1,4 +1,5 @@
 //! upsync-sidecar: registers containers and scheduler endpoints in Consul (see README.md).
+#![forbid(unsafe_code)]
 use std::process::ExitCode;
 
 use clap::Parser;
