@@ -23,9 +23,9 @@ trap 'rm -rf "$work"' EXIT
 mirror="$( { grep -hE '^URIs:' /etc/apt/sources.list.d/*.sources 2>/dev/null | awk '{print $2}';
              grep -hE '^deb ' /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null \
                | grep -oE 'https?://[^ ]+'; } | grep -v security | head -1 || true)"
-mirror="${mirror:-http://deb.debian.org/debian}"
 mirror="${mirror%/}"
 
+deb=""
 mkdir -p "$work/lists/partial" "$work/cache/archives/partial" "$work/etc"
 echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $mirror bullseye main" >"$work/etc/sources.list"
 apt_opts=(
@@ -33,18 +33,26 @@ apt_opts=(
     -o "Dir::State::Lists=$work/lists" -o "Dir::Cache=$work/cache"
     -o Debug::NoLocking=1 -o APT::Sandbox::User=root
 )
-deb=""
-say "fetching $deb_name from $mirror (bullseye)"
-if apt-get "${apt_opts[@]}" update -qq >"$work/apt.log" 2>&1 \
-   && (cd "$work" && apt-get "${apt_opts[@]}" download "consul=1.8.7+dfsg1-2+b3" >>"$work/apt.log" 2>&1); then
-    deb="$(ls "$work"/consul_*.deb 2>/dev/null | head -1)"
+if [ -z "$mirror" ]; then
+    # No guessing of a host: the machine's own sources say which archive is reachable.
+    say "the machine's apt sources (/etc/apt/sources.list, /etc/apt/sources.list.d/) name no Debian mirror; trying the vendored copy"
+    echo "no mirror" >"$work/apt.log"
+else
+    say "fetching $deb_name from $mirror (bullseye)"
+    if apt-get "${apt_opts[@]}" update -qq >"$work/apt.log" 2>&1 \
+       && (cd "$work" && apt-get "${apt_opts[@]}" download "consul=1.8.7+dfsg1-2+b3" >>"$work/apt.log" 2>&1); then
+        deb="$(ls "$work"/consul_*.deb 2>/dev/null | head -1)"
+    fi
 fi
 if [ -z "$deb" ]; then
-    say "the bullseye archive could not be reached ($(tail -1 "$work/apt.log" 2>/dev/null)); using the vendored copy"
+    say "the bullseye archive could not be used ($(tail -1 "$work/apt.log" 2>/dev/null)); using the vendored copy"
     for d in "$here/../shared/vendor" "$here/vendor"; do
         [ -f "$d/$deb_name" ] && { deb="$d/$deb_name"; break; }
     done
-    [ -n "$deb" ] || { echo "deps: consul: no archive and no vendored $deb_name; cannot install Consul" >&2; exit 1; }
+    [ -n "$deb" ] || {
+        echo "deps: consul: cannot install Consul $version: no Debian mirror reachable through the machine's apt sources and no $deb_name in ../shared/vendor/ or vendor/; add a Debian mirror to the apt sources or put that .deb (sha256 $sha256) in vendor/" >&2
+        exit 1
+    }
 fi
 got="$(sha256sum "$deb" | cut -d' ' -f1)"
 if [ "$got" != "$sha256" ]; then

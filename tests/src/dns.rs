@@ -271,13 +271,7 @@ pub fn hickory_query(server: SocketAddr, name: &str, rtype: RecordType, tcp: boo
 /// Sends `bytes` in one datagram from 127.0.0.1 and returns the answer, if any arrives
 /// within `timeout`.
 pub fn send_raw(server: SocketAddr, bytes: &[u8], timeout: Duration) -> Option<Vec<u8>> {
-    let sock = UdpSocket::bind("127.0.0.1:0").expect("binding a UDP client socket");
-    sock.set_read_timeout(Some(timeout)).ok()?;
-    sock.send_to(bytes, server).ok()?;
-    let mut buf = vec![0u8; 65535];
-    let (n, _) = sock.recv_from(&mut buf).ok()?;
-    buf.truncate(n);
-    Some(buf)
+    send_raw_from(std::net::Ipv4Addr::LOCALHOST.into(), server, bytes, timeout)
 }
 
 /// Sends `bytes` in one datagram from `from` (any address of 127/8 is local on Linux) and
