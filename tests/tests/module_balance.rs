@@ -109,12 +109,14 @@ fn upsync_lb_least_conn_and_ip_hash_use_nginx_balancers() {
     let http = format!(
         "{}\n upstream iph {{ server 127.0.0.1:9; upsync {c}/v1/kv/upstreams/iph upsync_interval=10ms; upsync_lb ip_hash; }}
          upstream lc {{ server 127.0.0.1:9; upsync {c}/v1/kv/upstreams/lc upsync_interval=10ms; upsync_lb least_conn; }}
-         server {{ listen 127.0.0.1:{{{{port1}}}}; location /iph {{ proxy_pass http://iph; }} location /lc {{ proxy_pass http://lc; }} }}",
+         upstream hashempty {{ server 127.0.0.1:9; upsync {c}/v1/kv/upstreams/hashempty upsync_interval=10ms; upsync_lb ip_hash; upsync_allow_empty on; }}
+         server {{ listen 127.0.0.1:{{{{port1}}}}; location /iph {{ proxy_pass http://iph; }} location /lc {{ proxy_pass http://lc; }}
+                   location /hashempty {{ proxy_pass http://hashempty; }} }}",
         http_block("app", &consul.http_addr(), "", ""),
         c = consul.http_addr()
     );
     let nginx = Nginx::start(dir.path(), NginxConf::new(&http).workers(1));
-    for up in ["iph", "lc"] {
+    for up in ["iph", "lc", "hashempty"] {
         put_server(&consul, up, &a.host_port(), "");
         put_server(&consul, up, &b.host_port(), "");
         wait_servers(&nginx, up, &[&a.host_port(), &b.host_port()]);
@@ -129,4 +131,10 @@ fn upsync_lb_least_conn_and_ip_hash_use_nginx_balancers() {
     consul.kv_delete_tree("upstreams/iph");
     wait_until("the refusal", Duration::from_secs(20), || nginx.error_log().contains("upstream \"iph\": Consul returned no servers"));
     assert_eq!(hits(&format!("{base}/iph"), 5).values().sum::<usize>(), 5);
+    // With upsync_allow_empty on, the ip_hash upstream does become empty: requests fail at once
+    // with 502 (the placeholder peer is down), and no worker crashes (checked when nginx stops).
+    assert_eq!(all_ok(&format!("{base}/hashempty"), 4).len(), 1);
+    consul.kv_delete_tree("upstreams/hashempty");
+    wait_servers(&nginx, "hashempty", &[]);
+    assert_eq!(hits(&format!("{base}/hashempty"), 5).get("HTTP 502"), Some(&5));
 }
