@@ -241,6 +241,26 @@ impl Consul {
         self.spawn().unwrap_or_else(|e| panic!("starting Consul again: {e}"));
     }
 
+    /// Starts a stopped member again and waits until it is ready. While it was down, one of its
+    /// ports may have been handed out as the local port of some outgoing connection: then it is
+    /// tried again a little later (up to 10 times).
+    pub fn rejoin(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let mut last = None;
+        for _ in 0..10 {
+            self.start_again();
+            match self.wait_ready(timeout) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.to_string().contains("port was taken") => {
+                    self.stop();
+                    last = Some(e);
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("Consul did not rejoin")))
+    }
+
     /// One request to the agent's HTTP API with the harness token; `(status, body)`.
     pub fn api(&self, method: &str, path: &str, body: Option<&[u8]>) -> anyhow::Result<(u16, String)> {
         let mut headers = Vec::new();

@@ -49,8 +49,7 @@ fn stopping_the_server_in_use_fails_over_without_losing_a_change() {
     assert_eq!(set.len(), 4);
 
     // The stopped server comes back; the client stays where it is (sticky) and still works.
-    servers[used_idx].start_again();
-    servers[used_idx].wait_ready(Duration::from_secs(60)).expect("the server rejoins");
+    servers[used_idx].rejoin(Duration::from_secs(60)).expect("the server rejoins");
     put(&servers[used_idx], "up/app/10.0.0.5:80");
     let (set, _) = w.until_set(LONG, "a change written through the rejoined server", |s| s.len() == 5);
     assert_eq!(set.len(), 5);
