@@ -225,7 +225,8 @@ async fn supervise(specs: Vec<WatchSpec>, mailbox: Arc<Mailbox>, task: TaskFn) {
     dumps.abort();
 }
 
-fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
+/// The message a panic carried (its `&str` or `String` payload).
+pub fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
     p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_else(|| "(no message)".into())
 }
 

@@ -475,7 +475,7 @@ pub(crate) fn guard<T>(what: &str, fallback: T, body: impl FnOnce() -> T) -> T {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)) {
         Ok(v) => v,
         Err(p) => {
-            let msg = p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_default();
+            let msg = crate::poller::panic_message(p);
             tracing::error!("upsync: {what} panicked ({msg}); nginx goes on without it (please report this as a bug)");
             fallback
         }
