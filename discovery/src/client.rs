@@ -24,6 +24,7 @@ use hyper_util::rt::TokioIo;
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_rustls::rustls;
 use tokio_rustls::TlsConnector;
@@ -85,6 +86,16 @@ struct Inner {
     current: AtomicUsize,
     /// Idle keep-alive connections, per address.
     pool: Mutex<Vec<Vec<Conn>>>,
+    /// One permit per open connection when `cfg.max_connections` is set.
+    slots: Option<Arc<Semaphore>>,
+    /// Signalled when a connection goes back to the idle pool.
+    returned: Notify,
+}
+
+/// What [`Client::acquire`] found.
+enum Acquired {
+    Idle(Conn),
+    New(Option<OwnedSemaphorePermit>),
 }
 
 impl std::fmt::Debug for Client {
@@ -137,7 +148,8 @@ impl Client {
             (None, None) => TokenSource::None,
         };
         let pool = Mutex::new((0..cfg.addresses.len()).map(|_| Vec::new()).collect());
-        Ok(Client { inner: Arc::new(Inner { cfg, token, tls, current: AtomicUsize::new(0), pool }) })
+        let slots = cfg.max_connections.map(|n| Arc::new(Semaphore::new(n)));
+        Ok(Client { inner: Arc::new(Inner { cfg, token, tls, current: AtomicUsize::new(0), pool, slots, returned: Notify::new() }) })
     }
 
     pub fn config(&self) -> &ConsulConfig {
@@ -151,7 +163,7 @@ impl Client {
     }
 
     /// `GET path_and_query` (e.g. `/v1/health/service/web?tag=v1`), adding the token, `dc`
-    /// and the consistency mode (on `/v1/kv`, `/v1/catalog`, `/v1/health`), and `index`/`wait`
+    /// and the consistency mode (on `/v1/kv`, `/v1/catalog`, `/v1/health`, `/v1/internal/ui`), and `index`/`wait`
     /// when `blocking` is given. 2xx and 404 are `Ok` (Consul answers 404 for a KV prefix with no
     /// keys, with an index to block on); other statuses are errors.
     pub async fn get(&self, path_and_query: &str, blocking: Option<Blocking>) -> Result<Response, Error> {
@@ -210,7 +222,7 @@ impl Client {
             sep = '&';
         };
         let bare = path_and_query.split('?').next().unwrap_or("");
-        let data_path = ["/v1/kv/", "/v1/catalog/", "/v1/health/"].iter().any(|p| bare.starts_with(p));
+        let data_path = ["/v1/kv/", "/v1/catalog/", "/v1/health/", "/v1/internal/ui/"].iter().any(|p| bare.starts_with(p));
         if data_path {
             if let Some(dc) = &cfg.datacenter {
                 add(&mut path, &format!("dc={dc}"));
@@ -233,13 +245,29 @@ impl Client {
     /// that turns out to be dead is replaced once.
     async fn exchange(&self, i: usize, method: &Method, path: &str, body: &Bytes, timeout: Duration) -> Result<Response, Error> {
         let address = &self.inner.cfg.addresses[i];
+        // Waiting for a free connection (max_connections) is not Consul being slow: it happens
+        // before the request's clock starts.
+        let (mut reused, mut slot) = match self.acquire(i, true).await {
+            Acquired::Idle(c) => (Some(c), None),
+            Acquired::New(p) => (None, p),
+        };
         let started = Instant::now();
         let attempt = async {
-            let mut reused = self.checkout(i).await;
             loop {
                 let mut conn = match reused.take() {
                     Some(c) => (c, true),
-                    None => (self.connect(address).await?, false),
+                    None => {
+                        let permit = match slot.take() {
+                            Some(p) => Some(p),
+                            None => match self.acquire(i, false).await {
+                                Acquired::New(p) => p,
+                                Acquired::Idle(_) => None,
+                            },
+                        };
+                        let mut c = self.connect(address).await?;
+                        c.slot = permit;
+                        (c, false)
+                    }
                 };
                 let req = self.build_request(address, method, path, body)?;
                 match send(&mut conn.0, req, self.inner.cfg.max_response_bytes, self.inner.cfg.request_timeout).await {
@@ -395,11 +423,51 @@ impl Client {
             let io = RecordErrors { inner: io, shared: shared.clone() };
             let (sender, driver) =
                 http1::Builder::new().handshake(TokioIo::new(io)).await.map_err(|e| fail(format!("HTTP handshake: {e}")))?;
-            Ok(Conn { sender, driver: Box::pin(driver), idle_since: Instant::now(), shared })
+            Ok(Conn { sender, driver: Box::pin(driver), idle_since: Instant::now(), shared, slot: None })
         };
         match tokio::time::timeout(self.inner.cfg.connect_timeout, work).await {
             Ok(r) => r,
             Err(_) => Err(fail(format!("no connection within {:?}", self.inner.cfg.connect_timeout))),
+        }
+    }
+
+    /// An idle connection to address `i` (if `reuse`), else a permit to open a new one (`None`
+    /// when connections are not bounded). When no permit is free, an idle connection (to any
+    /// address) is closed to free one; when none is idle either, waits until a connection in
+    /// use is returned to the pool or closed.
+    async fn acquire(&self, i: usize, reuse: bool) -> Acquired {
+        let Some(slots) = self.inner.slots.as_ref() else {
+            return match if reuse { self.checkout(i).await } else { None } {
+                Some(c) => Acquired::Idle(c),
+                None => Acquired::New(None),
+            };
+        };
+        loop {
+            // Registered before looking, so a connection returned meanwhile wakes us.
+            let returned = self.inner.returned.notified();
+            tokio::pin!(returned);
+            returned.as_mut().enable();
+            if reuse {
+                if let Some(c) = self.checkout(i).await {
+                    return Acquired::Idle(c);
+                }
+            }
+            if let Ok(p) = slots.clone().try_acquire_owned() {
+                return Acquired::New(Some(p));
+            }
+            let evicted = {
+                let mut pool = self.inner.pool.lock().unwrap_or_else(|e| e.into_inner());
+                pool.iter_mut().find_map(|v| (!v.is_empty()).then(|| v.remove(0)))
+            };
+            if let Some(c) = evicted {
+                // Dropping it closes it and frees its permit.
+                drop(c);
+                continue;
+            }
+            tokio::select! {
+                p = slots.clone().acquire_owned() => if let Ok(p) = p { return Acquired::New(Some(p)) },
+                _ = returned => {}
+            }
         }
     }
 
@@ -423,12 +491,16 @@ impl Client {
 
     fn checkin(&self, i: usize, mut c: Conn) {
         c.idle_since = Instant::now();
-        let mut pool = self.inner.pool.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(v) = pool.get_mut(i) {
-            if v.len() < MAX_IDLE_PER_ADDRESS {
-                v.push(c);
+        {
+            let mut pool = self.inner.pool.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(v) = pool.get_mut(i) {
+                if v.len() < MAX_IDLE_PER_ADDRESS {
+                    v.push(c);
+                }
             }
         }
+        // A request waiting for a connection (max_connections) can take this one.
+        self.inner.returned.notify_one();
     }
 
     // ----- KV ----------------------------------------------------------------------------
@@ -823,6 +895,8 @@ struct Conn {
     idle_since: Instant,
     /// What the socket wrapper saw (shared with it).
     shared: Arc<IoShared>,
+    /// Its place under `max_connections`, given back when the connection is dropped.
+    slot: Option<OwnedSemaphorePermit>,
 }
 
 /// State the socket wrapper records for [`send`].
@@ -1031,6 +1105,7 @@ mod tests {
         assert_eq!(c.full_path(&Method::GET, "/v1/kv/a/?recurse", b), "/v1/kv/a/?recurse&dc=dc2&stale&index=7&wait=600s");
         assert_eq!(c.full_path(&Method::PUT, "/v1/kv/a", None), "/v1/kv/a?dc=dc2");
         assert_eq!(c.full_path(&Method::GET, "/v1/agent/self", None), "/v1/agent/self");
+        assert_eq!(c.full_path(&Method::GET, "/v1/internal/ui/nodes", None), "/v1/internal/ui/nodes?dc=dc2&stale");
         assert_eq!(go_duration(Duration::from_millis(1500)), "1500ms");
         assert_eq!(kv_path("up/[::1]:80 x"), "/v1/kv/up/%5B::1%5D:80%20x");
     }
@@ -1096,6 +1171,57 @@ mod tests {
         // The overall timeout is then 300 ms + 5 s + 5 s/16: any error before that is the
         // transfer limit's doing.
         Some(Blocking { index: 1, wait: Duration::from_secs(5) })
+    }
+
+    #[tokio::test]
+    async fn max_connections_bounds_open_connections_busy_or_idle() {
+        use std::sync::atomic::AtomicUsize;
+        // A keep-alive server answering each request after 30 ms, counting open connections.
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let open = Arc::new(AtomicUsize::new(0));
+        let peak = Arc::new(AtomicUsize::new(0));
+        let (o, p) = (open.clone(), peak.clone());
+        let _server = tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = l.accept().await else { return };
+                let now = o.fetch_add(1, Ordering::SeqCst) + 1;
+                p.fetch_max(now, Ordering::SeqCst);
+                let o = o.clone();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut b = [0u8; 1024];
+                    loop {
+                        match s.read(&mut b).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => head.extend_from_slice(&b[..n]),
+                        }
+                        while let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                            head.drain(..end + 4);
+                            tokio::time::sleep(Duration::from_millis(30)).await;
+                            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nX-Consul-Index: 5\r\nContent-Length: 2\r\n\r\n[]").await;
+                        }
+                    }
+                    o.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+        let mut cfg = ConsulConfig::from_addresses(&format!("127.0.0.1:{port}")).unwrap();
+        cfg.max_connections = Some(3);
+        let c = Client::new(cfg).unwrap();
+        let mut all = tokio::task::JoinSet::new();
+        for _ in 0..24 {
+            let c = c.clone();
+            all.spawn(async move { c.get("/v1/kv/x", None).await.map(|r| r.index) });
+        }
+        while let Some(r) = all.join_next().await {
+            assert_eq!(r.unwrap().unwrap(), 5);
+        }
+        assert!(peak.load(Ordering::SeqCst) <= 3, "{} connections were open at once", peak.load(Ordering::SeqCst));
+        assert!(peak.load(Ordering::SeqCst) >= 2, "the requests did not run side by side");
+        let mut unbounded = ConsulConfig::from_addresses(&format!("127.0.0.1:{port}")).unwrap();
+        unbounded.max_connections = Some(0);
+        assert!(Client::new(unbounded).is_err());
     }
 
     #[tokio::test]

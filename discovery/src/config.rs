@@ -196,6 +196,12 @@ pub struct ConsulConfig {
     pub request_timeout: Duration,
     /// Largest response body accepted (default 256 MiB).
     pub max_response_bytes: usize,
+    /// Most TCP connections the client holds open at once, idle or busy, over all addresses
+    /// (`None`: no bound). A request that finds none free waits for one; an idle connection to
+    /// another address is closed to make room. Consul counts connections per client address
+    /// (`http_max_conns_per_client`, 200 by default) and refuses every client on that address
+    /// beyond it, so a process with many watches bounds itself here.
+    pub max_connections: Option<usize>,
 }
 
 impl Default for ConsulConfig {
@@ -210,6 +216,7 @@ impl Default for ConsulConfig {
             connect_timeout: Duration::from_secs(3),
             request_timeout: Duration::from_secs(10),
             max_response_bytes: 256 << 20,
+            max_connections: None,
         }
     }
 }
@@ -245,6 +252,9 @@ impl ConsulConfig {
         }
         if self.connect_timeout.is_zero() || self.request_timeout.is_zero() {
             return Err(Error::Config("connect_timeout and request_timeout must be above zero".into()));
+        }
+        if self.max_connections == Some(0) {
+            return Err(Error::Config("max_connections must be at least 1".into()));
         }
         Ok(())
     }

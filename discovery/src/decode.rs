@@ -279,12 +279,16 @@ pub fn decode_kv(prefix: &str, body: &[u8]) -> Result<Decoded<EndpointSet>, Deco
         return Ok(Decoded::default());
     }
     let entries: Vec<KvEntry> = serde_json::from_slice(body).map_err(|e| body_error(WHAT, e))?;
+    Ok(kv_servers(prefix, entries.iter().map(|e| (&*e.key, e.value.as_deref()))))
+}
+
+/// The servers of `prefix` among `(key, value)` KV entries (the rules of [`decode_kv`]).
+fn kv_servers<'a>(prefix: &str, entries: impl Iterator<Item = (&'a str, Option<&'a str>)>) -> Decoded<EndpointSet> {
     let prefix = prefix.trim_start_matches('/');
     let dir = prefix.trim_end_matches('/');
     let mut skipped = Vec::new();
-    let mut endpoints = Vec::with_capacity(entries.len());
-    for entry in &entries {
-        let key: &str = &entry.key;
+    let mut endpoints = Vec::new();
+    for (key, value) in entries {
         let rest = if dir.is_empty() {
             key
         } else {
@@ -296,12 +300,104 @@ pub fn decode_kv(prefix: &str, body: &[u8]) -> Result<Decoded<EndpointSet>, Deco
         if rest.is_empty() {
             continue; // the folder key PREFIX/
         }
-        match kv_endpoint(rest, entry.value.as_deref()) {
+        match kv_endpoint(rest, value) {
             Ok(e) => endpoints.push(e),
             Err(reason) => skipped.push(Skipped { key: key.to_string(), reason }),
         }
     }
-    Ok(finish(endpoints, skipped, |e| e.addr()))
+    finish(endpoints, skipped, |e| e.addr())
+}
+
+/// One entry of a recursive KV read kept whole (see [`KvTree`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KvItem {
+    pub key: String,
+    /// The value as Consul sends it (base64), decoded only for the prefixes that changed.
+    pub value: Option<String>,
+    pub modify_index: u64,
+}
+
+#[derive(Deserialize)]
+struct KvTreeEntry<'a> {
+    #[serde(rename = "Key", borrow)]
+    key: Cow<'a, str>,
+    #[serde(rename = "Value", borrow, default)]
+    value: Option<Cow<'a, str>>,
+    #[serde(rename = "ModifyIndex", default)]
+    modify_index: u64,
+}
+
+/// Every key under a KV root, sorted by key (`GET /v1/kv/ROOT?recurse`), for consumers that
+/// serve many prefixes under one root from one blocking query: [`KvTree::servers`] gives one
+/// prefix's servers as [`decode_kv`] would from a read of that prefix alone, and
+/// [`KvTree::stamp`] tells whether a prefix changed between two reads without decoding it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KvTree {
+    items: Vec<KvItem>,
+}
+
+/// What identifies the state of one prefix in a [`KvTree`]: its number of keys and the
+/// highest ModifyIndex among them. Any write under the prefix raises the highest index; a
+/// delete alone lowers the count (an add and a delete together raise the index).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct KvStamp {
+    pub keys: usize,
+    pub max_modify_index: u64,
+}
+
+impl KvTree {
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// The entries whose key starts with `dir/` (and `dir` itself), found by binary search.
+    fn under(&self, prefix: &str) -> &[KvItem] {
+        let dir = prefix.trim_start_matches('/').trim_end_matches('/');
+        if dir.is_empty() {
+            return &self.items;
+        }
+        let lo = self.items.partition_point(|i| i.key.as_str() < dir);
+        let tail = &self.items[lo..];
+        // Keys starting with `dir` are contiguous; those after `dir/` with a byte above '/'
+        // (`dir0`, `dirx`) are siblings and are ignored by `kv_servers`.
+        let n = tail.partition_point(|i| i.key.starts_with(dir) && (i.key.len() == dir.len() || i.key.as_bytes()[dir.len()] <= b'/'));
+        &tail[..n]
+    }
+
+    /// The state of `prefix` (see [`KvStamp`]).
+    pub fn stamp(&self, prefix: &str) -> KvStamp {
+        let items = self.under(prefix);
+        let dir = prefix.trim_start_matches('/').trim_end_matches('/');
+        let mine = items.iter().filter(|i| dir.is_empty() || i.key.len() == dir.len() || i.key.as_bytes()[dir.len()] == b'/');
+        mine.fold(KvStamp::default(), |s, i| KvStamp { keys: s.keys + 1, max_modify_index: s.max_modify_index.max(i.modify_index) })
+    }
+
+    /// The servers of `prefix`, as [`decode_kv`] gives them from a read of `prefix` alone.
+    pub fn servers(&self, prefix: &str) -> Decoded<EndpointSet> {
+        kv_servers(prefix, self.under(prefix).iter().map(|i| (i.key.as_str(), i.value.as_deref())))
+    }
+}
+
+/// Decodes `GET /v1/kv/ROOT?recurse` into a [`KvTree`]. An empty body or `null` (404) is an
+/// empty tree.
+pub fn decode_kv_tree(body: &[u8]) -> Result<KvTree, DecodeError> {
+    const WHAT: &str = "KV tree";
+    if is_blank(body) {
+        return Ok(KvTree::default());
+    }
+    let entries: Vec<KvTreeEntry> = serde_json::from_slice(body).map_err(|e| body_error(WHAT, e))?;
+    let mut items: Vec<KvItem> = entries
+        .into_iter()
+        .map(|e| KvItem { key: e.key.into_owned(), value: e.value.map(Cow::into_owned), modify_index: e.modify_index })
+        .collect();
+    // Consul sends keys sorted; sorting again costs nothing then and keeps the binary searches
+    // right whatever sits in between.
+    items.sort_by(|a, b| a.key.cmp(&b.key));
+    Ok(KvTree { items })
 }
 
 fn kv_endpoint(name: &str, value: Option<&str>) -> Result<Endpoint, String> {
@@ -627,5 +723,6 @@ mod tests;
 
 mod node_dump;
 pub use node_dump::{
-    decode_check_states, decode_health_instances, decode_instance_counts, decode_node_addresses, decode_node_dump, CheckState,
+    decode_check_states, decode_health_instances, decode_instance_counts, decode_node_addresses, decode_node_dump, service_endpoints,
+    CheckState,
 };

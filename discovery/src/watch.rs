@@ -1,13 +1,14 @@
 //! Blocking-query watches, following Consul's rules (see README.md, "The watch algorithm").
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::time::Instant;
 
 use crate::client::{query_value, seg, Blocking, Client, Response, MAX_WAIT};
-use crate::decode::{self, Decoded, HealthMode, Skipped};
-use crate::endpoint::EndpointSet;
+use crate::decode::{self, Decoded, HealthMode, KvTree, Skipped};
+use crate::endpoint::{Endpoint, EndpointSet};
 use crate::error::Error;
 
 /// What to watch.
@@ -22,6 +23,12 @@ pub enum Query {
     HealthService { name: String, tag: Option<String>, mode: HealthMode },
     /// `/v1/catalog/services`, decoded with [`decode::decode_services`].
     Services,
+    /// `/v1/kv/ROOT?recurse` kept whole ([`decode::decode_kv_tree`]): one blocking query serving
+    /// every prefix under `ROOT` (`""`: the whole store).
+    KvTree { root: String },
+    /// `/v1/internal/ui/nodes`, Consul's node dump ([`decode::decode_node_dump`]): every
+    /// instance of every service with its health, from one blocking query.
+    NodeDump,
     /// Any blocking endpoint (`/v1/health/state/any`, ...): the body, not decoded. 404 is an
     /// empty body.
     Raw { path: String },
@@ -54,6 +61,17 @@ impl Query {
                 }
             }
             Query::Services => "/v1/catalog/services".to_string(),
+            Query::KvTree { root } => {
+                let r = root.trim_matches('/');
+                if r.is_empty() {
+                    "/v1/kv/?recurse".to_string()
+                } else {
+                    // No trailing slash, as `Kv` (the tombstone of a deleted root is seen);
+                    // siblings such as `ROOT2/...` are read too and served to no prefix.
+                    format!("{}?recurse", crate::client::kv_path(r))
+                }
+            }
+            Query::NodeDump => "/v1/internal/ui/nodes".to_string(),
             Query::Raw { path } => path.clone(),
         }
     }
@@ -68,6 +86,12 @@ impl Query {
             Query::CatalogService { .. } => endpoints(decode::decode_catalog_service(body)),
             Query::HealthService { mode, .. } => endpoints(decode::decode_health_service(body, *mode)),
             Query::Services => decode::decode_services(body).map(|s| Decoded { value: WatchValue::Services(s), skipped: Vec::new() }),
+            Query::KvTree { .. } => {
+                decode::decode_kv_tree(body).map(|t| Decoded { value: WatchValue::KvTree(Arc::new(t)), skipped: Vec::new() })
+            }
+            Query::NodeDump => {
+                decode::decode_node_dump(body).map(|d| Decoded { value: WatchValue::Instances(Arc::new(d.value)), skipped: d.skipped })
+            }
             Query::Raw { .. } => {
                 let b = if r.status == 404 { Bytes::new() } else { r.body.clone() };
                 Ok(Decoded { value: WatchValue::Raw(b), skipped: Vec::new() })
@@ -89,6 +113,10 @@ fn with_tag(path: String, tag: Option<&str>) -> String {
 pub enum WatchValue {
     Endpoints(EndpointSet),
     Services(BTreeMap<String, Vec<String>>),
+    /// Shared: a whole tree is large and the watch keeps the last one to compare.
+    KvTree(Arc<KvTree>),
+    /// Every instance of every service (the node dump), in the dump's order.
+    Instances(Arc<Vec<Endpoint>>),
     Raw(Bytes),
 }
 
@@ -180,11 +208,17 @@ pub struct WatchOptions {
     pub wait: Duration,
     pub rate: RateLimit,
     pub backoff: Backoff,
+    /// Grow the `wait` with the watch's age: a watch `age` old blocks for
+    /// `clamp(age, ramp_from, wait)`. Consul (1.8) counts a blocking query against its
+    /// per-client connection limit until its `wait` runs out, even after the client has gone;
+    /// a process that may be replaced soon after it starts (nginx reloads in a row) then
+    /// leaves behind only queries that end soon. `None`: always `wait`.
+    pub ramp_from: Option<Duration>,
 }
 
 impl Default for WatchOptions {
     fn default() -> Self {
-        WatchOptions { wait: Duration::from_secs(300), rate: RateLimit::default(), backoff: Backoff::default() }
+        WatchOptions { wait: Duration::from_secs(300), rate: RateLimit::default(), backoff: Backoff::default(), ramp_from: None }
     }
 }
 
@@ -208,6 +242,8 @@ pub struct Watch {
     not_before: Option<Instant>,
     bucket: TokenBucket,
     rng: fastrand::Rng,
+    /// When the watch was made (for `ramp_from`).
+    born: Instant,
 }
 
 impl std::fmt::Debug for Watch {
@@ -232,6 +268,7 @@ impl Watch {
             not_before: None,
             bucket: TokenBucket::new(opts.rate),
             rng: fastrand::Rng::new(),
+            born: Instant::now(),
         }
     }
 
@@ -262,11 +299,20 @@ impl Watch {
                     Err(wait) => tokio::time::sleep(wait).await,
                 }
             }
-            let blocking = (self.index > 0 && !self.resync).then(|| Blocking { index: self.index, wait: self.opts.wait.min(MAX_WAIT) });
+            let blocking = (self.index > 0 && !self.resync).then(|| Blocking { index: self.index, wait: self.wait(Instant::now()) });
             let result = self.client.get(&self.path, blocking).await;
             if let Some(event) = self.on_result(result) {
                 return event;
             }
+        }
+    }
+
+    /// The `wait` of the next blocking query (see [`WatchOptions::ramp_from`]).
+    fn wait(&self, now: Instant) -> Duration {
+        let full = self.opts.wait.min(MAX_WAIT);
+        match self.opts.ramp_from {
+            Some(first) => now.saturating_duration_since(self.born).clamp(first.min(full), full),
+            None => full,
         }
     }
 

@@ -43,7 +43,7 @@ use upsync_discovery::decode::{
     decode_check_states, decode_health_instances, decode_instance_counts, decode_node_addresses, decode_node_dump, decode_services,
     CheckState, HealthMode,
 };
-use upsync_discovery::{Backoff, Blocking, Client, Consistency, Endpoint, Query};
+use upsync_discovery::{Backoff, Blocking, Client, Endpoint, Query};
 
 use crate::config::FeedConfig;
 use crate::server::Shared;
@@ -340,24 +340,6 @@ async fn hot_watch(client: Client, service: String, epoch: u64, retired: Arc<Ato
             }
             Err(e) => tracing::debug!(%service, "{} answered {path} with {e}", resp.address),
         }
-    }
-}
-
-/// Adds `dc` and the consistency mode to a path the client does not add them to.
-fn internal_path(path: &str, cfg: &FeedConfig) -> String {
-    let mut params = Vec::new();
-    if let Some(dc) = &cfg.consul.datacenter {
-        params.push(format!("dc={dc}"));
-    }
-    match cfg.consul.consistency {
-        Consistency::Default => {}
-        Consistency::Stale => params.push("stale".into()),
-        Consistency::Consistent => params.push("consistent".into()),
-    }
-    if params.is_empty() {
-        path.to_string()
-    } else {
-        format!("{path}?{}", params.join("&"))
     }
 }
 
@@ -701,8 +683,9 @@ impl Feed {
         for (kind, path) in detectors {
             tasks.spawn(detector(self.client.clone(), kind, path.to_string(), self.cfg.wait, tx.clone()));
         }
-        let dump_path = internal_path("/v1/internal/ui/nodes", &self.cfg);
-        let counts_path = internal_path("/v1/internal/ui/services", &self.cfg);
+        // The client adds `dc` and the consistency mode.
+        let dump_path = "/v1/internal/ui/nodes".to_string();
+        let counts_path = "/v1/internal/ui/services".to_string();
         let mut st = State::default();
         let mut resync = tokio::time::interval(self.cfg.resync_interval);
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -1511,20 +1494,5 @@ mod tests {
         let wait = b.take(t0).expect("empty bucket");
         assert!(wait > Duration::ZERO && wait <= Duration::from_millis(20), "{wait:?}");
         assert_eq!(b.take(t0 + Duration::from_millis(20)), None);
-    }
-
-    #[test]
-    fn internal_paths_carry_dc_and_consistency() {
-        let mut cfg = FeedConfig {
-            consul: Default::default(),
-            wait: Duration::from_secs(1),
-            resync_interval: Duration::from_secs(1),
-            catalog_read_budget: 0.2,
-            hot_services: 0,
-        };
-        assert_eq!(internal_path("/v1/internal/ui/nodes", &cfg), "/v1/internal/ui/nodes");
-        cfg.consul.datacenter = Some("dc2".into());
-        cfg.consul.consistency = Consistency::Stale;
-        assert_eq!(internal_path("/v1/internal/ui/nodes", &cfg), "/v1/internal/ui/nodes?dc=dc2&stale");
     }
 }

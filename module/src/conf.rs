@@ -325,6 +325,18 @@ pub fn parse_time(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_millis(total_ms as u64))
 }
 
+/// `upsync_consul_connections N`: the most connections to Consul per client (see
+/// [`crate::plan`]).
+pub fn parse_connections(v: &str) -> Result<usize, String> {
+    use crate::plan::{MAX_CONNECTIONS, MIN_CONNECTIONS};
+    match v.parse::<usize>() {
+        Ok(n) if (MIN_CONNECTIONS..=MAX_CONNECTIONS).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "\"{v}\" is not a number of connections from {MIN_CONNECTIONS} to {MAX_CONNECTIONS} (Consul refuses every client of an address beyond its http_max_conns_per_client, 200 by default)"
+        )),
+    }
+}
+
 /// nginx's size syntax (`ngx_parse_size`): NUMBER with an optional k/K/m/M/g/G suffix.
 pub fn parse_size(s: &str) -> Result<usize, String> {
     let (num, mul) = match s.chars().last() {
@@ -500,6 +512,10 @@ mod tests {
         assert_eq!(parse_size("32m").unwrap(), 32 << 20);
         assert_eq!(parse_size("512k").unwrap(), 512 << 10);
         assert!(parse_size("lots").is_err());
+        assert_eq!(parse_connections("4").unwrap(), 4);
+        assert!(parse_connections("1").unwrap_err().contains("from 2 to 64"));
+        assert!(parse_connections("65").is_err());
+        assert!(parse_connections("x").is_err());
         assert_eq!(parse_lb("least_conn").unwrap(), Lb::LeastConn);
         assert!(parse_lb("hash_ketama").unwrap_err().contains("not supported"));
         let t = parse_tls(&["ca=/etc/ca.pem", "cert=/c.pem", "key=/k.pem"]).unwrap();

@@ -8,6 +8,7 @@ pub mod conf;
 pub mod dump;
 pub mod lease;
 pub mod model;
+pub mod plan;
 pub mod poller;
 pub mod show;
 

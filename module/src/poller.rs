@@ -25,13 +25,15 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use tokio::sync::Notify;
+use upsync_discovery::decode::{service_endpoints, KvStamp};
 use upsync_discovery::{
     fetch_once, Client, ConsulAddr, ConsulConfig, EndpointSet, HealthMode, Host, Query, RateLimit, Scheme, Secret, TlsOptions, Watch,
-    WatchEvent, WatchOptions,
+    WatchEvent, WatchOptions, WatchValue,
 };
 
 use crate::conf::{Consistency, Source, Token, UpstreamSync, Upsync, BURST};
 use crate::model::{describe_change, encode_servers, Server};
+use crate::plan::{self, Group, Unit, UnitKind};
 
 /// How long one hostname (a `HOST:PORT` key) may take to resolve before it is skipped for this
 /// answer (glibc's resolver can wait 30 s and more for a server that never answers).
@@ -143,9 +145,12 @@ pub struct Poller {
 pub type Spawner = dyn FnOnce(Box<dyn FnOnce() + Send>) -> std::io::Result<JoinHandle<()>>;
 
 impl Poller {
-    pub fn start(specs: Vec<WatchSpec>, mailbox: Arc<Mailbox>, spawn: Box<Spawner>) -> std::io::Result<Poller> {
+    /// Starts the thread watching `specs` with at most `connections` Consul connections per
+    /// client (see [`crate::plan`]).
+    pub fn start(specs: Vec<WatchSpec>, connections: usize, mailbox: Arc<Mailbox>, spawn: Box<Spawner>) -> std::io::Result<Poller> {
         let mb = mailbox.clone();
-        let thread = spawn(Box::new(move || run(specs, mb, |spec, mb| Box::pin(watch_upstream(spec, mb)))))?;
+        let groups = plan::plan(specs, connections);
+        let thread = spawn(Box::new(move || run(groups, connections, mb, |client, unit, mb| Box::pin(watch_unit(client, unit, mb)))))?;
         Ok(Poller { mailbox, thread: Some(thread) })
     }
 
@@ -170,11 +175,38 @@ impl Poller {
 }
 
 /// A watch task as the supervisor starts it (a function so tests can supervise other tasks).
-pub type TaskFn = fn(WatchSpec, Arc<Mailbox>) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+pub type TaskFn = fn(Arc<GroupClient>, Unit, Arc<Mailbox>) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
-/// The poller thread's body: one task per upstream, supervised, plus the dump writer, until the
-/// mailbox says stop.
-pub fn run(specs: Vec<WatchSpec>, mailbox: Arc<Mailbox>, task: TaskFn) {
+/// The Consul client of a [`plan::Group`], built once by the first of its watches that needs
+/// it (building reads files, retried until it works: see [`start_client`]).
+pub struct GroupClient {
+    sync: UpstreamSync,
+    connections: usize,
+    client: tokio::sync::OnceCell<Client>,
+}
+
+impl GroupClient {
+    pub fn new(sync: UpstreamSync, connections: usize) -> GroupClient {
+        GroupClient { sync, connections, client: tokio::sync::OnceCell::new() }
+    }
+
+    async fn get(&self, unit: &Unit, mailbox: &Mailbox) -> Client {
+        self.client.get_or_init(|| start_client(unit, &self.sync, self.connections, mailbox)).await.clone()
+    }
+}
+
+/// What a unit's log lines call it: its upstream, or its query and how many it serves.
+pub fn unit_label(unit: &Unit) -> String {
+    match &unit.kind {
+        UnitKind::Single => format!("upstream \"{}\"", unit.members.first().map(|m| m.upstream.as_str()).unwrap_or("")),
+        UnitKind::KvTree { root } => format!("KV folder \"{root}\" ({} upstreams)", unit.members.len()),
+        UnitKind::Catalog => format!("node dump ({} catalog/health upstreams)", unit.members.len()),
+    }
+}
+
+/// The poller thread's body: one supervised task per query of the plan, plus the dump
+/// writer, until the mailbox says stop.
+pub fn run(groups: Vec<Group>, connections: usize, mailbox: Arc<Mailbox>, task: TaskFn) {
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -182,17 +214,31 @@ pub fn run(specs: Vec<WatchSpec>, mailbox: Arc<Mailbox>, task: TaskFn) {
             return;
         }
     };
-    rt.block_on(supervise(specs, mailbox, task));
+    let upstreams: usize = groups.iter().flat_map(|g| &g.units).map(|u| u.members.len()).sum();
+    let queries: usize = groups.iter().map(|g| g.units.len()).sum();
+    tracing::info!(
+        "watching {upstreams} upstream(s) with {queries} Consul blocking quer{} through {} client(s) of at most {connections} connection(s) each",
+        if queries == 1 { "y" } else { "ies" },
+        groups.len()
+    );
+    let units: Vec<(Arc<GroupClient>, Unit)> = groups
+        .into_iter()
+        .flat_map(|g| {
+            let client = Arc::new(GroupClient::new(g.sync, connections));
+            g.units.into_iter().map(move |u| (client.clone(), u))
+        })
+        .collect();
+    rt.block_on(supervise(units, mailbox, task));
     // Do not wait for blocking work still running (a hostname lookup that never returns).
     rt.shutdown_background();
 }
 
-async fn supervise(specs: Vec<WatchSpec>, mailbox: Arc<Mailbox>, task: TaskFn) {
+async fn supervise(units: Vec<(Arc<GroupClient>, Unit)>, mailbox: Arc<Mailbox>, task: TaskFn) {
     let mut tasks = tokio::task::JoinSet::new();
-    let mut running: HashMap<tokio::task::Id, WatchSpec> = HashMap::new();
-    for spec in specs {
-        let handle = tasks.spawn(task(spec.clone(), mailbox.clone()));
-        running.insert(handle.id(), spec);
+    let mut running: HashMap<tokio::task::Id, (Arc<GroupClient>, Unit)> = HashMap::new();
+    for (client, unit) in units {
+        let handle = tasks.spawn(task(client.clone(), unit.clone(), mailbox.clone()));
+        running.insert(handle.id(), (client, unit));
     }
     let dumps = tokio::spawn(write_dumps(mailbox.clone()));
     while !mailbox.stopping() {
@@ -207,16 +253,18 @@ async fn supervise(specs: Vec<WatchSpec>, mailbox: Arc<Mailbox>, task: TaskFn) {
                         (task_id, why)
                     }
                 };
-                let Some(spec) = running.remove(&task_id) else { continue };
+                let Some((client, unit)) = running.remove(&task_id) else { continue };
                 let message = format!("the Consul watch {why}; restarting it in {} ms", RESTART_DELAY.as_millis());
-                tracing::error!("upstream \"{}\": {message}", spec.upstream);
-                mailbox.push(Update::Restarted { id: spec.id, message });
-                let (again, mb) = (spec.clone(), mailbox.clone());
+                tracing::error!("{}: {message}", unit_label(&unit));
+                for m in &unit.members {
+                    mailbox.push(Update::Restarted { id: m.id, message: message.clone() });
+                }
+                let (again, c, mb) = (unit.clone(), client.clone(), mailbox.clone());
                 let handle = tasks.spawn(async move {
                     tokio::time::sleep(RESTART_DELAY).await;
-                    task(again, mb).await
+                    task(c, again, mb).await
                 });
-                running.insert(handle.id(), spec);
+                running.insert(handle.id(), (client, unit));
             }
         }
     }
@@ -324,70 +372,201 @@ pub fn watch_options(u: &Upsync) -> WatchOptions {
     }
 }
 
-async fn watch_upstream(spec: WatchSpec, mailbox: Arc<Mailbox>) {
-    let WatchSpec { id, upstream, sync, known } = spec;
-    let Some(u) = sync.upsync.as_ref() else { return };
-    let client = start_client(id, &upstream, &sync, &mailbox).await;
-    let mut watch = Watch::new(client, query(&u.source), watch_options(u));
-    let mut last = known;
-    let mut unresolvable = Unresolvable::default();
+/// The `wait` of a watch grows from this with the watch's age (see
+/// [`WatchOptions::ramp_from`]): a leader replaced soon after it started (reloads in a row)
+/// leaves behind blocking queries that Consul stops counting within seconds, not minutes.
+pub const RAMP_FROM: Duration = Duration::from_secs(2);
+
+/// The watch settings of a unit: those of its most demanding member (shortest timeout and
+/// interval), with the wait ramped up from [`RAMP_FROM`].
+pub fn unit_options(unit: &Unit) -> WatchOptions {
+    let mut opts: Option<WatchOptions> = None;
+    for m in &unit.members {
+        let Some(u) = m.sync.upsync.as_ref() else { continue };
+        let o = watch_options(u);
+        opts = Some(match opts {
+            None => o,
+            Some(p) => WatchOptions {
+                wait: p.wait.min(o.wait),
+                rate: RateLimit { burst: p.rate.burst, per_second: p.rate.per_second.max(o.rate.per_second) },
+                ..p
+            },
+        });
+    }
+    WatchOptions { ramp_from: Some(RAMP_FROM), ..opts.unwrap_or_default() }
+}
+
+/// One upstream inside a watch: what it serves now and how its source looked last.
+struct Member {
+    id: usize,
+    upstream: String,
+    sync: UpstreamSync,
+    last: Option<Vec<Server>>,
+    /// The KV stamp of its prefix at the last tree read (KV folders only).
+    stamp: Option<KvStamp>,
+    /// Report the next result even if the list did not change (first result, after errors).
+    report: bool,
+    unresolvable: Unresolvable,
+}
+
+impl Member {
+    fn new(spec: WatchSpec) -> Member {
+        Member {
+            id: spec.id,
+            upstream: spec.upstream,
+            sync: spec.sync,
+            last: spec.known,
+            stamp: None,
+            report: true,
+            unresolvable: Unresolvable::default(),
+        }
+    }
+
+    fn source(&self) -> Option<&Source> {
+        self.sync.upsync.as_ref().map(|u| &u.source)
+    }
+
+    /// A new endpoint set from Consul for this upstream: refused if empty (unless allowed),
+    /// else sent to the event loop if it differs from what is served.
+    async fn on_set(&mut self, set: &EndpointSet, skipped: &[upsync_discovery::Skipped], index: u64, mailbox: &Mailbox) {
+        let (id, upstream) = (self.id, self.upstream.as_str());
+        for s in skipped {
+            tracing::warn!("upstream \"{upstream}\": skipped Consul entry \"{}\" at index {index}: {}", s.key, s.reason);
+        }
+        let mut servers = to_servers(upstream, set, index, &mut self.unresolvable).await;
+        keep_skipped(&mut servers, self.last.as_deref(), skipped);
+        if servers.is_empty() && !self.sync.allow_empty {
+            let message = format!(
+                "Consul returned no servers at index {index}; keeping the last {} (upsync_allow_empty on lets an upstream become empty)",
+                self.last.as_ref().map(Vec::len).unwrap_or(0)
+            );
+            tracing::warn!("upstream \"{upstream}\": {message}");
+            mailbox.push(Update::Error { id, message, index, watch_ok: true });
+            self.report = true;
+            return;
+        }
+        if self.last.as_ref() == Some(&servers) {
+            if std::mem::take(&mut self.report) {
+                mailbox.push(Update::Synced { id, index });
+            }
+        } else {
+            let summary = describe_change(self.last.as_deref().unwrap_or(&[]), &servers);
+            let encoded = encode_servers(&servers);
+            mailbox.push(Update::Servers { id, servers: servers.clone(), encoded, summary, index });
+            self.report = false;
+        }
+        self.last = Some(servers);
+    }
+}
+
+/// One blocking query of the plan and the upstreams it serves, until the poller stops.
+async fn watch_unit(group: Arc<GroupClient>, unit: Unit, mailbox: Arc<Mailbox>) {
+    let label = unit_label(&unit);
+    let client = group.get(&unit, &mailbox).await;
+    let opts = unit_options(&unit);
+    let mut members: Vec<Member> = unit.members.into_iter().map(Member::new).collect();
+    let q = match &unit.kind {
+        UnitKind::Single => match members.first().and_then(Member::source) {
+            Some(source) => query(source),
+            None => return,
+        },
+        UnitKind::KvTree { root } => Query::KvTree { root: root.clone() },
+        UnitKind::Catalog => Query::NodeDump,
+    };
+    let mut watch = Watch::new(client, q, opts);
     loop {
         match watch.next().await {
-            WatchEvent::Changed { value, index, skipped } => {
-                for s in &skipped {
-                    tracing::warn!("upstream \"{upstream}\": skipped Consul entry \"{}\" at index {index}: {}", s.key, s.reason);
+            WatchEvent::Changed { value, index, skipped } => match value {
+                WatchValue::Endpoints(set) => {
+                    if let Some(m) = members.first_mut() {
+                        m.on_set(&set, &skipped, index, &mailbox).await;
+                    }
                 }
-                let Some(set) = value.into_endpoints() else { continue };
-                let mut servers = to_servers(&upstream, &set, index, &mut unresolvable).await;
-                keep_skipped(&mut servers, last.as_deref(), &skipped);
-                if servers.is_empty() && !sync.allow_empty {
-                    let message = format!(
-                        "Consul returned no servers at index {index}; keeping the last {} (upsync_allow_empty on lets an upstream become empty)",
-                        last.as_ref().map(Vec::len).unwrap_or(0)
-                    );
-                    tracing::warn!("upstream \"{upstream}\": {message}");
-                    mailbox.push(Update::Error { id, message, index, watch_ok: true });
-                    continue;
+                WatchValue::KvTree(tree) => {
+                    let mut changed = 0usize;
+                    for m in &mut members {
+                        let Some(Source::Kv { prefix }) = m.source() else { continue };
+                        let stamp = tree.stamp(prefix);
+                        if m.stamp == Some(stamp) {
+                            // Nothing under its prefix changed since it was last decoded: no
+                            // decoding, nothing sent.
+                            continue;
+                        }
+                        let d = tree.servers(prefix);
+                        m.stamp = Some(stamp);
+                        changed += 1;
+                        m.on_set(&d.value, &d.skipped, index, &mailbox).await;
+                    }
+                    tracing::debug!("{label}: {} keys at index {index}, {changed} prefix(es) changed", tree.len());
                 }
-                if last.as_ref() == Some(&servers) {
-                    mailbox.push(Update::Synced { id, index });
-                } else {
-                    let summary = describe_change(last.as_deref().unwrap_or(&[]), &servers);
-                    let encoded = encode_servers(&servers);
-                    mailbox.push(Update::Servers { id, servers: servers.clone(), encoded, summary, index });
+                WatchValue::Instances(all) => {
+                    let mut by_service: HashMap<&str, Vec<&upsync_discovery::Endpoint>> = HashMap::new();
+                    for e in all.iter() {
+                        if let Some(name) = e.service.as_deref() {
+                            by_service.entry(name).or_default().push(e);
+                        }
+                    }
+                    if !skipped.is_empty() {
+                        tracing::debug!("{label}: {} instance(s) of the node dump skipped at index {index}", skipped.len());
+                    }
+                    for m in &mut members {
+                        let (name, mode) = match m.source() {
+                            Some(Source::CatalogService { name }) => (name.clone(), None),
+                            Some(Source::HealthService { name, omit_unhealthy }) => {
+                                (name.clone(), Some(if *omit_unhealthy { HealthMode::Omit } else { HealthMode::MarkDown }))
+                            }
+                            _ => continue,
+                        };
+                        let instances = by_service.get(name.as_str()).map(|v| v.as_slice()).unwrap_or(&[]);
+                        let d = service_endpoints(instances.iter().copied(), mode);
+                        m.on_set(&d.value, &d.skipped, index, &mailbox).await;
+                    }
                 }
-                last = Some(servers);
-            }
+                other => tracing::error!("{label}: unexpected answer {other:?}"),
+            },
             WatchEvent::Error { error, index, attempt, retry_in } => {
                 let message = error.to_string();
                 tracing::error!(
-                    "upstream \"{upstream}\": {message} (Consul index {index}, attempt {attempt}, next try in {} ms); keeping the current servers",
+                    "{label}: {message} (Consul index {index}, attempt {attempt}, next try in {} ms); keeping the current servers",
                     retry_in.as_millis()
                 );
-                mailbox.push(Update::Error { id, message, index, watch_ok: false });
+                for m in &mut members {
+                    // The next answer is decoded and reported for every upstream.
+                    m.report = true;
+                    m.stamp = None;
+                    mailbox.push(Update::Error { id: m.id, message: message.clone(), index, watch_ok: false });
+                }
             }
         }
     }
 }
 
-/// The watch's Consul client. Building it reads files (CA, client certificate); while that
-/// fails (a file being rotated, unreadable) the error is reported and the build retried with
-/// capped exponential backoff, so the watch resumes by itself once the cause is fixed.
-async fn start_client(id: usize, upstream: &str, sync: &UpstreamSync, mailbox: &Mailbox) -> Client {
+/// The group's Consul client. Building it reads files (CA, client certificate); while that
+/// fails (a file being rotated, unreadable) the error is reported to every upstream of `unit`
+/// and the build retried with capped exponential backoff, so the watches resume by
+/// themselves once the cause is fixed.
+async fn start_client(unit: &Unit, sync: &UpstreamSync, connections: usize, mailbox: &Mailbox) -> Client {
+    let label = unit_label(unit);
     let mut wait = START_RETRY_FIRST;
     let mut attempt = 1u32;
     loop {
-        match consul_config(sync).and_then(|c| Client::new(c).map_err(|e| e.to_string())) {
+        let built = consul_config(sync).and_then(|mut c| {
+            c.max_connections = Some(connections.max(plan::MIN_CONNECTIONS));
+            Client::new(c).map_err(|e| e.to_string())
+        });
+        match built {
             Ok(c) => {
                 if attempt > 1 {
-                    tracing::info!("upstream \"{upstream}\": the Consul watch started after {attempt} attempts");
+                    tracing::info!("{label}: the Consul client started after {attempt} attempts");
                 }
                 return c;
             }
             Err(e) => {
                 let message = format!("cannot start the Consul watch: {e} (attempt {attempt}, next try in {} ms)", wait.as_millis());
-                tracing::error!("upstream \"{upstream}\": {message}; keeping the current servers");
-                mailbox.push(Update::Error { id, message, index: 0, watch_ok: false });
+                tracing::error!("{label}: {message}; keeping the current servers");
+                for m in &unit.members {
+                    mailbox.push(Update::Error { id: m.id, message: message.clone(), index: 0, watch_ok: false });
+                }
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(START_RETRY_MAX);
                 attempt += 1;
@@ -599,9 +778,14 @@ mod tests {
         assert_eq!(watch_options(&long).wait, Duration::from_secs(600));
     }
 
-    fn panics_first_time(spec: WatchSpec, mb: Arc<Mailbox>) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+    fn panics_first_time(
+        _client: Arc<GroupClient>,
+        unit: Unit,
+        mb: Arc<Mailbox>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
         static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         Box::pin(async move {
+            let spec = &unit.members[0];
             if CALLS.fetch_add(1, Ordering::SeqCst) == 0 {
                 panic!("boom in {}", spec.upstream);
             }
@@ -617,7 +801,8 @@ mod tests {
         let mailbox = Mailbox::new(tx);
         let spec = WatchSpec { id: 3, upstream: "app".into(), sync: UpstreamSync::default(), known: None };
         let mb = mailbox.clone();
-        let thread = std::thread::spawn(move || run(vec![spec], mb, panics_first_time));
+        let groups = vec![Group { sync: UpstreamSync::default(), units: vec![Unit { kind: UnitKind::Single, members: vec![spec] }] }];
+        let thread = std::thread::spawn(move || run(groups, 4, mb, panics_first_time));
         let mut seen = Vec::new();
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while !seen.iter().any(|u| matches!(u, Update::Synced { id: 3, .. })) && std::time::Instant::now() < deadline {

@@ -69,3 +69,36 @@ pub fn http_request(method: &str, url: &str, headers: &[(&str, &str)], body: Opt
         Err(e) => Err(anyhow::anyhow!("{method} {url}: {e}")),
     }
 }
+
+/// Established TCP connections that processes `pids` hold to `port` on any address (read
+/// from `/proc`: each process's socket inodes matched against `/proc/net/tcp` and `tcp6`).
+pub fn connections_to(pids: &[u32], port: u16) -> usize {
+    let mut inodes = std::collections::HashSet::new();
+    for pid in pids {
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { continue };
+        for fd in fds.flatten() {
+            if let Ok(target) = std::fs::read_link(fd.path()) {
+                let t = target.to_string_lossy();
+                if let Some(inode) = t.strip_prefix("socket:[").and_then(|r| r.strip_suffix(']')) {
+                    inodes.insert(inode.to_string());
+                }
+            }
+        }
+    }
+    let mut n = 0;
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else { continue };
+        for line in text.lines().skip(1) {
+            // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 10 || f[3] != "01" {
+                continue;
+            }
+            let remote_port = f[2].rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok());
+            if remote_port == Some(port) && inodes.contains(f[9]) {
+                n += 1;
+            }
+        }
+    }
+    n
+}

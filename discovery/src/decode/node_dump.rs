@@ -11,8 +11,8 @@ use std::collections::HashMap;
 
 use serde::Deserialize;
 
-use super::{body_error, is_blank, DecodeError, Decoded, HealthEntry, HealthServiceDef, Instance, Skipped};
-use crate::endpoint::{Endpoint, Health};
+use super::{body_error, is_blank, DecodeError, Decoded, HealthEntry, HealthMode, HealthServiceDef, Instance, Skipped};
+use crate::endpoint::{Endpoint, EndpointSet, Health};
 
 #[derive(Deserialize)]
 struct DumpNode<'a> {
@@ -96,6 +96,29 @@ pub fn decode_node_dump(body: &[u8]) -> Result<Decoded<Vec<Endpoint>>, DecodeErr
         }
     }
     Ok(Decoded { value: endpoints, skipped })
+}
+
+/// The instances of one service, taken from a node dump's endpoints ([`decode_node_dump`]),
+/// as that service's own read gives them: with `mode` `None` as `/v1/catalog/service/NAME`
+/// (health ignored), with `Some(mode)` as `/v1/health/service/NAME` decoded with
+/// [`super::decode_health_service`] in that mode. `instances` are the dump's endpoints whose
+/// `service` is the name (the caller groups them once for all the services it serves).
+pub fn service_endpoints<'a>(instances: impl Iterator<Item = &'a Endpoint>, mode: Option<HealthMode>) -> Decoded<EndpointSet> {
+    let mut out = Vec::new();
+    for e in instances {
+        let mut e = e.clone();
+        match mode {
+            None => e.health = Health::Passing,
+            Some(HealthMode::Omit) if e.health != Health::Passing => continue,
+            Some(_) => {
+                if e.health != Health::Passing {
+                    e.down = true;
+                }
+            }
+        }
+        out.push(e);
+    }
+    super::finish(out, Vec::new(), super::instance_key)
 }
 
 /// One check of a `GET /v1/health/state/<state>` list: whose it is and its status.

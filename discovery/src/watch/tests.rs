@@ -118,6 +118,48 @@ fn query_paths() {
         "/v1/health/service/web%20api?tag=v1%26x&passing"
     );
     assert_eq!(Query::CatalogService { name: "web".into(), tag: None }.path(), "/v1/catalog/service/web");
+    assert_eq!(Query::KvTree { root: "upstreams/".into() }.path(), "/v1/kv/upstreams?recurse");
+    assert_eq!(Query::KvTree { root: "".into() }.path(), "/v1/kv/?recurse");
+    assert_eq!(Query::NodeDump.path(), "/v1/internal/ui/nodes");
+}
+
+#[test]
+fn the_wait_grows_with_the_watch_age_when_ramped() {
+    let client = Client::new(ConsulConfig::from_addresses("127.0.0.1:1").unwrap()).unwrap();
+    let opts = WatchOptions { wait: Duration::from_secs(300), ramp_from: Some(Duration::from_secs(2)), ..WatchOptions::default() };
+    let w = Watch::new(client.clone(), Query::NodeDump, opts);
+    assert_eq!(w.wait(w.born), Duration::from_secs(2));
+    assert_eq!(w.wait(w.born + Duration::from_secs(40)), Duration::from_secs(40));
+    assert_eq!(w.wait(w.born + Duration::from_secs(4000)), Duration::from_secs(300));
+    let fixed = Watch::new(client, Query::NodeDump, WatchOptions { wait: Duration::from_secs(900), ..WatchOptions::default() });
+    assert_eq!(fixed.wait(fixed.born), MAX_WAIT);
+}
+
+#[test]
+fn a_kv_tree_serves_each_prefix_as_its_own_read_would() {
+    // In Consul's order (bytes: `-` sorts before `/`).
+    let body = br#"[
+        {"Key":"up/a","Value":null,"ModifyIndex":3},
+        {"Key":"up/a-b/10.0.0.3:80","Value":null,"ModifyIndex":11},
+        {"Key":"up/a/10.0.0.1:80","Value":null,"ModifyIndex":4},
+        {"Key":"up/a/10.0.0.2:80","Value":"eyJ3ZWlnaHQiOjN9","ModifyIndex":9},
+        {"Key":"up/ab/10.0.0.4:80","Value":null,"ModifyIndex":12},
+        {"Key":"up/b/bad","Value":null,"ModifyIndex":5}
+    ]"#;
+    let tree = decode::decode_kv_tree(body).unwrap();
+    for prefix in ["up/a", "up/a/", "up/a-b", "up/ab", "up/b", "up/none", "up"] {
+        let alone = decode::decode_kv(prefix, body).unwrap();
+        assert_eq!(tree.servers(prefix), alone, "{prefix}");
+    }
+    assert_eq!(
+        tree.servers("up/a").value.iter().map(|e| (e.addr(), e.weight)).collect::<Vec<_>>(),
+        [("10.0.0.1:80".to_string(), 1), ("10.0.0.2:80".to_string(), 3)]
+    );
+    assert_eq!(tree.stamp("up/a"), decode::KvStamp { keys: 3, max_modify_index: 9 });
+    assert_eq!(tree.stamp("up/a-b"), decode::KvStamp { keys: 1, max_modify_index: 11 });
+    assert_eq!(tree.stamp("up/none"), decode::KvStamp::default());
+    assert!(decode::decode_kv_tree(b"").unwrap().is_empty());
+    assert!(decode::decode_kv_tree(b"{").is_err());
 }
 
 /// Dropping `next()` in the middle of its backoff sleep loses nothing: the next call still

@@ -34,6 +34,8 @@ const MIN_SHM_SIZE: usize = 64 << 10;
 pub struct MainConf {
     /// `upsync_shm_size`.
     shm_size: Option<usize>,
+    /// `upsync_consul_connections`.
+    pub(crate) consul_connections: Option<usize>,
     /// The synced upstreams of this configuration (their srv confs), in config order.
     upstreams: Vec<*mut SrvConf>,
     /// The shared zone (created in postconfiguration when at least one upstream is synced).
@@ -46,7 +48,14 @@ pub struct MainConf {
 
 impl Default for MainConf {
     fn default() -> Self {
-        MainConf { shm_size: None, upstreams: Vec::new(), shm_zone: ptr::null_mut(), header: ptr::null_mut(), generation: 0 }
+        MainConf {
+            shm_size: None,
+            consul_connections: None,
+            upstreams: Vec::new(),
+            shm_zone: ptr::null_mut(),
+            header: ptr::null_mut(),
+            generation: 0,
+        }
     }
 }
 
@@ -123,7 +132,7 @@ static CTX: ngx_http_module_t = ngx_http_module_t {
 
 const UPS: ngx_uint_t = NGX_HTTP_UPS_CONF as ngx_uint_t;
 
-static mut COMMANDS: [ngx_command_t; 10] = [
+static mut COMMANDS: [ngx_command_t; 11] = [
     command(ngx_string!("upsync"), UPS | NGX_CONF_1MORE as ngx_uint_t, set_upsync, NGX_HTTP_SRV_CONF_OFFSET),
     command(ngx_string!("upsync_dump_path"), UPS | NGX_CONF_TAKE1 as ngx_uint_t, set_dump_path, NGX_HTTP_SRV_CONF_OFFSET),
     command(ngx_string!("upsync_lb"), UPS | NGX_CONF_TAKE1 as ngx_uint_t, set_lb, NGX_HTTP_SRV_CONF_OFFSET),
@@ -132,6 +141,12 @@ static mut COMMANDS: [ngx_command_t; 10] = [
     command(ngx_string!("upsync_tls"), UPS | NGX_CONF_1MORE as ngx_uint_t, set_tls, NGX_HTTP_SRV_CONF_OFFSET),
     command(ngx_string!("upsync_allow_empty"), UPS | NGX_CONF_FLAG as ngx_uint_t, set_allow_empty, NGX_HTTP_SRV_CONF_OFFSET),
     command(ngx_string!("upsync_shm_size"), (NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1) as ngx_uint_t, set_shm_size, NGX_HTTP_MAIN_CONF_OFFSET),
+    command(
+        ngx_string!("upsync_consul_connections"),
+        (NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1) as ngx_uint_t,
+        set_consul_connections,
+        NGX_HTTP_MAIN_CONF_OFFSET,
+    ),
     command(ngx_string!("upstream_show"), (NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS) as ngx_uint_t, set_show, 0),
     ngx_command_t::empty(),
 ];
@@ -311,6 +326,20 @@ extern "C" fn set_shm_size(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: 
         match r {
             Ok(()) => NGX_CONF_OK,
             Err(e) => conf_error(cf, "upsync_shm_size", &e),
+        }
+    })
+}
+
+extern "C" fn set_consul_connections(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut c_void) -> *mut c_char {
+    guard("\"upsync_consul_connections\" directive", NGX_CONF_ERROR, || {
+        // SAFETY: registered with NGX_HTTP_MAIN_CONF_OFFSET: conf is our MainConf; cf is valid.
+        let (main, a) = unsafe { (&mut *(conf as *mut MainConf), args(&*cf)) };
+        match a.and_then(|a| conf::parse_connections(a[0])) {
+            Ok(n) => {
+                main.consul_connections = Some(n);
+                NGX_CONF_OK
+            }
+            Err(e) => conf_error(cf, "upsync_consul_connections", &e),
         }
     })
 }

@@ -280,7 +280,8 @@ unsafe fn start_leading(w: &mut Worker) {
     };
     let mailbox = Mailbox::new(tx);
     log::set_waker(Some(mailbox.clone()));
-    match Poller::start(specs, mailbox, Box::new(|f| spawn_without_signals(f, "upsync-poller"))) {
+    let connections = main.consul_connections.unwrap_or(crate::plan::DEFAULT_CONNECTIONS);
+    match Poller::start(specs, connections, mailbox, Box::new(|f| spawn_without_signals(f, "upsync-poller"))) {
         Ok(poller) => {
             tracing::info!("worker {} holds the Consul watches of {} upstream(s)", std::process::id(), main.upstreams.len());
             // A list from Consul that no leader dumped yet (the first list of a
