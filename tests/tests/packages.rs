@@ -9,8 +9,8 @@
 //!   configuration, as the unit's user, with the unit's capabilities, through setpriv since
 //!   systemd is not PID 1 here), pointed at a test Consul: an endpoint PUT on the sidecar's API
 //!   is answered by upsync-dns and served by nginx.
-//! - `dpkg -r` leaves nginx's configuration valid without the module; `dpkg --purge` leaves
-//!   nothing behind (files, links, users, state).
+//! - `dpkg -r` leaves nginx's configuration valid without the module, a new `dpkg -i` enables
+//!   it again; `dpkg --purge` leaves nothing behind (files, links, users, state).
 //!
 //! It changes the machine (packages, two system users, a link in /etc/nginx/modules-enabled),
 //! so it needs root and is skipped with a message without it. A guard purges the packages when
@@ -219,8 +219,8 @@ fn packages_install_run_and_purge_cleanly() {
     let installed = Installed;
     let mut args = vec!["-i".to_string()];
     args.extend(debs.iter().map(|d| d.display().to_string()));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = dpkg(&args);
+    let args_install: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = dpkg(&args_install);
     assert!(out.status.success(), "dpkg -i {debs:?} failed:\n{}", text(&out));
     for pkg in PACKAGES {
         assert_eq!(package_status(pkg), "install ok installed", "{pkg} after dpkg -i");
@@ -380,6 +380,13 @@ fn packages_install_run_and_purge_cleanly() {
     let out = run(paths::nginx_bin().to_str().expect("utf-8 path"), &["-t"]);
     assert!(out.status.success(), "nginx -t after dpkg -r:\n{}", text(&out));
     assert!(exists("/etc/upsync/dns.toml") && exists("/etc/upsync/sidecar.toml"), "dpkg -r must keep the configurations");
+    // Installed again after the removal: the module is enabled again (as Debian's are).
+    let out = dpkg(&args_install);
+    assert!(out.status.success(), "dpkg -i after dpkg -r failed:\n{}", text(&out));
+    assert!(
+        std::fs::read_link(MODULE_LINK).is_ok() && !exists(&format!("{MODULE_LINK}.removed")),
+        "reinstalling did not enable the module again"
+    );
 
     let out = Installed::purge();
     assert!(out.status.success(), "dpkg --purge: {}", text(&out));
