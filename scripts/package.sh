@@ -11,7 +11,7 @@
 # backtrace (RUST_BACKTRACE=1) still names the functions.
 #
 # Each package is staged as a file tree (build/packages/stage/debian/PACKAGE, debhelper's
-# layout, so dpkg-shlibdeps computes the library dependencies) and built with
+# layout, so dpkg-shlibdeps computes the library dependencies; removed once built) and built with
 # `dpkg-deb --build --root-owner-group`: no debian/ source package, no cargo-deb to compile.
 # Packaging files (configurations, units, maintainer scripts, man page sections):
 # packaging/.
@@ -23,7 +23,7 @@ set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bin="${UPSYNC_BUILD_DIR:-$here/build}"
-out="${1:-$here/build/packages}"
+out="$(realpath -m "${1:-$here/build/packages}")"
 pk="$here/packaging"
 say() { printf 'package: %s\n' "$*"; }
 die() { printf 'package: %s\n' "$*" >&2; exit 1; }
@@ -94,8 +94,8 @@ finish() {
     local pkg="$1" extra="$2" fields="$3" description="$4" root="$stage/debian/$1"
     local elves=() shlibs size
     while IFS= read -r f; do elves+=(-e "$f"); done < <(find "$root" -type f \( -name '*.so' -o -perm -u+x \) ! -path '*/DEBIAN/*')
-    shlibs="$(cd "$stage" && dpkg-shlibdeps -O "${elves[@]}" 2>/dev/null | sed -n 's/^shlibs:Depends=//p')"
-    [ -n "$shlibs" ] || die "dpkg-shlibdeps found no library dependencies for $pkg"
+    shlibs="$(cd "$stage" && dpkg-shlibdeps -O "${elves[@]}" 2>"$check/shlibdeps.err" | sed -n 's/^shlibs:Depends=//p')" || true
+    [ -n "$shlibs" ] || die "dpkg-shlibdeps found no library dependencies for $pkg: $(cat "$check/shlibdeps.err")"
     size="$(du -k -s --apparent-size "$root" | cut -f1)"
     install -d "$root/DEBIAN"
     {
@@ -189,4 +189,5 @@ Section: net" "upsync: registers containers and scheduler endpoints in Consul
 if command -v lintian >/dev/null; then
     lintian --no-tag-display-limit "$out"/*_"$deb_version"_"$arch".deb || say "lintian reported the tags above"
 fi
+rm -rf "$stage"
 say "packages in $out"
