@@ -1,7 +1,7 @@
-# upsync — see README.md. Targets: deps, build, test, demo, demo-stack, bench, fuzz, clean.
+# upsync — see README.md. Targets: deps, build, test, package, demo, demo-stack, bench, fuzz, clean.
 SHELL := /bin/bash
 .DEFAULT_GOAL := build
-.PHONY: deps build test unit-test integration-test demo demo-stack bench bench-micro bench-e2e fuzz clean nginx-objs check
+.PHONY: deps build test unit-test integration-test demo demo-stack bench bench-micro bench-e2e fuzz clean nginx-objs check package
 
 # The nginx tree the module is compiled against. Left empty, `make` prepares Debian's nginx-dev
 # tree under build/nginx (scripts/nginx-objs.sh). Set both to build against any other
@@ -31,6 +31,11 @@ build:
 # One release build serves both.
 test: build
 	$(NGINX_ENV) && $(CARGO) test $(CARGO_FLAGS) --workspace --no-fail-fast 2>&1 | scripts/test-summary.sh
+
+# Debian packages of the build for Debian 12's nginx in build/packages/ (scripts/package.sh:
+# dpkg-deb from staged trees; packaging files in packaging/).
+package: build
+	scripts/package.sh build/packages
 
 demo: build
 	scripts/demo.sh

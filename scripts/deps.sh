@@ -11,7 +11,9 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 1
 fi
 
-# Debian packages. nginx and nginx-dev must be the same version (the module is built against
+# Debian packages. dpkg-dev, binutils, help2man: `make package` (dpkg-shlibdeps, strip, man
+# pages); systemd: `systemd-analyze verify` of the packaged units (it need not be PID 1).
+# nginx and nginx-dev must be the same version (the module is built against
 # nginx-dev's headers and loaded into nginx); apt installs the candidate of both together.
 packages=(
     nginx nginx-dev libclang-dev pkg-config curl ca-certificates
@@ -20,6 +22,7 @@ packages=(
     podman runc busybox-static uidmap slirp4netns fuse-overlayfs
     python3-pip python3-venv
     iproute2 procps psmisc
+    dpkg-dev binutils help2man systemd adduser
 )
 missing=()
 for p in "${packages[@]}"; do
