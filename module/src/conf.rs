@@ -9,7 +9,7 @@
 //!        [upsync_interval=TIME] [upsync_timeout=TIME] [strong_dependency=on|off]
 //!        [dc=NAME]* [stale|consistent]* [health=down|omit]* [max_body=SIZE]*;
 //! upsync_dump_path PATH;
-//! upsync_lb round_robin|least_conn|ip_hash;
+//! upsync_lb round_robin|least_conn|ip_hash|hash_ketama|hash_modula;
 //! upsync_token TOKEN;* / upsync_token_file PATH;*
 //! upsync_tls ca=PATH [cert=PATH key=PATH];*
 //! upsync_allow_empty on|off;*
@@ -356,6 +356,24 @@ pub enum Lb {
     RoundRobin,
     LeastConn,
     IpHash,
+    /// nginx's `hash KEY consistent;` in the same block (nginx-upsync-module's spelling: the
+    /// ring is rebuilt with every synced list).
+    HashKetama,
+    /// nginx's `hash KEY;` in the same block.
+    HashModula,
+}
+
+/// What an upstream block says about nginx's `hash` directive, checked against `upsync_lb`.
+pub fn check_hash_lb(lb: Option<Lb>, hash: bool, consistent: bool) -> Result<(), String> {
+    match lb {
+        Some(Lb::HashKetama) if !consistent => {
+            Err("\"upsync_lb hash_ketama\" needs nginx's \"hash KEY consistent;\" in the same upstream block".into())
+        }
+        Some(Lb::HashModula) if !hash || consistent => {
+            Err("\"upsync_lb hash_modula\" needs nginx's \"hash KEY;\" (without \"consistent\") in the same upstream block".into())
+        }
+        _ => Ok(()),
+    }
 }
 
 pub fn parse_lb(v: &str) -> Result<Lb, String> {
@@ -363,11 +381,9 @@ pub fn parse_lb(v: &str) -> Result<Lb, String> {
         "round_robin" => Ok(Lb::RoundRobin),
         "least_conn" => Ok(Lb::LeastConn),
         "ip_hash" => Ok(Lb::IpHash),
-        "hash_modula" | "hash_ketama" => Err(format!(
-            "\"{v}\" is not supported: use round_robin, least_conn or ip_hash \
-             (nginx's consistent \"hash\" keeps its ring from start-up and would not follow synced servers)"
-        )),
-        _ => Err(format!("invalid value \"{v}\": use round_robin, least_conn or ip_hash")),
+        "hash_ketama" => Ok(Lb::HashKetama),
+        "hash_modula" => Ok(Lb::HashModula),
+        _ => Err(format!("invalid value \"{v}\": use round_robin, least_conn, ip_hash, hash_ketama or hash_modula")),
     }
 }
 
@@ -517,7 +533,12 @@ mod tests {
         assert!(parse_connections("65").is_err());
         assert!(parse_connections("x").is_err());
         assert_eq!(parse_lb("least_conn").unwrap(), Lb::LeastConn);
-        assert!(parse_lb("hash_ketama").unwrap_err().contains("not supported"));
+        assert_eq!(parse_lb("hash_ketama").unwrap(), Lb::HashKetama);
+        assert!(parse_lb("hash").is_err());
+        assert!(check_hash_lb(Some(Lb::HashKetama), true, false).unwrap_err().contains("hash KEY consistent"));
+        assert!(check_hash_lb(Some(Lb::HashModula), true, true).is_err());
+        assert!(check_hash_lb(Some(Lb::HashModula), true, false).is_ok());
+        assert!(check_hash_lb(None, true, true).is_ok());
         let t = parse_tls(&["ca=/etc/ca.pem", "cert=/c.pem", "key=/k.pem"]).unwrap();
         assert_eq!(t.ca_file.as_deref(), Some(std::path::Path::new("/etc/ca.pem")));
         assert!(parse_tls(&["cert=/c.pem"]).unwrap_err().contains("go together"));

@@ -4,6 +4,7 @@
 //! the logic is in safe modules tested without nginx: directive parsing ([`conf`]), the shared
 //! model ([`model`]), the dump file ([`dump`]), `upstream_show` rendering ([`show`]), the leader
 //! lease ([`lease`]) and the Consul poller thread ([`poller`]). See `module/README.md`.
+pub mod chash;
 pub mod conf;
 pub mod dump;
 pub mod lease;

@@ -81,6 +81,11 @@ pub struct SrvConf {
     current: Option<Rc<peers::Generation>>,
     /// Worker only: a large list being built on a builder thread.
     building: Option<peers::Pending>,
+    /// `upsync_lb hash_ketama|hash_modula` (checked against nginx's `hash` in postconfiguration).
+    hash_lb: Option<Lb>,
+    /// With nginx's `hash KEY consistent;`: its per-upstream conf, whose ring every new list
+    /// replaces.
+    pub(crate) chash: Option<ptr::NonNull<peers::HashSrvConf>>,
 }
 
 impl Merge for SrvConf {
@@ -355,6 +360,12 @@ extern "C" fn set_lb(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut c
         };
         let (module_name, directive) = match lb {
             Lb::RoundRobin => return NGX_CONF_OK,
+            // The block's own `hash` directive does the balancing; checked in postconfiguration.
+            Lb::HashKetama | Lb::HashModula => {
+                // SAFETY: registered with NGX_HTTP_SRV_CONF_OFFSET: conf is our SrvConf.
+                unsafe { (*(conf as *mut SrvConf)).hash_lb = Some(lb) };
+                return NGX_CONF_OK;
+            }
             Lb::LeastConn => ("ngx_http_upstream_least_conn_module", "least_conn"),
             Lb::IpHash => ("ngx_http_upstream_ip_hash_module", "ip_hash"),
         };
@@ -362,26 +373,40 @@ extern "C" fn set_lb(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut c
         // configured; each module's commands array ends with an entry whose name.len is 0. The
         // handlers of least_conn/ip_hash take no arguments and only use cf (they ignore conf).
         unsafe {
-            let mut m = (*(*cf).cycle).modules;
-            while !(*m).is_null() {
-                let module = &**m;
-                if !module.name.is_null() && CStr::from_ptr(module.name).to_bytes() == module_name.as_bytes() {
-                    let mut c = module.commands;
-                    while !c.is_null() && (*c).name.len != 0 {
-                        if (*c).name.as_bytes() == directive.as_bytes() {
-                            return match (*c).set {
-                                Some(set) => set(cf, c, conf),
-                                None => break,
-                            };
-                        }
-                        c = c.add(1);
+            if let Some(module) = find_module((*cf).cycle, module_name) {
+                let mut c = module.commands;
+                while !c.is_null() && (*c).name.len != 0 {
+                    if (*c).name.as_bytes() == directive.as_bytes() {
+                        return match (*c).set {
+                            Some(set) => set(cf, c, conf),
+                            None => break,
+                        };
                     }
+                    c = c.add(1);
                 }
-                m = m.add(1);
             }
         }
         conf_error(cf, "upsync_lb", &format!("nginx has no \"{directive}\" directive ({module_name} is not built in)"))
     })
+}
+
+/// The module called `name` among `cycle`'s modules (static and loaded).
+///
+/// # Safety
+/// `cycle` is a cycle being configured or running, whose `modules` is its NULL-terminated list.
+unsafe fn find_module(cycle: *mut ngx_cycle_t, name: &str) -> Option<&'static ngx_module_t> {
+    // SAFETY: contract; every module lives as long as the process (static or loaded .so).
+    unsafe {
+        let mut m = (*cycle).modules;
+        while !(*m).is_null() {
+            let module = &**m;
+            if !module.name.is_null() && CStr::from_ptr(module.name).to_bytes() == name.as_bytes() {
+                return Some(module);
+            }
+            m = m.add(1);
+        }
+    }
+    None
 }
 
 extern "C" fn set_show(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, _conf: *mut c_void) -> *mut c_char {
@@ -447,6 +472,22 @@ unsafe fn postconfiguration(cf: &mut ngx_conf_t) -> ngx_int_t {
             ngx_conf_log_error!(NGX_LOG_EMERG, cf, "upsync: upstream \"{}\" has no balancer initialised", name);
             return NGX_ERROR as ngx_int_t;
         }
+        // nginx's `hash` in this block: its conf says whether there is one (a key) and whether it
+        // is consistent (its init built a ring, before postconfiguration).
+        // SAFETY: cf->cycle is the cycle being configured; the hash module's srv conf of this
+        // upstream is a HashSrvConf (zeroed at creation).
+        let hcf = unsafe {
+            find_module(cf.cycle, "ngx_http_upstream_hash_module")
+                .map(|m| *us.srv_conf.add(m.ctx_index) as *mut peers::HashSrvConf)
+                .filter(|h| !h.is_null())
+        };
+        // SAFETY: as above.
+        let (hash, consistent) = hcf.map(|h| unsafe { (!(*h).key.value.data.is_null(), !(*h).points.is_null()) }).unwrap_or((false, false));
+        if let Err(e) = conf::check_hash_lb(srv.hash_lb, hash, consistent) {
+            ngx_conf_log_error!(NGX_LOG_EMERG, cf, "upsync: upstream \"{}\": {}", name, e);
+            return NGX_ERROR as ngx_int_t;
+        }
+        srv.chash = if consistent { hcf.and_then(ptr::NonNull::new) } else { None };
         srv.source = format!("{}{}", u.addresses[0], u.path);
         srv.key = crate::model::slot_key(&name, u);
         srv.original_init_peer = us.peer.init;

@@ -44,6 +44,46 @@ pub struct Generation {
     by_addr: AddrIndex,
     _addrs: Box<[libc::sockaddr_storage]>,
     _names: Box<[u8]>,
+    /// With `hash KEY consistent`: the ring in the layout of nginx's
+    /// `ngx_http_upstream_chash_points_t` (`number`, then `{uint32 hash; ngx_str_t *server}`
+    /// points naming this generation's peers), installed in the hash module's conf with the
+    /// generation. Words: the header, then two per point.
+    points: Option<Box<[u64]>>,
+}
+
+/// The consistent-hash ring of the primary `peers` (`servers` in the same order), laid out as
+/// nginx's `ngx_http_upstream_chash_points_t`; the points name the peers' `server` strings.
+fn ring_points(servers: &[&Server], peers: &mut [ngx_http_upstream_rr_peer_t]) -> Box<[u64]> {
+    let names: Vec<&[u8]> = peers.iter().map(|p| p.server.as_bytes()).collect();
+    let ring = crate::chash::ring(names.iter().zip(servers).map(|(n, s)| (*n, s.weight.max(1) as usize)));
+    let mut words = vec![0u64; 1 + 2 * ring.len()].into_boxed_slice();
+    let base = words.as_mut_ptr();
+    // SAFETY: `words` has room for the header word and 2 words (16 bytes, the size and 8-byte
+    // alignment of ChashPoint) per point; the server pointers point into `peers`, which the
+    // generation owns and never resizes.
+    unsafe {
+        *(base as *mut ngx_uint_t) = ring.len() as ngx_uint_t;
+        let points = base.add(1) as *mut ChashPoint;
+        for (i, p) in ring.iter().enumerate() {
+            points.add(i).write(ChashPoint { hash: p.hash, server: &mut peers[p.server].server });
+        }
+    }
+    words
+}
+
+/// One point of nginx's consistent-hash ring (`ngx_http_upstream_chash_point_t`).
+#[repr(C)]
+struct ChashPoint {
+    hash: u32,
+    server: *mut ngx_str_t,
+}
+
+/// The `hash` module's per-upstream conf (`ngx_http_upstream_hash_srv_conf_t`, private to
+/// ngx_http_upstream_hash_module.c: same layout from nginx 1.7.2 to 1.27.2).
+#[repr(C)]
+pub struct HashSrvConf {
+    pub key: ngx_http_complex_value_t,
+    pub points: *mut c_void,
 }
 
 /// A generation built on a builder thread, waiting to be installed by the event loop.
@@ -74,7 +114,7 @@ impl Generation {
     /// Builds a generation for `servers` with fresh per-peer state. Touches no nginx memory
     /// (`name` is only stored), so it may run on any thread; [`Generation::carry_over`] then
     /// brings the state of servers that stay, on the event loop.
-    fn prepare(servers: Vec<Server>, name: *mut ngx_str_t) -> Generation {
+    fn prepare(servers: Vec<Server>, name: *mut ngx_str_t, chash: bool) -> Generation {
         let primary_servers: Vec<&Server> = servers.iter().filter(|s| !s.backup).collect();
         let backup_servers: Vec<&Server> = servers.iter().filter(|s| s.backup).collect();
         // An empty primary list would divide by zero in ip_hash/hash (total_weight 0): an empty
@@ -152,10 +192,16 @@ impl Generation {
                 *slot - 1
             })
             .collect();
+        let points = chash.then(|| ring_points(&all[..np], &mut peers[..np]));
         drop(all);
         drop(primary);
         drop(backup_servers);
-        Generation { servers, peer_index, by_addr, primary: primary_list, backup: backup_list, peers, _addrs: addrs, _names: names }
+        Generation { servers, peer_index, by_addr, primary: primary_list, backup: backup_list, peers, _addrs: addrs, _names: names, points }
+    }
+
+    /// The ring in nginx's layout, for `hcf->points` (null without `hash ... consistent`).
+    pub fn points(&self) -> *mut c_void {
+        self.points.as_ref().map(|p| p.as_ptr() as *mut c_void).unwrap_or(ptr::null_mut())
     }
 
     /// Carries the passive-health and rotation state of the servers that stay over from the
@@ -346,10 +392,11 @@ pub unsafe fn sync(srv: &mut SrvConf) {
     let Some(mut us) = srv.us else { return };
     // SAFETY: `host` of this cycle's upstream conf outlives every generation of the cycle.
     let name: *mut ngx_str_t = unsafe { &mut us.as_mut().host };
+    let chash = srv.chash.is_some();
     if bytes.len() <= INLINE_BUILD_MAX_BYTES {
         match crate::model::decode_servers(&bytes) {
             // SAFETY: contract.
-            Ok(servers) => unsafe { install(srv, Generation::prepare(servers, name)) },
+            Ok(servers) => unsafe { install(srv, Generation::prepare(servers, name, chash)) },
             Err(e) => tracing::error!("upstream \"{}\": {e}; keeping the current servers", shm::upstream_name(srv)),
         }
         return;
@@ -363,7 +410,7 @@ pub unsafe fn sync(srv: &mut SrvConf) {
         // SAFETY: plain system call on this thread; failure only keeps the default priority.
         unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) };
         let name = name;
-        let _ = tx.send(crate::model::decode_servers(&bytes).map(|servers| Prepared(Generation::prepare(servers, name.0))));
+        let _ = tx.send(crate::model::decode_servers(&bytes).map(|servers| Prepared(Generation::prepare(servers, name.0, chash))));
     };
     match super::worker::spawn_without_signals(Box::new(build), "upsync-build") {
         Ok(_) => srv.building = Some(Pending { rx }),
@@ -394,6 +441,11 @@ unsafe fn install(srv: &mut SrvConf, mut g: Generation) {
         let previous = srv.current.as_deref().filter(|c| c.data() as *const ngx_http_upstream_rr_peers_t == old);
         g.carry_over(old, previous);
         us.peer.data = g.data();
+        // The ring goes with the peers it names (requests started on the previous list compare
+        // server strings, which stay valid while this generation is current).
+        if let Some(hcf) = srv.chash {
+            (*hcf.as_ptr()).points = g.points();
+        }
     }
     srv.current = Some(Rc::new(g));
 }
