@@ -24,7 +24,7 @@ fn malformed_directives_fail_nginx_t_with_a_clear_message() {
         ("upsync 127.0.0.1:99999/v1/kv/x;", &["invalid port \"99999\""]),
         ("upsync 127.0.0.1:8500/v1/kv/x bogus;", &["unknown parameter \"bogus\""]),
         ("upsync 127.0.0.1:8500/v1/kv/x; upsync 127.0.0.1:8500/v1/kv/y;", &["\"upsync\" directive", "is duplicate"]),
-        ("upsync 127.0.0.1:8500/v1/kv/x; upsync_lb hash_ketama;", &["\"upsync_lb\" directive", "not supported"]),
+        ("upsync 127.0.0.1:8500/v1/kv/x; upsync_lb hash_ketama;", &["upstream \"app\"", "needs nginx's \"hash KEY consistent;\""]),
         ("upsync 127.0.0.1:8500/v1/kv/x; upsync_lb fastest;", &["\"upsync_lb\" directive", "invalid value \"fastest\""]),
         (
             "upsync 127.0.0.1:8500/v1/kv/x; upsync_token_file /nonexistent/token;",
