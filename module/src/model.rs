@@ -136,6 +136,22 @@ pub fn describe_change(old: &[Server], new: &[Server]) -> String {
     format!("+{added} -{} ~{changed}", before.len().saturating_sub(kept))
 }
 
+/// nginx-upsync-module's listing order (`upstream_show`, the dump file): a server that stays
+/// keeps its place (with its new attributes); each server that joins goes to the head of the
+/// list, in the order Consul lists them (keys in byte order: `IP:PORT` text), so several joining
+/// at once end up in reverse order. The same Consul history gives the same listing as the C
+/// module. (Balancing does not depend on it: the peers are kept sorted by address.) Linear.
+pub fn listing_order(prev: Option<&[Server]>, new: Vec<Server>) -> Vec<Server> {
+    let Some(prev) = prev else {
+        return listing_order(Some(&[]), new);
+    };
+    let mut by_addr: std::collections::HashMap<SocketAddr, Server> = new.into_iter().map(|s| (s.addr, s)).collect();
+    let staying: Vec<Server> = prev.iter().filter_map(|p| by_addr.remove(&p.addr)).collect();
+    let mut joining: Vec<(String, Server)> = by_addr.into_values().map(|s| (s.addr.to_string(), s)).collect();
+    joining.sort_by(|a, b| a.0.cmp(&b.0));
+    joining.into_iter().rev().map(|(_, s)| s).chain(staying).collect()
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn unix_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
@@ -181,6 +197,24 @@ mod tests {
 
     fn srv(a: &str, w: u32) -> Server {
         Server { addr: a.parse().unwrap(), weight: w, max_fails: 2, fail_timeout: 10, down: false, backup: false }
+    }
+
+    #[test]
+    fn joining_servers_go_to_the_head_staying_ones_keep_their_place() {
+        let names = |v: &[Server]| v.iter().map(|s| s.addr.to_string()).collect::<Vec<_>>();
+        let l1 = listing_order(None, vec![srv("10.0.0.1:80", 1)]);
+        assert_eq!(names(&l1), ["10.0.0.1:80"]);
+        // Two join at once: Consul lists .2 then .3; each goes to the head in turn.
+        let l2 = listing_order(Some(&l1), vec![srv("10.0.0.1:80", 1), srv("10.0.0.2:80", 1), srv("10.0.0.3:80", 1)]);
+        assert_eq!(names(&l2), ["10.0.0.3:80", "10.0.0.2:80", "10.0.0.1:80"]);
+        // An update keeps the place and takes the new attributes; a removal closes the gap.
+        let l3 = listing_order(Some(&l2), vec![srv("10.0.0.1:80", 1), srv("10.0.0.2:80", 5)]);
+        assert_eq!(names(&l3), ["10.0.0.2:80", "10.0.0.1:80"]);
+        assert_eq!(l3[0].weight, 5);
+        // Byte order of the keys: "10.0.0.11:80" sorts before "10.0.0.4:80".
+        let l4 =
+            listing_order(Some(&l3), vec![srv("10.0.0.4:80", 1), srv("10.0.0.11:80", 1), srv("10.0.0.1:80", 1), srv("10.0.0.2:80", 5)]);
+        assert_eq!(names(&l4), ["10.0.0.4:80", "10.0.0.11:80", "10.0.0.2:80", "10.0.0.1:80"]);
     }
 
     #[test]

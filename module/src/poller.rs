@@ -32,7 +32,7 @@ use upsync_discovery::{
 };
 
 use crate::conf::{Consistency, Source, Token, UpstreamSync, Upsync, BURST};
-use crate::model::{describe_change, encode_servers, Server};
+use crate::model::{describe_change, encode_servers, listing_order, Server};
 use crate::plan::{self, Group, Unit, UnitKind};
 
 /// How long one hostname (a `HOST:PORT` key) may take to resolve before it is skipped for this
@@ -435,6 +435,7 @@ impl Member {
         }
         let mut servers = to_servers(upstream, set, index, &mut self.unresolvable).await;
         keep_skipped(&mut servers, self.last.as_deref(), skipped);
+        let servers = listing_order(self.last.as_deref(), servers);
         if servers.is_empty() && !self.sync.allow_empty {
             let message = format!(
                 "Consul returned no servers at index {index}; keeping the last {} (upsync_allow_empty on lets an upstream become empty)",
@@ -691,7 +692,7 @@ pub fn fetch_initial(upstream: &str, sync: &UpstreamSync, attempts: u32) -> Resu
                         tracing::warn!("upstream \"{upstream}\": skipped Consul entry \"{}\": {}", s.key, s.reason);
                     }
                     let set = f.value.into_endpoints().unwrap_or_default();
-                    let servers = to_servers(upstream, &set, f.index, &mut Unresolvable::default()).await;
+                    let servers = listing_order(None, to_servers(upstream, &set, f.index, &mut Unresolvable::default()).await);
                     if servers.is_empty() && !sync.allow_empty {
                         return Err(format!("Consul has no servers for it (index {})", f.index));
                     }

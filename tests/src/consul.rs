@@ -282,6 +282,19 @@ impl Consul {
         assert_eq!(r.trim(), "true", "KV put of {key} refused: {r}");
     }
 
+    /// Writes `pairs` (key, value) with `/v1/txn`, 64 per transaction (Consul's limit): the
+    /// keys of one transaction change at one index, as one answer to a watch.
+    pub fn kv_put_many(&self, pairs: &[(String, String)]) {
+        use base64::Engine;
+        for chunk in pairs.chunks(64) {
+            let ops: Vec<serde_json::Value> = chunk
+                .iter()
+                .map(|(k, v)| serde_json::json!({ "KV": { "Verb": "set", "Key": k, "Value": base64::engine::general_purpose::STANDARD.encode(v) } }))
+                .collect();
+            self.api_ok("PUT", "/v1/txn", Some(serde_json::Value::from(ops).to_string().as_bytes()));
+        }
+    }
+
     /// The raw value of KEY, `None` when it does not exist.
     pub fn kv_get(&self, key: &str) -> Option<String> {
         let (status, body) = self.api("GET", &format!("/v1/kv/{key}?raw"), None).expect("KV get");

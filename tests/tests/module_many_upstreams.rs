@@ -8,24 +8,11 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use base64::engine::general_purpose::STANDARD;
-use base64::Engine;
-
 use upsync_tests::backend::Backend;
 use upsync_tests::consul::Consul;
 use upsync_tests::net::{connections_to, http_get, http_request_timeout};
 use upsync_tests::nginx::{Nginx, NginxConf};
 use upsync_tests::{wait_until, TestDir};
-
-/// Writes `pairs` to the KV store, 64 per transaction (Consul's limit).
-fn kv_put_many(consul: &Consul, pairs: &[(String, String)]) {
-    for chunk in pairs.chunks(64) {
-        let ops: Vec<serde_json::Value> =
-            chunk.iter().map(|(k, v)| serde_json::json!({ "KV": { "Verb": "set", "Key": k, "Value": STANDARD.encode(v) } })).collect();
-        let (status, body) = consul.api("PUT", "/v1/txn", Some(serde_json::Value::from(ops).to_string().as_bytes())).unwrap();
-        assert_eq!(status, 200, "txn: {body}");
-    }
-}
 
 fn register(consul: &Consul, name: &str, backend: &Backend) {
     consul.register_service(&serde_json::json!({
@@ -154,7 +141,7 @@ fn twelve_hundred_upstreams_follow_consul_over_four_connections() {
     // Upstream i starts on backend i % 4.
     let pairs: Vec<(String, String)> =
         (0..KV).map(|i| (format!("upstreams/app{i}/{}", backends[i % 4].host_port()), String::new())).collect();
-    kv_put_many(&consul, &pairs);
+    consul.kv_put_many(&pairs);
     for i in 0..HEALTH {
         register(&consul, &format!("svc{i}"), &backends[i % 4]);
     }
@@ -229,7 +216,7 @@ fn three_hundred_reloads_in_a_minute_leave_consul_serving_everyone() {
     let consul = Consul::start(dir.path());
     let (a, b) = (Backend::start("a"), Backend::start("b"));
     let pairs: Vec<(String, String)> = (0..KV).map(|i| (format!("upstreams/app{i}/{}", a.host_port()), String::new())).collect();
-    kv_put_many(&consul, &pairs);
+    consul.kv_put_many(&pairs);
     let c = conf(&consul.http_addr(), KV, 0, 4, 2);
     let mut nginx = Nginx::start(dir.path(), c.clone());
     wait_until("the upstreams to sync", Duration::from_secs(20), || {

@@ -248,3 +248,55 @@ fn catalog_and_health_services() {
     consul.deregister_service("web-b");
     wait_servers(&nginx, "cat", &[&a.host_port()]);
 }
+
+/// upstream_show (text and JSON) and the dump file list servers in nginx-upsync-module's order:
+/// a server that joins goes to the head, several joining in one answer in reverse order of
+/// Consul's listing (keys in byte order), servers that stay keep their place.
+#[test]
+fn servers_are_listed_in_nginx_upsync_modules_order() {
+    let dir = TestDir::new("sync_listing_order");
+    let consul = Consul::start(dir.path());
+    let dump = dir.join("app.dump");
+    let nginx = Nginx::start(
+        dir.path(),
+        NginxConf::new(&http_block("app", &consul.http_addr(), "", &format!("upsync_dump_path {};", dump.display()))).workers(2),
+    );
+    let key = |host: &str| format!("upstreams/app/{host}:1");
+    let put = |hosts: &[(&str, &str)]| consul.kv_put_many(&hosts.iter().map(|(h, v)| (key(h), v.to_string())).collect::<Vec<_>>());
+    let listed = |want: &[&str]| {
+        let want: Vec<String> = want.iter().map(|h| format!("{h}:1")).collect();
+        wait_until(&format!("the listing {want:?}"), Duration::from_secs(20), || {
+            let json: Vec<String> = show_json(&nginx, "app")["servers"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|s| s["server"].as_str().map(str::to_string)).collect())
+                .unwrap_or_default();
+            let text = http_get(&nginx.url("/show?upstream=app")).map(|r| r.1).unwrap_or_default();
+            let text_order: Vec<String> = text
+                .lines()
+                .filter_map(|l| l.trim().strip_prefix("server "))
+                .map(|l| l.split([' ', ';']).next().unwrap_or("").to_string())
+                .collect();
+            let dumped: Vec<String> = std::fs::read_to_string(&dump)
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| l.strip_prefix("server ").map(|l| l.split([' ', ';']).next().unwrap_or("").to_string()))
+                .collect();
+            json == want && text_order == want && dumped == want
+        });
+    };
+    put(&[("127.0.0.1", "")]);
+    listed(&["127.0.0.1"]);
+    // Two in one transaction: Consul lists .2 then .3; each goes to the head in turn.
+    put(&[("127.0.0.2", ""), ("127.0.0.3", "")]);
+    listed(&["127.0.0.3", "127.0.0.2", "127.0.0.1"]);
+    // An update keeps its place.
+    put(&[("127.0.0.2", r#"{"weight":5}"#)]);
+    wait_server_field(&nginx, "app", "127.0.0.2:1", "weight", 5.into());
+    listed(&["127.0.0.3", "127.0.0.2", "127.0.0.1"]);
+    // A removal closes the gap.
+    consul.kv_delete(&key("127.0.0.3"));
+    listed(&["127.0.0.2", "127.0.0.1"]);
+    // Byte order of the keys: "127.0.0.11:1" comes before "127.0.0.4:1".
+    put(&[("127.0.0.4", ""), ("127.0.0.11", "")]);
+    listed(&["127.0.0.4", "127.0.0.11", "127.0.0.2", "127.0.0.1"]);
+}

@@ -115,8 +115,13 @@ impl Generation {
     /// (`name` is only stored), so it may run on any thread; [`Generation::carry_over`] then
     /// brings the state of servers that stay, on the event loop.
     fn prepare(servers: Vec<Server>, name: *mut ngx_str_t, chash: bool) -> Generation {
-        let primary_servers: Vec<&Server> = servers.iter().filter(|s| !s.backup).collect();
-        let backup_servers: Vec<&Server> = servers.iter().filter(|s| s.backup).collect();
+        // Peers sorted by address whatever the listing order of `servers` (which follows
+        // nginx-upsync-module's history order for upstream_show and the dump): the same servers
+        // give the same peer order on every nginx instance, which `hash` and `ip_hash` need.
+        let mut primary_servers: Vec<&Server> = servers.iter().filter(|s| !s.backup).collect();
+        let mut backup_servers: Vec<&Server> = servers.iter().filter(|s| s.backup).collect();
+        primary_servers.sort_by_key(|s| s.addr);
+        backup_servers.sort_by_key(|s| s.addr);
         // An empty primary list would divide by zero in ip_hash/hash (total_weight 0): an empty
         // list is one placeholder server marked down, which fails requests fast with 502.
         let placeholder =
@@ -183,15 +188,8 @@ impl Generation {
         if let Some(b) = &backup_list {
             primary_list.next = &**b as *const ngx_http_upstream_rr_peers_t as *mut _;
         }
-        let (mut next_primary, mut next_backup) = (0, np);
-        let peer_index = servers
-            .iter()
-            .map(|s| {
-                let slot = if s.backup { &mut next_backup } else { &mut next_primary };
-                *slot += 1;
-                *slot - 1
-            })
-            .collect();
+        // Every server of `servers` is in `by_addr` (addresses are unique in a list).
+        let peer_index = servers.iter().map(|s| by_addr.get(&s.addr).copied().unwrap_or(0)).collect();
         let points = chash.then(|| ring_points(&all[..np], &mut peers[..np]));
         drop(all);
         drop(primary);
