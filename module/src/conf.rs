@@ -325,10 +325,17 @@ pub fn parse_time(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_millis(total_ms as u64))
 }
 
-/// `upsync_consul_connections N`: the most connections to Consul per client (see
-/// [`crate::plan`]).
+/// The fewest connections a Consul client may be given (`upsync_consul_connections`): one for
+/// the KV upstreams and one for the catalog and health upstreams, whatever their number.
+pub const MIN_CONNECTIONS: usize = 2;
+/// Default of `upsync_consul_connections`.
+pub const DEFAULT_CONNECTIONS: usize = 4;
+/// Upper bound of `upsync_consul_connections` (Consul's per-client default is 200).
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// `upsync_consul_connections N`: the most connections to Consul per client (see the module's
+/// watch plan, module/src/plan.rs).
 pub fn parse_connections(v: &str) -> Result<usize, String> {
-    use crate::plan::{MAX_CONNECTIONS, MIN_CONNECTIONS};
     match v.parse::<usize>() {
         Ok(n) if (MIN_CONNECTIONS..=MAX_CONNECTIONS).contains(&n) => Ok(n),
         _ => Err(format!(

@@ -18,15 +18,8 @@
 //!
 //! The plan is pure (no I/O): tested here without Consul or nginx.
 use crate::conf::{Source, UpstreamSync};
+pub use crate::conf::{DEFAULT_CONNECTIONS, MAX_CONNECTIONS, MIN_CONNECTIONS};
 use crate::poller::WatchSpec;
-
-/// The fewest connections a client may be given: one for the KV upstreams and one for the
-/// catalog and health upstreams, whatever their number.
-pub const MIN_CONNECTIONS: usize = 2;
-/// Default of `upsync_consul_connections`.
-pub const DEFAULT_CONNECTIONS: usize = 4;
-/// Upper bound of `upsync_consul_connections` (Consul's per-client default is 200).
-pub const MAX_CONNECTIONS: usize = 64;
 
 /// One blocking query and the upstreams it serves.
 #[derive(Clone, Debug, PartialEq, Eq)]
