@@ -17,7 +17,7 @@ fi
 # nginx-dev's headers and loaded into nginx); apt installs the candidate of both together.
 packages=(
     nginx nginx-dev libclang-dev pkg-config curl ca-certificates
-    wrk dnsperf bind9-dnsutils
+    wrk dnsperf bind9-dnsutils valgrind
     dnsmasq-base unbound
     podman runc busybox-static uidmap slirp4netns fuse-overlayfs
     python3-pip python3-venv

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Instructions per request (callgrind): stock nginx vs nginx + module, round robin / least_conn /
+# ip_hash, under churn, and the cost of one list change. See benches/src/bin/bench_callgrind.rs.
+# Prints a markdown section. UPSYNC_BENCH_CG_REQUESTS (default 20000) sets the requests per run.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+cargo build --release --locked -p upsync-benches --bin bench-callgrind >&2
+target/release/bench-callgrind
