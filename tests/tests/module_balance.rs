@@ -8,7 +8,7 @@ use upsync_tests::consul::Consul;
 use upsync_tests::net::http_get;
 use upsync_tests::nginx::{Nginx, NginxConf};
 use upsync_tests::upsync::{all_ok, delete_server, hits, http_block, put_server, shown_server, wait_server_field, wait_servers};
-use upsync_tests::{wait_until, TestDir};
+use upsync_tests::{wait_for, wait_until, TestDir};
 
 fn sequence(url: &str, n: usize) -> Vec<String> {
     (0..n).map(|_| http_get(url).map(|(_, b)| b).unwrap_or_else(|e| e.to_string())).collect()
@@ -111,7 +111,7 @@ fn upsync_lb_least_conn_and_ip_hash_use_nginx_balancers() {
          upstream lc {{ server 127.0.0.1:9; upsync {c}/v1/kv/upstreams/lc upsync_interval=10ms; upsync_lb least_conn; }}
          upstream hashempty {{ server 127.0.0.1:9; upsync {c}/v1/kv/upstreams/hashempty upsync_interval=10ms; upsync_lb ip_hash; upsync_allow_empty on; }}
          server {{ listen 127.0.0.1:{{{{port1}}}}; location /iph {{ proxy_pass http://iph; }} location /lc {{ proxy_pass http://lc; }}
-                   location /hashempty {{ proxy_pass http://hashempty; }} }}",
+                   location /hashempty {{ proxy_pass http://hashempty; }} location = /lcslow {{ proxy_pass http://lc/slow; }} }}",
         http_block("app", &consul.http_addr(), "", ""),
         c = consul.http_addr()
     );
@@ -126,6 +126,24 @@ fn upsync_lb_least_conn_and_ip_hash_use_nginx_balancers() {
     assert_eq!(all_ok(&format!("{base}/iph"), 10).len(), 1);
     // least_conn with sequential requests behaves like round robin: both serve.
     assert_eq!(all_ok(&format!("{base}/lc"), 10).len(), 2);
+    // While one backend holds a slow request, least_conn sends every new request to the other
+    // (round robin would alternate): upsync_lb least_conn really runs nginx's least_conn.
+    let before = (a.requests(), b.requests());
+    let slow_url = format!("{base}/lcslow?ms=3000");
+    let slow = std::thread::spawn(move || http_get(&slow_url).map(|r| r.1));
+    let busy = wait_for("the slow request to reach a backend", Duration::from_secs(10), || {
+        if a.requests() > before.0 {
+            Some("a")
+        } else if b.requests() > before.1 {
+            Some("b")
+        } else {
+            None
+        }
+    });
+    let quick = all_ok(&format!("{base}/lc"), 10);
+    let idle = if busy == "a" { "b" } else { "a" };
+    assert_eq!(quick.get(idle), Some(&10), "least_conn sent requests to the busy backend {busy}: {quick:?}");
+    assert_eq!(slow.join().unwrap().ok().as_deref(), Some(busy));
     // Emptying an ip_hash upstream (allowed only with upsync_allow_empty) never divides by zero:
     // here the empty answer is refused and the list stays.
     consul.kv_delete_tree("upstreams/iph");
