@@ -23,6 +23,8 @@ packages=(
     python3-pip python3-venv
     iproute2 procps psmisc
     dpkg-dev binutils help2man systemd adduser
+    # headless browser for the module's status page test (tests/tests/module_status_page.rs)
+    chromium
 )
 missing=()
 for p in "${packages[@]}"; do
