@@ -137,7 +137,7 @@ static CTX: ngx_http_module_t = ngx_http_module_t {
 
 const UPS: ngx_uint_t = NGX_HTTP_UPS_CONF as ngx_uint_t;
 
-static mut COMMANDS: [ngx_command_t; 11] = [
+static mut COMMANDS: [ngx_command_t; 12] = [
     command(ngx_string!("upsync"), UPS | NGX_CONF_1MORE as ngx_uint_t, set_upsync, NGX_HTTP_SRV_CONF_OFFSET),
     command(ngx_string!("upsync_dump_path"), UPS | NGX_CONF_TAKE1 as ngx_uint_t, set_dump_path, NGX_HTTP_SRV_CONF_OFFSET),
     command(ngx_string!("upsync_lb"), UPS | NGX_CONF_TAKE1 as ngx_uint_t, set_lb, NGX_HTTP_SRV_CONF_OFFSET),
