@@ -23,6 +23,9 @@ packages=(
     python3-pip python3-venv
     iproute2 procps psmisc
     dpkg-dev binutils help2man systemd adduser
+    # headless browser for the module's status page test (tests/tests/module_status_page.rs),
+    # Prometheus for the metrics and dashboard test (tests/tests/metrics_dashboard.rs)
+    chromium prometheus
 )
 missing=()
 for p in "${packages[@]}"; do
@@ -38,6 +41,8 @@ fi
 
 # The unbound package enables a system service listening on port 53; we only want its binary.
 if systemctl is-enabled unbound >/dev/null 2>&1; then systemctl disable --now unbound >/dev/null 2>&1 || true; fi
+# Likewise Prometheus: the tests run their own, on a free loopback port.
+if systemctl is-enabled prometheus >/dev/null 2>&1; then systemctl disable --now prometheus >/dev/null 2>&1 || true; fi
 
 nginx_v="$(dpkg-query -W -f='${Version}' nginx)"
 dev_v="$(dpkg-query -W -f='${Version}' nginx-dev)"

@@ -52,6 +52,116 @@ pub enum WatchHealth {
     Failing,
 }
 
+/// What kind of problem a sync error was, for the error counters (`upstream_show` JSON,
+/// `upsync_nginx_consul_errors_total{kind}`). The names are the metric's label values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// TCP connect or name resolution of the Consul address failed.
+    Connect,
+    /// TLS handshake with Consul failed.
+    Tls,
+    /// No answer in time, or an answer that stalled or trickled.
+    Timeout,
+    /// The connection broke mid-exchange, or the answer was not HTTP.
+    Transport,
+    /// HTTP 403: the ACL token was refused.
+    Acl,
+    /// Any other HTTP error status.
+    Http,
+    /// An answer that cannot be used (malformed JSON, garbage `X-Consul-Index`).
+    Decode,
+    /// An answer larger than `max_body`.
+    TooLarge,
+    /// An answer with no servers, refused (`upsync_allow_empty off`).
+    Empty,
+    /// The shared zone had no room for the list (`upsync_shm_size`).
+    ZoneFull,
+    /// The watch could not start (client configuration: CA file, token file...).
+    Config,
+    /// The watch task panicked or ended and was restarted.
+    Restart,
+    Other,
+}
+
+impl ErrorKind {
+    pub const ALL: [ErrorKind; 13] = [
+        ErrorKind::Connect,
+        ErrorKind::Tls,
+        ErrorKind::Timeout,
+        ErrorKind::Transport,
+        ErrorKind::Acl,
+        ErrorKind::Http,
+        ErrorKind::Decode,
+        ErrorKind::TooLarge,
+        ErrorKind::Empty,
+        ErrorKind::ZoneFull,
+        ErrorKind::Config,
+        ErrorKind::Restart,
+        ErrorKind::Other,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorKind::Connect => "connect",
+            ErrorKind::Tls => "tls",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::Transport => "transport",
+            ErrorKind::Acl => "acl",
+            ErrorKind::Http => "http",
+            ErrorKind::Decode => "decode",
+            ErrorKind::TooLarge => "too_large",
+            ErrorKind::Empty => "empty",
+            ErrorKind::ZoneFull => "zone_full",
+            ErrorKind::Config => "config",
+            ErrorKind::Restart => "restart",
+            ErrorKind::Other => "other",
+        }
+    }
+
+    /// The kind of a recorded error, from its message. The messages come from
+    /// `upsync_discovery::Error`'s `Display` (each variant starts its own way) and from the
+    /// module's own (poller, shared zone); the unit tests render every variant, so a changed
+    /// message fails them rather than miscounting. (The error reaches the slot as a message:
+    /// carrying the kind from the poller would need its `Update` to change.)
+    pub fn of(message: &str) -> ErrorKind {
+        let m = message;
+        if m.starts_with("cannot connect to Consul") {
+            ErrorKind::Connect
+        } else if m.starts_with("TLS handshake with Consul") {
+            ErrorKind::Tls
+        } else if m.starts_with("HTTP exchange with Consul") {
+            ErrorKind::Transport
+        } else if m.starts_with("ACL token rejected") {
+            ErrorKind::Acl
+        } else if m.starts_with("the response of Consul") && m.contains(" exceeds ") {
+            ErrorKind::TooLarge
+        } else if m.starts_with("Consul returned no servers") {
+            ErrorKind::Empty
+        } else if m.starts_with("invalid Consul client configuration") || m.starts_with("cannot start the Consul watch") {
+            ErrorKind::Config
+        } else if m.starts_with("the Consul watch ") {
+            ErrorKind::Restart
+        } else if m.starts_with("the shared zone") && m.contains("has no room") {
+            ErrorKind::ZoneFull
+        } else if m.starts_with("Consul at ") {
+            if m.contains(" did not answer ") || m.contains(" began answering ") {
+                ErrorKind::Timeout
+            } else if m.contains(" sent a response to ") {
+                ErrorKind::Decode
+            } else if m.contains(" with HTTP ") {
+                ErrorKind::Http
+            } else {
+                ErrorKind::Other
+            }
+        } else {
+            ErrorKind::Other
+        }
+    }
+}
+
+/// Sync errors by [`ErrorKind`] (indexed like [`ErrorKind::ALL`]), since the slot was created.
+pub type ErrorCounts = [u64; ErrorKind::ALL.len()];
+
 /// What one upstream's shared slot says besides the list itself: where the list came from and
 /// what the last sync said. Small and bounded ([`SlotMeta::encode_bounded`]), so it is stored
 /// inline in the slot and recording an error never needs an allocation (the zone may be full).
@@ -73,6 +183,10 @@ pub struct SlotMeta {
     pub watch: WatchHealth,
     /// How often the watch task was restarted after a panic (by this leader).
     pub watch_restarts: u32,
+    /// Errors recorded, by kind ([`SlotMeta::count_error`]).
+    pub errors: ErrorCounts,
+    /// `error_ms` of the last error counted, so an error written twice counts once.
+    pub counted_error_ms: u64,
 }
 
 impl SlotMeta {
@@ -100,6 +214,24 @@ impl SlotMeta {
                 _ => return Vec::new(),
             }
         }
+    }
+
+    /// Counts the error this metadata records (`last_error` at `error_ms`) in [`Self::errors`],
+    /// unless it was counted already. Called whenever the metadata is written to the slot, so
+    /// every error recorded there is counted once, whichever path recorded it.
+    pub fn count_error(&mut self) {
+        if let Some(e) = &self.last_error {
+            if self.error_ms != self.counted_error_ms {
+                let i = ErrorKind::ALL.iter().position(|&k| k == ErrorKind::of(e)).unwrap_or(ErrorKind::ALL.len() - 1);
+                self.errors[i] = self.errors[i].saturating_add(1);
+                self.counted_error_ms = self.error_ms;
+            }
+        }
+    }
+
+    /// The error counters as (kind, count), every kind listed.
+    pub fn error_counts(&self) -> impl Iterator<Item = (ErrorKind, u64)> + '_ {
+        ErrorKind::ALL.iter().copied().zip(self.errors.iter().copied())
     }
 
     pub fn decode(bytes: &[u8]) -> Result<SlotMeta, String> {
@@ -236,8 +368,97 @@ mod tests {
             leader_pid: 7,
             watch: WatchHealth::Failing,
             watch_restarts: 1,
+            errors: [u64::MAX; ErrorKind::ALL.len()],
+            counted_error_ms: 3,
         };
         assert_eq!(SlotMeta::decode(&m.encode_bounded(1024)).unwrap(), m);
+    }
+
+    #[test]
+    fn every_error_message_has_its_kind() {
+        use std::time::Duration;
+        use upsync_discovery::{ConsulAddr, DecodeError, Error};
+        let address = ConsulAddr::parse("127.0.0.1:8500").unwrap();
+        let (method, path) = ("GET".to_string(), "/v1/kv/upstreams/app?recurse&index=5".to_string());
+        let after = Duration::from_secs(10);
+        let cases = [
+            (Error::Config("bad CA".into()), ErrorKind::Config),
+            (Error::Connect { address: address.clone(), message: "refused".into() }, ErrorKind::Connect),
+            (Error::Tls { address: address.clone(), message: "unknown CA".into() }, ErrorKind::Tls),
+            (Error::Timeout { address: address.clone(), method: method.clone(), path: path.clone(), after }, ErrorKind::Timeout),
+            (Error::Stalled { address: address.clone(), method: method.clone(), path: path.clone(), after }, ErrorKind::Timeout),
+            (
+                Error::Transport { address: address.clone(), method: method.clone(), path: path.clone(), message: "reset".into() },
+                ErrorKind::Transport,
+            ),
+            (
+                Error::AclDenied {
+                    address: address.clone(),
+                    method: method.clone(),
+                    path: path.clone(),
+                    status: 403,
+                    message: "Permission denied".into(),
+                },
+                ErrorKind::Acl,
+            ),
+            (
+                Error::Http { address: address.clone(), method: method.clone(), path: path.clone(), status: 500, message: "x".into() },
+                ErrorKind::Http,
+            ),
+            (
+                Error::Decode {
+                    address: address.clone(),
+                    path: path.clone(),
+                    error: DecodeError { what: "X-Consul-Index header", message: "\"abc\" is not a Consul index".into() },
+                },
+                ErrorKind::Decode,
+            ),
+            (Error::TooLarge { address: address.clone(), path: path.clone(), limit: 4096 }, ErrorKind::TooLarge),
+        ];
+        for (e, kind) in cases {
+            assert_eq!(ErrorKind::of(&e.to_string()), kind, "{e}");
+        }
+        // The module's own messages (poller.rs, ffi/shm.rs).
+        for (m, kind) in [
+            (
+                "Consul returned no servers at index 7; keeping the last 2 (upsync_allow_empty on lets an upstream become empty)",
+                ErrorKind::Empty,
+            ),
+            ("cannot start the Consul watch: cannot read CA file (attempt 2, next try in 1000 ms)", ErrorKind::Config),
+            ("the Consul watch panicked: boom; restarting it in 1000 ms", ErrorKind::Restart),
+            ("the Consul watch ended; restarting it in 1000 ms", ErrorKind::Restart),
+            (
+                "the shared zone \"upsync\" has no room for a list of 9 bytes; the workers keep the previous list; raise upsync_shm_size",
+                ErrorKind::ZoneFull,
+            ),
+            ("something new", ErrorKind::Other),
+        ] {
+            assert_eq!(ErrorKind::of(m), kind, "{m}");
+        }
+        let names: std::collections::HashSet<_> = ErrorKind::ALL.iter().map(|k| k.name()).collect();
+        assert_eq!(names.len(), ErrorKind::ALL.len());
+    }
+
+    #[test]
+    fn an_error_is_counted_once_by_kind() {
+        let mut m = SlotMeta::default();
+        m.count_error();
+        assert_eq!(m.errors, [0; ErrorKind::ALL.len()]);
+        m.last_error = Some("Consul returned no servers at index 3".into());
+        m.error_ms = 100;
+        m.count_error();
+        m.count_error(); // written again (e.g. with another field changed): not a new error
+        m.error_ms = 200;
+        m.count_error();
+        m.last_error = Some("the Consul watch panicked: x".into());
+        m.error_ms = 300;
+        m.count_error();
+        let counts: std::collections::HashMap<_, _> = m.error_counts().map(|(k, n)| (k.name(), n)).collect();
+        assert_eq!((counts["empty"], counts["restart"], counts["connect"]), (2, 1, 0));
+        m.last_error = None;
+        m.error_ms = 400;
+        m.count_error();
+        assert_eq!(m.errors.iter().sum::<u64>(), 3);
     }
 
     #[test]

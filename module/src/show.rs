@@ -1,6 +1,9 @@
-//! `upstream_show`: nginx-upsync-module's text format, byte for byte, and a JSON view with the
-//! per-server state and the sync status. The FFI layer fills the view from nginx's peers and the
-//! shared slots; rendering is here.
+//! `upstream_show`: nginx-upsync-module's text format, byte for byte, a JSON view with the
+//! per-server state and the sync status, Prometheus metrics, and a live status page for
+//! browsers. The FFI layer fills the view from nginx's peers and the shared slots; choosing the
+//! format and rendering are here.
+use std::collections::BTreeMap;
+
 use serde::Serialize;
 
 use crate::model::{Origin, Server, WatchHealth};
@@ -67,6 +70,8 @@ pub struct SyncView {
     pub watch: WatchHealth,
     /// Restarts of the watch task after a panic, by the current leader.
     pub watch_restarts: u32,
+    /// Sync errors recorded since the slot was created, by kind ([`crate::model::ErrorKind`]).
+    pub errors: BTreeMap<&'static str, u64>,
 }
 
 #[derive(Serialize)]
@@ -75,27 +80,95 @@ struct Document<'a> {
     upstreams: &'a [UpstreamView],
 }
 
+/// The forms `upstream_show` answers in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// nginx-upsync-module's text.
+    Text,
+    Json,
+    /// Prometheus / OpenMetrics text exposition ([`render_prometheus`]).
+    Prometheus,
+    /// The live status page for browsers ([`render_html`]).
+    Html,
+}
+
+impl Format {
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::Text => "text/plain",
+            Format::Json => "application/json",
+            Format::Prometheus => OPENMETRICS_CONTENT_TYPE,
+            Format::Html => "text/html; charset=utf-8",
+        }
+    }
+}
+
 /// What the client asked for.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ShowRequest {
     /// `?NAME` (nginx-upsync-module) or `?upstream=NAME`.
     pub upstream: Option<String>,
-    pub json: bool,
+    pub format: Format,
 }
 
-/// Reads the query string and `Accept` header: `?NAME`, `?upstream=NAME`, `?format=json`,
-/// `Accept: application/json`.
+/// Reads the query string and `Accept` header: `?NAME`, `?upstream=NAME`,
+/// `?format=json|text|prometheus|html`; without `format`, the `Accept` header decides
+/// ([`negotiate`]).
 pub fn parse_request(args: &str, accept: Option<&str>) -> ShowRequest {
-    let mut req = ShowRequest { upstream: None, json: accept.is_some_and(|a| a.contains("application/json")) };
+    let mut req = ShowRequest { upstream: None, format: accept.map(negotiate).unwrap_or(Format::Text) };
     for part in args.split('&').filter(|p| !p.is_empty()) {
         match part.split_once('=') {
-            Some(("format", f)) => req.json = f == "json",
+            Some(("format", f)) => {
+                req.format = match f {
+                    "json" => Format::Json,
+                    "prometheus" | "openmetrics" | "metrics" => Format::Prometheus,
+                    "html" => Format::Html,
+                    _ => Format::Text,
+                }
+            }
             Some(("upstream", n)) => req.upstream = Some(n.to_string()),
             Some(_) => {}
             None => req.upstream = Some(part.to_string()),
         }
     }
     req
+}
+
+/// The format an `Accept` header prefers: the media range with the highest `q` among
+/// `application/json`, `text/html`, `application/openmetrics-text` (and `text/plain` with a
+/// `version` parameter: Prometheus' text format) and `text/plain` or `*/*` (nginx-upsync-module's
+/// text); on equal `q` a named type beats a wildcard, then the first listed wins. So a browser
+/// gets the page, a Prometheus scraper the metrics, `curl` the text.
+pub fn negotiate(accept: &str) -> Format {
+    let mut best: Option<(f32, bool, Format)> = None;
+    for range in accept.split(',') {
+        let mut params = range.split(';').map(str::trim);
+        let media = params.next().unwrap_or("").to_ascii_lowercase();
+        let (mut q, mut versioned) = (1.0f32, false);
+        for p in params {
+            match p.split_once('=').map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim())) {
+                Some((k, v)) if k == "q" => q = v.parse().unwrap_or(0.0),
+                Some((k, _)) if k == "version" => versioned = true,
+                _ => {}
+            }
+        }
+        let (format, specific) = match media.as_str() {
+            "application/json" => (Format::Json, true),
+            "text/html" | "application/xhtml+xml" => (Format::Html, true),
+            "application/openmetrics-text" => (Format::Prometheus, true),
+            "text/plain" if versioned => (Format::Prometheus, true),
+            "text/plain" => (Format::Text, true),
+            "*/*" | "text/*" => (Format::Text, false),
+            _ => continue,
+        };
+        if q <= 0.0 {
+            continue;
+        }
+        if best.is_none_or(|(bq, bs, _)| q > bq || (q == bq && specific && !bs)) {
+            best = Some((q, specific, format));
+        }
+    }
+    best.map(|(_, _, f)| f).unwrap_or(Format::Text)
 }
 
 /// The text body, as nginx-upsync-module prints it.
@@ -127,15 +200,251 @@ fn text_upstream(out: &mut String, u: &UpstreamView) {
 
 /// The JSON body; `Err` carries the 404 message when the selected upstream does not exist.
 pub fn render_json(upstreams: &[UpstreamView], selected: Option<&str>, worker_pid: u32) -> Result<String, String> {
-    let chosen: Vec<UpstreamView> = match selected {
-        None => upstreams.to_vec(),
-        Some(name) => match upstreams.iter().find(|u| u.name.eq_ignore_ascii_case(name)) {
-            Some(u) => vec![u.clone()],
-            None => return Err(serde_json::json!({ "error": format!("no upstream named \"{name}\"") }).to_string()),
-        },
-    };
-    Ok(serde_json::to_string_pretty(&Document { worker_pid, upstreams: &chosen }).unwrap_or_default())
+    let chosen = select(upstreams, selected).map_err(|e| serde_json::json!({ "error": e }).to_string())?;
+    Ok(serde_json::to_string_pretty(&Document { worker_pid, upstreams: chosen }).unwrap_or_default())
 }
+
+/// The upstreams a request selects (all, or the one named); `Err` when the named one does not
+/// exist.
+fn select<'a>(upstreams: &'a [UpstreamView], selected: Option<&str>) -> Result<&'a [UpstreamView], String> {
+    match selected {
+        None => Ok(upstreams),
+        Some(name) => match upstreams.iter().position(|u| u.name.eq_ignore_ascii_case(name)) {
+            Some(i) => Ok(&upstreams[i..=i]),
+            None => Err(format!("no upstream named \"{name}\"")),
+        },
+    }
+}
+
+/// The content type of [`render_prometheus`]'s text (as upsync-dns serves its metrics).
+pub const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Prometheus metrics of the upstreams (`upsync_nginx_*`, OpenMetrics text, the same
+/// encoder as upsync-dns). `leader_pid` is the lease holder (0: none), `now_ms` the time of
+/// the scrape (for the age of the last sync). `Err` carries the 404 text when the selected
+/// upstream does not exist.
+pub fn render_prometheus(upstreams: &[UpstreamView], selected: Option<&str>, leader_pid: i64, now_ms: u64) -> Result<String, String> {
+    let chosen = select(upstreams, selected)?;
+    let scrape = metrics::Scrape::new(chosen, leader_pid, now_ms);
+    let mut registry = prometheus_client::registry::Registry::default();
+    registry.register_collector(Box::new(scrape));
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, &registry).map_err(|e| format!("cannot encode the metrics: {e}"))?;
+    Ok(out)
+}
+
+mod metrics {
+    //! The collector behind [`super::render_prometheus`]: a snapshot of the upstreams taken at
+    //! the scrape, encoded with prometheus-client's const metrics. Names follow Prometheus'
+    //! conventions (`_total` counters, `_seconds`, base units) and upsync-dns' names for the same
+    //! meanings (`..._consul_up`, `..._consul_errors_total`).
+    use prometheus_client::collector::Collector;
+    use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+    use prometheus_client::metrics::counter::ConstCounter;
+    use prometheus_client::metrics::gauge::ConstGauge;
+    use prometheus_client::metrics::MetricType;
+
+    use super::{SyncView, UpstreamView};
+    use crate::model::{Origin, WatchHealth};
+
+    /// One upstream, reduced to what the metrics show (the server list can be 50,000 long).
+    #[derive(Debug)]
+    struct Upstream {
+        /// Escaped for a label value.
+        name: String,
+        up: u64,
+        down: u64,
+        backup: u64,
+        sync: Option<SyncView>,
+    }
+
+    #[derive(Debug)]
+    pub(super) struct Scrape {
+        upstreams: Vec<Upstream>,
+        leader_pid: i64,
+        now_ms: u64,
+    }
+
+    /// A label value as the exposition format writes it: prometheus-client 0.24 writes values
+    /// as given, and an upstream name may hold `"` or `\`.
+    fn escape(v: &str) -> String {
+        let mut out = String::with_capacity(v.len());
+        for c in v.chars() {
+            match c {
+                '\\' => out.push_str("\\\\"),
+                '"' => out.push_str("\\\""),
+                '\n' => out.push_str("\\n"),
+                c => out.push(c),
+            }
+        }
+        out
+    }
+
+    impl Scrape {
+        pub(super) fn new(upstreams: &[UpstreamView], leader_pid: i64, now_ms: u64) -> Scrape {
+            let upstreams = upstreams
+                .iter()
+                .map(|u| {
+                    let (mut up, mut down, mut backup) = (0, 0, 0);
+                    for s in &u.servers {
+                        match (s.server.down, s.server.backup) {
+                            (true, _) => down += 1,
+                            (false, true) => backup += 1,
+                            (false, false) => up += 1,
+                        }
+                    }
+                    Upstream { name: escape(&u.name), up, down, backup, sync: u.sync.clone() }
+                })
+                .collect();
+            Scrape { upstreams, leader_pid, now_ms }
+        }
+
+        fn synced(&self) -> impl Iterator<Item = (&str, &SyncView)> {
+            self.upstreams.iter().filter_map(|u| u.sync.as_ref().map(|s| (u.name.as_str(), s)))
+        }
+    }
+
+    /// Writes one gauge family: (labels, value) per sample.
+    fn gauges<V: prometheus_client::encoding::EncodeGaugeValue + std::fmt::Debug + Send + Sync>(
+        encoder: &mut DescriptorEncoder,
+        name: &str,
+        help: &str,
+        samples: impl IntoIterator<Item = (Vec<(&'static str, String)>, V)>,
+    ) -> Result<(), std::fmt::Error> {
+        let mut m = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+        for (labels, v) in samples {
+            ConstGauge::new(v).encode(m.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+
+    fn counters(
+        encoder: &mut DescriptorEncoder,
+        name: &str,
+        help: &str,
+        samples: impl IntoIterator<Item = (Vec<(&'static str, String)>, u64)>,
+    ) -> Result<(), std::fmt::Error> {
+        let mut m = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+        for (labels, v) in samples {
+            ConstCounter::new(v).encode(m.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+
+    fn up(name: &str) -> Vec<(&'static str, String)> {
+        vec![("upstream", name.to_string())]
+    }
+
+    impl Collector for Scrape {
+        fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+            let e = &mut e;
+            ConstGauge::new(self.leader_pid).encode(e.encode_descriptor(
+                "upsync_nginx_leader_pid",
+                "PID of the nginx worker holding the Consul watches (the lease; 0: none)",
+                None,
+                MetricType::Gauge,
+            )?)?;
+            gauges(
+                e,
+                "upsync_nginx_upstream_servers",
+                "Servers of the upstream as this worker balances them, by state (down: marked down; backup: backup, not down; up: the rest)",
+                self.upstreams.iter().flat_map(|u| {
+                    [("up", u.up), ("down", u.down), ("backup", u.backup)]
+                        .map(|(state, n)| (vec![("upstream", u.name.clone()), ("state", state.to_string())], n as i64))
+                }),
+            )?;
+            gauges(
+                e,
+                "upsync_nginx_list_version",
+                "Version of the upstream's list in shared memory (moves at every change; every worker serves the same)",
+                self.synced().map(|(n, s)| (up(n), s.version as i64)),
+            )?;
+            gauges(
+                e,
+                "upsync_nginx_consul_index",
+                "X-Consul-Index of the last answer from Consul (0: none yet)",
+                self.synced().map(|(n, s)| (up(n), s.consul_index as i64)),
+            )?;
+            gauges(
+                e,
+                "upsync_nginx_consul_up",
+                "1 while the upstream's Consul watch succeeds, 0 while it fails or has not answered yet (the last list keeps serving)",
+                self.synced().map(|(n, s)| (up(n), (s.watch == WatchHealth::Healthy) as i64)),
+            )?;
+            gauges(
+                e,
+                "upsync_nginx_watch_state",
+                "State of the upstream's Consul watch: 1 for the current one of starting, healthy, failing",
+                self.synced().flat_map(|(n, s)| {
+                    [WatchHealth::Starting, WatchHealth::Healthy, WatchHealth::Failing].map(|w| {
+                        let label = match w {
+                            WatchHealth::Starting => "starting",
+                            WatchHealth::Healthy => "healthy",
+                            WatchHealth::Failing => "failing",
+                        };
+                        (vec![("upstream", n.to_string()), ("state", label.to_string())], (s.watch == w) as i64)
+                    })
+                }),
+            )?;
+            gauges(
+                e,
+                "upsync_nginx_list_origin",
+                "Where the list being served came from: 1 for the current one of config, dump, consul",
+                self.synced().flat_map(|(n, s)| {
+                    [(Origin::Config, "config"), (Origin::Dump, "dump"), (Origin::Consul, "consul")]
+                        .map(|(o, label)| (vec![("upstream", n.to_string()), ("origin", label.to_string())], (s.origin == o) as i64))
+                }),
+            )?;
+            gauges(
+                e,
+                "upsync_nginx_last_sync_age_seconds",
+                "Seconds since the last successful answer from Consul (absent until the first)",
+                self.synced()
+                    .filter(|(_, s)| s.last_sync_ms > 0)
+                    .map(|(n, s)| (up(n), self.now_ms.saturating_sub(s.last_sync_ms) as f64 / 1000.0)),
+            )?;
+            gauges(
+                e,
+                "upsync_nginx_last_sync_timestamp_seconds",
+                "Unix time of the last successful answer from Consul (0: none yet)",
+                self.synced().map(|(n, s)| (up(n), s.last_sync_ms as f64 / 1000.0)),
+            )?;
+            gauges(
+                e,
+                "upsync_nginx_last_change_timestamp_seconds",
+                "Unix time the upstream's list last changed",
+                self.synced().map(|(n, s)| (up(n), s.last_change_ms as f64 / 1000.0)),
+            )?;
+            counters(
+                e,
+                "upsync_nginx_consul_errors",
+                "Sync errors of the upstream by kind (connect, tls, timeout, transport, acl, http, decode, too_large, empty, zone_full, config, restart, other), since nginx started",
+                self.synced().flat_map(|(n, s)| {
+                    s.errors.iter().map(move |(kind, v)| (vec![("upstream", n.to_string()), ("kind", kind.to_string())], *v))
+                }),
+            )?;
+            counters(
+                e,
+                "upsync_nginx_watch_restarts",
+                "Restarts of the upstream's watch task after a panic, by the current leader",
+                self.synced().map(|(n, s)| (up(n), u64::from(s.watch_restarts))),
+            )?;
+            Ok(())
+        }
+    }
+}
+
+/// The status page: one self-contained HTML document (inline CSS and script, no other
+/// request than its own JSON) that shows `initial` (the JSON document of [`render_json`]) at
+/// once and then polls the JSON form of the same URL every 500 ms, re-rendering in place.
+pub fn render_html(initial_json: &str) -> String {
+    // Inside <script>, "</script" or "<!--" in the data would end or change the element:
+    // JSON allows "<" to be written \u003c, which no HTML parser looks into.
+    let data = initial_json.replace('<', "\\u003c");
+    STATUS_PAGE.replacen("/*INITIAL_JSON*/null", &data, 1)
+}
+
+const STATUS_PAGE: &str = include_str!("status.html");
 
 #[cfg(test)]
 mod tests {
@@ -193,6 +502,7 @@ mod tests {
             leader_pid: 10,
             watch: WatchHealth::Healthy,
             watch_restarts: 0,
+            errors: BTreeMap::from([("connect", 2)]),
         });
         let j: serde_json::Value = serde_json::from_str(&render_json(&[v], None, 123).unwrap()).unwrap();
         assert_eq!(j["worker_pid"], 123);
@@ -203,15 +513,152 @@ mod tests {
         assert_eq!(u["servers"][0]["fails"], 0);
         assert_eq!(u["sync"]["consul_index"], 99);
         assert_eq!(u["sync"]["origin"], "consul");
+        assert_eq!(u["sync"]["errors"]["connect"], 2);
         let e: serde_json::Value = serde_json::from_str(&render_json(&[], Some("x\""), 1).unwrap_err()).unwrap();
         assert_eq!(e["error"], "no upstream named \"x\"\"");
     }
 
     #[test]
     fn request_parsing() {
-        assert_eq!(parse_request("app", None), ShowRequest { upstream: Some("app".into()), json: false });
-        assert_eq!(parse_request("upstream=app&format=json", None), ShowRequest { upstream: Some("app".into()), json: true });
-        assert_eq!(parse_request("", Some("application/json, */*")), ShowRequest { upstream: None, json: true });
-        assert!(!parse_request("format=text", Some("application/json")).json);
+        let req = |upstream: Option<&str>, format| ShowRequest { upstream: upstream.map(str::to_string), format };
+        assert_eq!(parse_request("app", None), req(Some("app"), Format::Text));
+        assert_eq!(parse_request("upstream=app&format=json", None), req(Some("app"), Format::Json));
+        assert_eq!(parse_request("", Some("application/json, */*")), req(None, Format::Json));
+        assert_eq!(parse_request("format=text", Some("application/json")), req(None, Format::Text));
+        assert_eq!(parse_request("format=prometheus", None), req(None, Format::Prometheus));
+        assert_eq!(parse_request("app&format=html", None), req(Some("app"), Format::Html));
+        assert_eq!(parse_request("format=json", Some("text/html")), req(None, Format::Json));
+    }
+
+    #[test]
+    fn accept_negotiation() {
+        // Chromium's and Firefox's Accept for a page.
+        assert_eq!(
+            negotiate("text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,image/apng,*/*;q=0.8"),
+            Format::Html
+        );
+        // Prometheus 2.x/3.x scrapers.
+        assert_eq!(
+            negotiate("application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"),
+            Format::Prometheus
+        );
+        assert_eq!(negotiate("text/plain;version=0.0.4;q=0.3,*/*;q=0.2"), Format::Prometheus);
+        // curl, fetch(), nginx-upsync-module's users.
+        assert_eq!(negotiate("*/*"), Format::Text);
+        assert_eq!(negotiate("text/plain"), Format::Text);
+        assert_eq!(negotiate(""), Format::Text);
+        assert_eq!(negotiate("*/*, application/json"), Format::Json, "a named type beats a wildcard of the same q");
+        assert_eq!(negotiate("application/json;q=0.5, text/html"), Format::Html);
+        assert_eq!(negotiate("text/html;q=0, application/json"), Format::Json);
+        assert_eq!(negotiate("image/png"), Format::Text);
+    }
+
+    fn synced(name: &str, servers: &[(&str, u32, bool, bool)], sync: impl FnOnce(&mut SyncView)) -> UpstreamView {
+        let mut v = view(name, servers);
+        let mut s = SyncView {
+            source: format!("http://127.0.0.1:8500/v1/kv/upstreams/{name}"),
+            origin: Origin::Consul,
+            version: 7,
+            consul_index: 1234,
+            last_change_ms: 1_700_000_000_000,
+            last_sync_ms: 1_700_000_010_000,
+            last_error: None,
+            last_error_ms: 0,
+            leader_pid: 42,
+            watch: WatchHealth::Healthy,
+            watch_restarts: 1,
+            errors: crate::model::ErrorKind::ALL.iter().map(|k| (k.name(), 0)).collect(),
+        };
+        sync(&mut s);
+        v.sync = Some(s);
+        v
+    }
+
+    /// The samples of an OpenMetrics text: "name{labels}" -> value.
+    fn samples(text: &str) -> BTreeMap<String, f64> {
+        text.lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .map(|l| {
+                let (k, v) = l.rsplit_once(' ').unwrap();
+                (k.to_string(), v.parse().unwrap())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn prometheus_metrics() {
+        let ups = [
+            synced("app", &[("10.0.0.1:80", 1, false, false), ("10.0.0.2:80", 1, true, false), ("10.0.0.3:80", 1, false, true)], |s| {
+                s.errors.insert("connect", 3);
+                s.errors.insert("empty", 1);
+            }),
+            synced("new", &[], |s| {
+                s.last_sync_ms = 0;
+                s.consul_index = 0;
+                s.origin = Origin::Dump;
+                s.watch = WatchHealth::Failing;
+            }),
+            view("static", &[("127.0.0.1:9", 1, false, false)]),
+        ];
+        let text = render_prometheus(&ups, None, 42, 1_700_000_012_500).unwrap();
+        assert!(text.ends_with("# EOF\n"), "{text}");
+        let m = samples(&text);
+        let get = |k: &str| *m.get(k).unwrap_or_else(|| panic!("no sample {k} in:\n{text}"));
+        assert_eq!(get("upsync_nginx_leader_pid"), 42.0);
+        assert_eq!(get(r#"upsync_nginx_upstream_servers{upstream="app",state="up"}"#), 1.0);
+        assert_eq!(get(r#"upsync_nginx_upstream_servers{upstream="app",state="down"}"#), 1.0);
+        assert_eq!(get(r#"upsync_nginx_upstream_servers{upstream="app",state="backup"}"#), 1.0);
+        assert_eq!(get(r#"upsync_nginx_upstream_servers{upstream="static",state="up"}"#), 1.0);
+        assert_eq!(get(r#"upsync_nginx_list_version{upstream="app"}"#), 7.0);
+        assert_eq!(get(r#"upsync_nginx_consul_index{upstream="app"}"#), 1234.0);
+        assert_eq!(get(r#"upsync_nginx_consul_up{upstream="app"}"#), 1.0);
+        assert_eq!(get(r#"upsync_nginx_consul_up{upstream="new"}"#), 0.0);
+        assert_eq!(get(r#"upsync_nginx_watch_state{upstream="new",state="failing"}"#), 1.0);
+        assert_eq!(get(r#"upsync_nginx_watch_state{upstream="new",state="healthy"}"#), 0.0);
+        assert_eq!(get(r#"upsync_nginx_list_origin{upstream="new",origin="dump"}"#), 1.0);
+        assert_eq!(get(r#"upsync_nginx_last_sync_age_seconds{upstream="app"}"#), 2.5);
+        assert_eq!(get(r#"upsync_nginx_last_sync_timestamp_seconds{upstream="app"}"#), 1_700_000_010.0);
+        assert_eq!(get(r#"upsync_nginx_last_change_timestamp_seconds{upstream="app"}"#), 1_700_000_000.0);
+        assert_eq!(get(r#"upsync_nginx_consul_errors_total{upstream="app",kind="connect"}"#), 3.0);
+        assert_eq!(get(r#"upsync_nginx_consul_errors_total{upstream="app",kind="empty"}"#), 1.0);
+        assert_eq!(get(r#"upsync_nginx_consul_errors_total{upstream="app",kind="zone_full"}"#), 0.0);
+        assert_eq!(get(r#"upsync_nginx_watch_restarts_total{upstream="app"}"#), 1.0);
+        // Never synced: no age (a gauge of "forever" would be a lie), the timestamp says 0.
+        assert!(!m.contains_key(r#"upsync_nginx_last_sync_age_seconds{upstream="new"}"#), "{text}");
+        assert_eq!(get(r#"upsync_nginx_last_sync_timestamp_seconds{upstream="new"}"#), 0.0);
+        // A stock upstream has servers but no sync metrics.
+        assert!(!text.contains(r#"upsync_nginx_list_version{upstream="static"}"#), "{text}");
+        assert!(text.contains("# TYPE upsync_nginx_consul_errors counter"), "{text}");
+        assert!(text.contains("# TYPE upsync_nginx_consul_up gauge"), "{text}");
+
+        let one = render_prometheus(&ups, Some("APP"), 42, 0).unwrap();
+        assert!(one.contains(r#"upstream="app""#) && !one.contains(r#"upstream="new""#), "{one}");
+        assert_eq!(render_prometheus(&ups, Some("nope"), 0, 0).unwrap_err(), "no upstream named \"nope\"");
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        let text = render_prometheus(&[view("a\"b\\c", &[])], None, 0, 0).unwrap();
+        assert!(text.contains(r#"upsync_nginx_upstream_servers{upstream="a\"b\\c",state="up"} 0"#), "{text}");
+    }
+
+    #[test]
+    fn status_page_embeds_the_json_safely() {
+        let v = synced("app", &[("10.0.0.1:80", 1, false, false)], |s| s.last_error = Some("</script><script>alert(1)</script>".into()));
+        let json = render_json(&[v], None, 9).unwrap();
+        let page = render_html(&json);
+        assert!(page.starts_with("<!DOCTYPE html>"), "{page}");
+        assert!(!page.contains("</script><script>alert"), "the data ended the script element");
+        // The embedded document is the JSON, intact once the HTML parser is done with it.
+        let start = page.find(r#"<script type="application/json" id="initial">"#).unwrap();
+        let body = &page[start..];
+        let body = &body[body.find('>').unwrap() + 1..body.find("</script>").unwrap()];
+        let back: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(back["upstreams"][0]["sync"]["last_error"], "</script><script>alert(1)</script>");
+        // Self-contained: no URL to fetch besides its own JSON.
+        for needle in ["http://", "https://", "src=", "href=", "@import", "url("] {
+            assert!(!STATUS_PAGE.contains(needle), "the page refers to {needle}");
+        }
+        assert_eq!(STATUS_PAGE.matches("/*INITIAL_JSON*/null").count(), 1);
     }
 }

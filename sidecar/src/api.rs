@@ -4,6 +4,7 @@
 //! - `DELETE /v1/endpoints/{service}/{id}[?drain=DURATION|true]`: remove it, after a drain.
 //! - `GET /v1/endpoints[/{service}]`: this node's endpoints (containers' and the API's).
 //! - `GET /healthz`: the sidecar's connections; always 200 while the process serves.
+//! - `GET /metrics`: the same state as Prometheus metrics ([`crate::metrics`]).
 //!
 //! Errors are JSON `{"error", "field", "reason"}` with a 4xx status. With a token configured,
 //! `/v1/` requires `Authorization: Bearer TOKEN`.
@@ -367,6 +368,12 @@ async fn healthz(State(shared): State<Arc<Shared>>) -> Response {
     .into_response()
 }
 
+async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+    let (status, pending_changes, endpoints) = shared.status();
+    let snapshot = crate::metrics::Snapshot { status: &status, pending_changes, endpoints, engine_enabled: shared.settings.engine_enabled };
+    ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], crate::metrics::render(&snapshot)).into_response()
+}
+
 /// Constant-time comparison, so response timing does not reveal how much of a guess matched.
 fn same_token(a: &[u8], b: &[u8]) -> bool {
     use subtle::ConstantTimeEq;
@@ -396,7 +403,7 @@ async fn not_found() -> ApiError {
     ApiError {
         status: StatusCode::NOT_FOUND,
         field: None,
-        reason: "no such resource; see sidecar/openapi.yaml (/v1/endpoints, /healthz)".into(),
+        reason: "no such resource; see sidecar/openapi.yaml (/v1/endpoints, /healthz, /metrics)".into(),
     }
 }
 
@@ -413,6 +420,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route_layer(middleware::from_fn_with_state(Arc::clone(&shared), require_token));
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
         .merge(v1)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -502,7 +510,7 @@ mod tests {
     #[test]
     fn openapi_documents_every_route_and_field() {
         let doc = include_str!("../openapi.yaml");
-        for path in ["  /healthz:", "  /v1/endpoints:", "  /v1/endpoints/{service}:", "  /v1/endpoints/{service}/{id}:"] {
+        for path in ["  /healthz:", "  /metrics:", "  /v1/endpoints:", "  /v1/endpoints/{service}:", "  /v1/endpoints/{service}/{id}:"] {
             assert!(doc.contains(path), "openapi.yaml lacks {path}");
         }
         let fields = [

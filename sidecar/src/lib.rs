@@ -16,6 +16,7 @@ pub mod engine;
 pub mod journal;
 pub mod lock;
 pub mod mapping;
+pub mod metrics;
 pub mod model;
 pub mod state;
 pub mod target;

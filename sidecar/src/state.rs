@@ -131,6 +131,9 @@ pub struct Status {
     pub invalid_records: Vec<String>,
     pub consul_reachable: bool,
     pub consul_error: Option<String>,
+    /// Failed Consul requests since the start (`upsync_sidecar_consul_errors_total`).
+    #[serde(skip)]
+    pub consul_errors: u64,
     pub engine_connected: bool,
     pub engine_error: Option<String>,
     /// Seconds since the last complete reconcile.
@@ -638,6 +641,9 @@ impl Shared {
         let mut st = self.lock();
         st.status.consul_reachable = reachable;
         st.status.consul_error = error;
+        if !reachable {
+            st.status.consul_errors += 1;
+        }
     }
 
     // ----- drains ------------------------------------------------------------------------

@@ -5,7 +5,7 @@
 //! - [`peers`]: building nginx round-robin peer lists from synced servers, swapping them per worker.
 //! - [`shm`]: the shared zone (lease + one slot per synced upstream).
 //! - [`worker`]: per-worker start/stop, the tick timer, leadership, the poller's wake-up socket.
-//! - [`show`]: the `upstream_show` content handler.
+//! - [`show`]: the `upstream_show` and `upsync_metrics` content handlers.
 //! - [`log`]: `tracing` events into nginx's error log.
 use core::ffi::{c_char, c_void};
 use core::ptr;
@@ -137,7 +137,7 @@ static CTX: ngx_http_module_t = ngx_http_module_t {
 
 const UPS: ngx_uint_t = NGX_HTTP_UPS_CONF as ngx_uint_t;
 
-static mut COMMANDS: [ngx_command_t; 11] = [
+static mut COMMANDS: [ngx_command_t; 12] = [
     command(ngx_string!("upsync"), UPS | NGX_CONF_1MORE as ngx_uint_t, set_upsync, NGX_HTTP_SRV_CONF_OFFSET),
     command(ngx_string!("upsync_dump_path"), UPS | NGX_CONF_TAKE1 as ngx_uint_t, set_dump_path, NGX_HTTP_SRV_CONF_OFFSET),
     command(ngx_string!("upsync_lb"), UPS | NGX_CONF_TAKE1 as ngx_uint_t, set_lb, NGX_HTTP_SRV_CONF_OFFSET),
@@ -153,6 +153,7 @@ static mut COMMANDS: [ngx_command_t; 11] = [
         NGX_HTTP_MAIN_CONF_OFFSET,
     ),
     command(ngx_string!("upstream_show"), (NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS) as ngx_uint_t, set_show, 0),
+    command(ngx_string!("upsync_metrics"), (NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS) as ngx_uint_t, set_metrics, 0),
     ngx_command_t::empty(),
 ];
 
@@ -416,6 +417,18 @@ extern "C" fn set_show(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, _conf: *mu
             let ctx = (*cf).ctx as *mut ngx_http_conf_ctx_t;
             let clcf = *(*ctx).loc_conf.add(ngx_http_core_module.ctx_index) as *mut ngx_http_core_loc_conf_t;
             (*clcf).handler = Some(show::handler);
+        }
+        NGX_CONF_OK
+    })
+}
+
+extern "C" fn set_metrics(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, _conf: *mut c_void) -> *mut c_char {
+    guard("\"upsync_metrics\" directive", NGX_CONF_ERROR, || {
+        // SAFETY: in a location block, the core module's loc conf is an ngx_http_core_loc_conf_t.
+        unsafe {
+            let ctx = (*cf).ctx as *mut ngx_http_conf_ctx_t;
+            let clcf = *(*ctx).loc_conf.add(ngx_http_core_module.ctx_index) as *mut ngx_http_core_loc_conf_t;
+            (*clcf).handler = Some(show::metrics_handler);
         }
         NGX_CONF_OK
     })

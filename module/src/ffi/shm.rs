@@ -468,11 +468,14 @@ pub unsafe fn install(pool: *mut ngx_slab_pool_t, slot: *mut Slot, servers: &[u8
     Ok(())
 }
 
-/// Replaces a slot's metadata (never allocates: the zone may be full).
+/// Replaces a slot's metadata (never allocates: the zone may be full). The error it records,
+/// if new, is first counted in `meta.errors` ([`SlotMeta::count_error`]), so the caller's copy
+/// and the slot keep the same counters.
 ///
 /// # Safety
 /// Main thread; `pool` and `slot` from the zone.
-pub unsafe fn write_meta(pool: *mut ngx_slab_pool_t, slot: *mut Slot, meta: &SlotMeta) {
+pub unsafe fn write_meta(pool: *mut ngx_slab_pool_t, slot: *mut Slot, meta: &mut SlotMeta) {
+    meta.count_error();
     let meta = meta.encode_bounded(META_CAP);
     // SAFETY: contract.
     unsafe {

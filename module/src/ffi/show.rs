@@ -1,20 +1,26 @@
-//! The `upstream_show` content handler.
+//! The `upstream_show` and `upsync_metrics` content handlers.
 use core::ptr;
 
 use ngx::ffi::*;
 use ngx::http::Request;
 
-use super::{cycle_upstreams, peers, shm, srv_conf_of};
-use crate::show::{self, ServerJson, ServerView, SyncView, UpstreamView};
+use super::{cycle_main_conf, cycle_upstreams, peers, shm, srv_conf_of};
+use crate::show::{self, Format, ServerJson, ServerView, SyncView, UpstreamView};
 
 pub unsafe extern "C" fn handler(r: *mut ngx_http_request_t) -> ngx_int_t {
     // SAFETY: nginx calls content handlers with a valid request on the main thread.
-    super::guard("upstream_show", NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t, || unsafe { handle(r) })
+    super::guard("upstream_show", NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t, || unsafe { handle(r, None) })
+}
+
+/// `upsync_metrics`: `upstream_show` that always answers with the Prometheus metrics.
+pub unsafe extern "C" fn metrics_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
+    // SAFETY: nginx calls content handlers with a valid request on the main thread.
+    super::guard("upsync_metrics", NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t, || unsafe { handle(r, Some(Format::Prometheus)) })
 }
 
 /// # Safety
 /// A valid request on the main thread.
-unsafe fn handle(r: *mut ngx_http_request_t) -> ngx_int_t {
+unsafe fn handle(r: *mut ngx_http_request_t, forced: Option<Format>) -> ngx_int_t {
     // SAFETY: nginx calls content handlers with a valid request on the main thread.
     unsafe {
         if (*r).method & (NGX_HTTP_GET | NGX_HTTP_HEAD) as ngx_uint_t == 0 {
@@ -30,30 +36,55 @@ unsafe fn handle(r: *mut ngx_http_request_t) -> ngx_int_t {
             .headers_in_iterator()
             .find(|(k, _)| k.as_bytes().eq_ignore_ascii_case(b"accept"))
             .map(|(_, v)| v.to_string_lossy().into_owned());
-        let want = show::parse_request(&args, accept.as_deref());
+        let mut want = show::parse_request(&args, accept.as_deref());
+        if let Some(f) = forced {
+            want.format = f;
+        }
         let views = collect();
-        let (status, body, json) = if want.json {
-            match show::render_json(&views, want.upstream.as_deref(), std::process::id()) {
-                Ok(b) => (200, b, true),
-                Err(b) => (404, b, true),
-            }
-        } else {
-            (200, show::render_text(&views, want.upstream.as_deref()), false)
+        let selected = want.upstream.as_deref();
+        let pid = std::process::id();
+        let (status, body, format) = match want.format {
+            Format::Text => (200, show::render_text(&views, selected), Format::Text),
+            Format::Json => match show::render_json(&views, selected, pid) {
+                Ok(b) => (200, b, Format::Json),
+                Err(b) => (404, b, Format::Json),
+            },
+            Format::Html => match show::render_json(&views, selected, pid) {
+                Ok(b) => (200, show::render_html(&b), Format::Html),
+                Err(b) => (404, b, Format::Json),
+            },
+            Format::Prometheus => match show::render_prometheus(&views, selected, leader_pid(), crate::model::unix_ms()) {
+                Ok(b) => (200, b, Format::Prometheus),
+                Err(b) => (404, b, Format::Text),
+            },
         };
-        send(r, status, json, body.into_bytes())
+        send(r, status, format.content_type(), body.into_bytes())
+    }
+}
+
+/// The PID holding the leader lease (0: none, or no synced upstream).
+fn leader_pid() -> i64 {
+    // SAFETY: content handlers run on the main thread; the header, when set, is the running
+    // cycle's zone header.
+    unsafe {
+        match cycle_main_conf() {
+            Some(main) if !main.header.is_null() => shm::leader_pid(main),
+            _ => 0,
+        }
     }
 }
 
 /// # Safety
 /// Valid request on the main thread.
-unsafe fn send(r: *mut ngx_http_request_t, status: ngx_uint_t, json: bool, body: Vec<u8>) -> ngx_int_t {
+unsafe fn send(r: *mut ngx_http_request_t, status: ngx_uint_t, content_type: &'static str, body: Vec<u8>) -> ngx_int_t {
     // SAFETY: contract; the body is copied into a buffer from the request's pool, the content
     // type points to static bytes.
     unsafe {
-        let ct: &'static [u8] = if json { b"application/json" } else { b"text/plain" };
+        let ct = content_type.as_bytes();
         (*r).headers_out.status = status;
         (*r).headers_out.content_type = ngx_str_t { len: ct.len(), data: ct.as_ptr() as *mut u8 };
-        (*r).headers_out.content_type_len = ct.len();
+        // The length of the media type alone (nginx's charset handling looks at it).
+        (*r).headers_out.content_type_len = ct.iter().position(|&b| b == b';').unwrap_or(ct.len());
         (*r).headers_out.content_length_n = body.len() as off_t;
         if (*r).method == NGX_HTTP_HEAD as ngx_uint_t || body.is_empty() {
             (*r).set_header_only(((*r).method == NGX_HTTP_HEAD as ngx_uint_t) as u32);
@@ -107,6 +138,7 @@ fn collect() -> Vec<UpstreamView> {
             let pool = srv.shpool.map(|p| p.as_ptr()).unwrap_or(ptr::null_mut());
             let sync = srv.slot.map(|slot| {
                 let (version, meta) = shm::read_meta(pool, slot.as_ptr());
+                let errors = meta.error_counts().map(|(k, n)| (k.name(), n)).collect();
                 SyncView {
                     source: srv.source.clone(),
                     origin: meta.origin,
@@ -119,6 +151,7 @@ fn collect() -> Vec<UpstreamView> {
                     leader_pid: meta.leader_pid,
                     watch: meta.watch,
                     watch_restarts: meta.watch_restarts,
+                    errors,
                 }
             });
             views.push(UpstreamView { name, servers, sync });
