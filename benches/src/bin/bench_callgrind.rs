@@ -115,7 +115,7 @@ http {{
         loop {
             if let Ok(text) = std::fs::read_to_string(&file) {
                 if let Some(n) = text.lines().find_map(|l| l.strip_prefix("summary:").or_else(|| l.strip_prefix("totals:"))) {
-                    return Ok(n.trim().split_whitespace().next().unwrap_or("0").parse()?);
+                    return Ok(n.split_whitespace().next().unwrap_or("0").parse()?);
                 }
             }
             anyhow::ensure!(start.elapsed() < Duration::from_secs(30), "no callgrind dump {}", file.display());
