@@ -40,8 +40,8 @@ unsafe fn handle(r: *mut ngx_http_request_t, forced: Option<Format>) -> ngx_int_
         if let Some(f) = forced {
             want.format = f;
         }
-        let views = collect();
         let selected = want.upstream.as_deref();
+        let views = collect(selected);
         let pid = std::process::id();
         let (status, body, format) = match want.format {
             Format::Text => (200, show::render_text(&views, selected), Format::Text),
@@ -110,12 +110,17 @@ unsafe fn send(r: *mut ngx_http_request_t, status: ngx_uint_t, content_type: &'s
     }
 }
 
-/// Every upstream of the running configuration, as this worker balances it.
-fn collect() -> Vec<UpstreamView> {
+/// Every upstream of the running configuration (or only the one named `only`), as this worker
+/// balances it. With `only`, the others are skipped by name before any view is built: one
+/// upstream's view costs the same with 10 upstreams or 10,000.
+fn collect(only: Option<&str>) -> Vec<UpstreamView> {
     let mut views = Vec::new();
     // SAFETY: main thread; the cycle's upstream confs and their peer lists are valid.
     unsafe {
         for &us in cycle_upstreams() {
+            if only.is_some_and(|n| n.as_bytes() != (*us).host.as_bytes()) {
+                continue;
+            }
             let name = String::from_utf8_lossy((*us).host.as_bytes()).into_owned();
             let synced = srv_conf_of(us).filter(|s| s.sync.upsync.is_some() && s.slot.is_some());
             let Some(srv) = synced else {
