@@ -8,6 +8,7 @@
 //! next backend in one transaction (delete the old key, set the new one).
 //!
 //! Phase 1, Consul 1.8.7 dev agent with its default limits:
+//! - what one read of the whole folder (`/v1/kv/upstreams?recurse`) costs Consul: size and CPU;
 //! - Consul CPU for the churn alone (no watcher): UPSYNC_BENCH_MANY_WINDOW seconds (30) with one
 //!   change every UPSYNC_BENCH_MANY_CHURN_MS (100 ms) to a random upstream;
 //! - nginx + module (`upsync_consul_connections` UPSYNC_BENCH_MANY_CONNECTIONS, default 4,
@@ -64,6 +65,8 @@ const DOWN: &str = "{\"down\":1}";
 const BACKENDS: usize = 4;
 /// nginx-upsync-module sends no `wait`: Consul's default, 5 minutes.
 const PEER_WAIT: Duration = Duration::from_secs(300);
+/// Reads of the whole folder to measure what one costs Consul.
+const FOLDER_READS: usize = 5;
 
 fn env(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -489,6 +492,9 @@ struct Report {
     consul_connections: usize,
     shm_mb: u64,
     load_s: f64,
+    /// `GET /v1/kv/upstreams?recurse`: size of the answer and Consul CPU per read (ms).
+    folder_bytes: usize,
+    folder_cpu_ms: f64,
     baseline: Window,
     sync_s: f64,
     listening_s: f64,
@@ -603,6 +609,16 @@ fn main() -> anyhow::Result<()> {
     eprintln!("loading {} keys ({n} upstreams x {per})", n * per);
     report.load_s = data.load(&consul)?;
     eprintln!("  {:.1} s", report.load_s);
+    // What one answer of a query on the whole folder costs Consul.
+    let c0 = cpu_s(&[consul.pid()]);
+    for _ in 0..FOLDER_READS {
+        let r = ureq::AgentBuilder::new().timeout(Duration::from_secs(60)).build().get(&consul.url("/v1/kv/upstreams?recurse")).call()?;
+        let mut body = Vec::new();
+        r.into_reader().read_to_end(&mut body)?;
+        report.folder_bytes = body.len();
+    }
+    report.folder_cpu_ms = (cpu_s(&[consul.pid()]) - c0) * 1000.0 / FOLDER_READS as f64;
+    eprintln!("  one read of the whole folder: {} bytes, {:.0} ms of Consul CPU", report.folder_bytes, report.folder_cpu_ms);
     eprintln!("Consul CPU with the churn alone ({} s)", window.as_secs());
     report.baseline = churn_window(&consul, &mut data, &mut rng, window, Some(every), &Vec::new)?;
     eprintln!("  {:?}", report.baseline);
@@ -850,6 +866,11 @@ fn print_report(r: &Report, window: Duration, every: Duration) {
         r.keys,
         r.load_s,
         r.servers_per_upstream - 1
+    );
+    println!(
+        "- One read of the whole folder (`GET /v1/kv/upstreams?recurse`, what the module's single query gets on every change): {:.1} MB, {:.0} ms of Consul CPU.",
+        r.folder_bytes as f64 / 1e6,
+        r.folder_cpu_ms
     );
     println!(
         "- Start: nginx listened after {:.1} s; every upstream listed its Consul servers {:.1} s after nginx was started (`upstream_show` polled every second). Consul used {:.1} s of CPU meanwhile, nginx {:.1} s.",
