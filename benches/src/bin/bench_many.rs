@@ -868,7 +868,7 @@ fn print_report(r: &Report, window: Duration, every: Duration) {
         r.servers_per_upstream - 1
     );
     println!(
-        "- One read of the whole folder (`GET /v1/kv/upstreams?recurse`, what the module's single query gets on every change): {:.1} MB, {:.0} ms of Consul CPU.",
+        "- One read of the whole folder (`GET /v1/kv/upstreams?recurse`, what the module's folder query gets back on every change): {:.1} MB, {:.0} ms of Consul CPU.",
         r.folder_bytes as f64 / 1e6,
         r.folder_cpu_ms
     );
