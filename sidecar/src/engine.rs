@@ -278,14 +278,16 @@ impl Session {
         let action = action.split(':').next().unwrap_or("").trim();
         let name = actor.attributes.as_ref().and_then(|a| a.get("name")).map(String::as_str).unwrap_or("");
         tracing::debug!(container = %id, name, action, "engine event");
-        let relevant = matches!(action, "start" | "restart" | "unpause" | "pause" | "die" | "stop" | "destroy" | "remove" | "kill");
+        // `health_status` (Docker, and podman when its health checks run): re-read the status.
+        let relevant =
+            matches!(action, "start" | "restart" | "unpause" | "pause" | "health_status" | "die" | "stop" | "destroy" | "remove" | "kill");
         if !relevant {
             return;
         }
         self.seq += 1;
         self.last_event.insert(id.clone(), self.seq);
         match action {
-            "start" | "restart" | "unpause" | "pause" => self.start_inspect(id),
+            "start" | "restart" | "unpause" | "pause" | "health_status" => self.start_inspect(id),
             "kill" => {
                 // Docker names the signal; podman does not (its stops are seen by polling).
                 if let Some(sig) = actor.attributes.as_ref().and_then(|a| a.get("signal")) {
