@@ -179,8 +179,7 @@ upsync whole-stack demo is running (files in $dir)
   upsync-dns  127.0.0.1:$udns_port (UDP+TCP), metrics http://127.0.0.1:$udns_metrics/metrics
   Consul UI   http://$consul/ui/
 
-Try (in another shell):
-$( [ "$engine" = podman ] && echo "  export CONTAINERS_CONF=$CONTAINERS_CONF CONTAINERS_STORAGE_CONF=$CONTAINERS_STORAGE_CONF" )
+Try (in another shell):$( [ "$engine" = podman ] && printf '\n  export CONTAINERS_CONF=%s CONTAINERS_STORAGE_CONF=%s' "$CONTAINERS_CONF" "$CONTAINERS_STORAGE_CONF" )
   $engine run -d --name $(cname web-9) --network host --label upsync-demo=$tag --label SERVICE_18099_NAME=web $image httpd -f -p 127.0.0.1:18099 -h /
   $engine stop $(cname web-9)                                   # drained, then deregistered
   curl -s http://127.0.0.1:$nginx_port/upstream_show
