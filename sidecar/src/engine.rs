@@ -378,6 +378,9 @@ impl Session {
 /// Waits until `addr` accepts a TCP connection, for at most `timeout`.
 async fn probe(addr: SocketAddr, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
+    // Retries 1, 2, 4... then every 20 ms: a port that opens a moment after the engine's
+    // `start` event (Docker sends it as the process starts) is seen within a millisecond or two.
+    let mut pause = Duration::from_millis(1);
     loop {
         let attempt = tokio::time::timeout(Duration::from_millis(500), tokio::net::TcpStream::connect(addr)).await;
         if matches!(attempt, Ok(Ok(_))) {
@@ -386,7 +389,8 @@ async fn probe(addr: SocketAddr, timeout: Duration) -> bool {
         if Instant::now() >= deadline {
             return false;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(20));
     }
 }
 
