@@ -147,6 +147,9 @@ async fn session(shared: &Arc<Shared>) -> Result<(), String> {
 
     let mut filters = HashMap::new();
     filters.insert("type".to_string(), vec!["container".to_string()]);
+    if let Some(l) = &s.container_label {
+        filters.insert("label".to_string(), vec![l.clone()]);
+    }
     let mut events = sess.docker.events(Some(EventsOptions { since: Some(since.to_string()), until: None, filters: Some(filters) }));
     let poll = s.poll;
     let mut poll_tick = tokio::time::interval(if poll.is_zero() { Duration::from_secs(3600) } else { poll });
@@ -178,9 +181,10 @@ impl Session {
         }
         self.listing = true;
         let (docker, limit, seq) = (self.docker.clone(), Arc::clone(&self.limit), self.seq);
+        let label = self.shared.settings.container_label.clone();
         self.work.push(Box::pin(async move {
             let _permit = limit.acquire_owned().await;
-            Done::Listed { seq, full, running: running_ids(&docker).await }
+            Done::Listed { seq, full, running: running_ids(&docker, label.as_deref()).await }
         }));
     }
 
@@ -307,6 +311,12 @@ impl Session {
             Found::Unreadable => return,
             Found::Info(info) => *info,
         };
+        if let Some(l) = &self.shared.settings.container_label {
+            let (key, value) = l.split_once('=').map_or((l.as_str(), None), |(k, v)| (k, Some(v)));
+            if !info.labels.get(key).is_some_and(|v| value.is_none_or(|want| v == want)) {
+                return; // not one of ours (`--container-label`)
+            }
+        }
         match info.state {
             RunState::Running | RunState::Paused => {
                 let s = &self.shared.settings;
@@ -395,8 +405,9 @@ async fn probe(addr: SocketAddr, timeout: Duration) -> bool {
 }
 
 /// The ids of the running containers.
-async fn running_ids(docker: &Docker) -> Result<HashSet<String>, String> {
-    match docker.list_containers(Some(ListContainersOptions { all: false, ..Default::default() })).await {
+async fn running_ids(docker: &Docker, label: Option<&str>) -> Result<HashSet<String>, String> {
+    let filters = label.map(|l| HashMap::from([("label".to_string(), vec![l.to_string()])]));
+    match docker.list_containers(Some(ListContainersOptions { all: false, filters, ..Default::default() })).await {
         Ok(list) => {
             Ok(list.into_iter().filter(|c| c.state.is_none_or(|s| s == ContainerSummaryStateEnum::RUNNING)).filter_map(|c| c.id).collect())
         }

@@ -160,7 +160,14 @@ impl Docker {
             args.extend(["--stop-timeout".into(), t.to_string()]);
         }
         if let Some(cmd) = &c.health_cmd {
-            args.extend(["--health-cmd".into(), cmd.clone(), "--health-interval".into(), "1s".into(), "--health-retries".into(), "1".into()]);
+            args.extend([
+                "--health-cmd".into(),
+                cmd.clone(),
+                "--health-interval".into(),
+                "1s".into(),
+                "--health-retries".into(),
+                "1".into(),
+            ]);
         }
         args.push(self.image.clone());
         args.extend(["sh".into(), "-c".into(), c.script(&port)]);

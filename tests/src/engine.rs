@@ -11,6 +11,7 @@ use std::process::{Command, Stdio};
 
 use crate::docker::Docker;
 use crate::podman::{Httpd, Podman};
+use crate::sidecar::SidecarOpts;
 
 /// Which engine a test body runs against.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,6 +38,19 @@ pub trait Engine {
     /// Cuts the API service (containers keep running) / restores it.
     fn stop_service(&mut self);
     fn start_service(&mut self);
+
+    /// The sidecar's options for this engine: its socket and, for Docker (shared by every test
+    /// on the machine), `--container-label` so that it sees only this test's containers.
+    fn sidecar_opts(&self, node_id: &str) -> SidecarOpts {
+        let mut opts = SidecarOpts::new(node_id, &self.socket());
+        opts.extra_args.extend(self.sidecar_args());
+        opts
+    }
+
+    /// The sidecar's arguments that keep it to this instance's containers.
+    fn sidecar_args(&self) -> Vec<String> {
+        Vec::new()
+    }
 
     /// Runs the command line tool and panics with its stderr if it fails.
     fn cli(&self, args: &[&str]) -> String {
@@ -81,6 +95,9 @@ impl Engine for Docker {
     }
     fn stop_service(&mut self) {
         Docker::stop_service(self)
+    }
+    fn sidecar_args(&self) -> Vec<String> {
+        vec!["--container-label".into(), format!("upsync-test={}", self.uniq)]
     }
     fn start_service(&mut self) {
         Docker::start_service(self)

@@ -9,7 +9,7 @@ use upsync_tests::consul::Consul;
 use upsync_tests::engine::{self, Engine, Kind};
 use upsync_tests::net::{free_port, http_get};
 use upsync_tests::podman::{Httpd, Net};
-use upsync_tests::sidecar::{eventually, ConsulView, Sidecar, SidecarOpts};
+use upsync_tests::sidecar::{eventually, ConsulView, Sidecar};
 use upsync_tests::TestDir;
 
 upsync_tests::on_both_engines! {
@@ -27,7 +27,7 @@ fn start_registers(kind: Kind) {
     let dir = test_dir("sidecar_start_registers", kind);
     let consul = Consul::start(dir.path());
     let eng = engine::start(kind, dir.path(), false);
-    let sidecar = Sidecar::start(dir.path(), &consul.http_addr(), SidecarOpts::new("node-a", &eng.socket()));
+    let sidecar = Sidecar::start(dir.path(), &consul.http_addr(), eng.sidecar_opts("node-a"));
     let view = ConsulView(&consul);
 
     // Published port (podman: slirp4netns; Docker: the test's own bridge network), metadata from labels and env (labels win).
@@ -43,7 +43,9 @@ fn start_registers(kind: Kind) {
     // Host network: the port comes from its SERVICE_<port>_NAME label.
     let port = free_port();
     let host = Httpd::new(&eng.unique("web-host"), Net::Host { port }).label(&format!("SERVICE_{port}_NAME"), "web");
-    let ignored = Httpd::new(&eng.unique("web-ignored"), Net::Host { port: free_port() }).label("SERVICE_NAME", "web").label("SERVICE_IGNORE", "true");
+    let ignored = Httpd::new(&eng.unique("web-ignored"), Net::Host { port: free_port() })
+        .label("SERVICE_NAME", "web")
+        .label("SERVICE_IGNORE", "true");
     for c in [&published, &host, &ignored] {
         eng.run_httpd(c);
     }
@@ -77,7 +79,9 @@ fn start_registers(kind: Kind) {
     assert_eq!(svc["Weights"]["Passing"], 3);
 
     // The HTTP check from SERVICE_CHECK_HTTP probes the container and passes.
-    eventually("the HTTP check passing", || view.checks().get(&format!("service:node-a:{}:80", published.name)).is_some_and(|c| c["Status"] == "passing"));
+    eventually("the HTTP check passing", || {
+        view.checks().get(&format!("service:node-a:{}:80", published.name)).is_some_and(|c| c["Status"] == "passing")
+    });
 
     // The ignored container is nowhere, and the API lists exactly the two others.
     assert!(!services.keys().any(|k| k.contains(&ignored.name)), "{services:?}");
@@ -95,7 +99,7 @@ fn stop_drains(kind: Kind) {
     let dir = test_dir("sidecar_stop_drains", kind);
     let consul = Consul::start(dir.path());
     let eng = engine::start(kind, dir.path(), false);
-    let _sidecar = Sidecar::start(dir.path(), &consul.http_addr(), SidecarOpts::new("node-a", &eng.socket()).arg("--drain").arg("30s"));
+    let _sidecar = Sidecar::start(dir.path(), &consul.http_addr(), eng.sidecar_opts("node-a").arg("--drain").arg("30s"));
     let view = ConsulView(&consul);
     let port = free_port();
     // httpd is PID 1 and ignores SIGTERM: `stop` waits the stop timeout, then SIGKILLs.
@@ -129,7 +133,7 @@ fn kill_deregisters(kind: Kind) {
     let dir = test_dir("sidecar_kill_9", kind);
     let consul = Consul::start(dir.path());
     let eng = engine::start(kind, dir.path(), false);
-    let _sidecar = Sidecar::start(dir.path(), &consul.http_addr(), SidecarOpts::new("node-a", &eng.socket()));
+    let _sidecar = Sidecar::start(dir.path(), &consul.http_addr(), eng.sidecar_opts("node-a"));
     let view = ConsulView(&consul);
     let name = eng.unique("web-1");
     let c = Httpd::new(&name, Net::Publish { host_port: free_port() }).label("SERVICE_NAME", "web");
@@ -149,7 +153,7 @@ fn readiness(kind: Kind) {
     let dir = test_dir("sidecar_readiness", kind);
     let consul = Consul::start(dir.path());
     let eng = engine::start(kind, dir.path(), false);
-    let _sidecar = Sidecar::start(dir.path(), &consul.http_addr(), SidecarOpts::new("node-a", &eng.socket()));
+    let _sidecar = Sidecar::start(dir.path(), &consul.http_addr(), eng.sidecar_opts("node-a"));
     let view = ConsulView(&consul);
     let port = free_port();
     let name = eng.unique("slow");
@@ -174,7 +178,7 @@ fn docker_health_status_is_the_consul_check() {
     let dir = TestDir::new("sidecar_docker_health");
     let consul = Consul::start(dir.path());
     let eng = engine::start(Kind::Docker, dir.path(), false);
-    let _sidecar = Sidecar::start(dir.path(), &consul.http_addr(), SidecarOpts::new("node-a", &eng.socket()));
+    let _sidecar = Sidecar::start(dir.path(), &consul.http_addr(), eng.sidecar_opts("node-a"));
     let view = ConsulView(&consul);
     let port = free_port();
     let name = eng.unique("web-h");

@@ -11,7 +11,7 @@ use upsync_tests::consul::Consul;
 use upsync_tests::engine::{self, Engine, Kind};
 use upsync_tests::net::{free_port, http_get};
 use upsync_tests::podman::{Httpd, Net};
-use upsync_tests::sidecar::{eventually, ConsulView, Sidecar, SidecarOpts};
+use upsync_tests::sidecar::{eventually, ConsulView, Sidecar};
 use upsync_tests::TestDir;
 
 upsync_tests::on_both_engines! {
@@ -37,7 +37,7 @@ fn consul_outage(kind: Kind) {
     let dir = TestDir::new(&engine::dir_name("sidecar_consul_outage", kind));
     let mut consul = Consul::start(dir.path());
     let eng = engine::start(kind, dir.path(), false);
-    let sidecar = Sidecar::start(dir.path(), &consul.http_addr(), SidecarOpts::new("node-a", &eng.socket()));
+    let sidecar = Sidecar::start(dir.path(), &consul.http_addr(), eng.sidecar_opts("node-a"));
     let (c1, k1) = web(&*eng, "c1");
     let (c2, k2) = web(&*eng, "c2");
     eng.run_httpd(&c1);
@@ -90,7 +90,7 @@ fn crash_reconcile(kind: Kind) {
     let consul = Consul::start(dir.path());
     let eng = engine::start(kind, dir.path(), false);
     let view = ConsulView(&consul);
-    let mut sidecar = Sidecar::start(dir.path(), &consul.http_addr(), SidecarOpts::new("node-a", &eng.socket()));
+    let mut sidecar = Sidecar::start(dir.path(), &consul.http_addr(), eng.sidecar_opts("node-a"));
     let (c1, k1) = web(&*eng, "c1");
     let (c2, k2) = web(&*eng, "c2");
     let (c3, k3) = web(&*eng, "c3");
@@ -122,7 +122,7 @@ fn engine_restart(kind: Kind) {
     let consul = Consul::start(dir.path());
     let mut eng = engine::start(kind, dir.path(), true);
     let view = ConsulView(&consul);
-    let sidecar = Sidecar::start(dir.path(), &consul.http_addr(), SidecarOpts::new("node-a", &eng.socket()));
+    let sidecar = Sidecar::start(dir.path(), &consul.http_addr(), eng.sidecar_opts("node-a"));
     let (c1, k1) = web(&*eng, "c1");
     let (c2, k2) = web(&*eng, "c2");
     let (c3, k3) = web(&*eng, "c3");

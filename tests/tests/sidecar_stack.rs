@@ -13,12 +13,12 @@ use std::time::Duration;
 
 use upsync_tests::consul::Consul;
 use upsync_tests::dns::{wait_dig, Dig, DnsOptions, DnsServer};
+use upsync_tests::engine::{self, Engine, Kind};
 use upsync_tests::load::{wrk, WrkReport};
 use upsync_tests::net::{free_port, http_get};
 use upsync_tests::nginx::{Nginx, NginxConf};
-use upsync_tests::engine::{self, Engine, Kind};
 use upsync_tests::podman::{Httpd, Net};
-use upsync_tests::sidecar::{eventually, Sidecar, SidecarOpts};
+use upsync_tests::sidecar::{eventually, Sidecar};
 use upsync_tests::upsync::wait_servers;
 use upsync_tests::TestDir;
 
@@ -58,7 +58,7 @@ fn scaling(kind: Kind) {
     let dir = TestDir::new(&engine::dir_name("sidecar_stack", kind));
     let consul = Consul::start(dir.path());
     let eng = engine::start(kind, dir.path(), false);
-    let _sidecar = Sidecar::start(dir.path(), &consul.http_addr(), SidecarOpts::new("node-a", &eng.socket()));
+    let _sidecar = Sidecar::start(dir.path(), &consul.http_addr(), eng.sidecar_opts("node-a"));
     // No retries on another server (`proxy_next_upstream off`): a request nginx sends to a
     // container that is gone fails. Only the drain can keep the count at zero.
     let nginx = Nginx::start(dir.path(), NginxConf::new(&nginx_block(&consul.http_addr())));

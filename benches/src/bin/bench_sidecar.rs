@@ -18,8 +18,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde_json::Value;
 use upsync_benches::percentile;
 use upsync_tests::consul::Consul;
-use upsync_tests::net::free_port;
 use upsync_tests::engine::{self, Engine, Kind};
+use upsync_tests::net::free_port;
 use upsync_tests::podman::{Httpd, Net};
 use upsync_tests::sidecar::{eventually, Sidecar, SidecarOpts};
 use upsync_tests::TestDir;
@@ -115,6 +115,7 @@ fn run(kind: Kind, n: usize) {
     // Default settings (poll 1s, resync 30s), as an operator would run it.
     let mut opts = SidecarOpts::new("bench", &eng.socket());
     opts.extra_args.clear();
+    opts.extra_args.extend(eng.sidecar_args()); // Docker: only this run's containers
     let sidecar = Sidecar::start(dir.path(), &consul.http_addr(), opts);
     // /healthz answers (degraded) before the first listing of the engine is done: measure from
     // a sidecar that follows the engine, not one still connecting.
