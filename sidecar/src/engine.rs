@@ -245,7 +245,9 @@ impl Session {
                 if self.last_event.get(&container).copied().unwrap_or(0) != seq {
                     return Ok(()); // the container started again or stopped meanwhile
                 }
-                if !ready {
+                if ready {
+                    tracing::debug!(container = %container, endpoint = %endpoint, "{addr} accepts connections");
+                } else {
                     tracing::warn!(
                         container = %container, endpoint = %endpoint,
                         "{addr} did not accept connections within {:?}; registering it anyway",

@@ -78,10 +78,8 @@ impl Httpd {
     /// The container's command: wait `start_delay`, write its name as the page, run httpd on
     /// `listen` (`PORT` or `IP:PORT`).
     pub fn script(&self, listen: &str) -> String {
-        format!(
-            "sleep {} && mkdir -p /tmp/www && echo {} > /tmp/www/index.html && exec httpd -f -p {listen} -h /tmp/www",
-            self.start_delay, self.name
-        )
+        let sleep = if self.start_delay > 0 { format!("sleep {} && ", self.start_delay) } else { String::new() };
+        format!("{sleep}mkdir -p /tmp/www && echo {} > /tmp/www/index.html && exec httpd -f -p {listen} -h /tmp/www", self.name)
     }
 
     pub fn stop_timeout(mut self, secs: u32) -> Httpd {

@@ -6,7 +6,7 @@
 //! status is the Consul check's.
 use serde_json::json;
 use upsync_tests::consul::Consul;
-use upsync_tests::engine::{self, Engine, Kind};
+use upsync_tests::engine::{self, Kind};
 use upsync_tests::net::{free_port, http_get};
 use upsync_tests::podman::{Httpd, Net};
 use upsync_tests::sidecar::{eventually, ConsulView, Sidecar};

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use upsync_tests::consul::Consul;
 use upsync_tests::dns::{wait_dig, Dig, DnsOptions, DnsServer};
-use upsync_tests::engine::{self, Engine, Kind};
+use upsync_tests::engine::{self, Kind};
 use upsync_tests::load::{wrk, WrkReport};
 use upsync_tests::net::{free_port, http_get};
 use upsync_tests::nginx::{Nginx, NginxConf};
