@@ -572,6 +572,8 @@ mod tests {
             (&["--advertise-ip", "192.0.2.1", "--resync", "1ms"], "--resync"),
             (&["--advertise-ip", "192.0.2.1", "--listen", "0.0.0.0:8515"], "--insecure-no-token"),
             (&["--advertise-ip", "192.0.2.1", "--allow-address", "10.0.0.0/33"], "--allow-address"),
+            (&["--advertise-ip", "192.0.2.1", "--container-label", "=x"], "--container-label"),
+            (&["--advertise-ip", "192.0.2.1", "--container-label", "a b"], "--container-label"),
         ];
         for (a, needle) in cases {
             let err = Settings::merge(args(a), FileConfig::default(), None).expect_err("must fail");
@@ -585,6 +587,10 @@ mod tests {
         )
         .expect("allowed explicitly");
         assert_eq!(ok.allow_addresses, vec!["127.0.0.1/32".parse::<ipnet::IpNet>().unwrap()]);
+        assert_eq!(ok.container_label, None);
+        let file: FileConfig = toml::from_str("[engine]\ncontainer_label = \"team=web\"\n").expect("valid file");
+        let s = Settings::merge(args(&["--advertise-ip", "192.0.2.1"]), file, None).expect("valid");
+        assert_eq!(s.container_label.as_deref(), Some("team=web"));
     }
 
     #[test]

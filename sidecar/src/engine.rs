@@ -315,7 +315,8 @@ impl Session {
         };
         if let Some(l) = &self.shared.settings.container_label {
             let (key, value) = l.split_once('=').map_or((l.as_str(), None), |(k, v)| (k, Some(v)));
-            if !info.labels.get(key).is_some_and(|v| value.is_none_or(|want| v == want)) {
+            let ours = info.labels.get(key).is_some_and(|v| value.is_none_or(|want| v == want));
+            if !ours {
                 return; // not one of ours (`--container-label`)
             }
         }
