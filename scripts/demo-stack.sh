@@ -79,12 +79,15 @@ say "building the busybox httpd image (offline, from /bin/busybox)"
 mkdir -p "$dir/image/rootfs/bin" "$dir/image/rootfs/tmp"
 cp /bin/busybox "$dir/image/rootfs/bin/"
 for a in $(/bin/busybox --list); do [ "$a" = busybox ] || ln -s busybox "$dir/image/rootfs/bin/$a"; done
+only=()
 if [ "$engine" = docker ]; then
     # No registry: the image is a tar of the directory, imported.
     docker version --format '{{.Server.Version}}' >/dev/null || { echo "demo: the Docker Engine does not answer; start dockerd, or DEMO_ENGINE=podman" >&2; exit 1; }
     tar -C "$dir/image/rootfs" -cf "$dir/image/rootfs.tar" .
     docker import --change 'ENV PATH=/bin' --change 'CMD ["/bin/sh"]' "$dir/image/rootfs.tar" "$image" >/dev/null
     socket=/var/run/docker.sock
+    # The machine's engine may run other containers: the sidecar registers only the demo's.
+    only=(--container-label "upsync-demo=$tag")
 else
     image="localhost/upsync-httpd:demo"
     printf 'FROM scratch\nCOPY rootfs/ /\nENV PATH=/bin\n' >"$dir/image/Containerfile"
@@ -109,7 +112,7 @@ for _ in $(seq 1 100); do curl -sf "http://$consul/v1/status/leader" | grep -q 1
 
 "$build/upsync-sidecar" --consul "$consul" --docker-socket "$socket" --listen "127.0.0.1:$api_port" \
     --kv-prefix upstreams --advertise-ip 127.0.0.1 --node-id demo-host --poll 250ms \
-    --state-dir "$dir/sidecar-state" --allow-address 127.0.0.0/8 >"$dir/logs/sidecar.log" 2>&1 &
+    --state-dir "$dir/sidecar-state" --allow-address 127.0.0.0/8 "${only[@]}" >"$dir/logs/sidecar.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$api_port/healthz" >/dev/null && break; sleep 0.1; done
 
