@@ -1,18 +1,23 @@
 #!/usr/bin/env bash
-# `make demo-stack`, the whole stack: a Consul dev agent, podman's Docker-compatible API service
-# with a store of its own, upsync-sidecar, nginx with the upsync module watching the sidecar's KV
+# `make demo-stack`, the whole stack: a Consul dev agent, the container engine (the machine's
+# Docker Engine; DEMO_ENGINE=podman: podman's Docker-compatible API service with a store of its
+# own), upsync-sidecar, nginx with the upsync module watching the sidecar's KV
 # prefix (nginx-conf/sidecar.conf), and upsync-dns answering for the same services. wrk drives
 # traffic through nginx while the `web` service is scaled 2 -> 6 -> 2 containers, and dig shows
 # the SRV records following; the scene ends with wrk's count of failed requests (0), then
 # everything keeps running with the commands to try printed, until Ctrl-C. Everything runs on
-# loopback ports picked now; only what the script started is stopped (by PID), and the podman
-# store is removed.
+# loopback ports picked now; only what the script started is stopped (by PID); the demo's Docker
+# containers (label upsync-demo=PID) and image are removed, or the podman store.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 build="$here/build"
 # A short path: podman's unix sockets must stay under 108 bytes.
 dir="$(mktemp -d /tmp/upsync-sc.XXXXXX)"
 pids=()
+engine="${DEMO_ENGINE:-docker}"
+case "$engine" in docker|podman) ;; *) echo "demo: DEMO_ENGINE=$engine: use docker or podman" >&2; exit 1;; esac
+tag="demo$$"
+image="upsync-httpd:$tag"
 
 say() { printf '\ndemo: %s\n' "$*"; }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
@@ -23,7 +28,13 @@ mkdir -p "$dir/tmp" "$dir/logs"
 cleanup() {
     trap - EXIT INT TERM
     echo; echo "demo: removing the demo's containers and stopping ${#pids[@]} processes: ${pids[*]}"
-    podman rm --all --force --time 0 >/dev/null 2>&1 || true
+    if [ "$engine" = docker ]; then
+        ids="$(docker ps -aq --filter "label=upsync-demo=$tag" 2>/dev/null || true)"
+        [ -z "$ids" ] || docker rm --force $ids >/dev/null 2>&1 || true
+        docker image rm --force "$image" >/dev/null 2>&1 || true
+    else
+        podman rm --all --force --time 0 >/dev/null 2>&1 || true
+    fi
     for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
     sleep 1
     for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
@@ -37,11 +48,12 @@ trap cleanup EXIT INT TERM
 for f in "$build/ngx_http_upsync_module.so" "$build/upsync-sidecar" "$build/upsync-dns" /usr/sbin/nginx /bin/busybox; do
     [ -e "$f" ] || { echo "demo: $f is missing; run 'make deps build'" >&2; exit 1; }
 done
-for t in podman wrk curl unshare dig; do
+for t in "$engine" wrk curl unshare dig tar; do
     command -v "$t" >/dev/null || { echo "demo: $t is missing; run 'make deps'" >&2; exit 1; }
 done
 consul_bin="$(command -v consul || echo /usr/local/bin/consul)"
 
+if [ "$engine" = podman ]; then
 # podman: its own configuration and store (never the system's), as in tests/src/podman.rs.
 cat >"$CONTAINERS_CONF" <<EOF
 [containers]
@@ -61,20 +73,33 @@ lock_type = "file"
 network_config_dir = "$dir/networks"
 EOF
 printf '[storage]\ndriver = "vfs"\nrunroot = "%s/run"\ngraphroot = "%s/store"\n' "$dir" "$dir" >"$CONTAINERS_STORAGE_CONF"
+fi
 
 say "building the busybox httpd image (offline, from /bin/busybox)"
 mkdir -p "$dir/image/rootfs/bin" "$dir/image/rootfs/tmp"
 cp /bin/busybox "$dir/image/rootfs/bin/"
 for a in $(/bin/busybox --list); do [ "$a" = busybox ] || ln -s busybox "$dir/image/rootfs/bin/$a"; done
-printf 'FROM scratch\nCOPY rootfs/ /\nENV PATH=/bin\n' >"$dir/image/Containerfile"
-# A tmpfs over /var/lib in a private mount namespace: podman build would otherwise write its
-# blob-info cache to /var/lib/containers/cache.
-unshare --mount --propagation private -- sh -c \
-    "mount -t tmpfs upsync-demo /var/lib && exec podman build --quiet --network none -t localhost/upsync-httpd:demo -f $dir/image/Containerfile $dir/image" >/dev/null
-
-podman system service --time=0 "unix://$dir/docker.sock" >"$dir/logs/podman-service.log" 2>&1 &
-pids+=($!)
-for _ in $(seq 1 100); do curl -sf --unix-socket "$dir/docker.sock" http://podman/_ping >/dev/null 2>&1 && break; sleep 0.1; done
+only=()
+if [ "$engine" = docker ]; then
+    # No registry: the image is a tar of the directory, imported.
+    docker version --format '{{.Server.Version}}' >/dev/null || { echo "demo: the Docker Engine does not answer; start dockerd, or DEMO_ENGINE=podman" >&2; exit 1; }
+    tar -C "$dir/image/rootfs" -cf "$dir/image/rootfs.tar" .
+    docker import --change 'ENV PATH=/bin' --change 'CMD ["/bin/sh"]' "$dir/image/rootfs.tar" "$image" >/dev/null
+    socket=/var/run/docker.sock
+    # The machine's engine may run other containers: the sidecar registers only the demo's.
+    only=(--container-label "upsync-demo=$tag")
+else
+    image="localhost/upsync-httpd:demo"
+    printf 'FROM scratch\nCOPY rootfs/ /\nENV PATH=/bin\n' >"$dir/image/Containerfile"
+    # A tmpfs over /var/lib in a private mount namespace: podman build would otherwise write its
+    # blob-info cache to /var/lib/containers/cache.
+    unshare --mount --propagation private -- sh -c \
+        "mount -t tmpfs upsync-demo /var/lib && exec podman build --quiet --network none -t $image -f $dir/image/Containerfile $dir/image" >/dev/null
+    socket="$dir/docker.sock"
+    podman system service --time=0 "unix://$socket" >"$dir/logs/podman-service.log" 2>&1 &
+    pids+=($!)
+    for _ in $(seq 1 100); do curl -sf --unix-socket "$socket" http://podman/_ping >/dev/null 2>&1 && break; sleep 0.1; done
+fi
 
 http_port=$(free_port); dns_port=$(free_port); serf_lan=$(free_port); serf_wan=$(free_port)
 server_port=$(free_port); grpc_port=$(free_port); nginx_port=$(free_port); api_port=$(free_port)
@@ -85,9 +110,9 @@ pids+=($!)
 consul="127.0.0.1:$http_port"
 for _ in $(seq 1 100); do curl -sf "http://$consul/v1/status/leader" | grep -q 127.0.0.1 && break; sleep 0.1; done
 
-"$build/upsync-sidecar" --consul "$consul" --docker-socket "$dir/docker.sock" --listen "127.0.0.1:$api_port" \
+"$build/upsync-sidecar" --consul "$consul" --docker-socket "$socket" --listen "127.0.0.1:$api_port" \
     --kv-prefix upstreams --advertise-ip 127.0.0.1 --node-id demo-host --poll 250ms \
-    --state-dir "$dir/sidecar-state" --allow-address 127.0.0.0/8 >"$dir/logs/sidecar.log" 2>&1 &
+    --state-dir "$dir/sidecar-state" --allow-address 127.0.0.0/8 "${only[@]}" >"$dir/logs/sidecar.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$api_port/healthz" >/dev/null && break; sleep 0.1; done
 
@@ -113,11 +138,14 @@ wait_servers() {
     for _ in $(seq 1 300); do [ "$(servers)" = "$1" ] && return 0; sleep 0.1; done
     echo "demo: nginx did not reach $1 servers; see $dir/logs" >&2; return 1
 }
+# Docker's container names are the daemon's: the demo's get its PID as a suffix.
+cname() { if [ "$engine" = docker ]; then echo "$1-$tag"; else echo "$1"; fi; }
 run_web() {
-    local name=$1 port
+    local name port
+    name=$(cname "$1")
     port=$(free_port)
-    podman run -d --name "$name" --network host --stop-timeout 5 --label "SERVICE_${port}_NAME=web" \
-        localhost/upsync-httpd:demo sh -c \
+    "$engine" run -d --name "$name" --network host --stop-timeout 5 --label "SERVICE_${port}_NAME=web" \
+        --label "upsync-demo=$tag" "$image" sh -c \
         "mkdir -p /tmp/www && echo $name > /tmp/www/index.html && exec httpd -f -p 127.0.0.1:$port -h /tmp/www" >/dev/null
 }
 
@@ -136,9 +164,9 @@ for i in 2 3 4 5; do run_web "web-$i"; done
 wait_servers 6 && echo "demo: nginx lists 6 servers"
 wait_srv 6
 sleep 2
-# podman stop: httpd keeps serving during the stop timeout; the sidecar marks it down first.
+# docker/podman stop: httpd keeps serving during the stop timeout; the sidecar marks it down first.
 stops=()
-for i in 2 3 4 5; do podman stop "web-$i" >/dev/null 2>&1 & stops+=($!); done
+for i in 2 3 4 5; do "$engine" stop "$(cname "web-$i")" >/dev/null 2>&1 & stops+=($!); done
 wait "${stops[@]}"
 wait_servers 2 && echo "demo: nginx lists 2 servers"
 wait_srv 2
@@ -154,10 +182,9 @@ upsync whole-stack demo is running (files in $dir)
   upsync-dns  127.0.0.1:$udns_port (UDP+TCP), metrics http://127.0.0.1:$udns_metrics/metrics
   Consul UI   http://$consul/ui/
 
-Try (in another shell):
-  export CONTAINERS_CONF=$CONTAINERS_CONF CONTAINERS_STORAGE_CONF=$CONTAINERS_STORAGE_CONF
-  podman run -d --name web-9 --network host --label SERVICE_18099_NAME=web localhost/upsync-httpd:demo httpd -f -p 127.0.0.1:18099 -h /
-  podman stop web-9                                   # drained, then deregistered
+Try (in another shell):$( [ "$engine" = podman ] && printf '\n  export CONTAINERS_CONF=%s CONTAINERS_STORAGE_CONF=%s' "$CONTAINERS_CONF" "$CONTAINERS_STORAGE_CONF" )
+  $engine run -d --name $(cname web-9) --network host --label upsync-demo=$tag --label SERVICE_18099_NAME=web $image httpd -f -p 127.0.0.1:18099 -h /
+  $engine stop $(cname web-9)                                   # drained, then deregistered
   curl -s http://127.0.0.1:$nginx_port/upstream_show
   curl -s http://127.0.0.1:$api_port/v1/endpoints | python3 -m json.tool
   curl -s -X PUT http://127.0.0.1:$api_port/v1/endpoints/web/extra -d '{"address":"127.0.0.1","port":18098}'

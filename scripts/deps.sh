@@ -39,6 +39,15 @@ else
     say "Debian packages already installed (${#packages[@]})"
 fi
 
+# The Docker Engine (the sidecar's tests, bench and demo): Debian's docker.io, unless an engine
+# is installed already (Docker CE's packages conflict with docker.io).
+if ! command -v dockerd >/dev/null 2>&1; then
+    say "installing the Docker Engine (docker.io)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker.io >/dev/null
+fi
+docker version --format '{{.Server.Version}}' >/dev/null 2>&1 || say "warning: the Docker Engine does not answer on /var/run/docker.sock; start it (systemctl start docker) before make test"
+
 # The unbound package enables a system service listening on port 53; we only want its binary.
 if systemctl is-enabled unbound >/dev/null 2>&1; then systemctl disable --now unbound >/dev/null 2>&1 || true; fi
 # Likewise Prometheus: the tests run their own, on a free loopback port.

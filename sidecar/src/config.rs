@@ -78,6 +78,10 @@ pub struct Args {
     /// long (then it is registered anyway, with a warning) [default: 30s; 0 turns it off].
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub ready_timeout: Option<Duration>,
+    /// Only containers with this label (`KEY` or `KEY=VALUE`, the engine's own `label` filter)
+    /// [default: every container]. For several sidecars or test runs sharing one engine.
+    #[arg(long, value_name = "KEY[=VALUE]")]
+    pub container_label: Option<String>,
     /// No container engine: only the scheduler API's endpoints (a host that runs no
     /// containers).
     #[arg(long)]
@@ -170,6 +174,7 @@ pub struct FileEngine {
     pub socket: Option<PathBuf>,
     pub poll: Option<String>,
     pub ready_timeout: Option<String>,
+    pub container_label: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -245,6 +250,8 @@ pub struct Settings {
     pub resync: Duration,
     pub poll: Duration,
     pub ready_timeout: Duration,
+    /// Only containers with this label (`KEY` or `KEY=VALUE`).
+    pub container_label: Option<String>,
     pub state_prefix: String,
     pub defaults: Defaults,
     pub log_format: LogFormat,
@@ -413,6 +420,12 @@ impl Settings {
             Some(d) => d,
             None => duration_key("engine.ready_timeout", file.engine.ready_timeout.as_deref(), Duration::from_secs(30))?,
         };
+        let container_label = args.container_label.or(file.engine.container_label).filter(|l| !l.is_empty());
+        if let Some(l) = &container_label {
+            if l.starts_with('=') || l.chars().any(char::is_whitespace) {
+                anyhow::bail!("--container-label {l:?}: give KEY or KEY=VALUE (no spaces)");
+            }
+        }
         let request_timeout = duration_key("consul.request_timeout", file.consul.request_timeout.as_deref(), Duration::from_secs(10))?;
         let listen = args.listen.or(file.api.listen).unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default"));
         let insecure_no_token = args.insecure_no_token || file.api.insecure_no_token.unwrap_or(false);
@@ -457,6 +470,7 @@ impl Settings {
             resync,
             poll,
             ready_timeout,
+            container_label,
             state_prefix,
             defaults,
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
@@ -558,6 +572,8 @@ mod tests {
             (&["--advertise-ip", "192.0.2.1", "--resync", "1ms"], "--resync"),
             (&["--advertise-ip", "192.0.2.1", "--listen", "0.0.0.0:8515"], "--insecure-no-token"),
             (&["--advertise-ip", "192.0.2.1", "--allow-address", "10.0.0.0/33"], "--allow-address"),
+            (&["--advertise-ip", "192.0.2.1", "--container-label", "=x"], "--container-label"),
+            (&["--advertise-ip", "192.0.2.1", "--container-label", "a b"], "--container-label"),
         ];
         for (a, needle) in cases {
             let err = Settings::merge(args(a), FileConfig::default(), None).expect_err("must fail");
@@ -571,6 +587,10 @@ mod tests {
         )
         .expect("allowed explicitly");
         assert_eq!(ok.allow_addresses, vec!["127.0.0.1/32".parse::<ipnet::IpNet>().unwrap()]);
+        assert_eq!(ok.container_label, None);
+        let file: FileConfig = toml::from_str("[engine]\ncontainer_label = \"team=web\"\n").expect("valid file");
+        let s = Settings::merge(args(&["--advertise-ip", "192.0.2.1"]), file, None).expect("valid");
+        assert_eq!(s.container_label.as_deref(), Some("team=web"));
     }
 
     #[test]

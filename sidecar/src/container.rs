@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use bollard::models::{ContainerInspectResponse, ContainerStateStatusEnum};
+use bollard::models::{ContainerInspectResponse, ContainerStateStatusEnum, HealthStatusEnum};
 
 use crate::model::Protocol;
 
@@ -20,6 +20,16 @@ pub enum RunState {
     Restarting,
     /// Created, exited, dead, removing: nothing to register.
     NotRunning,
+}
+
+/// The container's own health check (Docker's `HEALTHCHECK`, podman's `--health-cmd`), as the
+/// engine reports it in `State.Health.Status`. A container without one has none.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HealthState {
+    /// Not yet passed (Docker's start period): not sent traffic yet.
+    Starting,
+    Healthy,
+    Unhealthy,
 }
 
 /// A published port: container `port/proto` reachable at `host_ip:host_port`.
@@ -50,6 +60,8 @@ pub struct ContainerInfo {
     pub ips: Vec<(String, IpAddr)>,
     pub stop_timeout: Duration,
     pub stop_signal: Option<String>,
+    /// The engine's health check status, if the container has a health check.
+    pub health: Option<HealthState>,
 }
 
 /// Parses an inspect answer bollard refused: podman reports states Docker does not have
@@ -65,6 +77,13 @@ pub fn parse_lenient_inspect(json: &str) -> Result<ContainerInspectResponse, Str
             _ => "exited".to_string(), // stopped, unknown...
         };
         *status = serde_json::Value::String(mapped);
+    }
+    // A health status bollard does not know (podman writes "" or its own words): no health.
+    if let Some(state) = v.pointer_mut("/State").and_then(|s| s.as_object_mut()) {
+        let known = ["", "none", "starting", "healthy", "unhealthy"];
+        if state.get("Health").and_then(|h| h.get("Status")).and_then(|s| s.as_str()).is_some_and(|s| !known.contains(&s)) {
+            state.remove("Health");
+        }
     }
     serde_json::from_value(v).map_err(|e| e.to_string())
 }
@@ -101,6 +120,12 @@ impl ContainerInfo {
                 None if s.running == Some(true) => RunState::Running,
                 None => RunState::NotRunning,
             },
+        };
+        let health = match r.state.as_ref().and_then(|s| s.health.as_ref()).and_then(|h| h.status) {
+            Some(HealthStatusEnum::STARTING) => Some(HealthState::Starting),
+            Some(HealthStatusEnum::HEALTHY) => Some(HealthState::Healthy),
+            Some(HealthStatusEnum::UNHEALTHY) => Some(HealthState::Unhealthy),
+            _ => None,
         };
         let env = config
             .env
@@ -163,6 +188,7 @@ impl ContainerInfo {
             ips,
             stop_timeout,
             stop_signal: config.stop_signal.filter(|s| !s.is_empty()),
+            health,
         })
     }
 
@@ -254,6 +280,36 @@ pub(crate) mod tests {
         v["State"]["Status"] = "configured".into();
         assert!(parse_lenient_inspect(&v.to_string()).is_ok());
         assert!(parse_lenient_inspect("{").is_err());
+    }
+
+    #[test]
+    fn docker_bridge_container_with_health_check() {
+        // Captured from Docker Engine 20.10 (`docker inspect`): a user bridge network, port 80
+        // published on 127.0.0.1:18082, `--expose 9000`, `--stop-timeout 7`, HEALTHCHECK failing.
+        let r = inspect("docker-inspect-bridge.json");
+        let c = ContainerInfo::from_inspect(&r).expect("valid");
+        assert_eq!(c.name, "web-pub");
+        assert_eq!(c.state, RunState::Running);
+        assert_eq!(c.health, Some(HealthState::Unhealthy));
+        assert_eq!(
+            c.published,
+            vec![Published { port: 80, protocol: Protocol::Tcp, host_ip: Some("127.0.0.1".parse().unwrap()), host_port: 18082 }]
+        );
+        assert_eq!(c.exposed, vec![(80, Protocol::Tcp), (9000, Protocol::Tcp)]);
+        assert_eq!(c.ips, vec![("upsync-cap-net".to_string(), "172.18.0.2".parse().unwrap())]);
+        assert_eq!(c.stop_timeout, Duration::from_secs(7));
+        let mut v = serde_json::to_value(&r).unwrap();
+        for (status, want) in [("starting", Some(HealthState::Starting)), ("healthy", Some(HealthState::Healthy)), ("none", None)] {
+            v["State"]["Health"]["Status"] = status.into();
+            let r: ContainerInspectResponse = serde_json::from_value(v.clone()).unwrap();
+            assert_eq!(ContainerInfo::from_inspect(&r).unwrap().health, want, "{status}");
+        }
+        // A status bollard does not know (podman's "") is read as no health check.
+        v["State"]["Health"]["Status"] = "checking".into();
+        let r = parse_lenient_inspect(&v.to_string()).expect("mapped");
+        assert_eq!(ContainerInfo::from_inspect(&r).unwrap().health, None);
+        // Without a health check, podman's captured answers have none.
+        assert_eq!(ContainerInfo::from_inspect(&inspect("podman-inspect-host.json")).unwrap().health, None);
     }
 
     #[test]

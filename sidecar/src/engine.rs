@@ -147,6 +147,9 @@ async fn session(shared: &Arc<Shared>) -> Result<(), String> {
 
     let mut filters = HashMap::new();
     filters.insert("type".to_string(), vec!["container".to_string()]);
+    if let Some(l) = &s.container_label {
+        filters.insert("label".to_string(), vec![l.clone()]);
+    }
     let mut events = sess.docker.events(Some(EventsOptions { since: Some(since.to_string()), until: None, filters: Some(filters) }));
     let poll = s.poll;
     let mut poll_tick = tokio::time::interval(if poll.is_zero() { Duration::from_secs(3600) } else { poll });
@@ -178,9 +181,10 @@ impl Session {
         }
         self.listing = true;
         let (docker, limit, seq) = (self.docker.clone(), Arc::clone(&self.limit), self.seq);
+        let label = self.shared.settings.container_label.clone();
         self.work.push(Box::pin(async move {
             let _permit = limit.acquire_owned().await;
-            Done::Listed { seq, full, running: running_ids(&docker).await }
+            Done::Listed { seq, full, running: running_ids(&docker, label.as_deref()).await }
         }));
     }
 
@@ -241,7 +245,9 @@ impl Session {
                 if self.last_event.get(&container).copied().unwrap_or(0) != seq {
                     return Ok(()); // the container started again or stopped meanwhile
                 }
-                if !ready {
+                if ready {
+                    tracing::debug!(container = %container, endpoint = %endpoint, "{addr} accepts connections");
+                } else {
                     tracing::warn!(
                         container = %container, endpoint = %endpoint,
                         "{addr} did not accept connections within {:?}; registering it anyway",
@@ -278,14 +284,16 @@ impl Session {
         let action = action.split(':').next().unwrap_or("").trim();
         let name = actor.attributes.as_ref().and_then(|a| a.get("name")).map(String::as_str).unwrap_or("");
         tracing::debug!(container = %id, name, action, "engine event");
-        let relevant = matches!(action, "start" | "restart" | "unpause" | "pause" | "die" | "stop" | "destroy" | "remove" | "kill");
+        // `health_status` (Docker, and podman when its health checks run): re-read the status.
+        let relevant =
+            matches!(action, "start" | "restart" | "unpause" | "pause" | "health_status" | "die" | "stop" | "destroy" | "remove" | "kill");
         if !relevant {
             return;
         }
         self.seq += 1;
         self.last_event.insert(id.clone(), self.seq);
         match action {
-            "start" | "restart" | "unpause" | "pause" => self.start_inspect(id),
+            "start" | "restart" | "unpause" | "pause" | "health_status" => self.start_inspect(id),
             "kill" => {
                 // Docker names the signal; podman does not (its stops are seen by polling).
                 if let Some(sig) = actor.attributes.as_ref().and_then(|a| a.get("signal")) {
@@ -305,6 +313,13 @@ impl Session {
             Found::Unreadable => return,
             Found::Info(info) => *info,
         };
+        if let Some(l) = &self.shared.settings.container_label {
+            let (key, value) = l.split_once('=').map_or((l.as_str(), None), |(k, v)| (k, Some(v)));
+            let ours = info.labels.get(key).is_some_and(|v| value.is_none_or(|want| v == want));
+            if !ours {
+                return; // not one of ours (`--container-label`)
+            }
+        }
         match info.state {
             RunState::Running | RunState::Paused => {
                 let s = &self.shared.settings;
@@ -376,6 +391,9 @@ impl Session {
 /// Waits until `addr` accepts a TCP connection, for at most `timeout`.
 async fn probe(addr: SocketAddr, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
+    // Retries 1, 2, 4... then every 20 ms: a port that opens a moment after the engine's
+    // `start` event (Docker sends it as the process starts) is seen within a millisecond or two.
+    let mut pause = Duration::from_millis(1);
     loop {
         let attempt = tokio::time::timeout(Duration::from_millis(500), tokio::net::TcpStream::connect(addr)).await;
         if matches!(attempt, Ok(Ok(_))) {
@@ -384,13 +402,15 @@ async fn probe(addr: SocketAddr, timeout: Duration) -> bool {
         if Instant::now() >= deadline {
             return false;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(20));
     }
 }
 
 /// The ids of the running containers.
-async fn running_ids(docker: &Docker) -> Result<HashSet<String>, String> {
-    match docker.list_containers(Some(ListContainersOptions { all: false, ..Default::default() })).await {
+async fn running_ids(docker: &Docker, label: Option<&str>) -> Result<HashSet<String>, String> {
+    let filters = label.map(|l| HashMap::from([("label".to_string(), vec![l.to_string()])]));
+    match docker.list_containers(Some(ListContainersOptions { all: false, filters, ..Default::default() })).await {
         Ok(list) => {
             Ok(list.into_iter().filter(|c| c.state.is_none_or(|s| s == ContainerSummaryStateEnum::RUNNING)).filter_map(|c| c.id).collect())
         }

@@ -347,6 +347,7 @@ mod tests {
             ips: vec![("podman".into(), "10.88.0.7".parse().unwrap())],
             stop_timeout: Duration::from_secs(10),
             stop_signal: None,
+            health: None,
         }
     }
 

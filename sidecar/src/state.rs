@@ -15,7 +15,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::config::Settings;
-use crate::container::{ContainerInfo, RunState};
+use crate::container::{ContainerInfo, HealthState, RunState};
 use crate::journal::{Intent, Journal};
 use crate::mapping::Mapped;
 use crate::model::{EndpointSpec, Source};
@@ -81,22 +81,21 @@ pub struct Drain {
 #[derive(Clone, Debug)]
 pub struct Entry {
     pub spec: EndpointSpec,
-    pub paused: bool,
+    /// Marked down because of its container (paused, health check not passing).
+    pub held: Option<DownReason>,
     pub drain: Option<Drain>,
 }
 
 impl Entry {
     fn new(spec: EndpointSpec) -> Entry {
-        Entry { spec, paused: false, drain: None }
+        Entry { spec, held: None, drain: None }
     }
 
     pub fn down_reason(&self) -> Option<DownReason> {
         if self.drain.is_some() {
             Some(DownReason::Draining)
-        } else if self.paused {
-            Some(DownReason::Paused)
         } else {
-            None
+            self.held.clone()
         }
     }
 }
@@ -204,7 +203,7 @@ pub enum DeleteOutcome {
 pub struct EndpointView {
     #[serde(flatten)]
     pub spec: EndpointSpec,
-    /// `active`, `draining`, `paused` or `down`.
+    /// `active`, `draining`, `paused`, `starting` (health check not passed yet), `unhealthy` or `down`.
     pub state: &'static str,
     /// Consul holds exactly what is desired.
     pub synced: bool,
@@ -393,7 +392,15 @@ impl Shared {
                 rec.draining_since = None;
             }
         }
-        let paused = info.state == RunState::Paused;
+        let held = if info.state == RunState::Paused {
+            Some(DownReason::Paused)
+        } else {
+            match info.health {
+                Some(HealthState::Starting) => Some(DownReason::HealthStarting),
+                Some(HealthState::Unhealthy) => Some(DownReason::Unhealthy),
+                Some(HealthState::Healthy) | None => None,
+            }
+        };
         let mut ids = Vec::new();
         for spec in mapped.endpoints {
             if let Some(e) = st.entries.get(&spec.id) {
@@ -407,7 +414,7 @@ impl Shared {
                 }
             }
             ids.push(spec.id.clone());
-            upsert(&mut st, spec, paused);
+            upsert(&mut st, spec, held.clone());
         }
         let old = st.containers.get(&cid).map(|r| r.ids.clone()).unwrap_or_default();
         for id in old.iter().filter(|id| !ids.contains(id)) {
@@ -530,7 +537,7 @@ impl Shared {
         if outcome != PutOutcome::Unchanged {
             tracing::info!(service = %spec.service, id = %spec.id, addr = %spec.addr(), "API: endpoint {}", if outcome == PutOutcome::Created { "created" } else { "updated" });
             st.record_call(&spec.id, Intent::Put { spec: Box::new(spec.clone()) });
-            upsert(&mut st, spec, false);
+            upsert(&mut st, spec, None);
             drop(st);
             self.wake_applier();
         }
@@ -594,6 +601,8 @@ impl Shared {
                     state: match e.down_reason() {
                         Some(DownReason::Draining) => "draining",
                         Some(DownReason::Paused) => "paused",
+                        Some(DownReason::HealthStarting) => "starting",
+                        Some(DownReason::Unhealthy) => "unhealthy",
                         _ if e.spec.down => "down",
                         _ => "active",
                     },
@@ -741,18 +750,18 @@ fn enqueue(st: &mut State, id: &str) {
     }
 }
 
-fn upsert(st: &mut State, spec: EndpointSpec, paused: bool) {
+fn upsert(st: &mut State, spec: EndpointSpec, held: Option<DownReason>) {
     let id = spec.id.clone();
     match st.entries.get_mut(&id) {
-        Some(e) if e.spec == spec && e.paused == paused && e.drain.is_none() => return,
+        Some(e) if e.spec == spec && e.held == held && e.drain.is_none() => return,
         Some(e) => {
             e.spec = spec;
-            e.paused = paused;
+            e.held = held;
             e.drain = None;
         }
         None => {
             let mut e = Entry::new(spec);
-            e.paused = paused;
+            e.held = held;
             st.entries.insert(id.clone(), e);
         }
     }
@@ -927,5 +936,31 @@ mod tests {
         assert!(s.next_change().is_none());
         s.container_signalled(&info.id, "15");
         assert!(s.next_change().is_some());
+    }
+
+    #[tokio::test]
+    async fn a_container_failing_its_own_health_check_is_registered_down() {
+        let s = shared();
+        let mut info = ContainerInfo::from_inspect(&inspect("podman-inspect-slirp.json")).unwrap();
+        let mut c = spec("node-a:web3:80", "127.0.0.1", 18083);
+        c.source = Source::Container { id: info.id.clone(), name: info.name.clone() };
+        let up = |info: &ContainerInfo| s.container_up(info.clone(), Mapped { endpoints: vec![c.clone()], ..Default::default() });
+        for (health, state, down) in [
+            (Some(HealthState::Starting), "starting", true),
+            (Some(HealthState::Healthy), "active", false),
+            (Some(HealthState::Unhealthy), "unhealthy", true),
+            (None, "active", false),
+        ] {
+            info.health = health;
+            up(&info);
+            let (_, t, _) = s.next_change().unwrap_or_else(|| panic!("no change for {health:?}"));
+            assert_eq!(t.kv.as_ref().unwrap().1.contains("\"down\":1"), down, "{health:?}");
+            assert_eq!(t.service.as_ref().unwrap().maintenance.is_some(), down, "{health:?}: maintenance is Consul's critical check");
+            assert_eq!(s.list(None)[0].state, state);
+            apply_all(&s);
+            // The same report again changes nothing.
+            up(&info);
+            assert!(s.next_change().is_none());
+        }
     }
 }

@@ -21,6 +21,10 @@ pub enum DownReason {
     Draining,
     /// Its container is paused.
     Paused,
+    /// Its container's own health check (Docker's `HEALTHCHECK`) has not passed yet.
+    HealthStarting,
+    /// Its container's own health check fails.
+    Unhealthy,
 }
 
 impl DownReason {
@@ -29,6 +33,8 @@ impl DownReason {
             DownReason::Registered => "registered down",
             DownReason::Draining => "draining before removal",
             DownReason::Paused => "container paused",
+            DownReason::HealthStarting => "container health check starting",
+            DownReason::Unhealthy => "container unhealthy",
         }
     }
 }

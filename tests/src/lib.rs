@@ -18,6 +18,8 @@
 pub mod backend;
 pub mod consul;
 pub mod dns;
+pub mod docker;
+pub mod engine;
 pub mod faultproxy;
 pub mod load;
 pub mod net;

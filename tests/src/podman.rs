@@ -44,11 +44,15 @@ pub struct Httpd {
     pub stop_timeout: Option<u32>,
     /// Seconds the container waits before httpd starts listening (a slow application start).
     pub start_delay: u32,
+    /// The engine's own health check (`--health-cmd`, every second, unhealthy after one
+    /// failure). Run by [`crate::docker::Docker`] only: podman runs health checks from systemd
+    /// timers, which the test machine's podman has not.
+    pub health_cmd: Option<String>,
 }
 
 impl Httpd {
     pub fn new(name: &str, net: Net) -> Httpd {
-        Httpd { name: name.to_string(), net, labels: Vec::new(), env: Vec::new(), stop_timeout: None, start_delay: 0 }
+        Httpd { name: name.to_string(), net, labels: Vec::new(), env: Vec::new(), stop_timeout: None, start_delay: 0, health_cmd: None }
     }
 
     pub fn start_delay(mut self, secs: u32) -> Httpd {
@@ -64,6 +68,18 @@ impl Httpd {
     pub fn env(mut self, k: &str, v: &str) -> Httpd {
         self.env.push((k.to_string(), v.to_string()));
         self
+    }
+
+    pub fn health_cmd(mut self, cmd: &str) -> Httpd {
+        self.health_cmd = Some(cmd.to_string());
+        self
+    }
+
+    /// The container's command: wait `start_delay`, write its name as the page, run httpd on
+    /// `listen` (`PORT` or `IP:PORT`).
+    pub fn script(&self, listen: &str) -> String {
+        let sleep = if self.start_delay > 0 { format!("sleep {} && ", self.start_delay) } else { String::new() };
+        format!("{sleep}mkdir -p /tmp/www && echo {} > /tmp/www/index.html && exec httpd -f -p {listen} -h /tmp/www", self.name)
     }
 
     pub fn stop_timeout(mut self, secs: u32) -> Httpd {
@@ -272,14 +288,7 @@ network_config_dir = "{d}/networks"
             args.extend(["--stop-timeout".into(), t.to_string()]);
         }
         args.push(IMAGE.into());
-        args.extend([
-            "sh".into(),
-            "-c".into(),
-            format!(
-                "sleep {} && mkdir -p /tmp/www && echo {} > /tmp/www/index.html && exec httpd -f -p {port} -h /tmp/www",
-                c.start_delay, c.name
-            ),
-        ]);
+        args.extend(["sh".into(), "-c".into(), c.script(&port)]);
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
         self.podman(&refs)
     }

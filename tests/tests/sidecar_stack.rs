@@ -1,7 +1,7 @@
 //! The whole stack: wrk drives traffic through nginx, whose upsync module watches the KV prefix
-//! the sidecar writes, to busybox httpd containers run by podman. The service is scaled
+//! the sidecar writes, to busybox httpd containers run by eng. The service is scaled
 //! 2 → 6 → 2 while the traffic runs: no request may fail (no non-2xx answer, no socket error).
-//! Scaling in relies on the drain: `podman stop` starts, the sidecar sees the container
+//! Scaling in relies on the drain: `docker stop` / `podman stop` starts, the sidecar sees the container
 //! stopping and marks it down, nginx stops sending it requests, and only then (at the end of the
 //! stop timeout) does the container die. nginx does not retry failed requests on another
 //! server here, so a request sent to a container that is gone would be counted.
@@ -13,11 +13,12 @@ use std::time::Duration;
 
 use upsync_tests::consul::Consul;
 use upsync_tests::dns::{wait_dig, Dig, DnsOptions, DnsServer};
+use upsync_tests::engine::{self, Kind};
 use upsync_tests::load::{wrk, WrkReport};
 use upsync_tests::net::{free_port, http_get};
 use upsync_tests::nginx::{Nginx, NginxConf};
-use upsync_tests::podman::{Httpd, Net, Podman};
-use upsync_tests::sidecar::{eventually, Sidecar, SidecarOpts};
+use upsync_tests::podman::{Httpd, Net};
+use upsync_tests::sidecar::{eventually, Sidecar};
 use upsync_tests::upsync::wait_servers;
 use upsync_tests::TestDir;
 
@@ -49,22 +50,25 @@ fn wait_srv(dns: &DnsServer, what: &str, addrs: &[String]) {
     wait_dig(dns, what, &["web.service.upsync.", "SRV"], |d| srv_ports(d) == want);
 }
 
-#[test]
-fn scaling_2_6_2_under_wrk_through_nginx_loses_no_request() {
-    let dir = TestDir::new("sidecar_stack");
+upsync_tests::on_both_engines! {
+    scaling_2_6_2_under_wrk_through_nginx_loses_no_request => scaling;
+}
+
+fn scaling(kind: Kind) {
+    let dir = TestDir::new(&engine::dir_name("sidecar_stack", kind));
     let consul = Consul::start(dir.path());
-    let podman = Podman::start(dir.path());
-    let _sidecar = Sidecar::start(dir.path(), &consul.http_addr(), SidecarOpts::new("node-a", &podman.socket));
+    let eng = engine::start(kind, dir.path(), false);
+    let _sidecar = Sidecar::start(dir.path(), &consul.http_addr(), eng.sidecar_opts("node-a"));
     // No retries on another server (`proxy_next_upstream off`): a request nginx sends to a
     // container that is gone fails. Only the drain can keep the count at zero.
     let nginx = Nginx::start(dir.path(), NginxConf::new(&nginx_block(&consul.http_addr())));
     let dns = DnsServer::start(dir.path(), &consul.http_addr(), DnsOptions::default());
 
-    // httpd ignores SIGTERM (PID 1): `podman stop` leaves it serving for its stop timeout.
+    // httpd ignores SIGTERM (PID 1): `stop` leaves it serving for its stop timeout.
     let containers: Vec<Httpd> = (0..6)
         .map(|i| {
             let port = free_port();
-            Httpd::new(&format!("web-{i}"), Net::Host { port }).label(&format!("SERVICE_{port}_NAME"), "web").stop_timeout(5)
+            Httpd::new(&eng.unique(&format!("web-{i}")), Net::Host { port }).label(&format!("SERVICE_{port}_NAME"), "web").stop_timeout(5)
         })
         .collect();
     let addrs: Vec<String> = containers.iter().map(|c| c.host_port()).collect();
@@ -72,7 +76,7 @@ fn scaling_2_6_2_under_wrk_through_nginx_loses_no_request() {
         eventually(&format!("{} answering", c.name), || http_get(&format!("http://{}/", c.host_port())).is_ok_and(|(s, _)| s == 200))
     };
     for c in &containers[..2] {
-        podman.run_httpd(c);
+        eng.run_httpd(c);
         wait_answering(c);
     }
     wait_servers(&nginx, "web", &[&addrs[0], &addrs[1]]);
@@ -93,25 +97,14 @@ fn scaling_2_6_2_under_wrk_through_nginx_loses_no_request() {
 
     // Scale out to 6.
     for c in &containers[2..] {
-        podman.run_httpd(c);
+        eng.run_httpd(c);
     }
     let all: Vec<&str> = addrs.iter().map(String::as_str).collect();
     wait_servers(&nginx, "web", &all);
     wait_srv(&dns, "SRV of all 6 containers", &addrs);
 
     // Scale in to 2: four stops at once, each drained before its container dies.
-    let stoppers: Vec<_> = containers[2..]
-        .iter()
-        .map(|c| {
-            podman
-                .command()
-                .args(["stop", &c.name])
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .expect("podman stop")
-        })
-        .collect();
+    let stoppers: Vec<_> = containers[2..].iter().map(|c| eng.spawn_stop(&c.name)).collect();
     for mut s in stoppers {
         let _ = s.wait();
     }
@@ -136,6 +129,6 @@ fn scaling_2_6_2_under_wrk_through_nginx_loses_no_request() {
     assert!(total.requests > 1000, "too little traffic to mean anything: {total:?}");
     assert_eq!((total.non_2xx, total.socket_errors), (0, 0), "requests failed while scaling: {rounds:?}");
     for c in &containers[2..] {
-        assert_eq!(podman.state(&c.name).as_deref(), Some("exited"));
+        assert_eq!(eng.state(&c.name).as_deref(), Some("exited"));
     }
 }
