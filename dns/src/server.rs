@@ -52,6 +52,13 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
 }
 
+impl Shared {
+    /// Serving `snapshot`, with fresh metrics (benchmarks, tests).
+    pub fn new(snapshot: Snapshot) -> Arc<Shared> {
+        Arc::new(Shared { snapshot: ArcSwap::from_pointee(snapshot), metrics: Metrics::new() })
+    }
+}
+
 /// Reusable buffers of one UDP thread.
 #[derive(Default)]
 pub struct Scratch {

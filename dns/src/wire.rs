@@ -369,9 +369,13 @@ impl Service {
             }
             let rdlen = (out.len() - head - 12) as u16;
             out[head + 10..head + 12].copy_from_slice(&rdlen.to_be_bytes());
-            // Past the client's size (or the reach of a pointer): the TC answer.
-            if out.len() > max || out.len() >= 0x3FFF {
+            // Past the client's size: the TC answer. Past the reach of a pointer (with a
+            // `max_udp_payload` above 16 kB): the encoding path.
+            if out.len() > max {
                 return Some(Written::TooLarge { rcode: ResponseCode::NoError });
+            }
+            if out.len() >= 0x3FFF {
+                return None;
             }
         }
         for (g, &i) in view.glue.iter().enumerate() {
