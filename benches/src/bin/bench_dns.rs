@@ -651,7 +651,9 @@ fn main() -> anyhow::Result<()> {
     };
     let fresh_big = freshness(&consul, &dns, rounds, (rounds / 10).max(3), &cold, &leaving);
 
-    println!("### upsync-dns vs Consul DNS, dnsmasq, unbound, NSD, Knot (dnsperf -c 8 -T 2 -q 500 -e, {secs} s per run, same machine and run)\n");
+    println!(
+        "### upsync-dns vs Consul DNS, dnsmasq, unbound, NSD, Knot (dnsperf -c 8 -T 2 -q 500 -e, {secs} s per run, same machine and run)\n"
+    );
     println!("| instances | server | type | queries/s | avg latency | lost | server CPU/query | upsync-dns qps ratio |");
     println!("|---:|---|---|---:|---:|---:|---:|---:|");
     print_runs(small * per, &small_runs);
