@@ -18,7 +18,7 @@ fi
 packages=(
     nginx nginx-dev libclang-dev pkg-config curl ca-certificates
     wrk dnsperf bind9-dnsutils valgrind
-    dnsmasq-base unbound
+    dnsmasq-base unbound nsd knot
     podman runc busybox-static uidmap slirp4netns fuse-overlayfs
     python3-pip python3-venv
     iproute2 procps psmisc
@@ -49,7 +49,10 @@ fi
 docker version --format '{{.Server.Version}}' >/dev/null 2>&1 || say "warning: the Docker Engine does not answer on /var/run/docker.sock; start it (systemctl start docker) before make test"
 
 # The unbound package enables a system service listening on port 53; we only want its binary.
-if systemctl is-enabled unbound >/dev/null 2>&1; then systemctl disable --now unbound >/dev/null 2>&1 || true; fi
+# nsd and knot (the authoritative peers of `scripts/bench/dns.sh`) do the same.
+for unit in unbound nsd knot; do
+    if systemctl is-enabled "$unit" >/dev/null 2>&1; then systemctl disable --now "$unit" >/dev/null 2>&1 || true; fi
+done
 # Likewise Prometheus: the tests run their own, on a free loopback port.
 if systemctl is-enabled prometheus >/dev/null 2>&1; then systemctl disable --now prometheus >/dev/null 2>&1 || true; fi
 

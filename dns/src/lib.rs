@@ -14,3 +14,4 @@ pub mod rrl;
 pub mod server;
 pub mod snapshot;
 pub mod tcp;
+pub mod wire;

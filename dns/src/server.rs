@@ -35,6 +35,10 @@ use crate::forward::Forwarder;
 use crate::metrics::{Drop, Metrics, Proto, Shard};
 use crate::rrl::{Rrl, Verdict};
 use crate::snapshot::Snapshot;
+use crate::wire::{record_type, Query, WireScratch, Written};
+
+/// Our OPT record: root owner, type, payload size, extended RCODE, version, flags, RDLENGTH.
+const OPT_LEN: usize = 11;
 
 /// At most this many forwarded queries in flight; more get SERVFAIL at once rather than
 /// piling up tasks (an allowed client flooding random names cannot exhaust memory).
@@ -48,12 +52,20 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
 }
 
+impl Shared {
+    /// Serving `snapshot`, with fresh metrics (benchmarks, tests).
+    pub fn new(snapshot: Snapshot) -> Arc<Shared> {
+        Arc::new(Shared { snapshot: ArcSwap::from_pointee(snapshot), metrics: Metrics::new() })
+    }
+}
+
 /// Reusable buffers of one UDP thread.
 #[derive(Default)]
 pub struct Scratch {
     pub answer: Answer,
     pub out: Vec<u8>,
     rotation: usize,
+    wire: WireScratch,
 }
 
 /// The local decision for a request.
@@ -89,6 +101,8 @@ pub struct Responder {
     tcp_rotation: AtomicUsize,
     /// Response rate limiting of UDP answers (`None`: off).
     rrl: Option<Rrl>,
+    /// Answer from the snapshot's wire forms when the question allows ([`crate::wire`]).
+    precompiled: bool,
 }
 
 impl Responder {
@@ -104,7 +118,14 @@ impl Responder {
             udp_answer_limit: cfg.udp_answer_limit,
             tcp_rotation: AtomicUsize::new(0),
             rrl: Rrl::new(&cfg.rrl),
+            precompiled: true,
         }
+    }
+
+    /// Turns the precompiled path off (every answer encoded): for benchmarks and the tests that
+    /// compare both paths.
+    pub fn set_precompiled(&mut self, on: bool) {
+        self.precompiled = on;
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -232,6 +253,11 @@ impl Responder {
         if verdict == Verdict::Drop {
             return UdpStep::Drop(Drop::RateLimited);
         }
+        if verdict == Verdict::Send && self.precompiled {
+            if let Some(step) = self.answer_precompiled(raw, src, scratch) {
+                return step;
+            }
+        }
         let req = match Request::from_bytes(raw.to_vec(), src, Protocol::Udp) {
             Ok(r) => r,
             Err(e) => {
@@ -257,6 +283,59 @@ impl Responder {
                 UdpStep::Send { qtype, rcode }
             }
         }
+    }
+
+    /// The answer from the snapshot's wire forms into `scratch.out`, when the question is one
+    /// they cover (see [`crate::wire`]); `None` leaves the query to the encoding path. The
+    /// same answer as [`Responder::encode`] would give, rotation included.
+    fn answer_precompiled(&self, raw: &[u8], src: SocketAddr, scratch: &mut Scratch) -> Option<UdpStep> {
+        if self.udp_answer_limit != 0 {
+            return None;
+        }
+        let q = Query::parse(raw)?;
+        let snap = self.shared.snapshot.load();
+        if !snap.synced {
+            return None;
+        }
+        let max = q.edns.map_or(512, |p| p.clamp(512, self.max_udp_payload)) as usize;
+        let opt_len = if q.edns.is_some() { OPT_LEN } else { 0 };
+        let rotation = scratch.rotation.wrapping_add(1);
+        let out = &mut scratch.out;
+        out.clear();
+        out.extend_from_slice(&[0; 12]);
+        out.extend_from_slice(&raw[12..q.question_end]);
+        let written = snap.answer_wire(&q, rotation, max - opt_len, out, &mut scratch.wire)?;
+        scratch.rotation = rotation;
+        // QR, AA, RD and CD echoed, RA when the client may recurse.
+        let mut flags = 0x8400 | (q.flags & 0x0110);
+        if self.may_recurse(src.ip()) {
+            flags |= 0x0080;
+        }
+        let (rcode, counts) = match written {
+            Written::Sections { rcode, answers, authority, additional } => (rcode, [answers, authority, additional]),
+            Written::TooLarge { rcode } => {
+                out.truncate(q.question_end);
+                flags |= 0x0200;
+                self.shared.metrics.shared.truncated();
+                (rcode, [0, 0, 0])
+            }
+        };
+        flags |= u16::from(rcode) & 0x000F;
+        let additional = counts[2] + u16::from(q.edns.is_some());
+        if q.edns.is_some() {
+            out.extend_from_slice(&[0, 0, 41]);
+            out.extend_from_slice(&self.max_udp_payload.max(512).to_be_bytes());
+            out.extend_from_slice(&[0; 6]);
+        }
+        let mut header = [0u8; 12];
+        header[..2].copy_from_slice(&q.id.to_be_bytes());
+        header[2..4].copy_from_slice(&flags.to_be_bytes());
+        header[4..6].copy_from_slice(&1u16.to_be_bytes());
+        header[6..8].copy_from_slice(&counts[0].to_be_bytes());
+        header[8..10].copy_from_slice(&counts[1].to_be_bytes());
+        header[10..12].copy_from_slice(&additional.to_be_bytes());
+        out[..12].copy_from_slice(&header);
+        Some(UdpStep::Send { qtype: record_type(q.qtype), rcode })
     }
 
     /// One DNS-over-TCP message (without its length prefix): the answer in `out`, whole (up
@@ -487,18 +566,22 @@ mod tests {
     use std::str::FromStr;
 
     use hickory_proto::op::{Message, Query};
-    use hickory_proto::rr::{Name, RData};
+    use hickory_proto::rr::{Name, RData, Record};
 
     use super::*;
     use crate::config::ServerConfig;
     use crate::snapshot::tests::{inst, zone};
 
     fn responder(instances: Vec<crate::snapshot::Instance>) -> Responder {
-        let shared = Arc::new(Shared { snapshot: ArcSwap::from_pointee(Snapshot::build(9, zone(), instances)), metrics: Metrics::new() });
+        responder_with(Arc::new(Snapshot::build(9, zone(), instances)), 1232)
+    }
+
+    fn responder_with(snap: Arc<Snapshot>, max_udp_payload: u16) -> Responder {
+        let shared = Arc::new(Shared { snapshot: ArcSwap::new(snap), metrics: Metrics::new() });
         let cfg = ServerConfig {
             listen: vec![],
             udp_workers: 1,
-            max_udp_payload: 1232,
+            max_udp_payload,
             udp_answer_limit: 0,
             tcp_idle_timeout: Duration::from_secs(1),
             max_tcp_connections: 8,
@@ -648,5 +731,180 @@ mod tests {
         assert_eq!(ask(&r, &m.to_vec().unwrap()).metadata.response_code, ResponseCode::NotImp);
         let axfr = ask(&r, &query("service.upsync.", RecordType::AXFR, None));
         assert_eq!(axfr.metadata.response_code, ResponseCode::Refused);
+    }
+
+    /// A 10,000-instance catalog with every shape the precompiled path meets: services of 0 to
+    /// 300 instances (over 512 bytes, over 1232, over 4096), tags, backups, IPv6, host names,
+    /// several ports on one address, failing and down instances.
+    fn catalog() -> Vec<crate::snapshot::Instance> {
+        use crate::snapshot::Health;
+        let mut v = Vec::new();
+        let mut s = 0;
+        while v.len() < 10_000 {
+            let n = match s % 17 {
+                0 => 300,
+                1 => 40,
+                2 => 0,
+                k => k,
+            };
+            for k in 0..n.max(1) {
+                let i = v.len();
+                let ip = match (s % 5, k % 4) {
+                    (4, 3) => format!("host{k}.example.com"),
+                    (3, _) => format!("2001:db8::{:x}", i + 1),
+                    // Two ports on one address.
+                    (2, _) => format!("10.{}.{}.{}", i / 65536, (i / 512) % 256, (i / 2) % 256),
+                    _ => format!("10.{}.{}.{}", 100 + i / 65536, (i / 256) % 256, i % 256),
+                };
+                let mut x = inst(&format!("svc{s}"), &format!("svc{s}-{k}"), &ip, 10000 + (k % 50) as u16);
+                x.tags = match k % 3 {
+                    0 => vec!["v1".into(), "Canary".into()],
+                    1 => vec!["v1".into()],
+                    _ => vec!["v2".into(), format!("t{k}")],
+                };
+                x.weight = 1 + (k % 3) as u32;
+                x.backup = k % 7 == 6;
+                x.down = n == 0 || (k % 11 == 10);
+                if k % 13 == 12 {
+                    x.health = Health::Critical;
+                }
+                v.push(x);
+            }
+            s += 1;
+        }
+        v.truncate(10_000);
+        v
+    }
+
+    type Rec = (String, RecordType, u32, String);
+
+    /// The records of a message, names in lower case (compressed against a question in mixed
+    /// case, names take its case).
+    fn records(m: &Message) -> [Vec<Rec>; 3] {
+        let f = |rs: &[Record]| {
+            rs.iter().map(|r| (r.name.to_lowercase().to_ascii(), r.record_type(), r.ttl, r.data.to_string().to_ascii_lowercase())).collect()
+        };
+        [f(&m.answers), f(&m.authorities), f(&m.additionals)]
+    }
+
+    fn query_bytes(name: &str, t: RecordType, edns: Option<u16>, id: u16) -> Vec<u8> {
+        let mut raw = query(name.to_ascii_lowercase().as_str(), t, edns);
+        raw[..2].copy_from_slice(&id.to_be_bytes());
+        // The name's bytes as given (hickory's encoder lower-cases them).
+        let mut pos = 12;
+        for label in name.trim_end_matches('.').split('.') {
+            raw[pos + 1..pos + 1 + label.len()].copy_from_slice(label.as_bytes());
+            pos += 1 + label.len();
+        }
+        raw
+    }
+
+    fn send(r: &Responder, raw: &[u8], s: &mut Scratch) -> Option<Vec<u8>> {
+        match r.handle_udp(raw, "127.0.0.1:5000".parse().unwrap(), s) {
+            UdpStep::Send { .. } => Some(s.out.clone()),
+            _ => None,
+        }
+    }
+
+    /// The precompiled path gives the answers the encoding path gives, for every name and type
+    /// of a 10,000-instance snapshot: the same header, question (echoed with its case, 0x20),
+    /// records in the same order (rotation included) and OPT record, in lower case and with
+    /// the question's case randomised, without EDNS and with several payload sizes. Its
+    /// answers are never larger (they also compress names against the question, which
+    /// hickory's encoder does not), so TC is set only when the encoded answer has it too, and
+    /// an answer that fits here only is compared with the whole encoded answer.
+    #[test]
+    fn precompiled_answers_equal_encoded_ones() {
+        let snap = Arc::new(Snapshot::build(9, zone(), catalog()));
+        assert_eq!(snap.stats.instances, 10_000);
+        let fast = responder_with(snap.clone(), 1232);
+        let mut slow = responder_with(snap.clone(), 1232);
+        slow.set_precompiled(false);
+        let mut unlimited = responder_with(snap.clone(), u16::MAX);
+        unlimited.set_precompiled(false);
+        let mut names = vec![
+            "service.upsync.".to_string(),
+            "ns.service.upsync.".into(),
+            "addr.service.upsync.".into(),
+            "_tcp.service.upsync.".into(),
+            "10-100-0-1.addr.service.upsync.".into(),
+            "nope.service.upsync.".into(),
+            "a.b.c.service.upsync.".into(),
+            "example.com.".into(),
+            "1.0.100.10.in-addr.arpa.".into(),
+        ];
+        for (key, svc) in &snap.services {
+            let svc_name = String::from_utf8(key.to_vec()).unwrap();
+            names.push(format!("{svc_name}.service.upsync."));
+            names.push(format!("_{svc_name}._tcp.service.upsync."));
+            names.push(format!("_{svc_name}._udp.service.upsync."));
+            names.push(format!("nope.{svc_name}.service.upsync."));
+            names.push(format!("_{svc_name}._nope.service.upsync."));
+            for tag in svc.tags.keys() {
+                let tag = String::from_utf8(tag.to_vec()).unwrap();
+                names.push(format!("{tag}.{svc_name}.service.upsync."));
+                names.push(format!("_{svc_name}._{tag}.service.upsync."));
+            }
+        }
+        let types = [RecordType::A, RecordType::AAAA, RecordType::SRV, RecordType::TXT, RecordType::ANY, RecordType::MX, RecordType::SOA];
+        let payloads = [None, Some(512), Some(1232), Some(4096), Some(700), Some(100)];
+        let (mut fs, mut ss, mut us) = (Scratch::default(), Scratch::default(), Scratch::default());
+        let mut x: u64 = 0x1234_5678_9abc_def1;
+        let (mut checked, mut precompiled, mut truncated) = (0, 0, 0);
+        for (n, name) in names.iter().enumerate() {
+            for (ti, &t) in types.iter().enumerate() {
+                // A, AAAA, SRV with every payload size; the others with one.
+                let sizes: &[Option<u16>] = if ti < 3 { &payloads } else { &payloads[(n + ti) % payloads.len()..][..1] };
+                for &edns in sizes {
+                    for randomise in [false, true] {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        let asked: String = if randomise {
+                            name.chars()
+                                .enumerate()
+                                .map(|(i, c)| if (x >> (i % 64)) & 1 == 1 { c.to_ascii_uppercase() } else { c })
+                                .collect()
+                        } else {
+                            name.clone()
+                        };
+                        let raw = query_bytes(&asked, t, edns, x as u16);
+                        let before = fs.rotation;
+                        let (Some(a), Some(b)) = (send(&fast, &raw, &mut fs), send(&slow, &raw, &mut ss)) else {
+                            continue;
+                        };
+                        assert_eq!(fs.rotation, ss.rotation, "{asked} {t}: same rotation");
+                        let mut probe = Scratch { rotation: before, ..Scratch::default() };
+                        precompiled += usize::from(fast.answer_precompiled(&raw, "127.0.0.1:5000".parse().unwrap(), &mut probe).is_some());
+                        let (ma, mb) = (Message::from_vec(&a).unwrap(), Message::from_vec(&b).unwrap());
+                        let what = format!("{asked} {t} edns {edns:?}");
+                        let max = edns.map_or(512, |p| p.clamp(512, 1232)) as usize;
+                        assert!(a.len() <= max, "{what}: {} bytes", a.len());
+                        let mut meta = ma.metadata;
+                        meta.truncation = mb.metadata.truncation;
+                        assert_eq!(meta, mb.metadata, "{what}");
+                        assert_eq!(ma.queries[0].name().to_ascii(), asked, "{what}: question echoed as asked");
+                        assert_eq!(ma.queries, mb.queries, "{what}");
+                        assert_eq!(ma.edns, mb.edns, "{what}");
+                        if ma.metadata.truncation == mb.metadata.truncation {
+                            assert_eq!(records(&ma), records(&mb), "{what}");
+                            // Never larger: names compress against the question too.
+                            assert!(a.len() <= b.len(), "{what}: {} > {} bytes", a.len(), b.len());
+                        } else {
+                            // hickory does not compress against the question: an answer may
+                            // fit here and not there, never the other way.
+                            assert!(!ma.metadata.truncation, "{what}: truncated here only");
+                            us.rotation = before;
+                            let full = send(&unlimited, &query_bytes(name, t, Some(u16::MAX), x as u16), &mut us).unwrap();
+                            assert_eq!(records(&ma), records(&Message::from_vec(&full).unwrap()), "{what}: against the whole answer");
+                        }
+                        truncated += usize::from(ma.metadata.truncation);
+                        checked += 1;
+                    }
+                }
+            }
+        }
+        eprintln!("{checked} answers compared, {precompiled} of them precompiled, {truncated} truncated");
+        assert!(checked > 100_000 && precompiled > checked / 4 && truncated > 100, "{checked} {precompiled} {truncated}");
     }
 }

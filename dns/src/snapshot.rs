@@ -10,7 +10,8 @@ use hickory_proto::rr::rdata::{A, AAAA, NS, SOA};
 use hickory_proto::rr::{Name, RData, Record};
 use ipnet::IpNet;
 
-use crate::names::addr_name;
+use crate::names::{addr_name, ip_label};
+use crate::wire::{record_head, ZoneWire, LABEL_MAX, TYPE_A, TYPE_AAAA};
 
 /// An instance's address (a host name is served in SRV only, see the README) and its
 /// aggregated health (its own checks and its node's), as the discovery library models them.
@@ -96,6 +97,13 @@ pub(crate) struct Inst {
     pub priority: u16,
     pub weight: u16,
     pub meta: BTreeMap<String, String>,
+    /// Wire form ([`crate::wire`]): SRV priority, weight and port; the target's first label
+    /// with its length byte (`label[0] == 0`: the target is not `LABEL.addr.ZONE`); the glue
+    /// record after its owner (type to address).
+    pub srv_rdata: [u8; 6],
+    pub label: [u8; LABEL_MAX],
+    pub glue: [u8; 26],
+    pub glue_len: u8,
 }
 
 /// A set of usable instances answered together (a whole service, or one tag of it).
@@ -109,6 +117,13 @@ pub(crate) struct View {
     pub srv: Vec<u32>,
     /// One instance per distinct address among `srv`: the glue of an SRV answer.
     pub glue: Vec<u32>,
+    /// Wire form ([`crate::wire`]): the A and AAAA records (`v4`, `v6` in order), for each
+    /// `srv` member the index in `glue` of its address, and whether every SRV target is an
+    /// address name (the SRV answer can be assembled from precompiled parts).
+    pub wire_a: Box<[u8]>,
+    pub wire_aaaa: Box<[u8]>,
+    pub srv_glue: Box<[u16]>,
+    pub srv_wire: bool,
 }
 
 #[derive(Debug)]
@@ -162,6 +177,8 @@ pub struct Snapshot {
     pub(crate) soa: Record,
     pub(crate) ns: Record,
     pub(crate) ns_glue: Vec<Record>,
+    /// The zone's precompiled parts (SOA of negative answers).
+    pub(crate) wire: ZoneWire,
 }
 
 /// Every registered address → the services there (PTR), and the reverse-zone empty
@@ -287,6 +304,7 @@ impl Snapshot {
         }
         stats.instances += unnamable_services;
         let (soa, ns, ns_glue) = apex_records(&zone, index);
+        let wire = ZoneWire::new(&zone.zone, &zone.ns_name, &soa);
         Snapshot {
             index,
             synced: true,
@@ -300,6 +318,7 @@ impl Snapshot {
             soa,
             ns,
             ns_glue,
+            wire,
             zone,
         }
     }
@@ -340,13 +359,44 @@ impl Service {
             if !usable {
                 continue;
             }
+            let mut label = [0u8; LABEL_MAX];
             let (ip, target) = match &inst.host {
-                Host::Ip(ip) => (Some(*ip), addr_name(*ip, &zone.zone)),
+                Host::Ip(ip) => {
+                    let target = addr_name(*ip, &zone.zone);
+                    let l = ip_label(*ip);
+                    // `LABEL.addr.ZONE` (a zone too long for it gets the zone itself).
+                    if target.num_labels() == zone.zone.num_labels() + 2
+                        && target.iter().next() == Some(l.as_bytes())
+                        && l.len() < LABEL_MAX
+                    {
+                        label[0] = l.len() as u8;
+                        label[1..=l.len()].copy_from_slice(l.as_bytes());
+                    }
+                    (Some(*ip), target)
+                }
                 Host::Name(h) => {
                     let mut n = Name::from_ascii(h).unwrap_or_else(|_| zone.zone.clone());
                     n.set_fqdn(true);
                     (None, n)
                 }
+            };
+            let priority = if inst.backup { PRIORITY_BACKUP } else { PRIORITY_PRIMARY };
+            let weight = inst.weight.min(u32::from(u16::MAX)) as u16;
+            let mut srv_rdata = [0u8; 6];
+            srv_rdata[..2].copy_from_slice(&priority.to_be_bytes());
+            srv_rdata[2..4].copy_from_slice(&weight.to_be_bytes());
+            srv_rdata[4..].copy_from_slice(&inst.port.to_be_bytes());
+            let mut glue = [0u8; 26];
+            let glue_len = match ip {
+                Some(IpAddr::V4(a)) => {
+                    glue[..14].copy_from_slice(&[&record_head(TYPE_A, zone.ttl, 4)[2..], &a.octets()[..]].concat());
+                    14
+                }
+                Some(IpAddr::V6(a)) => {
+                    glue.copy_from_slice(&[&record_head(TYPE_AAAA, zone.ttl, 16)[2..], &a.octets()[..]].concat());
+                    26
+                }
+                None => 0,
             };
             insts.push(Inst {
                 id: inst.id,
@@ -355,19 +405,23 @@ impl Service {
                 ip,
                 target,
                 port: inst.port,
-                priority: if inst.backup { PRIORITY_BACKUP } else { PRIORITY_PRIMARY },
-                weight: inst.weight.min(u32::from(u16::MAX)) as u16,
+                priority,
+                weight,
                 meta: inst.meta,
+                srv_rdata,
+                label,
+                glue,
+                glue_len,
             });
         }
-        let all = View::build(&insts, 0..insts.len() as u32);
-        let tags = tag_members.into_iter().map(|(t, members)| (t, View::build(&insts, members))).collect();
+        let all = View::build(&insts, 0..insts.len() as u32, zone.ttl);
+        let tags = tag_members.into_iter().map(|(t, members)| (t, View::build(&insts, members, zone.ttl))).collect();
         Some(Service { fqdn, insts, all, tags, ips, registered, unnamable_tags })
     }
 }
 
 impl View {
-    fn build(insts: &[Inst], members: impl IntoIterator<Item = u32>) -> View {
+    fn build(insts: &[Inst], members: impl IntoIterator<Item = u32>, ttl: u32) -> View {
         let srv: Vec<u32> = members.into_iter().collect();
         let any_primary = srv.iter().any(|&i| insts[i as usize].priority == PRIORITY_PRIMARY);
         let mut v4 = Vec::new();
@@ -390,8 +444,22 @@ impl View {
         let mut by_ip: Vec<(IpAddr, u32)> = srv.iter().filter_map(|&i| insts[i as usize].ip.map(|ip| (ip, i))).collect();
         by_ip.sort_unstable();
         by_ip.dedup_by_key(|(ip, _)| *ip);
+        let srv_wire = srv.iter().all(|&i| insts[i as usize].label[0] != 0) && by_ip.len() <= usize::from(u16::MAX);
+        let srv_glue = if srv_wire {
+            srv.iter()
+                .map(|&i| {
+                    by_ip
+                        .binary_search_by(|(ip, _)| ip.cmp(&insts[i as usize].ip.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))))
+                        .unwrap_or(0) as u16
+                })
+                .collect()
+        } else {
+            Box::default()
+        };
         let glue = by_ip.into_iter().map(|(_, i)| i).collect();
-        View { v4, v6, srv, glue }
+        let wire_a = v4.iter().flat_map(|a| [&record_head(TYPE_A, ttl, 4)[..], &a.octets()[..]].concat()).collect();
+        let wire_aaaa = v6.iter().flat_map(|a| [&record_head(TYPE_AAAA, ttl, 16)[..], &a.octets()[..]].concat()).collect();
+        View { v4, v6, srv, glue, wire_a, wire_aaaa, srv_glue, srv_wire }
     }
 }
 

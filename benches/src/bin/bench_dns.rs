@@ -1,11 +1,18 @@
 //! End-to-end benchmark of upsync-dns (`make bench`, or `scripts/bench/dns.sh`).
 //!
-//! One run, one catalog, four servers answering the same records side by side on loopback:
+//! One run, one catalog, six servers answering the same records side by side on loopback:
 //! upsync-dns, Consul's own DNS interface (the agent holding the catalog), dnsmasq (the same
-//! records as `host-record`/`srv-host` lines) and unbound (`local-data`). dnsperf sends A and
+//! records as `host-record`/`srv-host` lines), unbound (`local-data`), and the authoritative
+//! servers NSD and Knot DNS (a zone file written by the benchmark; each started here on a free
+//! port with its own configuration and files in the run's directory, never the system service). dnsperf sends A and
 //! SRV questions for every service in random order; we report queries per second, dnsperf's
 //! average latency, lost queries, and the CPU time the server spent per query (from /proc: it
 //! does not move when other work competes for the 2 cores, unlike queries per second).
+//!
+//! dnsperf sends EDNS0 (`-e`, as resolvers do): without it, a 10-instance service's SRV answer
+//! with the glue of its targets (about 540 bytes) exceeds 512 bytes, which upsync-dns answers
+//! with TC (the client retries over TCP) while unbound and the authoritative servers leave
+//! the glue out, so the SRV runs would not compare the same answers.
 //!
 //! Then freshness: the time from a Consul write (HTTP call returned) to the first DNS answer
 //! showing it, for a check going critical/passing and for an instance registered/
@@ -135,6 +142,59 @@ fn start_unbound(dir: &std::path::Path, services: usize, per: usize) -> anyhow::
     Ok((p, port))
 }
 
+/// The zone file NSD and Knot serve: the same A, SRV and target records.
+fn write_zone(dir: &std::path::Path, services: usize, per: usize) -> anyhow::Result<std::path::PathBuf> {
+    let mut z = String::from(
+        "$ORIGIN service.upsync.\n$TTL 5\n@ IN SOA ns.service.upsync. hostmaster.service.upsync. 1 3600 600 86400 5\n@ IN NS ns\nns IN A 127.0.0.53\n",
+    );
+    for s in 0..services {
+        for k in 0..per {
+            let (ip, p) = instance_addr(s * per + k);
+            let target = format!("{}.addr", ip_label(&ip));
+            z.push_str(&format!("svc{s} IN A {ip}\n_svc{s}._tcp IN SRV 1 1 {p} {target}\n{target} IN A {ip}\n"));
+        }
+    }
+    let path = dir.join("service.upsync.zone");
+    std::fs::write(&path, z)?;
+    Ok(path)
+}
+
+/// NSD (authoritative) serving the zone file, 2 server processes (one per core), its files in `dir`.
+fn start_nsd(dir: &std::path::Path, zone: &std::path::Path) -> anyhow::Result<(Proc, u16)> {
+    let port = free_port();
+    let d = dir.join("nsd");
+    std::fs::create_dir_all(&d)?;
+    let conf = format!(
+        "server:\n  ip-address: 127.0.0.1@{port}\n  port: {port}\n  server-count: 2\n  reuseport: yes\n  username: \"\"\n  chroot: \"\"\n  zonesdir: \"{d}\"\n  database: \"\"\n  pidfile: \"{d}/nsd.pid\"\n  xfrdfile: \"{d}/xfrd.state\"\n  xfrdir: \"{d}\"\n  zonelistfile: \"{d}/zone.list\"\n  logfile: \"{d}/nsd.log\"\n  verbosity: 0\n  do-ip6: no\nremote-control:\n  control-enable: no\nzone:\n  name: service.upsync.\n  zonefile: \"{z}\"\n",
+        d = d.display(),
+        z = zone.display()
+    );
+    let path = d.join("nsd.conf");
+    std::fs::write(&path, conf)?;
+    let mut cmd = Command::new("/usr/sbin/nsd");
+    cmd.arg("-d").arg("-c").arg(&path);
+    let p = Proc::spawn("nsd", cmd, &dir.join("nsd.log"))?;
+    Ok((p, port))
+}
+
+/// Knot DNS (authoritative) serving the zone file, 2 UDP workers, its files in `dir`.
+fn start_knot(dir: &std::path::Path, zone: &std::path::Path) -> anyhow::Result<(Proc, u16)> {
+    let port = free_port();
+    let d = dir.join("knot");
+    std::fs::create_dir_all(&d)?;
+    let conf = format!(
+        "server:\n  rundir: \"{d}\"\n  listen: 127.0.0.1@{port}\n  udp-workers: 2\n  tcp-workers: 1\n  background-workers: 1\ndatabase:\n  storage: \"{d}\"\nlog:\n  - target: stderr\n    any: warning\ntemplate:\n  - id: default\n    storage: \"{d}\"\n    zonefile-sync: -1\n    journal-content: none\n    semantic-checks: off\nzone:\n  - domain: service.upsync.\n    file: \"{z}\"\n",
+        d = d.display(),
+        z = zone.display()
+    );
+    let path = d.join("knot.conf");
+    std::fs::write(&path, conf)?;
+    let mut cmd = Command::new("/usr/sbin/knotd");
+    cmd.arg("-c").arg(&path);
+    let p = Proc::spawn("knot", cmd, &dir.join("knot.log"))?;
+    Ok((p, port))
+}
+
 #[derive(Clone, Debug, Default, serde::Serialize)]
 struct PerfReport {
     qps: f64,
@@ -148,7 +208,7 @@ struct PerfReport {
 fn dnsperf(port: u16, file: &std::path::Path, secs: u64, pids: &[u32]) -> anyhow::Result<PerfReport> {
     let before = cpu_us(pids);
     let out = Command::new("dnsperf")
-        .args(["-s", "127.0.0.1", "-p", &port.to_string(), "-l", &secs.to_string(), "-c", "8", "-T", "2", "-q", "500", "-t", "2"])
+        .args(["-s", "127.0.0.1", "-p", &port.to_string(), "-l", &secs.to_string(), "-c", "8", "-T", "2", "-q", "500", "-t", "2", "-e"])
         .arg("-d")
         .arg(file)
         .output()
@@ -422,7 +482,7 @@ fn freshness(consul: &Consul, dns: &DnsServer, rounds: usize, slow_rounds: usize
     f
 }
 
-/// dnsperf A and SRV against the four servers, serving services `0..services`.
+/// dnsperf A and SRV against the six servers, serving services `0..services`.
 struct Phase<'a> {
     dir: &'a std::path::Path,
     consul: &'a Consul,
@@ -436,7 +496,10 @@ impl Phase<'_> {
         std::fs::create_dir_all(&dir)?;
         let (dnsmasq, dnsmasq_port) = start_dnsmasq(&dir, services, per)?;
         let (unbound, unbound_port) = start_unbound(&dir, services, per)?;
-        for (what, port) in [("dnsmasq", dnsmasq_port), ("unbound", unbound_port)] {
+        let zone = write_zone(&dir, services, per)?;
+        let (nsd, nsd_port) = start_nsd(&dir, &zone)?;
+        let (knot, knot_port) = start_knot(&dir, &zone)?;
+        for (what, port) in [("dnsmasq", dnsmasq_port), ("unbound", unbound_port), ("NSD", nsd_port), ("Knot", knot_port)] {
             wait_until(&format!("{what} answering svc0"), Duration::from_secs(300), || {
                 !dig(SocketAddr::from(([127, 0, 0, 1], port)), &["svc0.service.upsync.", "A"]).answer.is_empty()
             });
@@ -464,17 +527,26 @@ impl Phase<'_> {
         let srv_ours = qfile("srv.txt", &|s| format!("_svc{s}._tcp.service.upsync SRV"))?;
         let a_consul = qfile("a-consul.txt", &|s| format!("svc{s}.service.consul A"))?;
         let srv_consul = qfile("srv-consul.txt", &|s| format!("_svc{s}._tcp.service.consul SRV"))?;
-        let servers: [(&str, u16, u32, bool); 4] = [
+        let servers: [(&str, u16, u32, bool); 6] = [
             ("upsync-dns", self.dns.port, self.dns.pid(), false),
             ("Consul DNS", self.consul.ports.dns, self.consul.pid(), true),
             ("dnsmasq", dnsmasq_port, dnsmasq.pid(), false),
             ("unbound", unbound_port, unbound.pid(), false),
+            ("NSD", nsd_port, nsd.pid(), false),
+            ("Knot", knot_port, knot.pid(), false),
         ];
         let mut results = Vec::new();
         for (qtype, ours, theirs) in [("A", &a_ours, &a_consul), ("SRV", &srv_ours, &srv_consul)] {
             for (name, port, pid, is_consul) in servers {
                 eprintln!("dnsperf {qtype}: {name} ({} instances)", services * per);
-                let r = dnsperf(port, if is_consul { theirs } else { ours }, self.secs, &[pid])?;
+                // NSD answers from forked server processes: their CPU counts.
+                let mut pids = vec![pid];
+                let mut i = 0;
+                while i < pids.len() {
+                    pids.extend(upsync_tests::proc::children_of(pids[i]));
+                    i += 1;
+                }
+                let r = dnsperf(port, if is_consul { theirs } else { ours }, self.secs, &pids)?;
                 results.push((name.to_string(), qtype, r));
             }
         }
@@ -501,16 +573,21 @@ fn print_ratios(instances: usize, results: &[(String, &str, PerfReport)]) {
     let find = |name: &str, t: &str| results.iter().find(|(n, q, _)| n == name && *q == t).map(|(_, _, r)| r.clone()).unwrap_or_default();
     for t in ["A", "SRV"] {
         let (o, c, m, u) = (find("upsync-dns", t), find("Consul DNS", t), find("dnsmasq", t), find("unbound", t));
+        let (n, k) = (find("NSD", t), find("Knot", t));
         let r = |x: &PerfReport| o.qps / x.qps.max(1e-9);
         let cpu = |x: &PerfReport| o.cpu_us_per_query / x.cpu_us_per_query.max(1e-9);
         println!(
-            "- {instances} instances, {t}: upsync-dns answers **{:.1}x** Consul DNS, **{:.2}x** dnsmasq, **{:.2}x** unbound (queries/s); its CPU per query is {:.2}x / {:.2}x / {:.2}x theirs",
+            "- {instances} instances, {t}: upsync-dns answers **{:.1}x** Consul DNS, **{:.2}x** dnsmasq, **{:.2}x** unbound, **{:.2}x** NSD, **{:.2}x** Knot (queries/s); its CPU per query is {:.2}x / {:.2}x / {:.2}x / {:.2}x / {:.2}x theirs",
             r(&c),
             r(&m),
             r(&u),
+            r(&n),
+            r(&k),
             cpu(&c),
             cpu(&m),
-            cpu(&u)
+            cpu(&u),
+            cpu(&n),
+            cpu(&k)
         );
     }
 }
@@ -574,7 +651,9 @@ fn main() -> anyhow::Result<()> {
     };
     let fresh_big = freshness(&consul, &dns, rounds, (rounds / 10).max(3), &cold, &leaving);
 
-    println!("### upsync-dns vs Consul DNS, dnsmasq, unbound (dnsperf -c 8 -T 2 -q 500, {secs} s per run, same machine and run)\n");
+    println!(
+        "### upsync-dns vs Consul DNS, dnsmasq, unbound, NSD, Knot (dnsperf -c 8 -T 2 -q 500 -e, {secs} s per run, same machine and run)\n"
+    );
     println!("| instances | server | type | queries/s | avg latency | lost | server CPU/query | upsync-dns qps ratio |");
     println!("|---:|---|---|---:|---:|---:|---:|---:|");
     print_runs(small * per, &small_runs);
