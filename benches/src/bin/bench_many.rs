@@ -15,7 +15,7 @@
 //!   `upsync_shm_size` UPSYNC_BENCH_MANY_SHM_MB, default 64, default `upsync` parameters): time
 //!   from starting nginx to every upstream listing its Consul servers (`upstream_show`, text,
 //!   polled every second), Consul's CPU meanwhile; the latency of `upstream_show` for one
-//!   upstream and for all;
+//!   upstream, for all, and for all as Prometheus metrics;
 //! - Consul CPU over the window without changes, the module watching;
 //! - propagation of UPSYNC_BENCH_MANY_CHANGES (50) changes, UPSYNC_BENCH_MANY_PAUSE_MS (500 ms)
 //!   apart, each to a random upstream: Consul write -> both workers proxy `/?u=NAME` to the new
@@ -506,6 +506,9 @@ struct Report {
     /// `upstream_show` (text, every upstream): latency (ms) and size.
     show_all_ms: f64,
     show_all_bytes: usize,
+    /// The same as Prometheus metrics (`?format=prometheus`).
+    show_prometheus_ms: f64,
+    show_prometheus_bytes: usize,
     module_idle: Window,
     propagation_pause_ms: u64,
     propagation_ms: Vec<f64>,
@@ -671,9 +674,20 @@ fn main() -> anyhow::Result<()> {
         .read_to_end(&mut all)?;
     report.show_all_ms = t.elapsed().as_secs_f64() * 1000.0;
     report.show_all_bytes = all.len();
+    let t = Instant::now();
+    let mut prom = Vec::new();
+    ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .get(&front.url("/show?format=prometheus"))
+        .call()?
+        .into_reader()
+        .read_to_end(&mut prom)?;
+    report.show_prometheus_ms = t.elapsed().as_secs_f64() * 1000.0;
+    report.show_prometheus_bytes = prom.len();
     eprintln!(
-        "  upstream_show of one upstream (JSON): {:.1} ms; of all (text, {} bytes): {:.0} ms",
-        report.show_one_ms, report.show_all_bytes, report.show_all_ms
+        "  upstream_show of one upstream (JSON): {:.1} ms; of all (text, {} bytes): {:.0} ms; metrics ({} bytes): {:.0} ms",
+        report.show_one_ms, report.show_all_bytes, report.show_all_ms, report.show_prometheus_bytes, report.show_prometheus_ms
     );
 
     let front_pids = nginx_pids(&front);
@@ -906,10 +920,12 @@ fn print_report(r: &Report, window: Duration, every: Duration) {
         r.shm_mb
     );
     println!(
-        "- `upstream_show`: one upstream (`?upstream=NAME&format=json`) {:.1} ms; all (text, {:.1} MB) {:.0} ms.",
+        "- `upstream_show` (on a worker's event loop): one upstream (`?upstream=NAME&format=json`) {:.1} ms; all (text, {:.1} MB) {:.0} ms; all as Prometheus metrics (`?format=prometheus`, {:.1} MB) {:.0} ms.",
         r.show_one_ms,
         r.show_all_bytes as f64 / 1e6,
-        r.show_all_ms
+        r.show_all_ms,
+        r.show_prometheus_bytes as f64 / 1e6,
+        r.show_prometheus_ms
     );
     if let Some(d) = &r.peer_default {
         println!(
