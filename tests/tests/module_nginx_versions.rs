@@ -139,6 +139,7 @@ fn mapping(nginx: &Nginx, path: &str, keys: usize) -> Vec<String> {
 }
 
 fn hash_blocks(ring_lines: &str, modula_lines: &str) -> String {
+    let show = if ring_lines.contains("upsync") { "location = /show { upstream_show; }" } else { "" };
     format!(
         "upstream ring {{ zone ring 256k; hash $arg_k consistent; {ring_lines} }}
          upstream modula {{ zone modula 256k; hash $arg_k; {modula_lines} }}
@@ -146,7 +147,7 @@ fn hash_blocks(ring_lines: &str, modula_lines: &str) -> String {
              listen 127.0.0.1:{{{{port}}}};
              location /ring {{ proxy_pass http://ring; proxy_next_upstream off; }}
              location /modula {{ proxy_pass http://modula; proxy_next_upstream off; }}
-             location = /show {{ upstream_show; }}
+             {show}
          }}"
     )
 }
