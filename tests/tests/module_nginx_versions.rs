@@ -169,7 +169,9 @@ fn zone_and_hash_in_a_synced_upstream_map_keys_as_stock_nginx() {
         &dir.subdir("synced"),
         NginxConf::new(&hash_blocks(
             &format!("server 127.0.0.1:9; upsync {c}/v1/kv/upstreams/ring upsync_timeout=30s upsync_interval=10ms; upsync_lb hash_ketama;"),
-            &format!("server 127.0.0.1:9; upsync {c}/v1/kv/upstreams/modula upsync_timeout=30s upsync_interval=10ms; upsync_lb hash_modula;"),
+            &format!(
+                "server 127.0.0.1:9; upsync {c}/v1/kv/upstreams/modula upsync_timeout=30s upsync_interval=10ms; upsync_lb hash_modula;"
+            ),
         ))
         .workers(2),
     );
