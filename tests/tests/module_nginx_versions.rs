@@ -168,13 +168,23 @@ fn zone_and_hash_in_a_synced_upstream_map_keys_as_stock_nginx() {
     let synced = Nginx::start(
         &dir.subdir("synced"),
         NginxConf::new(&hash_blocks(
-            &format!("server 127.0.0.1:9; upsync {c}/v1/kv/upstreams/ring upsync_timeout=30s upsync_interval=10ms; upsync_lb hash_ketama;"),
+            // Without upsync_lb: nothing tells the module that this `hash` is consistent.
+            &format!("server 127.0.0.1:9; upsync {c}/v1/kv/upstreams/ring upsync_timeout=30s upsync_interval=10ms;"),
             &format!(
                 "server 127.0.0.1:9; upsync {c}/v1/kv/upstreams/modula upsync_timeout=30s upsync_interval=10ms; upsync_lb hash_modula;"
             ),
         ))
         .workers(2),
     );
+    // upsync_lb hash_ketama with `zone` + `hash ... consistent` passes nginx -t on every line.
+    let t = Nginx::test_config(
+        &dir.subdir("ketama"),
+        &NginxConf::new(&hash_blocks(
+            &format!("server 127.0.0.1:9; upsync {c}/v1/kv/upstreams/ring; upsync_lb hash_ketama;"),
+            "server 127.0.0.1:9;",
+        )),
+    );
+    assert!(t.ok, "{}", t.output);
     let stock = |name: &str, servers: &[String]| {
         let lines: String = servers.iter().map(|s| format!("server {s}; ")).collect();
         Nginx::start(&dir.subdir(name), NginxConf::new(&hash_blocks(&lines, &lines)).workers(2).without_module())
