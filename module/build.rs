@@ -1,7 +1,15 @@
 //! Passes the features nginx was configured with (read by `nginx-sys` from the nginx build
 //! tree) to the compiler as `cfg(ngx_feature = "...")`, e.g. to free upstream SSL sessions only
-//! when nginx has SSL.
+//! when nginx has SSL; and the nginx version as `cfg(nginx1_27_3)` (nginx >= 1.27.3: `resolve`
+//! servers in upstreams, the `config` counter of peer lists and of the `hash` module's conf).
 fn main() {
+    println!("cargo::rustc-check-cfg=cfg(nginx1_27_3)");
+    println!("cargo::rerun-if-env-changed=DEP_NGINX_VERSION_NUMBER");
+    if let Some(v) = std::env::var("DEP_NGINX_VERSION_NUMBER").ok().and_then(|v| v.trim().parse::<u64>().ok()) {
+        if v >= 1_027_003 {
+            println!("cargo::rustc-cfg=nginx1_27_3");
+        }
+    }
     println!("cargo::rerun-if-env-changed=DEP_NGINX_FEATURES_CHECK");
     println!("cargo::rerun-if-env-changed=DEP_NGINX_FEATURES");
     let check = std::env::var("DEP_NGINX_FEATURES_CHECK").unwrap_or_else(|_| "any()".into());

@@ -13,6 +13,8 @@ fi
 
 # Debian packages. dpkg-dev, binutils, help2man: `make package` (dpkg-shlibdeps, strip, man
 # pages); systemd: `systemd-analyze verify` of the packaged units (it need not be PID 1).
+# gcc, make and the -dev libraries: nginx 1.28 built from the nginx-src crate's source
+# (`make build NGINX=1.28`, `make test`), with the system's OpenSSL, PCRE2 and zlib.
 # nginx and nginx-dev must be the same version (the module is built against
 # nginx-dev's headers and loaded into nginx); apt installs the candidate of both together.
 packages=(
@@ -26,6 +28,7 @@ packages=(
     # headless browser for the module's status page test (tests/tests/module_status_page.rs),
     # Prometheus for the metrics and dashboard test (tests/tests/metrics_dashboard.rs)
     chromium prometheus
+    gcc make libc6-dev libssl-dev libpcre2-dev zlib1g-dev
 )
 missing=()
 for p in "${packages[@]}"; do

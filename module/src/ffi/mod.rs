@@ -481,6 +481,22 @@ unsafe fn postconfiguration(cf: &mut ngx_conf_t) -> ngx_int_t {
             return NGX_ERROR as ngx_int_t;
         }
         let Some(u) = &srv.sync.upsync else { continue };
+        // nginx >= 1.27.3 resolves `server NAME resolve;` itself and edits the peers it made
+        // from it: never in a list upsync replaces.
+        #[cfg(all(nginx1_27_3, ngx_feature = "http_upstream_zone"))]
+        // SAFETY: us is a configured upstream block; servers is its array of servers.
+        if let Some(server) = unsafe { resolve_server(us) } {
+            ngx_conf_log_error!(
+                NGX_LOG_EMERG,
+                cf,
+                "upsync: upstream \"{}\": server \"{}\" has \"resolve\": nginx's resolver would keep editing peers of \
+                 a list upsync replaces with the one from Consul; remove \"resolve\" (and \"service=\") from the \
+                 servers of this upstream, or move that server to an upstream without upsync",
+                name,
+                server
+            );
+            return NGX_ERROR as ngx_int_t;
+        }
         if us.peer.init.is_none() {
             ngx_conf_log_error!(NGX_LOG_EMERG, cf, "upsync: upstream \"{}\" has no balancer initialised", name);
             return NGX_ERROR as ngx_int_t;
@@ -496,11 +512,20 @@ unsafe fn postconfiguration(cf: &mut ngx_conf_t) -> ngx_int_t {
         };
         // SAFETY: as above.
         let (hash, consistent) = hcf.map(|h| unsafe { (!(*h).key.value.data.is_null(), !(*h).points.is_null()) }).unwrap_or((false, false));
-        if let Err(e) = conf::check_hash_lb(srv.hash_lb, hash, consistent) {
+        // nginx >= 1.27.3 builds no ring at configuration time in an upstream with `zone` (it
+        // builds one on the first request), so there `hash KEY` and `hash KEY consistent` look
+        // the same here: install our ring in any case (a plain `hash` never reads it) and take
+        // upsync_lb's word for which of the two it is.
+        #[cfg(all(nginx1_27_3, ngx_feature = "http_upstream_zone"))]
+        let ring_unknown = hash && !consistent && !us.shm_zone.is_null();
+        #[cfg(not(all(nginx1_27_3, ngx_feature = "http_upstream_zone")))]
+        let ring_unknown = false;
+        let consistent_checked = if ring_unknown { srv.hash_lb == Some(Lb::HashKetama) } else { consistent };
+        if let Err(e) = conf::check_hash_lb(srv.hash_lb, hash, consistent_checked) {
             ngx_conf_log_error!(NGX_LOG_EMERG, cf, "upsync: upstream \"{}\": {}", name, e);
             return NGX_ERROR as ngx_int_t;
         }
-        srv.chash = if consistent { hcf.and_then(ptr::NonNull::new) } else { None };
+        srv.chash = if consistent || ring_unknown { hcf.and_then(ptr::NonNull::new) } else { None };
         srv.source = format!("{}{}", u.addresses[0], u.path);
         srv.key = crate::model::slot_key(&name, u);
         srv.original_init_peer = us.peer.init;
@@ -520,6 +545,21 @@ unsafe fn postconfiguration(cf: &mut ngx_conf_t) -> ngx_int_t {
             NGX_ERROR as ngx_int_t
         }
     }
+}
+
+/// The first server of the block with nginx's own `resolve` (nginx >= 1.27.3: a server whose
+/// name is resolved at run time keeps that name in `host`), as written in the config.
+///
+/// # Safety
+/// `us` is an upstream block of the cycle being configured.
+#[cfg(all(nginx1_27_3, ngx_feature = "http_upstream_zone"))]
+unsafe fn resolve_server(us: &ngx_http_upstream_srv_conf_t) -> Option<String> {
+    if us.servers.is_null() {
+        return None;
+    }
+    // SAFETY: contract; `servers` is an array of ngx_http_upstream_server_t.
+    let servers: &[ngx_http_upstream_server_t] = unsafe { (*us.servers).as_slice() };
+    servers.iter().find(|s| s.host.len != 0).map(|s| String::from_utf8_lossy(s.name.as_bytes()).into_owned())
 }
 
 /// The main conf of the running cycle, if the http{} block exists and loads us.

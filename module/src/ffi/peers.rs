@@ -79,10 +79,17 @@ struct ChashPoint {
 }
 
 /// The `hash` module's per-upstream conf (`ngx_http_upstream_hash_srv_conf_t`, private to
-/// ngx_http_upstream_hash_module.c: same layout from nginx 1.7.2 to 1.27.2).
+/// ngx_http_upstream_hash_module.c: `key, points` from nginx 1.7.2 to 1.27.2; nginx 1.27.3
+/// added `config` between them when nginx has the upstream `zone` module).
+///
+/// From 1.27.3 on, nginx rebuilds the ring itself (and frees the old one) on a request whose
+/// peer list has a non-null `config` counter that differs from `config` here. Our generations
+/// leave the list's `config` null, so nginx uses the ring we install and never frees it.
 #[repr(C)]
 pub struct HashSrvConf {
     pub key: ngx_http_complex_value_t,
+    #[cfg(all(nginx1_27_3, ngx_feature = "http_upstream_zone"))]
+    pub config: ngx_uint_t,
     pub points: *mut c_void,
 }
 
@@ -140,7 +147,8 @@ impl Generation {
         let mut names = names.into_boxed_slice();
         let mut addrs: Box<[libc::sockaddr_storage]> = all.iter().map(|s| sockaddr(&s.addr).0).collect();
         // SAFETY: ngx_http_upstream_rr_peer_t is a C struct of integers and pointers; all-zero
-        // is its "unset" state (nginx itself pcallocs peers).
+        // is its "unset" state (nginx itself pcallocs peers). From nginx 1.27.3 on, that also
+        // means `refs` 0, not a `zombie`, and no `host` (not a peer of nginx's `resolve`).
         let mut peers: Box<[ngx_http_upstream_rr_peer_t]> = (0..all.len()).map(|_| unsafe { core::mem::zeroed() }).collect();
         let mut by_addr = AddrIndex::with_capacity_and_hasher(all.len(), Default::default());
         for (i, s) in all.iter().enumerate() {
@@ -169,7 +177,8 @@ impl Generation {
         }
         let base = peers.as_mut_ptr();
         let list = |first: usize, n: usize| -> Box<ngx_http_upstream_rr_peers_t> {
-            // SAFETY: as above, zero is the unset state of the C struct.
+            // SAFETY: as above, zero is the unset state of the C struct (from nginx 1.27.3 on:
+            // `config` null, so nginx never rebuilds a hash ring from it, and no `resolve` peers).
             let mut l: Box<ngx_http_upstream_rr_peers_t> = Box::new(unsafe { core::mem::zeroed() });
             let slice = &all[first..first + n];
             let w: usize = slice.iter().map(|s| s.weight.max(1) as usize).sum();
