@@ -314,6 +314,8 @@ pub fn slot_key(upstream: &str, u: &crate::conf::Upsync) -> u64 {
         Source::Kv { prefix } => ("consul", prefix.as_str(), ""),
         Source::CatalogService { name } => ("consul_services", name.as_str(), ""),
         Source::HealthService { name, omit_unhealthy } => ("consul_health", name.as_str(), if *omit_unhealthy { "omit" } else { "down" }),
+        Source::Etcd { api: crate::conf::EtcdApi::V2, prefix } => ("etcd_v2", prefix.as_str(), ""),
+        Source::Etcd { api: crate::conf::EtcdApi::V3, prefix } => ("etcd_v3", prefix.as_str(), ""),
     };
     let consistency = match u.consistency {
         Consistency::Default => "default",
