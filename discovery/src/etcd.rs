@@ -341,7 +341,9 @@ fn short(body: &[u8]) -> String {
 /// The client's errors (worded for Consul) reworded for etcd.
 fn reword(e: Error) -> Error {
     let message = match &e {
-        Error::Connect { message, .. } => format!("cannot connect: {message}; check that etcd runs and listens there (--listen-client-urls)"),
+        Error::Connect { message, .. } => {
+            format!("cannot connect: {message}; check that etcd runs and listens there (--listen-client-urls)")
+        }
         Error::Tls { message, .. } => {
             format!("TLS handshake failed: {message}; check the CA file, the server certificate's names and the client certificate")
         }
@@ -474,7 +476,6 @@ enum Next {
 struct Open {
     stream: Stream,
     buf: BytesMut,
-    created: bool,
 }
 
 /// A running watch of the servers under one etcd prefix, with the same contract as
@@ -496,6 +497,8 @@ pub struct EtcdWatch {
     /// The keys changed since the last set was computed (v3).
     dirty: bool,
     open: Option<Open>,
+    /// The open watch stream said "created" (v3).
+    created: bool,
     last: Option<WatchValue>,
     attempt: u32,
     not_before: Option<Instant>,
@@ -510,6 +513,7 @@ impl std::fmt::Debug for EtcdWatch {
 }
 
 /// What one step of the watch gave.
+#[derive(Debug)]
 enum Step {
     Yield(WatchEvent),
     Continue,
@@ -530,6 +534,7 @@ impl EtcdWatch {
             index: 0,
             dirty: false,
             open: None,
+            created: false,
             last: None,
             attempt: 0,
             not_before: None,
@@ -679,7 +684,8 @@ impl EtcdWatch {
                 self.client.fail_over(&address);
                 return Err(status_error(self.api, &address, "POST /v3/watch", status, &body));
             }
-            self.open = Some(Open { stream: s, buf: BytesMut::new(), created: false });
+            self.open = Some(Open { stream: s, buf: BytesMut::new() });
+            self.created = false;
         }
         let Some(open) = self.open.as_mut() else { return Ok(Step::Continue) };
         let address = open.stream.address().clone();
@@ -710,12 +716,10 @@ impl EtcdWatch {
 
     /// What a message of the watch stream means (the state machine; no I/O).
     fn on_message(&mut self, address: &ConsulAddr, message: WatchMessage) -> Result<Step, Error> {
-        let created = self.open.as_ref().is_some_and(|o| o.created);
+        let created = self.created;
         match message {
             WatchMessage::Created { revision } => {
-                if let Some(o) = self.open.as_mut() {
-                    o.created = true;
-                }
+                self.created = true;
                 self.attempt = 0;
                 if revision < self.index {
                     // This member's store is behind what was read (a member still catching

@@ -104,7 +104,9 @@ impl Query {
                 let b = if r.status == 404 { Bytes::new() } else { r.body.clone() };
                 Ok(Decoded { value: WatchValue::Raw(b), skipped: Vec::new() })
             }
-            Query::Etcd { .. } => Err(decode::DecodeError { what: "etcd query", message: "etcd answers are read by the etcd watch".into() }),
+            Query::Etcd { .. } => {
+                Err(decode::DecodeError { what: "etcd query", message: "etcd answers are read by the etcd watch".into() })
+            }
         };
         result.map_err(|error| Error::Decode { address: r.address.clone(), path: self.path(), error })
     }

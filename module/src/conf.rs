@@ -211,7 +211,9 @@ fn source_for(kind: &str, path: &str, omit_unhealthy: bool) -> Result<Source, St
     match kind {
         "consul" => Ok(Source::Kv { prefix: expect("/v1/kv/", "/v1/kv/upstreams/NAME")? }),
         "etcd" => {
-            let bad = || format!("upsync_type=etcd needs a path like \"/v2/keys/upstreams/NAME\" (etcd's v2 API) or \"/v3/kv/upstreams/NAME\" (v3), not \"{path}\"");
+            let bad = || {
+                format!("upsync_type=etcd needs a path like \"/v2/keys/upstreams/NAME\" (etcd's v2 API) or \"/v3/kv/upstreams/NAME\" (v3), not \"{path}\"")
+            };
             let (api, rest) = if let Some(r) = path.strip_prefix("/v2/keys/") {
                 (EtcdApi::V2, r.trim_matches('/'))
             } else if let Some(r) = path.strip_prefix("/v3/kv/") {
@@ -549,8 +551,9 @@ mod tests {
 
     #[test]
     fn etcd_paths() {
-        let v2 = up("127.0.0.1:2379/v2/keys/upstreams/test/ upsync_timeout=6m upsync_interval=500ms upsync_type=etcd strong_dependency=off")
-            .unwrap();
+        let v2 =
+            up("127.0.0.1:2379/v2/keys/upstreams/test/ upsync_timeout=6m upsync_interval=500ms upsync_type=etcd strong_dependency=off")
+                .unwrap();
         assert_eq!(v2.source, Source::Etcd { api: EtcdApi::V2, prefix: "upstreams/test".into() });
         let v3 = up("127.0.0.1:2379,127.0.0.2:2379/v3/kv/upstreams/test upsync_type=etcd").unwrap();
         assert_eq!(v3.source, Source::Etcd { api: EtcdApi::V3, prefix: "upstreams/test".into() });

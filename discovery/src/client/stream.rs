@@ -33,7 +33,11 @@ pub struct Stream {
 
 impl std::fmt::Debug for Stream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Stream").field("address", &self.address.to_string()).field("path", &self.path).field("status", &self.status).finish()
+        f.debug_struct("Stream")
+            .field("address", &self.address.to_string())
+            .field("path", &self.path)
+            .field("status", &self.status)
+            .finish()
     }
 }
 
@@ -70,7 +74,7 @@ impl Client {
                     return Ok(s);
                 }
                 Err(e) if k + 1 < n && e.should_fail_over() => {
-                    tracing::warn!(error = %e, "trying the next address");
+                    tracing::warn!("{}: {}; trying the next address", self.inner.cfg.addresses[i], brief(&e));
                     k += 1;
                 }
                 Err(e) => return Err(e),
@@ -109,7 +113,8 @@ impl Client {
             Acquired::New(p) => (None, p),
         };
         let timeout = self.inner.cfg.request_timeout + wait;
-        let transport = |message: String| Error::Transport { address: address.clone(), method: method.to_string(), path: path.to_string(), message };
+        let transport =
+            |message: String| Error::Transport { address: address.clone(), method: method.to_string(), path: path.to_string(), message };
         loop {
             let (mut conn, was_reused) = match reused.take() {
                 Some(c) => (c, true),
@@ -134,7 +139,12 @@ impl Client {
             }
             let (parts, incoming, driver_done) = match tokio::time::timeout(timeout, head(&mut conn, req)).await {
                 Err(_) => {
-                    return Err(Error::Timeout { address: address.clone(), method: method.to_string(), path: path.to_string(), after: timeout })
+                    return Err(Error::Timeout {
+                        address: address.clone(),
+                        method: method.to_string(),
+                        path: path.to_string(),
+                        after: timeout,
+                    })
                 }
                 Ok(Ok(r)) => r,
                 // A pooled connection the server had closed meanwhile.
@@ -162,6 +172,18 @@ impl Client {
                 driver_err: None,
             });
         }
+    }
+}
+
+/// What went wrong, without the words of [`Error`]'s messages (which name Consul): this path
+/// serves etcd.
+fn brief(e: &Error) -> String {
+    match e {
+        Error::Connect { message, .. } => format!("cannot connect ({message})"),
+        Error::Tls { message, .. } => format!("TLS handshake failed ({message})"),
+        Error::Timeout { method, path, after, .. } => format!("no answer to {method} {path} within {after:?}"),
+        Error::Transport { method, path, message, .. } => format!("{method} {path} failed ({message})"),
+        other => other.to_string(),
     }
 }
 
