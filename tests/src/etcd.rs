@@ -1,6 +1,7 @@
 //! A real etcd 3.5 (the binary `make deps` installs, see [`crate::paths::etcd_bin`]) on free
 //! loopback ports: one member or a cluster, each with its data and log in the test's directory,
-//! v2 API enabled (`--enable-v2`) so both of the module's etcd paths can be tested.
+//! v2 API enabled (`--enable-v2`) so both of the module's etcd paths can be tested; optionally
+//! HTTPS with client certificates (made by Consul's tools, [`ConsulTls`]).
 //!
 //! The helpers write through etcd's own HTTP APIs (v3 JSON gateway, v2 keys) with a plain HTTP
 //! client, not through `upsync-discovery`. [`Gate`] is a transparent TCP relay in front of a
@@ -16,6 +17,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 
+use crate::consul::ConsulTls;
 use crate::net::{free_port, http_request};
 use crate::proc::Proc;
 
@@ -25,7 +27,16 @@ pub struct Etcd {
     pub name: String,
     pub client_port: u16,
     pub peer_port: u16,
+    /// The HTTPS client port of [`Etcd::start_tls`] (the helpers use the plain one).
+    pub https_port: Option<u16>,
     dir: PathBuf,
+}
+
+/// How a single member is started.
+#[derive(Clone, Default)]
+struct Options {
+    no_v2: bool,
+    tls: Option<ConsulTls>,
 }
 
 fn b64(s: &str) -> String {
@@ -42,22 +53,29 @@ fn form(s: &str) -> String {
 impl Etcd {
     /// A single-member cluster under `dir`. Retries with fresh ports if one was taken meanwhile.
     pub fn start(dir: &Path) -> Etcd {
-        Etcd::start_with(dir, true)
+        Etcd::start_with(dir, Options::default())
     }
 
     /// A single member without `--enable-v2` (etcd 3.4+'s default).
     pub fn start_without_v2(dir: &Path) -> Etcd {
-        Etcd::start_with(dir, false)
+        Etcd::start_with(dir, Options { no_v2: true, ..Options::default() })
     }
 
-    fn start_with(dir: &Path, v2: bool) -> Etcd {
+    /// A single member that also serves HTTPS on [`Etcd::https_port`] with `tls`'s server
+    /// certificate and requires client certificates signed by its CA there.
+    pub fn start_tls(dir: &Path, tls: &ConsulTls) -> Etcd {
+        Etcd::start_with(dir, Options { tls: Some(tls.clone()), ..Options::default() })
+    }
+
+    fn start_with(dir: &Path, opts: Options) -> Etcd {
         let mut last = String::new();
         for _ in 0..3 {
             let (client_port, peer_port) = (free_port(), free_port());
+            let https_port = opts.tls.as_ref().map(|_| free_port());
             let name = format!("etcd-{client_port}");
             let cluster = format!("{name}=http://127.0.0.1:{peer_port}");
-            let mut e = Etcd { proc: None, name, client_port, peer_port, dir: dir.join(format!("etcd-{client_port}")) };
-            match e.spawn(&cluster, v2).and_then(|()| e.wait_ready(Duration::from_secs(30))) {
+            let mut e = Etcd { proc: None, name, client_port, peer_port, https_port, dir: dir.join(format!("etcd-{client_port}")) };
+            match e.spawn(&cluster, &opts).and_then(|()| e.wait_ready(Duration::from_secs(30))) {
                 Ok(()) => return e,
                 Err(err) => last = err.to_string(),
             }
@@ -78,11 +96,12 @@ impl Etcd {
                 name: format!("member{i}"),
                 client_port,
                 peer_port,
+                https_port: None,
                 dir: dir.join(format!("etcd-member{i}")),
             })
             .collect();
         for m in members.iter_mut() {
-            m.spawn(&cluster, true).unwrap_or_else(|e| panic!("starting etcd {}: {e}", m.name));
+            m.spawn(&cluster, &Options::default()).unwrap_or_else(|e| panic!("starting etcd {}: {e}", m.name));
         }
         for m in &members {
             m.wait_ready(Duration::from_secs(60)).unwrap_or_else(|e| panic!("etcd {} not ready: {e}", m.name));
@@ -90,23 +109,31 @@ impl Etcd {
         members
     }
 
-    fn spawn(&mut self, cluster: &str, v2: bool) -> anyhow::Result<()> {
+    fn spawn(&mut self, cluster: &str, opts: &Options) -> anyhow::Result<()> {
         std::fs::create_dir_all(&self.dir)?;
         let client = format!("http://127.0.0.1:{}", self.client_port);
+        let listen = match self.https_port {
+            Some(p) => format!("{client},https://127.0.0.1:{p}"),
+            None => client.clone(),
+        };
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let mut cmd = Command::new(crate::paths::etcd_bin());
         cmd.arg("--name")
             .arg(&self.name)
             .arg("--data-dir")
             .arg(self.dir.join("data"))
-            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
+            .args(["--listen-client-urls", &listen, "--advertise-client-urls", &client])
             .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
             .args(["--initial-cluster", cluster, "--initial-cluster-state", "new"])
             .arg("--initial-cluster-token")
             .arg(format!("upsync-test-{}", std::process::id()))
             .args(["--log-level", "info"]);
-        if v2 {
+        if !opts.no_v2 {
             cmd.arg("--enable-v2");
+        }
+        if let Some(t) = &opts.tls {
+            cmd.arg("--cert-file").arg(&t.server_cert).arg("--key-file").arg(&t.server_key);
+            cmd.arg("--trusted-ca-file").arg(&t.ca_file).arg("--client-cert-auth");
         }
         let log = self.dir.join("etcd.log");
         self.proc = Some(Proc::spawn("etcd", cmd, &log)?);

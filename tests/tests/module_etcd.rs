@@ -2,14 +2,16 @@
 //! v2 (`/v2/keys/PREFIX`, nginx-upsync-module's syntax) and v3 (`/v3/kv/PREFIX`, the JSON
 //! gateway's range and watch). Changes reach traffic without reload; a 3-member cluster loses
 //! the member nginx talks to; history etcd no longer has (v3 compaction, v2's 1000 events) is
-//! answered by reading the prefix afresh; bad values keep the last good state.
+//! answered by reading the prefix afresh; bad values keep the last good state; HTTPS with a
+//! client certificate.
 use std::time::Duration;
 
 use upsync_tests::backend::Backend;
+use upsync_tests::consul::ConsulTls;
 use upsync_tests::etcd::{Etcd, Gate};
 use upsync_tests::net::connections_to;
 use upsync_tests::nginx::{Nginx, NginxConf};
-use upsync_tests::upsync::{all_ok, hits, show_json, shown_server, wait_server_field, wait_servers};
+use upsync_tests::upsync::{all_ok, hits, show_json, shown_server, shown_servers, wait_server_field, wait_servers};
 use upsync_tests::{wait_until, TestDir};
 
 #[derive(Clone, Copy, Debug)]
@@ -263,5 +265,35 @@ fn a_member_without_the_v2_api_is_reported_with_what_to_do() {
     });
     let e = show_json(&nginx, "app")["sync"]["last_error"].as_str().unwrap_or("").to_string();
     assert!(e.contains("etcd at http://127.0.0.1:") && e.contains("/v3/kv/PREFIX"), "{e}");
+    clean_log(&nginx);
+}
+
+#[test]
+fn https_with_a_client_certificate() {
+    let dir = TestDir::new("etcd_tls");
+    let tls = ConsulTls::create(&dir.join("tls"));
+    let etcd = Etcd::start_tls(dir.path(), &tls);
+    let a = Backend::start("a");
+    let https = format!("https://127.0.0.1:{}", etcd.https_port.unwrap());
+    let with_cert = format!("upsync_tls ca={} cert={} key={}", tls.ca_file.display(), tls.client_cert.display(), tls.client_key.display());
+    let block = |name: &str, tls_line: &str| {
+        format!(
+            "upstream {name} {{ server 127.0.0.1:9; upsync {https}/v3/kv/upstreams/app upsync_type=etcd upsync_timeout=30s upsync_interval=10ms; {tls_line}; }}\n"
+        )
+    };
+    let http = format!(
+        "{}{}server {{ listen 127.0.0.1:{{{{port}}}}; location / {{ proxy_pass http://app; }} location = /show {{ upstream_show; }} }}",
+        block("app", &with_cert),
+        block("nocert", &format!("upsync_tls ca={}", tls.ca_file.display()))
+    );
+    let nginx = Nginx::start(dir.path(), NginxConf::new(&http));
+    Api::V3.put(&etcd, "app", &a.host_port(), "");
+    wait_servers(&nginx, "app", &[&a.host_port()]);
+    assert_eq!(all_ok(&nginx.url("/"), 5).get("a"), Some(&5));
+    // Without a client certificate etcd refuses the handshake: reported, nothing served.
+    wait_until("the refused handshake in upstream_show", Duration::from_secs(20), || {
+        show_json(&nginx, "nocert")["sync"]["last_error"].as_str().is_some_and(|e| e.starts_with("etcd at https://127.0.0.1:"))
+    });
+    assert!(shown_servers(&nginx, "nocert").iter().all(|s| s == "127.0.0.1:9"));
     clean_log(&nginx);
 }
