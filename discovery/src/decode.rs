@@ -292,7 +292,7 @@ fn kv_servers<'a>(prefix: &str, entries: impl Iterator<Item = (&'a str, Option<&
 /// JSON text (etcd's, once its base64 is undone), by the rules of [`decode_kv`]. `dir` is taken
 /// as stored (an etcd key may begin with `/`), without its trailing `/`; `""`: every key.
 pub fn kv_servers_raw<'a>(dir: &str, entries: impl Iterator<Item = (&'a str, &'a [u8])>) -> Decoded<EndpointSet> {
-    servers_under(dir, entries, |name, raw| kv_endpoint_raw(name, raw))
+    servers_under(dir, entries, kv_endpoint_raw)
 }
 
 fn servers_under<'a, V>(
