@@ -364,6 +364,10 @@ fn reword(e: Error) -> Error {
     }
 }
 
+/// An etcd error. The module counts errors by kind from their messages (after `etcd at
+/// ADDRESS: `): `cannot connect`, `TLS handshake failed`, `no answer to` or `... was not
+/// complete ...` (timeouts), `HTTP exchange failed` or `the member ended` (transport), `...
+/// exceeds ...` (too large), `the answer to ... cannot be used` (decode), `...: HTTP NNN: ...`.
 fn etcd_err(address: &ConsulAddr, message: String) -> Error {
     Error::Etcd { address: address.clone(), message }
 }
@@ -411,12 +415,16 @@ async fn read(client: &Client, api: EtcdApi, prefix: &str) -> Result<Snapshot, E
             let (status, address, index) = (s.status(), s.address().clone(), v2_index(&s));
             let body = s.read_to_end(limit).await.map_err(reword)?;
             let decoded = match status {
-                200 => decode_v2_keys(prefix, &body).map_err(|e| etcd_err(&address, format!("GET {path}: {e}")))?,
+                200 => decode_v2_keys(prefix, &body)
+                    .map_err(|e| etcd_err(&address, format!("the answer to GET {path} cannot be used: {e}")))?,
                 404 if v2_error(&body).is_some_and(|e| e.code == V2_KEY_NOT_FOUND) => Decoded::default(),
                 _ => return Err(status_error(api, &address, &format!("GET {path}"), status, &body)),
             };
             let Some(index) = index else {
-                return Err(etcd_err(&address, format!("GET {path}: the answer has no X-Etcd-Index header; is this etcd's v2 API?")));
+                return Err(etcd_err(
+                    &address,
+                    format!("the answer to GET {path} cannot be used: it has no X-Etcd-Index header; is this etcd's v2 API?"),
+                ));
             };
             Ok(Snapshot { keys: BTreeMap::new(), v2: Some(decoded), index })
         }
@@ -429,7 +437,8 @@ async fn read(client: &Client, api: EtcdApi, prefix: &str) -> Result<Snapshot, E
             if status != 200 {
                 return Err(status_error(api, &address, "POST /v3/kv/range", status, &body));
             }
-            let range = decode_v3_range(&body).map_err(|e| etcd_err(&address, format!("POST /v3/kv/range: {e}")))?;
+            let range =
+                decode_v3_range(&body).map_err(|e| etcd_err(&address, format!("the answer to POST /v3/kv/range cannot be used: {e}")))?;
             let keys = range.kvs.into_iter().map(|kv| (kv.key, kv.value)).collect();
             Ok(Snapshot { keys, v2: None, index: range.revision })
         }
@@ -708,7 +717,7 @@ impl EtcdWatch {
             Err(e) => {
                 self.open = None;
                 self.client.fail_over(&address);
-                return Err(etcd_err(&address, format!("POST /v3/watch: {e}")));
+                return Err(etcd_err(&address, format!("the answer to POST /v3/watch cannot be used: {e}")));
             }
         };
         self.on_message(&address, message)
@@ -763,7 +772,10 @@ impl EtcdWatch {
             }
             WatchMessage::Events { .. } | WatchMessage::Progress { .. } => {
                 self.open = None;
-                return Err(etcd_err(address, "the watch sent changes before it was created".into()));
+                return Err(etcd_err(
+                    address,
+                    "the answer to POST /v3/watch cannot be used: it sent changes before the watch was created".into(),
+                ));
             }
         }
         if self.next == Next::Read {

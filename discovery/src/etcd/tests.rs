@@ -132,6 +132,19 @@ fn errors_speak_of_etcd_and_say_what_to_do() {
     let a = ConsulAddr::parse("127.0.0.1:2379").unwrap();
     let refused = reword(Error::Connect { address: a.clone(), message: "Connection refused".into() }).to_string();
     assert!(refused.starts_with("etcd at http://127.0.0.1:2379: cannot connect") && !refused.contains("Consul"), "{refused}");
+    // The message forms the module counts errors by (model.rs, ErrorKind::of).
+    let stalled = Error::Stalled { address: a.clone(), method: "GET".into(), path: "/v2/keys/x".into(), after: Duration::from_secs(10) };
+    let forms = [
+        (Error::Tls { address: a.clone(), message: "BadCertificate".into() }, ": TLS handshake failed"),
+        (Error::Timeout { address: a.clone(), method: "GET".into(), path: "/x".into(), after: Duration::from_secs(10) }, ": no answer to "),
+        (stalled, " was not complete "),
+        (Error::Transport { address: a.clone(), method: "GET".into(), path: "/x".into(), message: "EOF".into() }, ": HTTP exchange failed"),
+        (Error::TooLarge { address: a.clone(), path: "/v3/watch".into(), limit: 4096 }, " exceeds "),
+    ];
+    for (e, form) in forms {
+        let m = reword(e).to_string();
+        assert!(m.starts_with("etcd at http://127.0.0.1:2379: ") && m.contains(form), "{m}");
+    }
     let no_v2 = status_error(EtcdApi::V2, &a, "GET /v2/keys/x", 404, b"404 page not found\n").to_string();
     assert!(no_v2.contains("HTTP 404: 404 page not found") && no_v2.contains("--enable-v2") && no_v2.contains("/v3/kv/PREFIX"), "{no_v2}");
     let gw = status_error(EtcdApi::V3, &a, "POST /v3/kv/range", 400, &fixture("etcd_v3_error.json")).to_string();
@@ -192,7 +205,8 @@ fn the_v3_watch_refuses_what_it_cannot_trust_and_moves_to_the_next_member() {
     w.index = 10;
     // Changes before "created": not from a watch this client made.
     let early = WatchMessage::Events { events: vec![KvEvent::Delete { key: "upstreams/app/x".into(), mod_revision: 11 }] };
-    assert!(w.on_message(&first, early).unwrap_err().to_string().contains("before it was created"));
+    let e = w.on_message(&first, early).unwrap_err().to_string();
+    assert!(e.contains("POST /v3/watch cannot be used: it sent changes before the watch was created"), "{e}");
     // A member behind what was read (still catching up, or restored from a backup): read afresh.
     w.on_message(&first, WatchMessage::Created { revision: 5 }).unwrap();
     assert_eq!(w.next, Next::Read);
