@@ -263,8 +263,11 @@ fn a_member_without_the_v2_api_is_reported_with_what_to_do() {
     wait_until("the v2 error in upstream_show", Duration::from_secs(20), || {
         show_json(&nginx, "app")["sync"]["last_error"].as_str().is_some_and(|e| e.contains("--enable-v2"))
     });
-    let e = show_json(&nginx, "app")["sync"]["last_error"].as_str().unwrap_or("").to_string();
+    let sync = show_json(&nginx, "app")["sync"].clone();
+    let e = sync["last_error"].as_str().unwrap_or("").to_string();
     assert!(e.contains("etcd at http://127.0.0.1:") && e.contains("/v3/kv/PREFIX"), "{e}");
+    // Counted as an HTTP error (the metrics' kind), not as "other".
+    assert!(sync["errors"]["http"].as_u64().unwrap_or(0) >= 1, "{sync}");
     clean_log(&nginx);
 }
 
