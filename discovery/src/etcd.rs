@@ -317,6 +317,11 @@ pub fn decode_v3_watch(line: &[u8]) -> Result<WatchMessage, DecodeError> {
 /// The message of a gateway error: `{"error":"..","code":14,"message":".."}` (unary calls) or
 /// the object inside a stream's `{"error":{"grpc_code":14,"message":".."}}`.
 fn gateway_message(v: &serde_json::Value) -> String {
+    // A stream's error object, also sent as the body of an HTTP error (`POST /v3/watch` on a
+    // member without a leader: 503 `{"error":{"grpc_code":14,...,"message":"etcdserver: no leader"}}`).
+    if let Some(inner) = v.get("error").filter(|e| e.is_object()) {
+        return gateway_message(inner);
+    }
     let text = v.get("message").and_then(|m| m.as_str()).or_else(|| v.get("error").and_then(|m| m.as_str())).or_else(|| v.as_str());
     match text {
         Some(t) => t.to_string(),

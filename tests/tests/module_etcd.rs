@@ -3,7 +3,7 @@
 //! gateway's range and watch). Changes reach traffic without reload; a 3-member cluster loses
 //! the member nginx talks to; history etcd no longer has (v3 compaction, v2's 1000 events) is
 //! answered by reading the prefix afresh; bad values keep the last good state; HTTPS with a
-//! client certificate.
+//! client certificate; a member without quorum ends the v3 watch.
 use std::time::Duration;
 
 use upsync_tests::backend::Backend;
@@ -298,5 +298,25 @@ fn https_with_a_client_certificate() {
         show_json(&nginx, "nocert")["sync"]["last_error"].as_str().is_some_and(|e| e.starts_with("etcd at https://127.0.0.1:"))
     });
     assert!(shown_servers(&nginx, "nocert").iter().all(|s| s == "127.0.0.1:9"));
+    clean_log(&nginx);
+}
+
+#[test]
+fn a_member_that_loses_its_quorum_ends_the_v3_watch_and_says_so() {
+    let dir = TestDir::new("etcd_no_quorum");
+    let mut members = Etcd::cluster(dir.path(), 3);
+    let a = Backend::start("a");
+    Api::V3.put(&members[0], "app", &a.host_port(), "");
+    let nginx = Nginx::start(dir.path(), NginxConf::new(&http(&[("app", Api::V3, &members[0].client_addr(), "")])));
+    wait_servers(&nginx, "app", &[&a.host_port()]);
+    // The two others die: member0 has no leader any more. The watch asked for one
+    // (hasleader), so etcd ends it instead of leaving it open on a member that will see no
+    // change; the module reports it and keeps the list.
+    members[1].kill();
+    members[2].kill();
+    wait_until("the lost leader in upstream_show", Duration::from_secs(30), || {
+        show_json(&nginx, "app")["sync"]["last_error"].as_str().is_some_and(|e| e.contains("no leader"))
+    });
+    assert_eq!(all_ok(&nginx.url("/app/"), 5).get("a"), Some(&5));
     clean_log(&nginx);
 }

@@ -149,6 +149,9 @@ fn errors_speak_of_etcd_and_say_what_to_do() {
     assert!(no_v2.contains("HTTP 404: 404 page not found") && no_v2.contains("--enable-v2") && no_v2.contains("/v3/kv/PREFIX"), "{no_v2}");
     let gw = status_error(EtcdApi::V3, &a, "POST /v3/kv/range", 400, &fixture("etcd_v3_error.json")).to_string();
     assert!(gw.contains("HTTP 400: invalid character"), "{gw}");
+    let no_leader = br#"{"error":{"grpc_code":14,"http_code":503,"http_status":"Service Unavailable","message":"etcdserver: no leader"}}"#;
+    let nl = status_error(EtcdApi::V3, &a, "POST /v3/watch", 503, no_leader).to_string();
+    assert!(nl.ends_with("POST /v3/watch: HTTP 503: etcdserver: no leader"), "{nl}");
     let v2 = status_error(
         EtcdApi::V2,
         &a,
