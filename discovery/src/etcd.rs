@@ -502,8 +502,9 @@ pub struct EtcdWatch {
     prefix: String,
     opts: WatchOptions,
     next: Next,
-    /// v3: the keys under the prefix as of `index`.
+    /// v3: the keys under the prefix as of `index`, and their size (keys and values).
     keys: BTreeMap<String, Bytes>,
+    held: usize,
     /// v2: the servers as last read.
     v2: Option<Decoded<EndpointSet>>,
     /// v2: the etcd index of the last read; v3: the last revision seen.
@@ -544,6 +545,7 @@ impl EtcdWatch {
             opts,
             next: Next::Read,
             keys: BTreeMap::new(),
+            held: 0,
             v2: None,
             index: 0,
             dirty: false,
@@ -603,6 +605,7 @@ impl EtcdWatch {
         let snap = read(&self.client, self.api, &self.prefix).await?;
         self.attempt = 0;
         self.index = snap.index;
+        self.held = snap.keys.iter().map(|(k, v)| k.len() + v.len()).sum();
         self.keys = snap.keys;
         self.v2 = snap.v2;
         self.next = Next::Wait;
@@ -747,15 +750,31 @@ impl EtcdWatch {
                     match ev {
                         KvEvent::Put(kv) => {
                             self.index = self.index.max(kv.mod_revision);
-                            self.keys.insert(kv.key, kv.value);
+                            self.held += kv.key.len() + kv.value.len();
+                            if let Some(old) = self.keys.insert(kv.key.clone(), kv.value) {
+                                self.held = self.held.saturating_sub(kv.key.len() + old.len());
+                            }
                         }
                         KvEvent::Delete { key, mod_revision } => {
                             self.index = self.index.max(mod_revision);
-                            self.keys.remove(&key);
+                            if let Some(old) = self.keys.remove(&key) {
+                                self.held = self.held.saturating_sub(key.len() + old.len());
+                            }
                         }
                     }
                 }
                 self.dirty = true;
+                // The keys held are bounded like a read: past max_response_bytes, the watch
+                // stops here and the prefix is read again (which refuses it until it fits).
+                let limit = self.client.config().max_response_bytes;
+                if self.held > limit {
+                    self.open = None;
+                    self.next = Next::Read;
+                    return Err(etcd_err(
+                        address,
+                        format!("the size of the keys under the prefix exceeds {limit} bytes; raise max_body or keep fewer keys under the prefix"),
+                    ));
+                }
             }
             WatchMessage::Progress { revision } if created => self.index = self.index.max(revision),
             WatchMessage::Compacted { compact_revision } => {

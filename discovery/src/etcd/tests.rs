@@ -182,6 +182,7 @@ fn the_v3_watch_applies_events_to_the_range_it_read() {
     let range = decode_v3_range(&fixture("etcd_v3_range.json")).unwrap();
     w.index = range.revision;
     w.keys = range.kvs.into_iter().map(|kv| (kv.key, kv.value)).collect();
+    w.held = w.keys.iter().map(|(k, v)| k.len() + v.len()).sum();
     assert_eq!(changed(&mut w).unwrap().len(), 5, "the first set is always yielded");
     assert!(changed(&mut w).is_none(), "an unchanged set is not yielded again");
     for line in lines("etcd_v3_watch.jsonl") {
@@ -193,9 +194,22 @@ fn the_v3_watch_applies_events_to_the_range_it_read() {
         changed(&mut w).unwrap(),
         ["10.0.0.2:8080", "10.0.0.3:8080", "10.0.0.9:8080", "10.0.0.10:8080", "[::1]:8081", "backend.local:9000"]
     );
+    // What the watch holds is bounded like a read (max_response_bytes): past it, a fresh read.
+    let held = w.held;
+    assert_eq!(held, w.keys.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>());
+    let big =
+        KvEvent::Put(KeyValue { key: "upstreams/app/10.0.0.99:80".into(), value: Bytes::from(vec![b' '; 300 << 20]), mod_revision: 16 });
+    let e = w.on_message(&a, WatchMessage::Events { events: vec![big] }).unwrap_err().to_string();
+    assert!(e.contains("the size of the keys under the prefix exceeds 268435456 bytes"), "{e}");
+    assert_eq!(w.next, Next::Read);
+    w.on_message(&a, WatchMessage::Events { events: vec![KvEvent::Delete { key: "upstreams/app/10.0.0.99:80".into(), mod_revision: 17 }] })
+        .unwrap();
+    assert_eq!(w.held, held);
+    w.next = Next::Wait;
     // A progress notification moves the resume point; compaction asks for a fresh read.
     w.on_message(&a, WatchMessage::Progress { revision: 40 }).unwrap();
     assert_eq!(w.index, 40);
+    assert_eq!(w.next, Next::Wait);
     w.on_message(&a, WatchMessage::Compacted { compact_revision: 41 }).unwrap();
     assert_eq!(w.next, Next::Read);
 }
