@@ -590,6 +590,14 @@ impl EtcdWatch {
         }
     }
 
+    /// After an error of the member in use, the next request goes to the next member (a member
+    /// that answers but cannot serve, e.g. without a leader, would otherwise be asked again).
+    fn leave(&self, e: &Error) {
+        if let Some(a) = e.address() {
+            self.client.fail_over(a);
+        }
+    }
+
     async fn token(&mut self) {
         loop {
             match self.bucket.take(Instant::now()) {
@@ -602,7 +610,7 @@ impl EtcdWatch {
     async fn read_step(&mut self) -> Result<Step, Error> {
         self.token().await;
         self.open = None;
-        let snap = read(&self.client, self.api, &self.prefix).await?;
+        let snap = read(&self.client, self.api, &self.prefix).await.inspect_err(|e| self.leave(e))?;
         self.attempt = 0;
         self.index = snap.index;
         self.held = snap.keys.iter().map(|(k, v)| k.len() + v.len()).sum();
@@ -645,7 +653,7 @@ impl EtcdWatch {
                 tracing::debug!(path, "etcd: no change within {wait:?}; polling again");
                 return Ok(Step::Continue);
             }
-            Ok(r) => r?,
+            Ok(r) => r.inspect_err(|e| self.leave(e))?,
         };
         self.attempt = 0;
         match status {
@@ -693,7 +701,8 @@ impl EtcdWatch {
                 .client
                 .stream(Method::POST, "/v3/watch", Some(Bytes::from(body)), &[("grpc-metadata-hasleader", "true")], Duration::ZERO)
                 .await
-                .map_err(reword)?;
+                .map_err(reword)
+                .inspect_err(|e| self.leave(e))?;
             if s.status() != 200 {
                 let address = s.address().clone();
                 let status = s.status();
