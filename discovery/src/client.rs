@@ -36,6 +36,10 @@ use crate::error::Error;
 
 pub use hyper::Method;
 
+// Answers read as they arrive (etcd's watch streams and long polls).
+mod stream;
+pub use stream::Stream;
+
 /// Longest `wait` Consul accepts for a blocking query.
 pub const MAX_WAIT: Duration = Duration::from_secs(600);
 

@@ -285,7 +285,21 @@ pub fn decode_kv(prefix: &str, body: &[u8]) -> Result<Decoded<EndpointSet>, Deco
 /// The servers of `prefix` among `(key, value)` KV entries (the rules of [`decode_kv`]).
 fn kv_servers<'a>(prefix: &str, entries: impl Iterator<Item = (&'a str, Option<&'a str>)>) -> Decoded<EndpointSet> {
     let prefix = prefix.trim_start_matches('/');
-    let dir = prefix.trim_end_matches('/');
+    servers_under(prefix.trim_end_matches('/'), entries, kv_endpoint)
+}
+
+/// The servers of the key folder `dir` among `(key, value)` entries whose values are the raw
+/// JSON text (etcd's, once its base64 is undone), by the rules of [`decode_kv`]. `dir` is taken
+/// as stored (an etcd key may begin with `/`), without its trailing `/`; `""`: every key.
+pub fn kv_servers_raw<'a>(dir: &str, entries: impl Iterator<Item = (&'a str, &'a [u8])>) -> Decoded<EndpointSet> {
+    servers_under(dir, entries, kv_endpoint_raw)
+}
+
+fn servers_under<'a, V>(
+    dir: &str,
+    entries: impl Iterator<Item = (&'a str, V)>,
+    endpoint: impl Fn(&str, V) -> Result<Endpoint, String>,
+) -> Decoded<EndpointSet> {
     let mut skipped = Vec::new();
     let mut endpoints = Vec::new();
     for (key, value) in entries {
@@ -300,7 +314,7 @@ fn kv_servers<'a>(prefix: &str, entries: impl Iterator<Item = (&'a str, Option<&
         if rest.is_empty() {
             continue; // the folder key PREFIX/
         }
-        match kv_endpoint(rest, value) {
+        match endpoint(rest, value) {
             Ok(e) => endpoints.push(e),
             Err(reason) => skipped.push(Skipped { key: key.to_string(), reason }),
         }
@@ -401,11 +415,7 @@ pub fn decode_kv_tree(body: &[u8]) -> Result<KvTree, DecodeError> {
 }
 
 fn kv_endpoint(name: &str, value: Option<&str>) -> Result<Endpoint, String> {
-    if name.contains('/') {
-        return Err("nested key: servers must be named directly under the prefix (PREFIX/IP:PORT)".into());
-    }
-    let (host, port) = parse_server_name(name)?;
-    let mut e = Endpoint::new(host, port);
+    let e = kv_name(name)?;
     let b64 = match value {
         None | Some("") => return Ok(e),
         Some(b64) => b64,
@@ -422,6 +432,25 @@ fn kv_endpoint(name: &str, value: Option<&str>) -> Result<Endpoint, String> {
         }
         Err(base64::DecodeSliceError::DecodeError(err)) => return Err(format!("value is not valid base64 ({err})")),
     };
+    kv_value(e, raw)
+}
+
+/// A server from its name under the prefix and its value's JSON text (empty: the defaults).
+fn kv_endpoint_raw(name: &str, raw: &[u8]) -> Result<Endpoint, String> {
+    kv_value(kv_name(name)?, raw)
+}
+
+/// The server a key names (`IP:PORT`, `[IPv6]:PORT`, `HOSTNAME:PORT` under the prefix).
+fn kv_name(name: &str) -> Result<Endpoint, String> {
+    if name.contains('/') {
+        return Err("nested key: servers must be named directly under the prefix (PREFIX/IP:PORT)".into());
+    }
+    let (host, port) = parse_server_name(name)?;
+    Ok(Endpoint::new(host, port))
+}
+
+/// `e` with the attributes of a KV value's JSON text.
+fn kv_value(mut e: Endpoint, raw: &[u8]) -> Result<Endpoint, String> {
     let not_object =
         |why: String| format!("value {:?} is not a JSON object of weight/max_fails/fail_timeout/down/backup ({why})", lossy_prefix(raw));
     match raw.iter().find(|b| !b.is_ascii_whitespace()) {

@@ -51,6 +51,11 @@ pub enum Error {
     /// The body exceeds `ConsulConfig::max_response_bytes`.
     #[error("the response of Consul at {address} to {path} exceeds {limit} bytes; raise max_response_bytes or narrow the query")]
     TooLarge { address: ConsulAddr, path: String, limit: usize },
+
+    /// An etcd member could not be reached or answered with an error ([`crate::etcd`] words
+    /// the client's errors for etcd: `message` says what failed and what to do).
+    #[error("etcd at {address}: {message}")]
+    Etcd { address: ConsulAddr, message: String },
 }
 
 /// Messages of HTTP 500 answers that repeating the request will not change (Consul 1.8 agent).
@@ -99,7 +104,8 @@ impl Error {
             | Error::AclDenied { address, .. }
             | Error::Http { address, .. }
             | Error::Decode { address, .. }
-            | Error::TooLarge { address, .. } => Some(address),
+            | Error::TooLarge { address, .. }
+            | Error::Etcd { address, .. } => Some(address),
         }
     }
 

@@ -10,6 +10,8 @@
 //! - [`watch`]: [`Watch`], blocking-query watches with rate limiting and backoff, and
 //!   [`fetch_once`] for start-up reads.
 //! - [`upsync`]: nginx-upsync-module's KV value ([`upsync::KvValue`]).
+//! - [`etcd`]: the same KV layout read from etcd (v2 and v3 APIs), run by [`Watch`] for
+//!   [`Query::Etcd`].
 //!
 //! No global state, no threads, no spawned tasks: everything runs inside the caller's futures,
 //! on any tokio runtime with I/O and time enabled (a current-thread runtime is enough).
@@ -22,13 +24,15 @@ pub mod config;
 pub mod decode;
 pub mod endpoint;
 pub mod error;
+pub mod etcd;
 pub mod upsync;
 pub mod watch;
 
 pub use agent::{AgentCheck, AgentService, Check, CheckKind, ServiceRegistration, ServiceWeights, Status};
-pub use client::{Blocking, Client, KvPair, Method, Response};
+pub use client::{Blocking, Client, KvPair, Method, Response, Stream};
 pub use config::{Consistency, ConsulAddr, ConsulConfig, Scheme, Secret, TlsOptions};
 pub use decode::{decode_catalog_service, decode_health_service, decode_kv, decode_services, DecodeError, Decoded, HealthMode, Skipped};
 pub use endpoint::{Endpoint, EndpointSet, Health, Host, SetDiff};
 pub use error::Error;
+pub use etcd::{EtcdApi, EtcdWatch};
 pub use watch::{fetch_once, Backoff, Fetched, Query, RateLimit, Watch, WatchEvent, WatchOptions, WatchValue};

@@ -10,6 +10,7 @@ use crate::client::{query_value, seg, Blocking, Client, Response, MAX_WAIT};
 use crate::decode::{self, Decoded, HealthMode, KvTree, Skipped};
 use crate::endpoint::{Endpoint, EndpointSet};
 use crate::error::Error;
+use crate::etcd::{EtcdApi, EtcdWatch};
 
 /// What to watch.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -32,6 +33,10 @@ pub enum Query {
     /// Any blocking endpoint (`/v1/health/state/any`, ...): the body, not decoded. 404 is an
     /// empty body.
     Raw { path: String },
+    /// The servers under an etcd key prefix, in the KV layout of `Kv` (see [`crate::etcd`]):
+    /// v2, the path after `/v2/keys/`; v3, the key prefix as stored, without its trailing `/`.
+    /// Not a Consul query: [`Watch`] and [`fetch_once`] hand it to [`crate::etcd`].
+    Etcd { api: EtcdApi, prefix: String },
 }
 
 impl Query {
@@ -73,6 +78,9 @@ impl Query {
             }
             Query::NodeDump => "/v1/internal/ui/nodes".to_string(),
             Query::Raw { path } => path.clone(),
+            // As the `upsync` directive writes it (for messages; the requests are etcd's own).
+            Query::Etcd { api: EtcdApi::V2, prefix } => format!("/v2/keys/{}", prefix.trim_matches('/')),
+            Query::Etcd { api: EtcdApi::V3, prefix } => format!("/v3/kv/{prefix}"),
         }
     }
 
@@ -95,6 +103,9 @@ impl Query {
             Query::Raw { .. } => {
                 let b = if r.status == 404 { Bytes::new() } else { r.body.clone() };
                 Ok(Decoded { value: WatchValue::Raw(b), skipped: Vec::new() })
+            }
+            Query::Etcd { .. } => {
+                Err(decode::DecodeError { what: "etcd query", message: "etcd answers are read by the etcd watch".into() })
             }
         };
         result.map_err(|error| Error::Decode { address: r.address.clone(), path: self.path(), error })
@@ -244,6 +255,8 @@ pub struct Watch {
     rng: fastrand::Rng,
     /// When the watch was made (for `ramp_from`).
     born: Instant,
+    /// The watch of a [`Query::Etcd`], which does all the work then.
+    etcd: Option<Box<EtcdWatch>>,
 }
 
 impl std::fmt::Debug for Watch {
@@ -256,6 +269,10 @@ impl Watch {
     /// A watch of `query` through `client`. No I/O happens before the first `next`.
     pub fn new(client: Client, query: Query, opts: WatchOptions) -> Watch {
         let path = query.path();
+        let etcd = match &query {
+            Query::Etcd { api, prefix } => Some(Box::new(EtcdWatch::new(client.clone(), *api, prefix.clone(), opts))),
+            _ => None,
+        };
         Watch {
             client,
             query,
@@ -269,6 +286,7 @@ impl Watch {
             bucket: TokenBucket::new(opts.rate),
             rng: fastrand::Rng::new(),
             born: Instant::now(),
+            etcd,
         }
     }
 
@@ -278,16 +296,25 @@ impl Watch {
 
     /// The Consul index of the last value (0 before the first).
     pub fn index(&self) -> u64 {
-        self.index
+        match &self.etcd {
+            Some(e) => e.index(),
+            None => self.index,
+        }
     }
 
     /// The last value yielded, if any.
     pub fn last(&self) -> Option<&WatchValue> {
-        self.last.as_ref()
+        match &self.etcd {
+            Some(e) => e.last(),
+            None => self.last.as_ref(),
+        }
     }
 
     /// Waits for the next change or error.
     pub async fn next(&mut self) -> WatchEvent {
+        if let Some(e) = self.etcd.as_mut() {
+            return e.next().await;
+        }
         loop {
             if let Some(t) = self.not_before {
                 tokio::time::sleep_until(t).await;
@@ -374,13 +401,16 @@ pub struct Fetched {
 /// Reads `query` once, without blocking (nginx start-up). Keeps no connection or task alive
 /// after it returns beyond the client's idle pool, which is dropped with the client.
 pub async fn fetch_once(client: &Client, query: &Query) -> Result<Fetched, Error> {
+    if let Query::Etcd { api, prefix } = query {
+        return crate::etcd::fetch_once(client, *api, prefix).await;
+    }
     let r = client.get(&query.path(), None).await?;
     let d = query.decode(&r)?;
     Ok(Fetched { value: d.value, index: r.index, skipped: d.skipped })
 }
 
 #[derive(Debug)]
-struct TokenBucket {
+pub(crate) struct TokenBucket {
     capacity: f64,
     tokens: f64,
     per_second: f64,
@@ -388,13 +418,13 @@ struct TokenBucket {
 }
 
 impl TokenBucket {
-    fn new(r: RateLimit) -> TokenBucket {
+    pub(crate) fn new(r: RateLimit) -> TokenBucket {
         let capacity = f64::from(r.burst.max(1));
         TokenBucket { capacity, tokens: capacity, per_second: r.per_second, last: Instant::now() }
     }
 
     /// Takes a token, or says how long until one is available.
-    fn take(&mut self, now: Instant) -> Result<(), Duration> {
+    pub(crate) fn take(&mut self, now: Instant) -> Result<(), Duration> {
         if self.per_second.is_nan() || self.per_second <= 0.0 || self.per_second.is_infinite() {
             return Ok(());
         }

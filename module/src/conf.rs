@@ -5,7 +5,7 @@
 //! Syntax (a drop-in for nginx-upsync-module, plus extensions marked *):
 //!
 //! ```text
-//! upsync ADDR[,ADDR...]/PATH [upsync_type=consul|consul_services|consul_health]
+//! upsync ADDR[,ADDR...]/PATH [upsync_type=consul|consul_services|consul_health|etcd]
 //!        [upsync_interval=TIME] [upsync_timeout=TIME] [strong_dependency=on|off]
 //!        [dc=NAME]* [stale|consistent]* [health=down|omit]* [max_body=SIZE]*;
 //! upsync_dump_path PATH;
@@ -15,8 +15,12 @@
 //! upsync_allow_empty on|off;*
 //! ```
 //! `ADDR` is `HOST:PORT`, optionally with `http://` or `https://` in front of the first one.
+//! With `upsync_type=etcd`, `PATH` is `/v2/keys/PREFIX` (etcd's v2 API, nginx-upsync-module's
+//! syntax) or `/v3/kv/PREFIX` (the v3 API; `/v3/kv//PREFIX` for keys that begin with `/`).
 use std::path::PathBuf;
 use std::time::Duration;
+
+pub use upsync_discovery::EtcdApi;
 
 /// Where the servers of an upstream come from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -27,6 +31,10 @@ pub enum Source {
     CatalogService { name: String },
     /// `upsync_type=consul_health`: `/v1/health/service/NAME`.
     HealthService { name: String, omit_unhealthy: bool },
+    /// `upsync_type=etcd`: keys `PREFIX/IP:PORT` under `/v2/keys/PREFIX` (v2: `prefix` without
+    /// slashes around it) or `/v3/kv/PREFIX` (v3: `prefix` is the key prefix as stored, without
+    /// its trailing `/`).
+    Etcd { api: EtcdApi, prefix: String },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -137,9 +145,8 @@ pub fn parse_upsync(args: &[&str]) -> Result<Upsync, String> {
     for p in params {
         if let Some(v) = p.strip_prefix("upsync_type=") {
             kind = match v {
-                "consul" | "consul_services" | "consul_health" => v,
-                "etcd" => return Err("upsync_type=etcd is not supported: this module syncs from Consul only".into()),
-                _ => return Err(format!("invalid upsync_type \"{v}\": use consul, consul_services or consul_health")),
+                "consul" | "consul_services" | "consul_health" | "etcd" => v,
+                _ => return Err(format!("invalid upsync_type \"{v}\": use consul, consul_services, consul_health or etcd")),
             };
         } else if let Some(v) = p.strip_prefix("upsync_interval=") {
             interval = parse_time(v).map_err(|e| format!("invalid upsync_interval \"{v}\": {e}"))?;
@@ -184,6 +191,9 @@ pub fn parse_upsync(args: &[&str]) -> Result<Upsync, String> {
     if omit_unhealthy && !matches!(source, Source::HealthService { .. }) {
         return Err("health= applies only to upsync_type=consul_health".into());
     }
+    if matches!(source, Source::Etcd { .. }) && (datacenter.is_some() || consistency != Consistency::Default) {
+        return Err("dc=, stale and consistent apply only to Consul (etcd reads are linearizable)".into());
+    }
     Ok(Upsync { addresses, path, source, interval, timeout, strong_dependency, datacenter, consistency, max_body })
 }
 
@@ -194,8 +204,28 @@ fn source_for(kind: &str, path: &str, omit_unhealthy: bool) -> Result<Source, St
             _ => Err(format!("upsync_type={kind} needs a path like \"{example}\", not \"{path}\"")),
         }
     };
+    let etcd_path = path.starts_with("/v2/keys/") || path.starts_with("/v3/kv/");
+    if etcd_path && kind != "etcd" {
+        return Err(format!("\"{path}\" is an etcd path: add upsync_type=etcd"));
+    }
     match kind {
         "consul" => Ok(Source::Kv { prefix: expect("/v1/kv/", "/v1/kv/upstreams/NAME")? }),
+        "etcd" => {
+            let bad = || {
+                format!("upsync_type=etcd needs a path like \"/v2/keys/upstreams/NAME\" (etcd's v2 API) or \"/v3/kv/upstreams/NAME\" (v3), not \"{path}\"")
+            };
+            let (api, rest) = if let Some(r) = path.strip_prefix("/v2/keys/") {
+                (EtcdApi::V2, r.trim_matches('/'))
+            } else if let Some(r) = path.strip_prefix("/v3/kv/") {
+                (EtcdApi::V3, r.trim_end_matches('/'))
+            } else {
+                return Err(bad());
+            };
+            if rest.trim_matches('/').is_empty() {
+                return Err(bad());
+            }
+            Ok(Source::Etcd { api, prefix: rest.to_string() })
+        }
         "consul_services" => {
             let name = expect("/v1/catalog/service/", "/v1/catalog/service/NAME")?;
             check_service_name(&name)?;
@@ -432,6 +462,9 @@ pub fn validate_block(s: &UpstreamSync) -> Result<(), String> {
         }
         return Ok(());
     };
+    if matches!(u.source, Source::Etcd { .. }) && s.token.is_some() {
+        return Err("upsync_token and upsync_token_file apply only to Consul (etcd authentication is not supported)".into());
+    }
     if s.tls.is_some() && u.addresses.iter().any(|a| !a.https) && u.addresses.iter().any(|a| a.https) {
         return Err("mixing http:// and https:// Consul addresses in one upsync line is not supported".into());
     }
@@ -488,7 +521,12 @@ mod tests {
             ("127.0.0.1:8500/v1/kv/", "needs a path like"),
             ("127.0.0.1:8500/v1/catalog/service/x", "needs a path like \"/v1/kv"),
             ("127.0.0.1:8500/v1/kv/x upsync_type=consul_services", "/v1/catalog/service/NAME"),
-            ("127.0.0.1:8500/v1/kv/x upsync_type=etcd", "not supported"),
+            ("127.0.0.1:2379/v1/kv/x upsync_type=etcd", "needs a path like \"/v2/keys/upstreams/NAME\""),
+            ("127.0.0.1:2379/v2/keys/ upsync_type=etcd", "needs a path like"),
+            ("127.0.0.1:2379/v3/kv// upsync_type=etcd", "needs a path like"),
+            ("127.0.0.1:2379/v3/kv/x", "is an etcd path: add upsync_type=etcd"),
+            ("127.0.0.1:2379/v2/keys/x upsync_type=etcd dc=dc1", "apply only to Consul"),
+            ("127.0.0.1:2379/v3/kv/x upsync_type=etcd stale", "apply only to Consul"),
             ("127.0.0.1:8500/v1/kv/x upsync_type=zookeeper", "invalid upsync_type"),
             ("127.0.0.1:8500/v1/kv/x upsync_timeout=abc", "invalid upsync_timeout \"abc\""),
             ("127.0.0.1:8500/v1/kv/x upsync_timeout=1s", "too short"),
@@ -509,6 +547,21 @@ mod tests {
             let e = up(args).expect_err(args);
             assert!(e.contains(want), "{args}: {e:?} does not contain {want:?}");
         }
+    }
+
+    #[test]
+    fn etcd_paths() {
+        let v2 =
+            up("127.0.0.1:2379/v2/keys/upstreams/test/ upsync_timeout=6m upsync_interval=500ms upsync_type=etcd strong_dependency=off")
+                .unwrap();
+        assert_eq!(v2.source, Source::Etcd { api: EtcdApi::V2, prefix: "upstreams/test".into() });
+        let v3 = up("127.0.0.1:2379,127.0.0.2:2379/v3/kv/upstreams/test upsync_type=etcd").unwrap();
+        assert_eq!(v3.source, Source::Etcd { api: EtcdApi::V3, prefix: "upstreams/test".into() });
+        assert_eq!(v3.addresses.len(), 2);
+        let rooted = up("127.0.0.1:2379/v3/kv//upstreams/test/ upsync_type=etcd").unwrap();
+        assert_eq!(rooted.source, Source::Etcd { api: EtcdApi::V3, prefix: "/upstreams/test".into() });
+        let s = UpstreamSync { upsync: Some(v3), token: Some(Token::Value("t".into())), ..Default::default() };
+        assert!(validate_block(&s).unwrap_err().contains("apply only to Consul"));
     }
 
     #[test]

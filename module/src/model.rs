@@ -143,6 +143,28 @@ impl ErrorKind {
             ErrorKind::Restart
         } else if m.starts_with("the shared zone") && m.contains("has no room") {
             ErrorKind::ZoneFull
+        } else if m.starts_with("etcd returned no servers") {
+            ErrorKind::Empty
+        } else if let Some((_, said)) = m.strip_prefix("etcd at ").and_then(|r| r.split_once(": ")) {
+            // upsync_discovery::etcd's messages, "etcd at ADDRESS: WHAT" (the forms are listed
+            // there, and tested in discovery/src/etcd/tests.rs).
+            if said.starts_with("cannot connect") {
+                ErrorKind::Connect
+            } else if said.starts_with("TLS handshake") {
+                ErrorKind::Tls
+            } else if said.starts_with("no answer to") || said.contains(" was not complete ") {
+                ErrorKind::Timeout
+            } else if said.starts_with("HTTP exchange failed") || said.starts_with("the member ended") {
+                ErrorKind::Transport
+            } else if said.contains(" exceeds ") {
+                ErrorKind::TooLarge
+            } else if said.contains(" cannot be used") {
+                ErrorKind::Decode
+            } else if said.contains(": HTTP ") {
+                ErrorKind::Http
+            } else {
+                ErrorKind::Other
+            }
         } else if m.starts_with("Consul at ") {
             if m.contains(" did not answer ") || m.contains(" began answering ") {
                 ErrorKind::Timeout
@@ -314,6 +336,8 @@ pub fn slot_key(upstream: &str, u: &crate::conf::Upsync) -> u64 {
         Source::Kv { prefix } => ("consul", prefix.as_str(), ""),
         Source::CatalogService { name } => ("consul_services", name.as_str(), ""),
         Source::HealthService { name, omit_unhealthy } => ("consul_health", name.as_str(), if *omit_unhealthy { "omit" } else { "down" }),
+        Source::Etcd { api: crate::conf::EtcdApi::V2, prefix } => ("etcd_v2", prefix.as_str(), ""),
+        Source::Etcd { api: crate::conf::EtcdApi::V3, prefix } => ("etcd_v3", prefix.as_str(), ""),
     };
     let consistency = match u.consistency {
         Consistency::Default => "default",
@@ -432,6 +456,27 @@ mod tests {
                 ErrorKind::ZoneFull,
             ),
             ("something new", ErrorKind::Other),
+            // upsync_discovery::etcd's (discovery/src/etcd/tests.rs checks it writes these forms).
+            (
+                "etcd returned no servers at index 7; keeping the last 2 (upsync_allow_empty on lets an upstream become empty)",
+                ErrorKind::Empty,
+            ),
+            (
+                "etcd at http://127.0.0.1:2379: cannot connect: 127.0.0.1:2379: Connection refused (os error 111); check that etcd runs",
+                ErrorKind::Connect,
+            ),
+            ("etcd at https://[::1]:2379: TLS handshake failed: received fatal alert: BadCertificate; check the CA file", ErrorKind::Tls),
+            ("etcd at http://127.0.0.1:2379: no answer to GET /v2/keys/a?recursive=true&quorum=true within 10s", ErrorKind::Timeout),
+            ("etcd at http://127.0.0.1:2379: the answer to GET /x was not complete 10s after it began (stalled)", ErrorKind::Timeout),
+            ("etcd at http://127.0.0.1:2379: HTTP exchange failed (POST /v3/watch): reading the answer: EOF", ErrorKind::Transport),
+            ("etcd at http://127.0.0.1:2379: the member ended the watch stream", ErrorKind::Transport),
+            ("etcd at http://127.0.0.1:2379: the answer to /v3/watch exceeds 4096 bytes; raise max_body", ErrorKind::TooLarge),
+            (
+                "etcd at http://127.0.0.1:2379: the answer to POST /v3/kv/range cannot be used: etcd v3 range: invalid JSON",
+                ErrorKind::Decode,
+            ),
+            ("etcd at http://127.0.0.1:2379: GET /v2/keys/a: HTTP 404: 404 page not found; the v2 API is not enabled", ErrorKind::Http),
+            ("etcd at http://127.0.0.1:2379: the watch was canceled: etcdserver: no leader", ErrorKind::Other),
         ] {
             assert_eq!(ErrorKind::of(m), kind, "{m}");
         }

@@ -47,7 +47,12 @@ pub struct Group {
 }
 
 /// Whether two upstreams can share a client: same addresses, credentials and read options.
+/// An etcd upstream never does: it has a watch of its own (see [`crate::poller`]).
 fn same_client(a: &UpstreamSync, b: &UpstreamSync) -> bool {
+    let etcd = |s: &UpstreamSync| s.upsync.as_ref().is_some_and(|u| matches!(u.source, Source::Etcd { .. }));
+    if etcd(a) || etcd(b) {
+        return false;
+    }
     match (&a.upsync, &b.upsync) {
         (Some(x), Some(y)) => {
             x.addresses == y.addresses
@@ -237,6 +242,22 @@ mod tests {
         let specs = vec![kv(0, "a"), kv(1, "b"), health(2, "x"), health(3, "y")];
         let g = plan(specs, 3);
         assert_eq!(shape(&g), vec![vec![(UnitKind::Single, vec![0]), (UnitKind::Single, vec![1]), (UnitKind::Catalog, vec![2, 3])]]);
+    }
+
+    #[test]
+    fn etcd_upstreams_each_keep_a_watch_of_their_own() {
+        let etcd = |id: usize, prefix: &str| spec(id, &format!("127.0.0.1:2379/v3/kv/{prefix}"), &["upsync_type=etcd"]);
+        let specs = vec![etcd(0, "upstreams/a"), etcd(1, "upstreams/b"), kv(2, "upstreams/c"), etcd(3, "upstreams/d")];
+        let g = plan(specs, 2);
+        assert_eq!(
+            shape(&g),
+            vec![
+                vec![(UnitKind::Single, vec![0])],
+                vec![(UnitKind::Single, vec![1])],
+                vec![(UnitKind::Single, vec![2])],
+                vec![(UnitKind::Single, vec![3])]
+            ]
+        );
     }
 
     #[test]

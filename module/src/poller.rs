@@ -357,6 +357,16 @@ pub fn query(source: &Source) -> Query {
             tag: None,
             mode: if *omit_unhealthy { HealthMode::Omit } else { HealthMode::MarkDown },
         },
+        // Not a Consul query: the discovery Watch runs etcd's own watch for it.
+        Source::Etcd { api, prefix } => Query::Etcd { api: *api, prefix: prefix.clone() },
+    }
+}
+
+/// The registry an upstream's messages name.
+fn registry(sync: &UpstreamSync) -> &'static str {
+    match sync.upsync.as_ref().map(|u| &u.source) {
+        Some(Source::Etcd { .. }) => "etcd",
+        _ => "Consul",
     }
 }
 
@@ -429,16 +439,16 @@ impl Member {
     /// A new endpoint set from Consul for this upstream: refused if empty (unless allowed),
     /// else sent to the event loop if it differs from what is served.
     async fn on_set(&mut self, set: &EndpointSet, skipped: &[upsync_discovery::Skipped], index: u64, mailbox: &Mailbox) {
-        let (id, upstream) = (self.id, self.upstream.as_str());
+        let (id, upstream, registry) = (self.id, self.upstream.as_str(), registry(&self.sync));
         for s in skipped {
-            tracing::warn!("upstream \"{upstream}\": skipped Consul entry \"{}\" at index {index}: {}", s.key, s.reason);
+            tracing::warn!("upstream \"{upstream}\": skipped {registry} entry \"{}\" at index {index}: {}", s.key, s.reason);
         }
         let mut servers = to_servers(upstream, set, index, &mut self.unresolvable).await;
         keep_skipped(&mut servers, self.last.as_deref(), skipped);
         let servers = listing_order(self.last.as_deref(), servers);
         if servers.is_empty() && !self.sync.allow_empty {
             let message = format!(
-                "Consul returned no servers at index {index}; keeping the last {} (upsync_allow_empty on lets an upstream become empty)",
+                "{registry} returned no servers at index {index}; keeping the last {} (upsync_allow_empty on lets an upstream become empty)",
                 self.last.as_ref().map(Vec::len).unwrap_or(0)
             );
             tracing::warn!("upstream \"{upstream}\": {message}");
@@ -528,7 +538,8 @@ async fn watch_unit(group: Arc<GroupClient>, unit: Unit, mailbox: Arc<Mailbox>) 
             WatchEvent::Error { error, index, attempt, retry_in } => {
                 let message = error.to_string();
                 tracing::error!(
-                    "{label}: {message} (Consul index {index}, attempt {attempt}, next try in {} ms); keeping the current servers",
+                    "{label}: {message} ({} index {index}, attempt {attempt}, next try in {} ms); keeping the current servers",
+                    registry(&group.sync),
                     retry_in.as_millis()
                 );
                 for m in &mut members {
@@ -689,12 +700,12 @@ pub fn fetch_initial(upstream: &str, sync: &UpstreamSync, attempts: u32) -> Resu
             match fetch_once(&client, &q).await {
                 Ok(f) => {
                     for s in &f.skipped {
-                        tracing::warn!("upstream \"{upstream}\": skipped Consul entry \"{}\": {}", s.key, s.reason);
+                        tracing::warn!("upstream \"{upstream}\": skipped {} entry \"{}\": {}", registry(sync), s.key, s.reason);
                     }
                     let set = f.value.into_endpoints().unwrap_or_default();
                     let servers = listing_order(None, to_servers(upstream, &set, f.index, &mut Unresolvable::default()).await);
                     if servers.is_empty() && !sync.allow_empty {
-                        return Err(format!("Consul has no servers for it (index {})", f.index));
+                        return Err(format!("{} has no servers for it (index {})", registry(sync), f.index));
                     }
                     return Ok((servers, f.index));
                 }

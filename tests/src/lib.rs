@@ -5,6 +5,8 @@
 //!   `upsync-discovery`, so a bug there cannot hide behind the harness).
 //! - [`nginx::Nginx`]: Debian's `/usr/sbin/nginx` with the built module, its own prefix, config,
 //!   pid file and logs in the test's directory.
+//! - [`etcd::Etcd`]: a real etcd 3.5 member or cluster on free ports (v2 and v3 APIs), and
+//!   [`etcd::Gate`], a TCP relay in front of a member that a test cuts and opens.
 //! - [`backend::Backend`]: small HTTP servers that answer with their own name.
 //! - [`faultproxy::FaultProxy`]: a TCP proxy in front of real Consul that stalls, drops,
 //!   trickles, floods or corrupts its answers on demand.
@@ -20,6 +22,7 @@ pub mod consul;
 pub mod dns;
 pub mod docker;
 pub mod engine;
+pub mod etcd;
 pub mod faultproxy;
 pub mod load;
 pub mod net;

