@@ -1,3 +1,21 @@
 //! Shared pieces of the end-to-end benchmarks. The load helpers live in the test harness
 //! (`upsync_tests::load`) because the whole-stack tests drive `wrk` too.
 pub use upsync_tests::load::{cpu_us, parse_wrk, percentile, wrk, wrk_cpu, WrkReport};
+
+use std::path::Path;
+
+use upsync_tests::nginx::{Nginx, NginxConf};
+
+/// `n` backends served by one stock nginx (one worker, no module), each on its own port and
+/// answering with its name `b<i>`; with their `127.0.0.1:PORT` addresses. Fast enough not to be
+/// the bottleneck of a benchmark.
+pub fn named_backends(dir: &Path, n: usize) -> (Nginx, Vec<String>) {
+    let mut servers = String::from("keepalive_requests 1000000;\n");
+    for i in 0..n {
+        let port = if i == 0 { "{{port}}".to_string() } else { format!("{{{{port{i}}}}}") };
+        servers.push_str(&format!("server {{ listen 127.0.0.1:{port}; location / {{ return 200 \"b{i}\"; }} }}\n"));
+    }
+    let backends = Nginx::start(dir, NginxConf::new(&servers).without_module().workers(1));
+    let addrs = (0..n).map(|i| format!("127.0.0.1:{}", if i == 0 { backends.port() } else { backends.extra_port(i) })).collect();
+    (backends, addrs)
+}

@@ -25,7 +25,6 @@ use std::time::{Duration, Instant};
 
 use upsync_tests::consul::Consul;
 use upsync_tests::net::{free_port, port_open};
-use upsync_tests::nginx::{Nginx, NginxConf};
 use upsync_tests::proc::Proc;
 use upsync_tests::TestDir;
 
@@ -206,13 +205,8 @@ fn main() -> anyhow::Result<()> {
     let requests = env("UPSYNC_BENCH_CG_REQUESTS", 20_000) as usize;
     let dir = TestDir::new("bench-callgrind");
     let consul = Consul::start(&dir.subdir("consul"));
-    let mut servers = String::from("keepalive_requests 1000000;\n");
-    for i in 0..BACKENDS {
-        let port = if i == 0 { "{{port}}".to_string() } else { format!("{{{{port{i}}}}}") };
-        servers.push_str(&format!("server {{ listen 127.0.0.1:{port}; location / {{ return 200 \"b{i}\"; }} }}\n"));
-    }
-    let backends = Nginx::start(&dir.subdir("backends"), NginxConf::new(&servers).without_module().workers(1));
-    let addr = |i: usize| format!("127.0.0.1:{}", if i == 0 { backends.port() } else { backends.extra_port(i) });
+    let (_backends, addrs) = upsync_benches::named_backends(&dir.subdir("backends"), BACKENDS);
+    let addr = |i: usize| addrs[i].clone();
     let static_servers: String = (0..BASE).map(|i| format!("server {};", addr(i))).collect();
     let upsync = |prefix: &str| {
         format!("server 127.0.0.1:9; upsync {}/v1/kv/upstreams/{prefix} upsync_timeout=6m upsync_interval=10ms;", consul.http_addr())

@@ -36,13 +36,8 @@ fn main() -> anyhow::Result<()> {
     let consul = Consul::start(&dir.subdir("consul"));
 
     // Backends: one stock nginx, one port per backend, answering with the backend's name.
-    let mut servers = String::from("keepalive_requests 1000000;\n");
-    for i in 0..BACKENDS {
-        let port = if i == 0 { "{{port}}".to_string() } else { format!("{{{{port{i}}}}}") };
-        servers.push_str(&format!("server {{ listen 127.0.0.1:{port}; location / {{ return 200 \"b{i}\"; }} }}\n"));
-    }
-    let backends = Nginx::start(&dir.subdir("backends"), NginxConf::new(&servers).without_module().workers(1));
-    let addr = |i: usize| format!("127.0.0.1:{}", if i == 0 { backends.port() } else { backends.extra_port(i) });
+    let (_backends, addrs) = upsync_benches::named_backends(&dir.subdir("backends"), BACKENDS);
+    let addr = |i: usize| addrs[i].clone();
 
     // The same front config for all three; only the module's has upstream_show.
     let front = |upstream_body: &str, with_module: bool| -> String {
