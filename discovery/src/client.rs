@@ -258,21 +258,7 @@ impl Client {
         let started = Instant::now();
         let attempt = async {
             loop {
-                let mut conn = match reused.take() {
-                    Some(c) => (c, true),
-                    None => {
-                        let permit = match slot.take() {
-                            Some(p) => Some(p),
-                            None => match self.acquire(i, false).await {
-                                Acquired::New(p) => p,
-                                Acquired::Idle(_) => None,
-                            },
-                        };
-                        let mut c = self.connect(address).await?;
-                        c.slot = permit;
-                        (c, false)
-                    }
-                };
+                let mut conn = self.next_conn(i, &mut reused, &mut slot).await?;
                 let req = self.build_request(address, method, path, body)?;
                 match send(&mut conn.0, req, self.inner.cfg.max_response_bytes, self.inner.cfg.request_timeout).await {
                     Ok(r) => {
@@ -473,6 +459,25 @@ impl Client {
                 _ = returned => {}
             }
         }
+    }
+
+    /// The connection for the next try of an exchange with address `i`: the idle one it was
+    /// given (`reused`, then true), else a new one under `slot` or, once that was spent, under a
+    /// new permit.
+    async fn next_conn(&self, i: usize, reused: &mut Option<Conn>, slot: &mut Option<OwnedSemaphorePermit>) -> Result<(Conn, bool), Error> {
+        if let Some(c) = reused.take() {
+            return Ok((c, true));
+        }
+        let permit = match slot.take() {
+            Some(p) => Some(p),
+            None => match self.acquire(i, false).await {
+                Acquired::New(p) => p,
+                Acquired::Idle(_) => None,
+            },
+        };
+        let mut c = self.connect(&self.inner.cfg.addresses[i]).await?;
+        c.slot = permit;
+        Ok((c, false))
     }
 
     /// An idle pooled connection to address `i` that is still open, if any.

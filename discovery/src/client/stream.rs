@@ -116,21 +116,7 @@ impl Client {
         let transport =
             |message: String| Error::Transport { address: address.clone(), method: method.to_string(), path: path.to_string(), message };
         loop {
-            let (mut conn, was_reused) = match reused.take() {
-                Some(c) => (c, true),
-                None => {
-                    let permit = match slot.take() {
-                        Some(p) => Some(p),
-                        None => match self.acquire(i, false).await {
-                            Acquired::New(p) => p,
-                            Acquired::Idle(_) => None,
-                        },
-                    };
-                    let mut c = self.connect(address).await?;
-                    c.slot = permit;
-                    (c, false)
-                }
-            };
+            let (mut conn, was_reused) = self.next_conn(i, &mut reused, &mut slot).await?;
             let mut req = self.build_request(address, method, path, body)?;
             for (name, value) in headers {
                 let name = HeaderName::from_bytes(name.as_bytes()).map_err(|e| Error::Config(format!("header name `{name}`: {e}")))?;
