@@ -109,3 +109,24 @@ pub fn all_ok(url: &str, n: usize) -> BTreeMap<String, usize> {
     assert!(h.keys().all(|k| !k.starts_with("HTTP") && k != "error"), "failed requests: {h:?}");
     h
 }
+
+/// How many servers `upstream_show` lists for `upstream`.
+pub fn shown_count(nginx: &Nginx, upstream: &str) -> usize {
+    show_json(nginx, upstream)["servers"].as_array().map(Vec::len).unwrap_or(0)
+}
+
+/// Which backend answers each key `key0`..`key<keys-1>` (sent as `?k=KEY`) on `nginx`'s `path`
+/// (hash balancing tests); panics on any answer but 200.
+pub fn key_mapping(nginx: &Nginx, path: &str, keys: usize) -> Vec<String> {
+    (0..keys)
+        .map(|k| match http_get(&nginx.url(&format!("{path}?k=key{k}"))) {
+            Ok((200, body)) => body,
+            other => panic!("key{k} on {path}: {other:?}"),
+        })
+        .collect()
+}
+
+/// `IP:PORT` addresses in the module's peer order for one IP: by port.
+pub fn sort_by_port(addrs: &mut [String]) {
+    addrs.sort_by_key(|a| a.rsplit(':').next().and_then(|p| p.parse::<u16>().ok()).unwrap_or(0));
+}

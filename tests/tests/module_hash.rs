@@ -9,6 +9,7 @@ use upsync_tests::backend::Backend;
 use upsync_tests::consul::Consul;
 use upsync_tests::net::http_get;
 use upsync_tests::nginx::{Nginx, NginxConf};
+use upsync_tests::upsync::{key_mapping, shown_count, sort_by_port};
 use upsync_tests::{wait_until, TestDir};
 
 const KEYS: usize = 10_000;
@@ -55,22 +56,8 @@ fn stock_conf(servers: &[String]) -> NginxConf {
     .without_module()
 }
 
-/// Which backend answers each key on `nginx`'s `path`.
-fn mapping(nginx: &Nginx, path: &str, keys: usize) -> Vec<String> {
-    (0..keys)
-        .map(|k| match http_get(&nginx.url(&format!("{path}?k=key{k}"))) {
-            Ok((200, body)) => body,
-            other => panic!("key{k} on {path}: {other:?}"),
-        })
-        .collect()
-}
-
 fn differences(a: &[String], b: &[String]) -> usize {
     a.iter().zip(b).filter(|(x, y)| x != y).count()
-}
-
-fn shown_count(nginx: &Nginx, upstream: &str) -> usize {
-    upsync_tests::upsync::show_json(nginx, upstream)["servers"].as_array().map(Vec::len).unwrap_or(0)
 }
 
 #[test]
@@ -81,10 +68,10 @@ fn synced_hash_upstreams_map_keys_as_stock_nginx_and_follow_changes() {
     // In the order the module lists servers (address, then port), for the order-dependent
     // `hash` without `consistent`.
     let mut addrs: Vec<String> = backends.iter().map(|b| b.host_port()).collect();
-    addrs.sort_by_key(|a| a.rsplit(':').next().unwrap().parse::<u16>().unwrap());
+    sort_by_port(&mut addrs);
     let ten: Vec<String> = backends[..10].iter().map(|b| b.host_port()).collect();
     let mut ten_sorted = ten.clone();
-    ten_sorted.sort_by_key(|a| a.rsplit(':').next().unwrap().parse::<u16>().unwrap());
+    sort_by_port(&mut ten_sorted);
     for a in &ten {
         consul.kv_put(&format!("upstreams/ring/{a}"), "");
         consul.kv_put(&format!("upstreams/modula/{a}"), "");
@@ -96,14 +83,14 @@ fn synced_hash_upstreams_map_keys_as_stock_nginx_and_follow_changes() {
     let stock = Nginx::start(&dir.subdir("stock"), stock_conf(&ten_sorted));
 
     // 10 servers: every key on the same server as stock nginx.
-    let ring10 = mapping(&synced, "/ring", KEYS);
-    assert_eq!(differences(&ring10, &mapping(&stock, "/ring", KEYS)), 0, "consistent hash differs from stock nginx");
+    let ring10 = key_mapping(&synced, "/ring", KEYS);
+    assert_eq!(differences(&ring10, &key_mapping(&stock, "/ring", KEYS)), 0, "consistent hash differs from stock nginx");
     let used: BTreeMap<&String, usize> = ring10.iter().fold(BTreeMap::new(), |mut m, b| {
         *m.entry(b).or_default() += 1;
         m
     });
     assert_eq!(used.len(), 10, "keys spread over {used:?}");
-    assert_eq!(differences(&mapping(&synced, "/modula", 2000), &mapping(&stock, "/modula", 2000)), 0, "hash (modula) differs");
+    assert_eq!(differences(&key_mapping(&synced, "/modula", 2000), &key_mapping(&stock, "/modula", 2000)), 0, "hash (modula) differs");
 
     // An 11th server: about 1/11 of the keys move, all to it; stock nginx with 11 agrees.
     let new = backends[10].host_port();
@@ -112,7 +99,7 @@ fn synced_hash_upstreams_map_keys_as_stock_nginx_and_follow_changes() {
     wait_until("both upstreams to list 11 servers", Duration::from_secs(20), || {
         shown_count(&synced, "ring") == 11 && shown_count(&synced, "modula") == 11
     });
-    let ring11 = mapping(&synced, "/ring", KEYS);
+    let ring11 = key_mapping(&synced, "/ring", KEYS);
     let moved = differences(&ring10, &ring11);
     let fraction = moved as f64 / KEYS as f64;
     eprintln!("adding 1 server to 10 moved {moved} of {KEYS} keys ({:.2}%; 1/11 = 9.09%)", fraction * 100.0);
@@ -121,8 +108,12 @@ fn synced_hash_upstreams_map_keys_as_stock_nginx_and_follow_changes() {
     // A fresh stock nginx (after a reload, old workers may still answer the first requests).
     drop(stock);
     let stock = Nginx::start(&dir.subdir("stock11"), stock_conf(&addrs));
-    assert_eq!(differences(&ring11, &mapping(&stock, "/ring", KEYS)), 0, "consistent hash differs from stock nginx at 11");
-    assert_eq!(differences(&mapping(&synced, "/modula", 2000), &mapping(&stock, "/modula", 2000)), 0, "hash (modula) differs at 11");
+    assert_eq!(differences(&ring11, &key_mapping(&stock, "/ring", KEYS)), 0, "consistent hash differs from stock nginx at 11");
+    assert_eq!(
+        differences(&key_mapping(&synced, "/modula", 2000), &key_mapping(&stock, "/modula", 2000)),
+        0,
+        "hash (modula) differs at 11"
+    );
 
     // Emptied (upsync_allow_empty on): 502 at once, never a division by zero.
     consul.kv_delete_tree("upstreams/ring/");

@@ -13,6 +13,7 @@ use upsync_tests::consul::Consul;
 use upsync_tests::net::http_get;
 use upsync_tests::nginx::{Nginx, NginxConf};
 use upsync_tests::paths::nginx_bin;
+use upsync_tests::upsync::{key_mapping, shown_count, sort_by_port};
 use upsync_tests::{wait_until, TestDir};
 
 /// The version of the nginx under test as `1_028_003`.
@@ -28,10 +29,6 @@ fn nginx_version() -> u64 {
 /// nginx with `server NAME resolve;` in upstreams.
 fn has_upstream_resolve() -> bool {
     nginx_version() >= 1_027_003
-}
-
-fn shown_count(nginx: &Nginx, upstream: &str) -> usize {
-    upsync_tests::upsync::show_json(nginx, upstream)["servers"].as_array().map(Vec::len).unwrap_or(0)
 }
 
 #[test]
@@ -128,16 +125,6 @@ fn nginx_resolve_beside_a_synced_upstream_keeps_following_dns() {
     assert!(nginx.crashes().is_empty(), "{:?}", nginx.crashes());
 }
 
-/// Which backend answers each key on `nginx`'s `path`.
-fn mapping(nginx: &Nginx, path: &str, keys: usize) -> Vec<String> {
-    (0..keys)
-        .map(|k| match http_get(&nginx.url(&format!("{path}?k=key{k}"))) {
-            Ok((200, body)) => body,
-            other => panic!("key{k} on {path}: {other:?}"),
-        })
-        .collect()
-}
-
 fn hash_blocks(ring_lines: &str, modula_lines: &str) -> String {
     let show = if ring_lines.contains("upsync") { "location = /show { upstream_show; }" } else { "" };
     format!(
@@ -159,7 +146,7 @@ fn zone_and_hash_in_a_synced_upstream_map_keys_as_stock_nginx() {
     let backends: Vec<Backend> = (0..4).map(|i| Backend::start(&format!("b{i}"))).collect();
     let mut addrs: Vec<String> = backends.iter().map(|b| b.host_port()).collect();
     // The module's peer order (by address, then port), for the order-dependent plain `hash`.
-    addrs.sort_by_key(|a| a.rsplit(':').next().unwrap().parse::<u16>().unwrap());
+    sort_by_port(&mut addrs);
     for a in &addrs[..3] {
         consul.kv_put(&format!("upstreams/ring/{a}"), "");
         consul.kv_put(&format!("upstreams/modula/{a}"), "");
@@ -198,12 +185,13 @@ fn zone_and_hash_in_a_synced_upstream_map_keys_as_stock_nginx() {
             shown_count(&synced, "ring") == n && shown_count(&synced, "modula") == n
         });
         let reference = stock(name, &addrs[..n]);
-        let ring = mapping(&synced, "/ring", 2000);
+        let ring = key_mapping(&synced, "/ring", 2000);
         let spread: std::collections::BTreeSet<&String> = ring.iter().collect();
         assert_eq!(spread.len(), n, "keys spread over {spread:?}");
-        let d = ring.iter().zip(mapping(&reference, "/ring", 2000)).filter(|(a, b)| *a != b).count();
+        let d = ring.iter().zip(key_mapping(&reference, "/ring", 2000)).filter(|(a, b)| *a != b).count();
         assert_eq!(d, 0, "consistent hash with zone differs from stock nginx at {n} servers");
-        let d = mapping(&synced, "/modula", 1000).into_iter().zip(mapping(&reference, "/modula", 1000)).filter(|(a, b)| a != b).count();
+        let d =
+            key_mapping(&synced, "/modula", 1000).into_iter().zip(key_mapping(&reference, "/modula", 1000)).filter(|(a, b)| a != b).count();
         assert_eq!(d, 0, "hash with zone differs from stock nginx at {n} servers");
     }
     assert!(synced.crashes().is_empty(), "{:?}", synced.crashes());
