@@ -7,6 +7,7 @@
 pub mod chash;
 pub mod conf;
 pub mod dump;
+pub mod fails;
 pub mod lease;
 pub mod model;
 pub mod plan;

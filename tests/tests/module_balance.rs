@@ -156,3 +156,64 @@ fn upsync_lb_least_conn_and_ip_hash_use_nginx_balancers() {
     wait_servers(&nginx, "hashempty", &[]);
     assert_eq!(hits(&format!("{base}/hashempty"), 5).get("HTTP 502"), Some(&5));
 }
+
+/// With `zone` in a synced upstream, the workers share their servers' failure state as nginx's
+/// workers do for a static upstream with `zone`: with `max_fails=1`, the first failure in any
+/// worker takes the server out of every worker's choice for `fail_timeout`.
+#[test]
+fn zone_shares_failures_between_workers() {
+    let dir = TestDir::new("bal_zone_fails");
+    let consul = Consul::start(dir.path());
+    let good = Backend::start("good");
+    // A server that accepts and closes every connection at once: each try on it is a failure
+    // (nginx: "upstream prematurely closed connection") that proxy_next_upstream retries.
+    let broken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let broken_addr = broken.local_addr().unwrap().to_string();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    std::thread::spawn(move || {
+        for conn in broken.incoming() {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            drop(conn);
+        }
+    });
+    let log = dir.path().join("upstream.log");
+    let http = format!(
+        "log_format peers '$pid $upstream_addr';
+         upstream app {{
+             zone app 64k;
+             server 127.0.0.1:9;
+             upsync {c}/v1/kv/upstreams/app upsync_timeout=30s upsync_interval=10ms;
+         }}
+         server {{
+             listen 127.0.0.1:{{{{port}}}} reuseport;
+             location / {{ proxy_pass http://app; proxy_next_upstream error timeout; access_log {log} peers; }}
+             location = /show {{ upstream_show; }}
+         }}",
+        c = consul.http_addr(),
+        log = log.display()
+    );
+    let nginx = Nginx::start(dir.path(), NginxConf::new(&http).workers(4));
+    let params = r#"{"weight":1,"max_fails":1,"fail_timeout":60}"#;
+    put_server(&consul, "app", &good.host_port(), params);
+    put_server(&consul, "app", &broken_addr, params);
+    wait_servers(&nginx, "app", &[&good.host_port(), &broken_addr]);
+    // Every request succeeds (a try on the broken server is retried on the good one).
+    let answers = all_ok(&nginx.url("/"), 200);
+    assert_eq!(answers.get("good"), Some(&200), "{answers:?}");
+    let lines = wait_for("the access log of 200 requests", Duration::from_secs(10), || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let lines: Vec<String> = text.lines().map(str::to_string).collect();
+        (lines.len() >= 200).then_some(lines)
+    });
+    let pids: std::collections::BTreeSet<&str> = lines.iter().filter_map(|l| l.split(' ').next()).collect();
+    let tries_on_broken = lines.iter().filter(|l| l.contains(&broken_addr)).count();
+    // The test means something only if several workers served requests.
+    assert!(pids.len() >= 2, "only worker(s) {pids:?} served the 200 requests; reuseport should spread them");
+    assert_eq!(
+        (tries_on_broken, accepted.load(std::sync::atomic::Ordering::SeqCst)),
+        (1, 1),
+        "after its first failure the broken server must be avoided by all {} workers that served: {lines:?}",
+        pids.len()
+    );
+}

@@ -86,6 +86,13 @@ pub struct SrvConf {
     /// With nginx's `hash KEY consistent;`: its per-upstream conf, whose ring every new list
     /// replaces.
     pub(crate) chash: Option<ptr::NonNull<peers::HashSrvConf>>,
+    /// The upstream has `zone`: its servers' failure state is shared between workers
+    /// ([`crate::fails`]).
+    shares_failures: bool,
+    /// Worker only: the shared failure table's epoch last copied onto `current`'s peers, and the
+    /// servers it listed (their `fails` go back to 0 when they leave the table).
+    fail_epoch_seen: u64,
+    fail_applied: Vec<std::net::SocketAddr>,
 }
 
 impl Merge for SrvConf {
@@ -529,6 +536,7 @@ unsafe fn postconfiguration(cf: &mut ngx_conf_t) -> ngx_int_t {
         srv.source = format!("{}{}", u.addresses[0], u.path);
         srv.key = crate::model::slot_key(&name, u);
         srv.original_init_peer = us.peer.init;
+        srv.shares_failures = !us.shm_zone.is_null();
         us.peer.init = Some(peers::init_peer);
         srv.us = ptr::NonNull::new(uscf);
         main.upstreams.push(srv as *mut SrvConf);

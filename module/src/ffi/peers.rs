@@ -19,6 +19,7 @@ use std::rc::Rc;
 use ngx::ffi::*;
 
 use super::{shm, srv_conf_of, SrvConf};
+use crate::fails::FailState;
 use crate::model::Server;
 
 /// Lists whose encoded form is at most this many bytes (about 2,500 IPv4 servers, a millisecond
@@ -204,6 +205,38 @@ impl Generation {
         drop(primary);
         drop(backup_servers);
         Generation { servers, peer_index, by_addr, primary: primary_list, backup: backup_list, peers, _addrs: addrs, _names: names, points }
+    }
+
+    /// The index in `peers` of the peer whose `sockaddr` is `sa` (a pointer nginx's balancer
+    /// copied into `pc->sockaddr` from one of this generation's peers), None for any other.
+    fn index_of_sockaddr(&self, sa: *const sockaddr) -> Option<usize> {
+        let base = self._addrs.as_ptr() as usize;
+        let size = core::mem::size_of::<libc::sockaddr_storage>();
+        let off = (sa as usize).checked_sub(base)?;
+        (off % size == 0 && off / size < self.peers.len()).then_some(off / size)
+    }
+
+    /// The passive-health state nginx keeps in `peers[i]`.
+    fn fail_state(&self, i: usize) -> FailState {
+        let p = &self.peers[i];
+        FailState { fails: p.fails as u64, accessed: p.accessed as i64, checked: p.checked as i64 }
+    }
+
+    /// Sets the passive-health state of the server at `addr`, if this generation has it.
+    ///
+    /// # Safety
+    /// Event loop: nginx's balancers write these fields of our peers the same way, through the
+    /// pointers in the lists (never concurrently: one thread).
+    unsafe fn set_fail_state(&self, addr: SocketAddr, f: impl FnOnce(FailState) -> FailState) {
+        let Some(&i) = self.by_addr.get(&addr) else { return };
+        let state = f(self.fail_state(i));
+        // SAFETY: contract; `i` is in bounds and `peers` is never resized.
+        unsafe {
+            let p = (self.peers.as_ptr() as *mut ngx_http_upstream_rr_peer_t).add(i);
+            (*p).fails = state.fails as ngx_uint_t;
+            (*p).accessed = state.accessed as time_t;
+            (*p).checked = state.checked as time_t;
+        }
     }
 
     /// The ring in nginx's layout, for `hcf->points` (null without `hash ... consistent`).
@@ -455,6 +488,7 @@ unsafe fn install(srv: &mut SrvConf, mut g: Generation) {
         }
     }
     srv.current = Some(Rc::new(g));
+    srv.fail_epoch_seen = u64::MAX;
 }
 
 /// `us->peer.init` of a synced upstream: catch up with the shared list, pin the generation the
@@ -471,6 +505,9 @@ unsafe fn init_peer_inner(r: *mut ngx_http_request_t, us: *mut ngx_http_upstream
     unsafe {
         let Some(srv) = srv_conf_of(us) else { return NGX_ERROR as ngx_int_t };
         sync(srv);
+        if srv.shares_failures {
+            apply_shared_failures(srv);
+        }
         if let Some(generation) = &srv.current {
             let cln = ngx_pool_cleanup_add((*r).pool, 0);
             if cln.is_null() {
@@ -479,11 +516,154 @@ unsafe fn init_peer_inner(r: *mut ngx_http_request_t, us: *mut ngx_http_upstream
             (*cln).handler = Some(release);
             (*cln).data = Rc::into_raw(generation.clone()) as *mut c_void;
         }
-        match srv.original_init_peer {
+        let rc = match srv.original_init_peer {
             Some(init) => init(r, us),
             None => NGX_ERROR as ngx_int_t,
+        };
+        if rc == NGX_OK as ngx_int_t && srv.shares_failures {
+            if let Some(generation) = &srv.current {
+                return share_failures_of(r, srv, Rc::as_ptr(generation));
+            }
+        }
+        rc
+    }
+}
+
+/// Copies the upstream's shared failure table onto this worker's peers when its epoch moved
+/// since the last copy (one atomic load otherwise). Servers that left the table (a success
+/// after `fail_timeout` cleared them in some worker) get `fails = 0` back.
+///
+/// # Safety
+/// Worker main thread; `srv` is a synced upstream of the running cycle.
+unsafe fn apply_shared_failures(srv: &mut SrvConf) {
+    let (Some(slot), Some(pool), Some(g)) = (srv.slot, srv.shpool, srv.current.clone()) else { return };
+    // SAFETY: the slot lives in the shared zone for the life of the cycle.
+    let epoch = unsafe { slot.as_ref() }.fail_epoch.load(core::sync::atomic::Ordering::Acquire);
+    if epoch == srv.fail_epoch_seen {
+        return;
+    }
+    // SAFETY: main thread, zone pointers of this cycle.
+    let (epoch, entries) = unsafe { shm::read_failures(pool.as_ptr(), slot.as_ptr()) };
+    let listed: Vec<SocketAddr> = entries.iter().map(|e| e.addr()).collect();
+    for gone in srv.fail_applied.iter().filter(|a| !listed.contains(a)) {
+        // SAFETY: event loop (contract).
+        unsafe { g.set_fail_state(*gone, |s| FailState { fails: 0, ..s }) };
+    }
+    for e in &entries {
+        // SAFETY: event loop (contract).
+        unsafe { g.set_fail_state(e.addr(), |_| e.state) };
+    }
+    srv.fail_applied = listed;
+    srv.fail_epoch_seen = epoch;
+}
+
+/// A request's balancer, wrapped to publish what it does to its peers' failure state: nginx's
+/// `get`/`free`/session callbacks of the balancer in the upstream (round robin, keepalive,
+/// least_conn, hash...) with their data, the upstream, and the generation the request pinned.
+struct SharedFails {
+    data: *mut c_void,
+    get: ngx_event_get_peer_pt,
+    free: ngx_event_free_peer_pt,
+    set_session: ngx_event_set_peer_session_pt,
+    save_session: ngx_event_save_peer_session_pt,
+    srv: *mut SrvConf,
+    generation: *const Generation,
+}
+
+/// Puts [`SharedFails`] between nginx and the balancer of request `r` (as nginx's keepalive
+/// module puts itself between nginx and round robin).
+///
+/// # Safety
+/// Main thread, right after the balancer's `peer.init` succeeded for `r`; `generation` is pinned
+/// by `r`'s pool (see `release`).
+unsafe fn share_failures_of(r: *mut ngx_http_request_t, srv: &mut SrvConf, generation: *const Generation) -> ngx_int_t {
+    // SAFETY: contract; `r->upstream` is set before peer.init, its pool outlives the request's
+    // upstream work, and SharedFails is plain data (no destructor needed).
+    unsafe {
+        let pc = &mut (*(*r).upstream).peer;
+        let ctx = ngx_palloc((*r).pool, core::mem::size_of::<SharedFails>()) as *mut SharedFails;
+        if ctx.is_null() {
+            return NGX_ERROR as ngx_int_t;
+        }
+        ctx.write(SharedFails {
+            data: pc.data,
+            get: pc.get,
+            free: pc.free,
+            set_session: pc.set_session,
+            save_session: pc.save_session,
+            srv,
+            generation,
+        });
+        pc.data = ctx as *mut c_void;
+        pc.get = Some(shared_get);
+        pc.free = Some(shared_free);
+        if pc.set_session.is_some() {
+            pc.set_session = Some(shared_set_session);
+        }
+        if pc.save_session.is_some() {
+            pc.save_session = Some(shared_save_session);
         }
     }
+    NGX_OK as ngx_int_t
+}
+
+unsafe extern "C" fn shared_get(pc: *mut ngx_peer_connection_t, data: *mut c_void) -> ngx_int_t {
+    // SAFETY: `data` is the SharedFails set by share_failures_of for this connection.
+    super::guard("the upstream peer get", NGX_ERROR as ngx_int_t, || unsafe {
+        let ctx = &*(data as *const SharedFails);
+        match ctx.get {
+            Some(get) => get(pc, ctx.data),
+            None => NGX_ERROR as ngx_int_t,
+        }
+    })
+}
+
+/// The balancer's `free`, then, when it changed the failure state of the peer the request used,
+/// that state into the shared table.
+unsafe extern "C" fn shared_free(pc: *mut ngx_peer_connection_t, data: *mut c_void, state: ngx_uint_t) {
+    // SAFETY: `data` is the SharedFails set by share_failures_of; its generation is pinned by
+    // the request and its srv conf lives for the cycle; event loop.
+    super::guard("the upstream peer free", (), || unsafe {
+        let ctx = &*(data as *const SharedFails);
+        let g = &*ctx.generation;
+        let used = g.index_of_sockaddr((*pc).sockaddr);
+        let before = used.map(|i| g.fail_state(i));
+        if let Some(free) = ctx.free {
+            free(pc, ctx.data, state);
+        }
+        let (Some(i), Some(before)) = (used, before) else { return };
+        let after = g.fail_state(i);
+        if after == before {
+            return;
+        }
+        let srv = &mut *ctx.srv;
+        let (Some(slot), Some(pool)) = (srv.slot, srv.shpool) else { return };
+        let Some(addr) = socket_addr((*pc).sockaddr, (*pc).socklen) else { return };
+        let current = srv.current.clone();
+        let listed = |a: SocketAddr| current.as_ref().is_none_or(|c| c.by_addr.contains_key(&a));
+        if let Err(e) = shm::record_failure(pool.as_ptr(), slot.as_ptr(), addr, after, listed) {
+            tracing::error!("upstream \"{}\": {e}", shm::upstream_name(srv));
+        }
+    })
+}
+
+unsafe extern "C" fn shared_set_session(pc: *mut ngx_peer_connection_t, data: *mut c_void) -> ngx_int_t {
+    // SAFETY: `data` is the SharedFails set by share_failures_of; set only when the balancer has
+    // its own set_session.
+    super::guard("the upstream peer set_session", NGX_ERROR as ngx_int_t, || unsafe {
+        let ctx = &*(data as *const SharedFails);
+        ctx.set_session.map(|f| f(pc, ctx.data)).unwrap_or(NGX_OK as ngx_int_t)
+    })
+}
+
+unsafe extern "C" fn shared_save_session(pc: *mut ngx_peer_connection_t, data: *mut c_void) {
+    // SAFETY: as shared_set_session.
+    super::guard("the upstream peer save_session", (), || unsafe {
+        let ctx = &*(data as *const SharedFails);
+        if let Some(f) = ctx.save_session {
+            f(pc, ctx.data);
+        }
+    })
 }
 
 /// Pool cleanup: the request no longer uses its generation.

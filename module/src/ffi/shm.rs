@@ -27,10 +27,11 @@ use ngx::ffi::*;
 use ngx::ngx_string;
 
 use super::{MainConf, SrvConf};
+use crate::fails::{FailEntry, FailState, Recorded};
 use crate::lease::Lease;
 use crate::model::{encode_servers, unix_ms, Origin, SlotMeta};
 
-const MAGIC: u64 = 0x7570_7379_6e63_0002; // "upsync" v2
+const MAGIC: u64 = 0x7570_7379_6e63_0003; // "upsync" v3 (slots with a failure table)
 /// Workers (of every configuration still running) the zone keeps track of.
 const MAX_WORKERS: usize = 1024;
 /// Room for a slot's metadata (origin, indexes, times, the last error message).
@@ -78,6 +79,13 @@ pub struct Slot {
     /// [`SlotMeta`] encoded, inline so that recording a problem never needs an allocation.
     meta_len: usize,
     meta: [u8; META_CAP],
+    /// Upstreams with `zone`: the servers' shared failure state ([`crate::fails`]), in slab
+    /// memory (null until a first failure), `fails_len` entries used of `fails_cap`; guarded
+    /// by the mutex. `fail_epoch` moves at every change, so workers copy the table only then.
+    pub fail_epoch: AtomicU64,
+    fails: *mut FailEntry,
+    fails_len: usize,
+    fails_cap: usize,
 }
 
 /// The zone's mutex, held for the life of the value (released on drop, also when unwinding).
@@ -248,6 +256,10 @@ unsafe fn find_or_create_slot(pool: *mut ngx_slab_pool_t, header: *mut Header, k
                 servers_len: 0,
                 meta_len: 0,
                 meta: [0; META_CAP],
+                fail_epoch: AtomicU64::new(0),
+                fails: ptr::null_mut(),
+                fails_len: 0,
+                fails_cap: 0,
             },
         );
         (*header).slots = slot;
@@ -289,6 +301,9 @@ unsafe fn collect_garbage(pool: *mut ngx_slab_pool_t, header: *mut Header) {
                 *link = (*s).next;
                 if !(*s).servers.is_null() {
                     ngx_slab_free_locked(pool, (*s).servers as *mut c_void);
+                }
+                if !(*s).fails.is_null() {
+                    ngx_slab_free_locked(pool, (*s).fails as *mut c_void);
                 }
                 ngx_slab_free_locked(pool, s as *mut c_void);
                 freed += 1;
@@ -509,6 +524,68 @@ pub unsafe fn read_servers(pool: *mut ngx_slab_pool_t, slot: *mut Slot) -> Optio
             return None;
         }
         Some((version, std::slice::from_raw_parts((*slot).servers, (*slot).servers_len).to_vec()))
+    }
+}
+
+/// Records a server's failure state in the slot's shared table (growing it in the zone when
+/// needed, after dropping the servers `listed` says are gone) and moves the epoch. When the zone
+/// has no room, the state stays this worker's and the error says so.
+///
+/// # Safety
+/// Worker main thread; `pool` and `slot` from the zone.
+pub unsafe fn record_failure(
+    pool: *mut ngx_slab_pool_t,
+    slot: *mut Slot,
+    addr: std::net::SocketAddr,
+    state: FailState,
+    listed: impl Fn(std::net::SocketAddr) -> bool,
+) -> Result<(), String> {
+    // SAFETY: contract; the mutex guards the table, its length and capacity.
+    unsafe {
+        let _lock = Locked::new(pool);
+        let s = &mut *slot;
+        loop {
+            let table: &mut [FailEntry] = if s.fails.is_null() { &mut [] } else { std::slice::from_raw_parts_mut(s.fails, s.fails_cap) };
+            if let Recorded::Done(len) = crate::fails::record(table, s.fails_len, addr, state) {
+                s.fails_len = len;
+                break;
+            }
+            let kept = crate::fails::retain(table, s.fails_len, &listed);
+            if kept < s.fails_len {
+                s.fails_len = kept;
+                continue;
+            }
+            let cap = crate::fails::grown(s.fails_len);
+            let p = ngx_slab_alloc_locked(pool, cap * core::mem::size_of::<FailEntry>()) as *mut FailEntry;
+            if p.is_null() {
+                return Err(format!(
+                    "the shared zone \"upsync\" has no room for the failure state of {cap} servers; this worker keeps it for \
+                     itself; raise upsync_shm_size"
+                ));
+            }
+            if !s.fails.is_null() {
+                ptr::copy_nonoverlapping(s.fails, p, s.fails_len);
+                ngx_slab_free_locked(pool, s.fails as *mut c_void);
+            }
+            s.fails = p;
+            s.fails_cap = cap;
+        }
+        s.fail_epoch.fetch_add(1, Ordering::AcqRel);
+    }
+    Ok(())
+}
+
+/// A copy of the slot's shared failure table and the epoch it belongs to.
+///
+/// # Safety
+/// Main thread; `pool` and `slot` from the zone.
+pub unsafe fn read_failures(pool: *mut ngx_slab_pool_t, slot: *mut Slot) -> (u64, Vec<FailEntry>) {
+    // SAFETY: contract; the mutex guards the table.
+    unsafe {
+        let _lock = Locked::new(pool);
+        let s = &*slot;
+        let entries = if s.fails.is_null() { Vec::new() } else { std::slice::from_raw_parts(s.fails, s.fails_len).to_vec() };
+        (s.fail_epoch.load(Ordering::Acquire), entries)
     }
 }
 
