@@ -5,7 +5,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use crate::client::go_duration;
+use crate::duration::format_go as go_duration;
 use crate::error::Error;
 
 /// A check status to set with [`crate::Client::check_update`]: `passing`, `warning`, `critical`.

@@ -240,7 +240,7 @@ impl Client {
             }
         }
         if let Some(b) = blocking {
-            add(&mut path, &format!("index={}&wait={}", b.index, go_duration(b.wait.min(MAX_WAIT))));
+            add(&mut path, &format!("index={}&wait={}", b.index, crate::duration::format_go(b.wait.min(MAX_WAIT))));
         }
         path
     }
@@ -668,16 +668,6 @@ pub(crate) fn seg(s: &str) -> String {
 
 pub(crate) fn query_value(s: &str) -> String {
     utf8_percent_encode(s, QUERY).to_string()
-}
-
-/// Go's duration syntax as Consul parses it: `300s`, `1500ms`.
-pub(crate) fn go_duration(d: Duration) -> String {
-    let ms = d.as_millis();
-    if ms.is_multiple_of(1000) {
-        format!("{}s", ms / 1000)
-    } else {
-        format!("{ms}ms")
-    }
 }
 
 /// `X-Consul-Index`: `Ok(None)` when absent, `Err(value)` (cut to 64 characters) when present
@@ -1115,7 +1105,6 @@ mod tests {
         assert_eq!(c.full_path(&Method::PUT, "/v1/kv/a", None), "/v1/kv/a?dc=dc2");
         assert_eq!(c.full_path(&Method::GET, "/v1/agent/self", None), "/v1/agent/self");
         assert_eq!(c.full_path(&Method::GET, "/v1/internal/ui/nodes", None), "/v1/internal/ui/nodes?dc=dc2&stale");
-        assert_eq!(go_duration(Duration::from_millis(1500)), "1500ms");
         assert_eq!(kv_path("up/[::1]:80 x"), "/v1/kv/up/%5B::1%5D:80%20x");
     }
 

@@ -22,9 +22,11 @@ pub mod agent;
 pub mod client;
 pub mod config;
 pub mod decode;
+pub mod duration;
 pub mod endpoint;
 pub mod error;
 pub mod etcd;
+pub mod logging;
 pub mod upsync;
 pub mod watch;
 

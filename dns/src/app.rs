@@ -7,7 +7,7 @@ use anyhow::Context;
 use arc_swap::ArcSwap;
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::config::{Config, LogFormat};
+use crate::config::Config;
 use crate::feed::Feed;
 use crate::forward::Forwarder;
 use crate::metrics::Metrics;
@@ -20,23 +20,9 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Logs to stderr as text or JSON lines. RUST_LOG wins over the configured level; hickory's
 /// per-query logs are kept at warn unless RUST_LOG asks for them.
 pub fn init_logging(cfg: &Config) {
-    let filter = match std::env::var("RUST_LOG") {
-        Ok(f) if !f.is_empty() => f,
-        _ => format!(
-            "{},hickory_server=warn,hickory_net=warn,hickory_resolver=warn,hickory_proto=warn",
-            cfg.log_level.as_deref().unwrap_or("info")
-        ),
-    };
-    let filter = tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|e| {
-        eprintln!("upsync-dns: log filter `{filter}`: {e}; using `info`");
-        tracing_subscriber::EnvFilter::new("info")
-    });
-    use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal());
-    match cfg.log_format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
-    }
+    let level = cfg.log_level.as_deref().unwrap_or("info");
+    let filter = format!("{level},hickory_server=warn,hickory_net=warn,hickory_resolver=warn,hickory_proto=warn");
+    upsync_discovery::logging::init("upsync-dns", cfg.log_format, &filter);
 }
 
 /// Runs the server until SIGTERM or SIGINT, then stops gracefully.

@@ -81,24 +81,7 @@ pub fn parse_upstream(s: &str) -> Result<SocketAddr, String> {
         .map_err(|_| format!("upstream resolver `{s}`: give IP or IP:PORT (a resolver is an address, not a name)"))
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    #[default]
-    Text,
-    Json,
-}
-
-impl FromStr for LogFormat {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "text" => Ok(LogFormat::Text),
-            "json" => Ok(LogFormat::Json),
-            o => Err(format!("log format `{o}`: use text or json")),
-        }
-    }
-}
+pub use upsync_discovery::logging::LogFormat;
 
 // ---------------------------------------------------------------------------------------------
 // The file, as written.
@@ -119,7 +102,7 @@ struct FileConfig {
 struct RrlFile {
     responses_per_second: u32,
     slip: u32,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "upsync_discovery::duration::serde")]
     window: Duration,
     ipv4_prefix_length: u8,
     ipv6_prefix_length: u8,
@@ -149,15 +132,15 @@ struct ConsulFile {
     datacenter: Option<String>,
     consistency: String,
     tls: Option<TlsFile>,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "upsync_discovery::duration::serde")]
     wait: Duration,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "upsync_discovery::duration::serde")]
     resync_interval: Duration,
     catalog_read_budget: f64,
     hot_services: usize,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "upsync_discovery::duration::serde")]
     connect_timeout: Duration,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "upsync_discovery::duration::serde")]
     request_timeout: Duration,
 }
 
@@ -205,7 +188,7 @@ struct DnsFile {
     ns_addresses: Vec<IpAddr>,
     hostmaster: Option<String>,
     reverse_zones: Vec<String>,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "upsync_discovery::duration::serde")]
     tcp_idle_timeout: Duration,
     max_tcp_connections: usize,
 }
@@ -237,7 +220,7 @@ struct ForwardFile {
     upstreams: Vec<String>,
     allow_recursion: Vec<IpNet>,
     cache_size: u64,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "upsync_discovery::duration::serde")]
     timeout: Duration,
 }
 

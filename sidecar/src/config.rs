@@ -112,13 +112,7 @@ pub struct Args {
     pub state_dir: Option<PathBuf>,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    #[default]
-    Text,
-    Json,
-}
+pub use upsync_discovery::logging::LogFormat;
 
 /// The configuration file. Every key is optional.
 #[derive(Debug, Default, Deserialize)]
@@ -273,14 +267,7 @@ fn parse_cidr(s: &str) -> Result<ipnet::IpNet, String> {
     s.parse::<IpAddr>().map(ipnet::IpNet::from).map_err(|_| format!("`{s}` is not an address or a network (10.0.0.0/8, ::1/128)"))
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    // A bare number is seconds, as in registrator's -resync.
-    if let Ok(secs) = s.parse::<u64>() {
-        return Ok(Duration::from_secs(secs));
-    }
-    humantime::parse_duration(s).map_err(|e| format!("`{s}` is not a duration (examples: 5s, 250ms, 1m): {e}"))
-}
+use upsync_discovery::duration::parse as parse_duration;
 
 fn duration_key(key: &str, value: Option<&str>, default: Duration) -> anyhow::Result<Duration> {
     match value {

@@ -94,17 +94,17 @@ pub enum CheckKind {
     /// TCP connect to ADDRESS:PORT.
     Tcp,
     /// The application reports itself (`PUT /v1/agent/check/pass/service:ID`) within this period.
-    Ttl(#[serde(with = "go_duration")] Duration),
+    Ttl(#[serde(with = "upsync_discovery::duration::serde")] Duration),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CheckSpec {
     pub kind: CheckKind,
-    #[serde(with = "go_duration")]
+    #[serde(with = "upsync_discovery::duration::serde")]
     pub interval: Duration,
-    #[serde(with = "go_duration")]
+    #[serde(with = "upsync_discovery::duration::serde")]
     pub timeout: Duration,
-    #[serde(default, with = "go_duration_opt", skip_serializing_if = "Option::is_none")]
+    #[serde(default, with = "upsync_discovery::duration::serde_opt", skip_serializing_if = "Option::is_none")]
     pub deregister_after: Option<Duration>,
 }
 
@@ -168,50 +168,9 @@ impl EndpointSpec {
     }
 }
 
-/// Consul and Go write durations as `10s`, `1500ms`, `1m30s`.
-pub fn format_go_duration(d: Duration) -> String {
-    if d.subsec_millis() == 0 && d.subsec_nanos() == 0 {
-        format!("{}s", d.as_secs())
-    } else {
-        format!("{}ms", d.as_millis())
-    }
-}
-
-/// Parses `10s`, `250ms`, `1m30s` (or a bare number of seconds).
-pub fn parse_go_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    if let Ok(secs) = s.parse::<u64>() {
-        return Ok(Duration::from_secs(secs));
-    }
-    humantime::parse_duration(s).map_err(|e| format!("`{s}` is not a duration such as 10s, 500ms or 1m ({e})"))
-}
-
-mod go_duration {
-    use super::*;
-    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&format_go_duration(*d))
-    }
-    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let s = String::deserialize(d)?;
-        parse_go_duration(&s).map_err(serde::de::Error::custom)
-    }
-}
-
-mod go_duration_opt {
-    use super::*;
-    pub fn serialize<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
-        match d {
-            Some(d) => s.serialize_str(&format_go_duration(*d)),
-            None => s.serialize_none(),
-        }
-    }
-    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-        match Option::<String>::deserialize(d)? {
-            Some(s) => parse_go_duration(&s).map(Some).map_err(serde::de::Error::custom),
-            None => Ok(None),
-        }
-    }
-}
+/// Durations in the API and the configuration: one syntax with upsync-dns and Consul
+/// ([`upsync_discovery::duration`]).
+pub use upsync_discovery::duration::{format_go as format_go_duration, parse as parse_go_duration};
 
 // ---- validation shared by the API, the container labels and the configuration ----
 
