@@ -24,6 +24,7 @@ pub mod docker;
 pub mod engine;
 pub mod etcd;
 pub mod faultproxy;
+pub mod hosts;
 pub mod load;
 pub mod net;
 pub mod nginx;
