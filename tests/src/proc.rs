@@ -33,11 +33,7 @@ impl Proc {
             });
         }
         let program = format!("{:?}", cmd.get_program());
-        let child = if crate::hosts::current_netns().is_some() {
-            crate::hosts::spawn_from_long_lived_thread(cmd)
-        } else {
-            cmd.spawn()
-        };
+        let child = if crate::hosts::current_netns().is_some() { crate::hosts::spawn_from_long_lived_thread(cmd) } else { cmd.spawn() };
         let child = child.map_err(|e| anyhow::anyhow!("starting {name} ({program}): {e}"))?;
         Ok(Proc { name: name.to_string(), child: Some(child), log: log.to_path_buf() })
     }

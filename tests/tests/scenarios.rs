@@ -72,6 +72,12 @@ fn nginx_http(servers: &str) -> String {
     )
 }
 
+/// HCL every agent gets: `UPSYNC_SCENARIO_AGENT_HCL` (e.g. a `gossip_lan { ... }` block to
+/// measure tuned failure detection), none by default (Consul's defaults).
+fn agent_hcl() -> Vec<String> {
+    std::env::var("UPSYNC_SCENARIO_AGENT_HCL").ok().filter(|h| !h.trim().is_empty()).into_iter().collect()
+}
+
 impl Site {
     fn start(name: &str) -> Site {
         let dir = TestDir::new(name);
@@ -98,7 +104,7 @@ impl Site {
                         join: serf.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, s)| s.clone()).collect(),
                         server: true,
                     }),
-                    extra_hcl: vec!["performance { raft_multiplier = 1 }".into()],
+                    extra_hcl: [vec!["performance { raft_multiplier = 1 }".to_string()], agent_hcl()].concat(),
                     ..Default::default()
                 };
                 let d = dir.join(&h.name);
@@ -116,6 +122,7 @@ impl Site {
                     bind: Some(h.ip.to_string()),
                     client: Some("0.0.0.0".into()),
                     cluster: Some(ClusterMember { bootstrap_expect: 0, join: serf.clone(), server: false }),
+                    extra_hcl: agent_hcl(),
                     ..Default::default()
                 };
                 let d = dir.join(&h.name);
@@ -140,7 +147,8 @@ impl Site {
         let consul_addrs: Vec<String> = servers.iter().map(Consul::bind_http_addr).collect();
         let nginx = ng.run(|| Nginx::start(&dir.join("nginx"), NginxConf::new(&nginx_http(&consul_addrs.join(","))).workers(2)));
         let dns_conf = "[consul]\nwait = \"5s\"\nrequest_timeout = \"3s\"\nconnect_timeout = \"1s\"\n".to_string();
-        let dns = ng.run(|| DnsServer::start(dir.path(), &consul_addrs.join(","), DnsOptions { config: Some(dns_conf), ..Default::default() }));
+        let dns =
+            ng.run(|| DnsServer::start(dir.path(), &consul_addrs.join(","), DnsOptions { config: Some(dns_conf), ..Default::default() }));
         let site = Site { nginx, dns, sidecars, backends, _clients: clients, servers, server_hosts, app_hosts, ng, topo, _dir: dir };
         for (h, bs) in site.backends.iter().enumerate() {
             for b in bs {
@@ -153,8 +161,10 @@ impl Site {
 
     /// Registers `IP:port` of app host `h` as endpoint `id` of `web` through its sidecar.
     fn register(&self, h: usize, id: &str, port: u16) {
-        let body = serde_json::json!({ "address": self.app_hosts[h].ip.to_string(), "port": port, "check": { "http": "/", "interval": "1s" } });
-        let (status, text) = self.app_hosts[h].run(|| self.sidecars[h].api("PUT", &format!("/v1/endpoints/web/{id}"), Some(&body.to_string())));
+        let body =
+            serde_json::json!({ "address": self.app_hosts[h].ip.to_string(), "port": port, "check": { "http": "/", "interval": "1s" } });
+        let (status, text) =
+            self.app_hosts[h].run(|| self.sidecars[h].api("PUT", &format!("/v1/endpoints/web/{id}"), Some(&body.to_string())));
         assert!((200..300).contains(&status), "registering {id} on {}: HTTP {status}: {text}", self.app_hosts[h].name);
     }
 
@@ -380,7 +390,8 @@ fn the_consul_server_in_use_cut_off_fails_over_and_changes_keep_arriving() {
     let leader = site.leader_worker();
     let used = wait_for("the module's connection to a Consul server", LONG, || site.server_used_by(leader));
     let dns_used = site.server_used_by(site.dns.pid());
-    let raft_leader = site.server_hosts[used].run(|| site.servers[used].api("GET", "/v1/status/leader", None)).map(|(_, b)| b).unwrap_or_default();
+    let raft_leader =
+        site.server_hosts[used].run(|| site.servers[used].api("GET", "/v1/status/leader", None)).map(|(_, b)| b).unwrap_or_default();
     let load = Load::start(&site, &["/on/", "/off/"]);
 
     let t_cut = Instant::now();
