@@ -17,6 +17,23 @@ pub struct WrkReport {
     pub cpu_us_per_request: f64,
 }
 
+impl WrkReport {
+    /// The counts (requests, non-2xx answers, socket errors) of several runs added up.
+    pub fn sum(rounds: &[WrkReport]) -> WrkReport {
+        rounds.iter().fold(WrkReport::default(), |a, r| WrkReport {
+            requests: a.requests + r.requests,
+            non_2xx: a.non_2xx + r.non_2xx,
+            socket_errors: a.socket_errors + r.socket_errors,
+            ..a
+        })
+    }
+
+    /// Requests that failed: non-2xx answers and socket errors (timeouts included).
+    pub fn failed(&self) -> u64 {
+        self.non_2xx + self.socket_errors
+    }
+}
+
 /// CPU time (user + system) of `pids`, in µs, from /proc.
 pub fn cpu_us(pids: &[u32]) -> f64 {
     // /proc/PID/stat counts in clock ticks of USER_HZ, 100 per second on Linux.

@@ -318,26 +318,30 @@ impl Load {
     }
 
     /// Stops and sums the rounds, per path.
-    fn finish(self) -> BTreeMap<String, WrkReport> {
+    fn finish(mut self) -> BTreeMap<String, WrkReport> {
         self.stop.store(true, Ordering::Relaxed);
-        self.threads
-            .into_iter()
-            .map(|(p, t)| {
-                let rounds = t.join().expect("load thread");
-                let total = rounds.iter().fold(WrkReport::default(), |a, r| WrkReport {
-                    requests: a.requests + r.requests,
-                    non_2xx: a.non_2xx + r.non_2xx,
-                    socket_errors: a.socket_errors + r.socket_errors,
-                    ..a
-                });
-                (p, total)
-            })
-            .collect()
+        std::mem::take(&mut self.threads).into_iter().map(|(p, t)| (p, WrkReport::sum(&t.join().expect("load thread")))).collect()
     }
 }
 
-fn failed(r: &WrkReport) -> u64 {
-    r.non_2xx + r.socket_errors
+impl Drop for Load {
+    /// A test that fails with the load running stops it (after the round under way).
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// `PATH N (F failed), ...` of a load's report.
+fn describe(report: &BTreeMap<String, WrkReport>) -> String {
+    report.iter().map(|(p, r)| format!("{p} {} ({} failed)", r.requests, r.failed())).collect::<Vec<_>>().join(", ")
+}
+
+/// Asserts that every path had traffic and none of it failed `during` the scenario.
+fn assert_none_failed(report: &BTreeMap<String, WrkReport>, during: &str) {
+    for (p, r) in report {
+        assert!(r.requests > 100, "too little traffic on {p} to mean anything: {r:?}");
+        assert_eq!(r.failed(), 0, "requests failed on {p} {during}: {r:?}");
+    }
 }
 
 #[test]
@@ -367,14 +371,14 @@ fn an_application_host_cut_off_leaves_nginx_and_dns_and_comes_back_when_healed()
         back_nginx.as_secs_f64(),
         back_dns.as_secs_f64(),
         on.requests,
-        failed(on),
+        on.failed(),
         off.requests,
-        failed(off),
+        off.failed(),
         off.non_2xx,
         off.socket_errors
     );
     assert!(on.requests > 100 && off.requests > 100, "too little traffic to mean anything: {report:?}");
-    assert_eq!(failed(on), 0, "requests failed with proxy_next_upstream on: {on:?}");
+    assert_eq!(on.failed(), 0, "requests failed with proxy_next_upstream on: {on:?}");
     // No restart: the same workers serve the whole time.
     let mut after = site.nginx.active_worker_pids();
     after.sort();
@@ -421,12 +425,9 @@ fn the_consul_server_in_use_cut_off_fails_over_and_changes_keep_arriving() {
         site.server_hosts[now_used].name,
         removed_nginx.as_secs_f64(),
         removed_dns.as_secs_f64(),
-        report.iter().map(|(p, r)| format!("{p} {} ({} failed)", r.requests, failed(r))).collect::<Vec<_>>().join(", ")
+        describe(&report)
     );
-    for (p, r) in &report {
-        assert!(r.requests > 100, "too little traffic on {p}: {r:?}");
-        assert_eq!(failed(r), 0, "requests failed on {p} while a Consul server was cut off: {r:?}");
-    }
+    assert_none_failed(&report, "while a Consul server was cut off");
 }
 
 #[test]
@@ -462,12 +463,9 @@ fn a_rolling_restart_of_the_consul_servers_under_load_loses_no_request_and_no_ch
         restarts.as_secs_f64(),
         t_nginx.as_secs_f64(),
         t_dns.as_secs_f64(),
-        report.iter().map(|(p, r)| format!("{p} {} ({} failed)", r.requests, failed(r))).collect::<Vec<_>>().join(", ")
+        describe(&report)
     );
-    for (p, r) in &report {
-        assert!(r.requests > 100, "too little traffic on {p}: {r:?}");
-        assert_eq!(failed(r), 0, "requests failed on {p} during the rolling restart: {r:?}");
-    }
+    assert_none_failed(&report, "during the rolling restart");
 }
 
 #[test]
