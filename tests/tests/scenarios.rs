@@ -344,6 +344,69 @@ fn assert_none_failed(report: &BTreeMap<String, WrkReport>, during: &str) {
     }
 }
 
+/// Names of the interfaces of the test process's own network namespace.
+fn own_interfaces() -> Vec<String> {
+    let out = std::process::Command::new("ip").args(["-o", "link", "show"]).output().expect("ip link");
+    let mut v: Vec<String> =
+        String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| l.split(": ").nth(1).map(|n| n.to_string())).collect();
+    v.sort();
+    v
+}
+
+fn netns_exists(name: &str) -> bool {
+    std::path::Path::new("/run/netns").join(name).exists()
+}
+
+/// The harness itself: hosts reach each other and a cut host is unreachable until healed;
+/// processes started in a host run in its namespace and outlive the thread that started them;
+/// the machine's own namespace gets no interface; every namespace goes when the topology is
+/// dropped, also during a panic.
+#[test]
+fn the_topology_links_its_hosts_only_and_is_removed_even_after_a_panic() {
+    use std::os::unix::fs::MetadataExt;
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = TestDir::new("scenario_topology");
+    let before = own_interfaces();
+    let mut topo = Topology::new();
+    let (h1, h2) = (topo.add_host("h1", 41), topo.add_host("h2", 42));
+    assert_eq!(own_interfaces(), before, "the topology added interfaces to the machine's namespace");
+
+    let b = h1.run(|| Backend::start_on("h1", (h1.ip, 0).into()));
+    let url = format!("http://{}/", b.addr);
+    assert_eq!(h2.run(|| http_get(&url)).expect("h2 reaches h1"), (200, "h1".to_string()));
+    let connects = || h2.run(|| std::net::TcpStream::connect_timeout(&b.addr, Duration::from_secs(1)).is_ok());
+    topo.cut(&h1);
+    assert!(!connects(), "h1 still reachable after the cut");
+    topo.heal(&h1);
+    wait_until("h1 reachable again after the heal", LONG, connects);
+
+    let mut cmd = std::process::Command::new("sleep");
+    cmd.arg("600");
+    let p = h1.run(|| upsync_tests::proc::Proc::spawn("sleep", cmd, &dir.join("sleep.log")).expect("sleep in h1"));
+    let ns_of = |pid: u32| std::fs::read_link(format!("/proc/{pid}/ns/net")).map(|l| l.to_string_lossy().into_owned()).unwrap_or_default();
+    let h1_ns = std::fs::metadata(std::path::Path::new("/run/netns").join(&h1.netns)).expect("h1's namespace").ino();
+    assert_eq!(ns_of(p.pid()), format!("net:[{h1_ns}]"), "a process started in h1 runs elsewhere");
+    // The thread that started it has ended: a death signal tied to it would have fired by now.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(upsync_tests::proc::alive(p.pid()), "the process died with the thread that started it");
+    drop(p);
+    drop(b);
+    let names = [h1.netns.clone(), h2.netns.clone()];
+    drop(topo);
+    assert!(names.iter().all(|n| !netns_exists(n)), "namespaces left after the drop: {names:?}");
+
+    let made = Mutex::new(String::new());
+    let r = std::panic::catch_unwind(|| {
+        let mut t = Topology::new();
+        *made.lock().unwrap() = t.add_host("h3", 43).netns;
+        panic!("a test failing with its topology up");
+    });
+    assert!(r.is_err());
+    let name = made.into_inner().unwrap();
+    assert!(!name.is_empty() && !netns_exists(&name), "namespace {name} left after a panic");
+    assert_eq!(own_interfaces(), before);
+}
+
 #[test]
 fn an_application_host_cut_off_leaves_nginx_and_dns_and_comes_back_when_healed() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
