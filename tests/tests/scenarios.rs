@@ -385,7 +385,8 @@ fn the_topology_links_its_hosts_only_and_is_removed_even_after_a_panic() {
     let p = h1.run(|| upsync_tests::proc::Proc::spawn("sleep", cmd, &dir.join("sleep.log")).expect("sleep in h1"));
     let ns_of = |pid: u32| std::fs::read_link(format!("/proc/{pid}/ns/net")).map(|l| l.to_string_lossy().into_owned()).unwrap_or_default();
     let h1_ns = std::fs::metadata(std::path::Path::new("/run/netns").join(&h1.netns)).expect("h1's namespace").ino();
-    assert_eq!(ns_of(p.pid()), format!("net:[{h1_ns}]"), "a process started in h1 runs elsewhere");
+    // (`ip netns exec` joins the namespace, then execs the program: wait for it to have done so.)
+    wait_until("the process started in h1 to run in h1's namespace", LONG, || ns_of(p.pid()) == format!("net:[{h1_ns}]"));
     // The thread that started it has ended: a death signal tied to it would have fired by now.
     std::thread::sleep(Duration::from_millis(300));
     assert!(upsync_tests::proc::alive(p.pid()), "the process died with the thread that started it");
