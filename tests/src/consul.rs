@@ -22,7 +22,9 @@ pub struct ConsulPorts {
 }
 
 impl ConsulPorts {
-    fn fresh() -> ConsulPorts {
+    /// Free ports (chosen before the agent starts, so that cluster members can name each
+    /// other's).
+    pub fn fresh() -> ConsulPorts {
         ConsulPorts {
             http: free_port(),
             dns: free_port(),
@@ -43,15 +45,25 @@ pub struct ConsulOptions {
     pub extra_hcl: Vec<String>,
     /// Token the harness's own helpers send (the ACL master token when ACLs are on).
     pub token: Option<String>,
-    /// Run as a (non-dev) server of a cluster of `bootstrap_expect` servers joining `join`.
+    /// Run as a (non-dev) server of a cluster of `bootstrap_expect` servers joining `join`, or
+    /// as a client agent of that cluster.
     pub cluster: Option<ClusterMember>,
+    /// Address serf and RPC bind to and advertise (`-bind`; default 127.0.0.1): a test host's
+    /// address ([`crate::hosts::Host`]) for a cluster across network namespaces.
+    pub bind: Option<String>,
+    /// `-client` (HTTP and DNS; default 127.0.0.1). `0.0.0.0` inside a test host's namespace
+    /// serves its loopback (the harness's helpers) and its address (the other hosts).
+    pub client: Option<String>,
 }
 
 #[derive(Clone, Debug)]
 pub struct ClusterMember {
+    /// Servers the cluster waits for before electing a leader (ignored for a client agent).
     pub bootstrap_expect: usize,
-    /// serf LAN ports of the other members.
-    pub join: Vec<u16>,
+    /// serf LAN addresses of other members (`IP:PORT`).
+    pub join: Vec<String>,
+    /// A server (`-server`); false: a client agent.
+    pub server: bool,
 }
 
 /// A running Consul agent. Stopped (SIGINT, then SIGKILL) when dropped.
@@ -81,6 +93,14 @@ impl Consul {
         panic!("could not start Consul: {last_err}");
     }
 
+    /// Starts an agent with `opts` without waiting for it (a member of a cluster that cannot
+    /// elect a leader before its peers run); [`Consul::wait_ready`] waits.
+    pub fn spawn_with(dir: &Path, opts: ConsulOptions, ports: ConsulPorts) -> Consul {
+        let mut c = Consul { proc: None, ports, dir: dir.to_path_buf(), opts };
+        c.spawn().unwrap_or_else(|e| panic!("starting Consul in {}: {e}", dir.display()));
+        c
+    }
+
     /// Three (or `n`) servers forming one cluster on loopback, each with its own data dir.
     pub fn cluster(dir: &Path, n: usize) -> Vec<Consul> {
         let ports: Vec<ConsulPorts> = (0..n).map(|_| ConsulPorts::fresh()).collect();
@@ -91,7 +111,11 @@ impl Consul {
             .map(|(i, p)| {
                 let opts = ConsulOptions {
                     node_name: Some(format!("upsync-server-{i}")),
-                    cluster: Some(ClusterMember { bootstrap_expect: n, join: serf.iter().copied().filter(|&s| s != p.serf_lan).collect() }),
+                    cluster: Some(ClusterMember {
+                        bootstrap_expect: n,
+                        join: serf.iter().filter(|&&s| s != p.serf_lan).map(|s| format!("127.0.0.1:{s}")).collect(),
+                        server: true,
+                    }),
                     ..Default::default()
                 };
                 Consul { proc: None, ports: p, dir: dir.join(format!("consul-{i}")), opts }
@@ -120,15 +144,18 @@ impl Consul {
                 cmd.arg("-dev");
             }
             Some(m) => {
-                cmd.arg("-server")
-                    .arg(format!("-bootstrap-expect={}", m.bootstrap_expect))
-                    .arg(format!("-data-dir={}", self.dir.join("data").display()));
+                if m.server {
+                    cmd.arg("-server").arg(format!("-bootstrap-expect={}", m.bootstrap_expect));
+                }
+                cmd.arg(format!("-data-dir={}", self.dir.join("data").display()));
                 for j in &m.join {
-                    cmd.arg(format!("-retry-join=127.0.0.1:{j}"));
+                    cmd.arg(format!("-retry-join={j}"));
                 }
             }
         }
-        cmd.args(["-bind", "127.0.0.1", "-client", "127.0.0.1", "-log-level", "info"])
+        cmd.args(["-bind", self.opts.bind.as_deref().unwrap_or("127.0.0.1")])
+            .args(["-client", self.opts.client.as_deref().unwrap_or("127.0.0.1")])
+            .args(["-log-level", "info"])
             .arg(format!("-node={}", self.node_name()))
             .arg(format!("-http-port={}", p.http))
             .arg(format!("-dns-port={}", p.dns))
@@ -183,6 +210,17 @@ impl Consul {
     /// `127.0.0.1:PORT` of the HTTP API.
     pub fn http_addr(&self) -> String {
         format!("127.0.0.1:{}", self.ports.http)
+    }
+
+    /// `BIND:PORT` of the HTTP API: how other hosts reach an agent started with
+    /// [`ConsulOptions::bind`] and a `client` that covers it.
+    pub fn bind_http_addr(&self) -> String {
+        format!("{}:{}", self.opts.bind.as_deref().unwrap_or("127.0.0.1"), self.ports.http)
+    }
+
+    /// `BIND:PORT` of serf LAN (what other agents join).
+    pub fn serf_addr(&self) -> String {
+        format!("{}:{}", self.opts.bind.as_deref().unwrap_or("127.0.0.1"), self.ports.serf_lan)
     }
 
     /// `http://127.0.0.1:PORT` + `path`.

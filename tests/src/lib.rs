@@ -10,6 +10,9 @@
 //! - [`backend::Backend`]: small HTTP servers that answer with their own name.
 //! - [`faultproxy::FaultProxy`]: a TCP proxy in front of real Consul that stalls, drops,
 //!   trickles, floods or corrupts its answers on demand.
+//! - [`hosts::Topology`]: several hosts on one machine (network namespaces joined by a bridge
+//!   in a namespace of its own), a host cut off and healed by taking its link down and up;
+//!   [`hosts::Host::run`] runs harness code, and starts processes, inside a host.
 //! - [`TestDir`]: a per-test directory, removed when the test passes, kept (and its path printed)
 //!   when it fails, so the logs of a failed test can be read.
 //!
@@ -24,6 +27,7 @@ pub mod docker;
 pub mod engine;
 pub mod etcd;
 pub mod faultproxy;
+pub mod hosts;
 pub mod load;
 pub mod net;
 pub mod nginx;

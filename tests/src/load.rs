@@ -17,6 +17,23 @@ pub struct WrkReport {
     pub cpu_us_per_request: f64,
 }
 
+impl WrkReport {
+    /// The counts (requests, non-2xx answers, socket errors) of several runs added up.
+    pub fn sum(rounds: &[WrkReport]) -> WrkReport {
+        rounds.iter().fold(WrkReport::default(), |a, r| WrkReport {
+            requests: a.requests + r.requests,
+            non_2xx: a.non_2xx + r.non_2xx,
+            socket_errors: a.socket_errors + r.socket_errors,
+            ..a
+        })
+    }
+
+    /// Requests that failed: non-2xx answers and socket errors (timeouts included).
+    pub fn failed(&self) -> u64 {
+        self.non_2xx + self.socket_errors
+    }
+}
+
 /// CPU time (user + system) of `pids`, in µs, from /proc.
 pub fn cpu_us(pids: &[u32]) -> f64 {
     // /proc/PID/stat counts in clock ticks of USER_HZ, 100 per second on Linux.
@@ -43,8 +60,16 @@ pub fn wrk_cpu(url: &str, threads: u32, conns: u32, duration: Duration, pids: &[
 
 /// Runs `wrk -t threads -c conns -d secs --latency url` and parses its report.
 pub fn wrk(url: &str, threads: u32, conns: u32, duration: Duration) -> anyhow::Result<WrkReport> {
+    wrk_with(url, threads, conns, duration, &[])
+}
+
+/// [`wrk`] with more arguments (e.g. `--timeout 10s`: wrk counts a request slower than its
+/// default 2 s as a socket error).
+pub fn wrk_with(url: &str, threads: u32, conns: u32, duration: Duration, extra: &[&str]) -> anyhow::Result<WrkReport> {
     let out = Command::new("wrk")
-        .args(["-t", &threads.to_string(), "-c", &conns.to_string(), "-d", &format!("{}s", duration.as_secs()), "--latency", url])
+        .args(["-t", &threads.to_string(), "-c", &conns.to_string(), "-d", &format!("{}s", duration.as_secs()), "--latency"])
+        .args(extra)
+        .arg(url)
         .output()
         .map_err(|e| anyhow::anyhow!("running wrk (install it with `make deps`): {e}"))?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();

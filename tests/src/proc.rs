@@ -15,8 +15,11 @@ pub struct Proc {
 
 impl Proc {
     /// Starts `cmd` with stdout and stderr appended to `log`, in a new process group, with
-    /// `PR_SET_PDEATHSIG(SIGKILL)` so it cannot outlive the test process.
-    pub fn spawn(name: &str, mut cmd: Command, log: &Path) -> anyhow::Result<Proc> {
+    /// `PR_SET_PDEATHSIG(SIGKILL)` so it cannot outlive the test process. Called inside
+    /// [`crate::hosts::Host::run`], it starts the process in that host's network namespace.
+    pub fn spawn(name: &str, cmd: Command, log: &Path) -> anyhow::Result<Proc> {
+        let in_netns = crate::hosts::in_current_netns(&cmd);
+        let mut cmd = in_netns.unwrap_or(cmd);
         let out = File::options().create(true).append(true).open(log)?;
         let err = out.try_clone()?;
         cmd.stdin(Stdio::null()).stdout(out).stderr(err).process_group(0);
@@ -29,7 +32,9 @@ impl Proc {
                 Ok(())
             });
         }
-        let child = cmd.spawn().map_err(|e| anyhow::anyhow!("starting {name} ({:?}): {e}", cmd.get_program()))?;
+        let program = format!("{:?}", cmd.get_program());
+        let child = if crate::hosts::current_netns().is_some() { crate::hosts::spawn_from_long_lived_thread(cmd) } else { cmd.spawn() };
+        let child = child.map_err(|e| anyhow::anyhow!("starting {name} ({program}): {e}"))?;
         Ok(Proc { name: name.to_string(), child: Some(child), log: log.to_path_buf() })
     }
 

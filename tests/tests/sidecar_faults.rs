@@ -24,7 +24,7 @@ fn no_engine(node: &str, dir: &TestDir) -> SidecarOpts {
 fn persistent_consul(dir: &TestDir) -> Consul {
     let opts = ConsulOptions {
         node_name: Some("upsync-persistent".into()),
-        cluster: Some(ClusterMember { bootstrap_expect: 1, join: Vec::new() }),
+        cluster: Some(ClusterMember { bootstrap_expect: 1, join: Vec::new(), server: true }),
         ..Default::default()
     };
     Consul::start_with(&dir.subdir("consul"), opts)

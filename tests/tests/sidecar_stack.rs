@@ -113,12 +113,7 @@ fn scaling(kind: Kind) {
     stop.store(true, Ordering::Relaxed);
     let rounds = traffic.join().expect("traffic thread");
 
-    let total = rounds.iter().fold(WrkReport::default(), |a, r| WrkReport {
-        requests: a.requests + r.requests,
-        non_2xx: a.non_2xx + r.non_2xx,
-        socket_errors: a.socket_errors + r.socket_errors,
-        ..a
-    });
+    let total = WrkReport::sum(&rounds);
     eprintln!(
         "wrk: {} rounds, {} requests, {} non-2xx, {} socket errors",
         rounds.len(),
