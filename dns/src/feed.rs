@@ -43,7 +43,7 @@ use upsync_discovery::decode::{
     decode_check_states, decode_health_instances, decode_instance_counts, decode_node_addresses, decode_node_dump, decode_services,
     CheckState, HealthMode,
 };
-use upsync_discovery::{Backoff, Blocking, Client, Endpoint, Query};
+use upsync_discovery::{Backoff, Client, Endpoint, IndexEvent, Query, RateLimit, Watch, WatchOptions};
 
 use crate::config::FeedConfig;
 use crate::server::Shared;
@@ -53,7 +53,7 @@ use crate::snapshot::{Health, Instance, Snapshot, ZoneConfig};
 /// change is seen at once, an index changing without pause cannot make it spin. The health
 /// lists are cheap for Consul (read through its status index, a few entries); the catalog
 /// lists grow with the number of services and each change costs a full read anyway.
-const REQUEST_BURST: f64 = 10.0;
+const REQUEST_BURST: u32 = 10;
 const HEALTH_REQUESTS_PER_SECOND: f64 = 200.0;
 /// One service's list is small, but a flapping one must not make its watch spin.
 const HOT_REQUESTS_PER_SECOND: f64 = 50.0;
@@ -228,70 +228,26 @@ impl SpacedRead {
     }
 }
 
-/// Token bucket spacing a detector's requests.
-struct Bucket {
-    tokens: f64,
-    per_second: f64,
-    at: Instant,
+/// The watch settings of a detector or hot watch: a burst, then `per_second`.
+fn watch_options(wait: Duration, per_second: f64) -> WatchOptions {
+    WatchOptions { wait, rate: RateLimit { burst: REQUEST_BURST, per_second }, backoff: Backoff::default(), ramp_from: None }
 }
 
-impl Bucket {
-    fn new(per_second: f64, now: Instant) -> Bucket {
-        Bucket { tokens: REQUEST_BURST, per_second, at: now }
-    }
-
-    /// Takes a token, or says how long until one is there.
-    fn take(&mut self, now: Instant) -> Option<Duration> {
-        self.tokens = (self.tokens + now.saturating_duration_since(self.at).as_secs_f64() * self.per_second).min(REQUEST_BURST);
-        self.at = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            return None;
-        }
-        Some(Duration::from_secs_f64((1.0 - self.tokens) / self.per_second))
-    }
-}
-
-/// Blocking-query loop reporting every change of `X-Consul-Index` (the discovery library's
-/// `Watch` reports only changes of the decoded value, and the catalog detector's body, the
-/// list of service names, stays the same when an instance comes or goes).
+/// Blocking query reporting every change of `X-Consul-Index` (the watch's index mode: the
+/// catalog detector's body, the list of service names, stays the same when an instance comes
+/// or goes), and every other answer as [`Event::Ok`].
 async fn detector(client: Client, kind: Kind, path: String, wait: Duration, tx: mpsc::Sender<Event>) {
-    let backoff = Backoff::default();
-    let mut rng = fastrand::Rng::new();
     let rate = if matches!(kind, Kind::Critical | Kind::Warning) { HEALTH_REQUESTS_PER_SECOND } else { CATALOG_REQUESTS_PER_SECOND };
-    let mut bucket = Bucket::new(rate, Instant::now());
-    let (mut index, mut attempt, mut resync) = (0u64, 0u32, true);
+    let mut watch = Watch::new(client, Query::Raw { path }, watch_options(wait, rate));
     loop {
-        while let Some(pause) = bucket.take(Instant::now()) {
-            tokio::time::sleep(pause).await;
-        }
-        let blocking = (!resync && index > 0).then_some(Blocking { index, wait });
-        let ev = match client.get(&path, blocking).await {
-            Ok(resp) => {
-                attempt = 0;
-                resync = false;
-                let changed = resp.index != index || blocking.is_none();
-                let reset = index > 1 && resp.index < index;
-                // Never block on index 0: Consul would answer at once, forever.
-                index = resp.index.max(1);
-                if changed {
-                    Event::Changed { kind, index: resp.index, body: resp.body, reset }
-                } else {
-                    Event::Ok(kind)
-                }
-            }
-            Err(e) => {
-                attempt = attempt.saturating_add(1);
-                resync = true;
-                Event::Failed { kind, error: e.to_string(), retry_in: backoff.delay(attempt, &mut rng) }
-            }
+        let ev = match watch.next_index().await {
+            IndexEvent::Moved { response, reset } => Event::Changed { kind, index: response.index, body: response.body, reset },
+            IndexEvent::Same { .. } => Event::Ok(kind),
+            // The watch waits `retry_in` before its next request.
+            IndexEvent::Error { error, retry_in, .. } => Event::Failed { kind, error: error.to_string(), retry_in },
         };
-        let pause = if let Event::Failed { retry_in, .. } = &ev { Some(*retry_in) } else { None };
         if tx.send(ev).await.is_err() {
             return;
-        }
-        if let Some(p) = pause {
-            tokio::time::sleep(p).await;
         }
     }
 }
@@ -305,31 +261,21 @@ async fn detector(client: Client, kind: Kind, path: String, wait: Duration, tx: 
 /// reason. Failures are retried with backoff and not reported: the detectors and the one-off
 /// patches say whether Consul answers, and the full read covers the service anyway.
 async fn hot_watch(client: Client, service: String, epoch: u64, retired: Arc<AtomicBool>, tx: mpsc::Sender<Event>) {
-    let path = Query::HealthService { name: service.clone(), tag: None, mode: HealthMode::MarkDown }.path();
-    let backoff = Backoff::default();
-    let mut rng = fastrand::Rng::new();
-    let mut bucket = Bucket::new(HOT_REQUESTS_PER_SECOND, Instant::now());
-    let (mut index, mut attempt) = (0u64, 0u32);
+    let query = Query::HealthService { name: service.clone(), tag: None, mode: HealthMode::MarkDown };
+    let path = query.path();
+    let mut watch = Watch::new(client, query, watch_options(HOT_WAIT, HOT_REQUESTS_PER_SECOND));
     while !retired.load(Ordering::Relaxed) {
-        while let Some(pause) = bucket.take(Instant::now()) {
-            tokio::time::sleep(pause).await;
-        }
-        let blocking = (index > 0).then_some(Blocking { index, wait: HOT_WAIT });
-        let resp = match client.get(&path, blocking).await {
-            Ok(resp) => resp,
-            Err(e) => {
-                attempt = attempt.saturating_add(1);
-                index = 0;
-                tracing::debug!(%service, "hot service watch failed: {e}");
-                tokio::time::sleep(backoff.delay(attempt, &mut rng)).await;
+        let resp = match watch.next_index().await {
+            IndexEvent::Moved { response, .. } => response,
+            IndexEvent::Same { .. } => continue,
+            IndexEvent::Error { error, retry_in, .. } => {
+                tracing::debug!(%service, "hot service watch failed: {error}");
+                // The backoff is waited out here rather than at the start of the next request,
+                // so that a watch given up meanwhile ends without sending one.
+                tokio::time::sleep(retry_in).await;
                 continue;
             }
         };
-        attempt = 0;
-        if resp.index == index {
-            continue;
-        }
-        index = resp.index.max(1);
         match decode_health_instances(if resp.status == 404 { b"" } else { &resp.body }) {
             Ok(decoded) => {
                 log_skipped(&decoded.skipped);
@@ -1482,17 +1428,5 @@ mod tests {
         counts.done(Duration::from_millis(600), 0.5);
         counts.wanted = true;
         assert!(wait(&counts) > Duration::from_millis(290) && wait(&counts) <= Duration::from_millis(300), "{:?}", wait(&counts));
-    }
-
-    #[test]
-    fn token_bucket_allows_a_burst_then_paces() {
-        let t0 = Instant::now();
-        let mut b = Bucket::new(50.0, t0);
-        for _ in 0..REQUEST_BURST as usize {
-            assert_eq!(b.take(t0), None);
-        }
-        let wait = b.take(t0).expect("empty bucket");
-        assert!(wait > Duration::ZERO && wait <= Duration::from_millis(20), "{wait:?}");
-        assert_eq!(b.take(t0 + Duration::from_millis(20)), None);
     }
 }
