@@ -17,14 +17,14 @@ use super::state::Event;
 /// change is seen at once, an index changing without pause cannot make it spin. The health
 /// lists are cheap for Consul (read through its status index, a few entries); the catalog
 /// lists grow with the number of services and each change costs a full read anyway.
-pub(super) const REQUEST_BURST: u32 = 10;
-pub(super) const HEALTH_REQUESTS_PER_SECOND: f64 = 200.0;
+const REQUEST_BURST: u32 = 10;
+const HEALTH_REQUESTS_PER_SECOND: f64 = 200.0;
 /// One service's list is small, but a flapping one must not make its watch spin.
-pub(super) const HOT_REQUESTS_PER_SECOND: f64 = 50.0;
+const HOT_REQUESTS_PER_SECOND: f64 = 50.0;
 /// Blocking-query wait of the hot watches (see `hot_watch`): 32 of them cost Consul about 3
 /// small requests a second when nothing changes.
-pub(super) const HOT_WAIT: Duration = Duration::from_secs(10);
-pub(super) const CATALOG_REQUESTS_PER_SECOND: f64 = 100.0;
+const HOT_WAIT: Duration = Duration::from_secs(10);
+const CATALOG_REQUESTS_PER_SECOND: f64 = 100.0;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(super) enum Kind {
@@ -52,7 +52,7 @@ impl Kind {
 }
 
 /// The watch settings of a detector or hot watch: a burst, then `per_second`.
-pub(super) fn watch_options(wait: Duration, per_second: f64) -> WatchOptions {
+fn watch_options(wait: Duration, per_second: f64) -> WatchOptions {
     WatchOptions { wait, rate: RateLimit { burst: REQUEST_BURST, per_second }, backoff: Backoff::default(), ramp_from: None }
 }
 

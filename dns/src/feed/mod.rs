@@ -52,8 +52,7 @@ use crate::config::FeedConfig;
 use crate::server::Shared;
 use crate::snapshot::ZoneConfig;
 use detect::{detector, Kind};
-use reads::{read_catalog, read_counts};
-use state::{Event, State};
+use state::State;
 
 /// Applying changes for longer than this is logged (debug): later changes wait meanwhile.
 const SLOW_LOOP: Duration = Duration::from_millis(20);
@@ -90,9 +89,6 @@ impl Feed {
         for (kind, path) in detectors {
             tasks.spawn(detector(self.client.clone(), kind, path.to_string(), self.cfg.wait, tx.clone()));
         }
-        // The client adds `dc` and the consistency mode.
-        let dump_path = "/v1/internal/ui/nodes".to_string();
-        let counts_path = "/v1/internal/ui/services".to_string();
         let mut st = State::default();
         let mut resync = tokio::time::interval(self.cfg.resync_interval);
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -121,26 +117,10 @@ impl Feed {
                     }
                 }
                 _ = tokio::time::sleep_until(read_at.unwrap_or_else(tokio::time::Instant::now)), if read_at.is_some() => {
-                    st.catalog.start_beside(&mut st.counts);
-                    let (client, path, tx, metrics, epoch) = (self.client.clone(), dump_path.clone(), tx.clone(), self.shared.metrics.clone(), st.epoch);
-                    tokio::spawn(async move {
-                        let ev = match read_catalog(client, path, epoch, metrics).await {
-                            Ok(read) => Event::Dumped(read),
-                            Err(error) => Event::Failed { kind: Kind::Catalog, error, retry_in: Duration::from_secs(1) },
-                        };
-                        let _ = tx.send(ev).await;
-                    });
+                    self.start_catalog_read(&mut st, &tx);
                 }
                 _ = tokio::time::sleep_until(count_at.unwrap_or_else(tokio::time::Instant::now)), if count_at.is_some() => {
-                    st.counts.start_beside(&mut st.catalog);
-                    let (client, path, tx, epoch) = (self.client.clone(), counts_path.clone(), tx.clone(), st.epoch);
-                    tokio::spawn(async move {
-                        let ev = match read_counts(client, path).await {
-                            Ok((counts, took)) => Event::Counted { epoch, counts, took },
-                            Err(error) => Event::Failed { kind: Kind::Counts, error, retry_in: Duration::from_secs(1) },
-                        };
-                        let _ = tx.send(ev).await;
-                    });
+                    self.start_counts_read(&mut st, &tx);
                 }
                 _ = resync.tick() => {
                     // A read even without a change (only once a first one was wanted).

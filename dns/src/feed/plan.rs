@@ -14,13 +14,13 @@ use super::state::{Event, State};
 use super::Feed;
 
 /// At most this many services are patched for one event; beyond, the full read does it.
-pub(super) const MAX_PATCHES: usize = 64;
+const MAX_PATCHES: usize = 64;
 /// The services of the nodes that moved or left are read alone up to this many (a node
 /// leaving is a host going away: its services, even a few hundred, cost Consul less read one
 /// by one, ~1.5 ms each, than a full read of a large catalog).
 pub(super) const MAX_NODE_PATCHES: usize = 256;
 /// A change naming at most this many services makes them hot.
-pub(super) const MAX_HEAT: usize = 8;
+const MAX_HEAT: usize = 8;
 
 /// Services whose number of instances in Consul (`counts`) differs from what the dump and
 /// the patches hold, and services they hold instances of that Consul no longer lists.

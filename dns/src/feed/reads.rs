@@ -1,18 +1,26 @@
 //! Reads: the full read of the catalog, one service read alone, the instance counts, and how
 //! catalog-wide reads are spaced.
 use std::collections::HashMap;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tokio::sync::mpsc;
 use upsync_discovery::decode::{decode_health_instances, decode_instance_counts, decode_node_dump, HealthMode};
 use upsync_discovery::{Client, Endpoint, Query};
+
+use super::detect::Kind;
+use super::state::{Event, State};
+use super::Feed;
 
 /// At most this many patch reads at a time: with the detectors, the hot watches and the
 /// catalog reads, upsync-dns stays far below the 200 connections Consul accepts from one
 /// client address by default (beyond, Consul resets new connections: those of the other
 /// clients on the host too).
 pub(super) const PATCHES_IN_FLIGHT: usize = 8;
+
+/// The full read and the instance counts (the client adds `dc` and the consistency mode).
+const DUMP_PATH: &str = "/v1/internal/ui/nodes";
+const COUNTS_PATH: &str = "/v1/internal/ui/services";
 
 /// Instances read from Consul at `index`: the whole catalog, or one service (a patch).
 #[derive(Default)]
@@ -113,7 +121,7 @@ pub(super) fn log_skipped(skipped: &[upsync_discovery::Skipped]) {
 }
 
 /// One full read of the catalog, decoded off the runtime's threads.
-pub(super) async fn read_catalog(client: Client, path: String, epoch: u64, metrics: Arc<crate::metrics::Metrics>) -> Result<Read, String> {
+async fn read_catalog(client: Client, path: String, epoch: u64, metrics: Arc<crate::metrics::Metrics>) -> Result<Read, String> {
     let started = Instant::now();
     let resp = client.get(&path, None).await.map_err(|e| e.to_string())?;
     let bytes = resp.body.len();
@@ -146,7 +154,7 @@ pub(super) async fn read_service(client: Client, service: String, epoch: u64) ->
 
 /// Instances per service from `/v1/internal/ui/services`, decoded off the runtime's threads;
 /// and how long the read took.
-pub(super) async fn read_counts(client: Client, path: String) -> Result<(HashMap<String, u64>, Duration), String> {
+async fn read_counts(client: Client, path: String) -> Result<(HashMap<String, u64>, Duration), String> {
     let started = Instant::now();
     let resp = client.get(&path, None).await.map_err(|e| e.to_string())?;
     let address = resp.address.clone();
@@ -160,4 +168,32 @@ pub(super) async fn read_counts(client: Client, path: String) -> Result<(HashMap
 /// An instance as the feed knows it: `(node, service id)`.
 pub(super) fn instance_key(e: &Endpoint) -> (String, String) {
     (e.node.clone().unwrap_or_default(), e.service_id.clone().unwrap_or_default())
+}
+
+impl Feed {
+    /// Starts a full read of the catalog; [`Event::Dumped`] brings it back.
+    pub(super) fn start_catalog_read(&self, st: &mut State, tx: &mpsc::Sender<Event>) {
+        st.catalog.start_beside(&mut st.counts);
+        let (client, tx, metrics, epoch) = (self.client.clone(), tx.clone(), self.shared.metrics.clone(), st.epoch);
+        tokio::spawn(async move {
+            let ev = match read_catalog(client, DUMP_PATH.to_string(), epoch, metrics).await {
+                Ok(read) => Event::Dumped(read),
+                Err(error) => Event::Failed { kind: Kind::Catalog, error, retry_in: Duration::from_secs(1) },
+            };
+            let _ = tx.send(ev).await;
+        });
+    }
+
+    /// Starts a read of the instance counts; [`Event::Counted`] brings it back.
+    pub(super) fn start_counts_read(&self, st: &mut State, tx: &mpsc::Sender<Event>) {
+        st.counts.start_beside(&mut st.catalog);
+        let (client, tx, epoch) = (self.client.clone(), tx.clone(), st.epoch);
+        tokio::spawn(async move {
+            let ev = match read_counts(client, COUNTS_PATH.to_string()).await {
+                Ok((counts, took)) => Event::Counted { epoch, counts, took },
+                Err(error) => Event::Failed { kind: Kind::Counts, error, retry_in: Duration::from_secs(1) },
+            };
+            let _ = tx.send(ev).await;
+        });
+    }
 }

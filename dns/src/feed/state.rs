@@ -1,6 +1,6 @@
 //! The feed loop's state and the events that change it.
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -104,6 +104,23 @@ impl State {
     /// Index of the newest full read, served or being built.
     pub(super) fn dump_index(&self) -> u64 {
         self.dump.as_ref().map_or(0, |d| d.index).max(self.building.unwrap_or(0))
+    }
+
+    /// Consul's index went backwards (a restarted dev agent, a restored snapshot): what was
+    /// read before belongs to the old data. The hot watches are given up, the overlays,
+    /// patches and lists dropped, and the catalog read afresh and rebuilt whole.
+    pub(super) fn reset(&mut self) {
+        self.epoch += 1;
+        for (_, (_, retired)) in self.hot.drain() {
+            retired.store(true, Ordering::Relaxed);
+        }
+        self.critical = None;
+        self.warning = None;
+        self.patches.clear();
+        self.services = None;
+        self.nodes = None;
+        self.catalog.wanted = true;
+        self.full_rebuild = true;
     }
 
     pub(super) fn know(&mut self, endpoints: &[Endpoint]) {
