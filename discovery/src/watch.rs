@@ -248,8 +248,9 @@ impl Default for WatchOptions {
 }
 
 /// A running watch on one query. Create it with [`Watch::new`] and call [`Watch::next`] (or,
-/// in index mode, [`Watch::next_index`]) in a loop. `next` is cancel-safe (it can be used in `select!`); dropping its future or the watch
-/// stops everything at once (the request's connection is closed). Needs no spawned task.
+/// in index mode, [`Watch::next_index`]) in a loop. Both are cancel-safe (they can be used in
+/// `select!`); dropping their future or the watch stops everything at once (the request's
+/// connection is closed). Needs no spawned task.
 pub struct Watch {
     client: Client,
     query: Query,
