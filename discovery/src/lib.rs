@@ -37,4 +37,4 @@ pub use decode::{decode_catalog_service, decode_health_service, decode_kv, decod
 pub use endpoint::{Endpoint, EndpointSet, Health, Host, SetDiff};
 pub use error::Error;
 pub use etcd::{EtcdApi, EtcdWatch};
-pub use watch::{fetch_once, Backoff, Fetched, Query, RateLimit, Watch, WatchEvent, WatchOptions, WatchValue};
+pub use watch::{fetch_once, Backoff, Fetched, IndexEvent, Query, RateLimit, Watch, WatchEvent, WatchOptions, WatchValue};

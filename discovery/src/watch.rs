@@ -172,6 +172,20 @@ pub enum WatchEvent {
     Error { error: Error, index: u64, attempt: u32, retry_in: Duration },
 }
 
+/// What [`Watch::next_index`] returns (index mode).
+#[derive(Clone, Debug)]
+pub enum IndexEvent {
+    /// `X-Consul-Index` moved, or the request did not block (the first, or the first after an
+    /// error): the answer as Consul sent it (a 404 too). `reset`: the index went backwards (a
+    /// restarted agent, a restored snapshot, a lagging server).
+    Moved { response: Response, reset: bool },
+    /// The index held, again (a wait that ran out, a spurious wake-up): Consul answers and
+    /// nothing changed.
+    Same { index: u64 },
+    /// As [`WatchEvent::Error`].
+    Error { error: Error, index: u64, attempt: u32, retry_in: Duration },
+}
+
 /// Token bucket limiting how often a watch may send a request.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct RateLimit {
@@ -233,9 +247,10 @@ impl Default for WatchOptions {
     }
 }
 
-/// A running watch on one query. Create it with [`Watch::new`] and call [`Watch::next`] in a
-/// loop. `next` is cancel-safe (it can be used in `select!`); dropping its future or the watch
-/// stops everything at once (the request's connection is closed). Needs no spawned task.
+/// A running watch on one query. Create it with [`Watch::new`] and call [`Watch::next`] (or,
+/// in index mode, [`Watch::next_index`]) in a loop. Both are cancel-safe (they can be used in
+/// `select!`); dropping their future or the watch stops everything at once (the request's
+/// connection is closed). Needs no spawned task.
 pub struct Watch {
     client: Client,
     query: Query,
@@ -316,22 +331,76 @@ impl Watch {
             return e.next().await;
         }
         loop {
-            if let Some(t) = self.not_before {
-                tokio::time::sleep_until(t).await;
-                self.not_before = None;
-            }
-            loop {
-                match self.bucket.take(Instant::now()) {
-                    Ok(()) => break,
-                    Err(wait) => tokio::time::sleep(wait).await,
-                }
-            }
-            let blocking = (self.index > 0 && !self.resync).then(|| Blocking { index: self.index, wait: self.wait(Instant::now()) });
-            let result = self.client.get(&self.path, blocking).await;
+            let (_, result) = self.request().await;
             if let Some(event) = self.on_result(result) {
                 return event;
             }
         }
+    }
+
+    /// Index mode: waits for the next answer or error, and reports every answer, undecoded
+    /// (for a caller that decodes the body itself, or whose decoded value may stay the same
+    /// when what it stands for changed: the list of service names when an instance comes or
+    /// goes). Call either this or [`Watch::next`] on a watch, not both. The same rate limit,
+    /// backoff and blocking rules as `next`, except that:
+    ///
+    /// - an answer is [`IndexEvent::Moved`] when its index differs from the one held or its
+    ///   request did not block (the first, or the first after an error), else
+    ///   [`IndexEvent::Same`];
+    /// - an index that went backwards is reported (`reset`) and then blocked on, rather than
+    ///   reset to 0 and read again: the answer carrying it is itself current;
+    /// - every error makes the next request non-blocking, a garbage `X-Consul-Index` too
+    ///   (`next` keeps blocking on the index it has after a decode error).
+    ///
+    /// An etcd watch has no Consul index: it yields only errors here (use `next`).
+    pub async fn next_index(&mut self) -> IndexEvent {
+        let (blocked, result) = self.request().await;
+        self.on_answer(result, blocked)
+    }
+
+    /// Index mode's state machine: what a response or error means (`blocked`: whether its
+    /// request blocked).
+    fn on_answer(&mut self, result: Result<Response, Error>, blocked: bool) -> IndexEvent {
+        let response = match result {
+            Ok(r) => r,
+            Err(error) => {
+                let retry_in = self.failed(&error, true);
+                return IndexEvent::Error { error, index: self.index, attempt: self.attempt, retry_in };
+            }
+        };
+        self.attempt = 0;
+        self.resync = false;
+        let moved = !blocked || response.index != self.index;
+        // 1 stands for "no index" (index 0 is never blocked on).
+        let reset = self.index > 1 && response.index < self.index;
+        // Never block on index 0: Consul would answer at once, forever.
+        self.index = response.index.max(1);
+        if moved {
+            IndexEvent::Moved { response, reset }
+        } else {
+            IndexEvent::Same { index: response.index }
+        }
+    }
+
+    /// Sends the next request once the backoff and the rate limit allow: whether it blocked,
+    /// and its result. Cancel-safe: nothing changes until the request is sent.
+    async fn request(&mut self) -> (bool, Result<Response, Error>) {
+        if let Some(t) = self.not_before {
+            tokio::time::sleep_until(t).await;
+            self.not_before = None;
+        }
+        loop {
+            match self.bucket.take(Instant::now()) {
+                Ok(()) => break,
+                Err(wait) => tokio::time::sleep(wait).await,
+            }
+        }
+        if self.etcd.is_some() {
+            let message = format!("the etcd watch of {} has no Consul index to follow; read it with Watch::next", self.path);
+            return (false, Err(Error::Config(message)));
+        }
+        let blocking = (self.index > 0 && !self.resync).then(|| Blocking { index: self.index, wait: self.wait(Instant::now()) });
+        (blocking.is_some(), self.client.get(&self.path, blocking).await)
     }
 
     /// The `wait` of the next blocking query (see [`WatchOptions::ramp_from`]).
@@ -379,14 +448,19 @@ impl Watch {
     }
 
     fn fail(&mut self, error: Error) -> WatchEvent {
+        let retry_in = self.failed(&error, !matches!(error, Error::Decode { .. }));
+        WatchEvent::Error { error, index: self.index, attempt: self.attempt, retry_in }
+    }
+
+    /// Counts a failure and schedules the retry (the next request waits `retry_in`, returned);
+    /// `resync`: the next request must not block.
+    fn failed(&mut self, error: &Error, resync: bool) -> Duration {
         self.attempt = self.attempt.saturating_add(1);
         let retry_in = self.opts.backoff.delay(self.attempt, &mut self.rng);
         self.not_before = Some(Instant::now() + retry_in);
-        if !matches!(error, Error::Decode { .. }) {
-            self.resync = true;
-        }
+        self.resync |= resync;
         tracing::debug!(path = %self.path, index = self.index, attempt = self.attempt, ?retry_in, "Consul watch error: {error}");
-        WatchEvent::Error { error, index: self.index, attempt: self.attempt, retry_in }
+        retry_in
     }
 }
 

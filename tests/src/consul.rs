@@ -380,7 +380,12 @@ impl Consul {
 
     /// The current `X-Consul-Index` of the KV store under `prefix` (0 when empty).
     pub fn kv_index(&self, prefix: &str) -> u64 {
-        let url = self.url(&format!("/v1/kv/{prefix}?recurse"));
+        self.index(&format!("/v1/kv/{prefix}?recurse"))
+    }
+
+    /// The current `X-Consul-Index` of a read (`/v1/catalog/services`, ...; 0 when absent).
+    pub fn index(&self, path: &str) -> u64 {
+        let url = self.url(path);
         let mut req = ureq::get(&url);
         if let Some(t) = &self.opts.token {
             req = req.set("X-Consul-Token", t);

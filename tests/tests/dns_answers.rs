@@ -207,11 +207,13 @@ fn instances_leaving_and_joining_with_the_instance_counts_read() {
     let dns = DnsServer::start(dir.path(), &consul.http_addr(), DnsOptions::default());
     let a = ["api.service.upsync.", "A"];
     wait_dig(&dns, "three instances", &a, |d| d.data("A").len() == 3);
-    // The reads of the start are over (a full read of this catalog takes milliseconds).
-    upsync_tests::wait_until("the first instance counts read", std::time::Duration::from_secs(30), || {
-        dns.log().contains("read the instance counts")
+    // The reads of the start are over: the instance counts were read, and a full read covers
+    // the catalog as it is now (no detector wants another one).
+    let now = consul.index("/v1/catalog/services").max(consul.index("/v1/catalog/nodes"));
+    upsync_tests::wait_until("the start-up reads", std::time::Duration::from_secs(30), || {
+        let log = dns.log();
+        log.contains("read the instance counts") && newest_full_read(&log) >= now
     });
-    std::thread::sleep(std::time::Duration::from_millis(300));
 
     consul.deregister_service("api2");
     wait_dig(&dns, "the deregistered instance gone", &a, |d| d.data("A") == ["127.0.0.31", "127.0.0.33"]);
@@ -225,6 +227,12 @@ fn instances_leaving_and_joining_with_the_instance_counts_read() {
     let metrics = dns.metrics();
     assert!(!metrics.contains("watch=\"ui-services\""), "reading /v1/internal/ui/services failed:\n{metrics}\n{}", dns.log());
     assert!(!dns.log().contains("/v1/internal/ui/services with"), "{}", dns.log());
+}
+
+/// The index of the newest full read of the catalog in upsync-dns's log (0 before the first).
+fn newest_full_read(log: &str) -> u64 {
+    let index = |line: &str| line.split("read the catalog index=").nth(1)?.split_whitespace().next()?.parse::<u64>().ok();
+    log.lines().filter_map(index).max().unwrap_or(0)
 }
 
 /// A service whose instances just changed gets a blocking query of its own (`hot_services`):

@@ -215,3 +215,63 @@ fn a_garbage_index_backs_off_and_keeps_index_and_value() {
     assert_eq!(changed_addrs(w.on_result(resp(12, 200, kv_body(&["10.0.0.2:80"])))), ["10.0.0.2:80"]);
     assert_eq!(w.index(), 12);
 }
+
+fn moved(ev: IndexEvent) -> (u64, bool) {
+    match ev {
+        IndexEvent::Moved { response, reset } => (response.index, reset),
+        other => panic!("expected Moved, got {other:?}"),
+    }
+}
+
+/// Index mode: every index change is reported, whatever the body; the same index only says
+/// that Consul answered; a request that did not block always reports its answer.
+#[test]
+fn index_mode_reports_every_index_change() {
+    let mut w = watch();
+    let body = || kv_body(&["10.0.0.1:80"]);
+    assert_eq!(moved(w.on_answer(resp(10, 200, body()), false)), (10, false), "the first answer");
+    assert!(matches!(w.on_answer(resp(10, 200, body()), true), IndexEvent::Same { index: 10 }));
+    assert_eq!(moved(w.on_answer(resp(11, 200, body()), true)), (11, false), "same body, new index");
+    assert_eq!(moved(w.on_answer(resp(11, 200, body()), false)), (11, false), "a non-blocking read");
+    // Garbage is not decoded here: the caller decodes.
+    assert_eq!(moved(w.on_answer(resp(12, 200, Bytes::from_static(b"<html>")), true)), (12, false));
+    assert_eq!(w.index(), 12);
+    assert!(w.last().is_none());
+}
+
+/// Index mode: a lower index is reported as a reset and blocked on (no second read); index 0
+/// is never blocked on and is no reset.
+#[test]
+fn index_mode_reports_an_index_going_backwards_and_blocks_on_it() {
+    let mut w = watch();
+    moved(w.on_answer(resp(100, 200, Bytes::new()), false));
+    assert_eq!(moved(w.on_answer(resp(7, 200, Bytes::new()), true)), (7, true));
+    assert_eq!(w.index(), 7);
+    assert!(matches!(w.on_answer(resp(7, 200, Bytes::new()), true), IndexEvent::Same { index: 7 }));
+    let mut w = watch();
+    assert_eq!(moved(w.on_answer(resp(0, 200, Bytes::new()), false)), (0, false));
+    assert_eq!(w.index(), 1);
+    assert_eq!(moved(w.on_answer(resp(0, 200, Bytes::new()), true)), (0, false), "1 stands for no index: no reset");
+}
+
+/// Index mode: errors back off as in `next`, and every error (a garbage index too) makes the
+/// next request non-blocking.
+#[test]
+fn index_mode_errors_back_off_and_resync() {
+    let mut w = watch();
+    moved(w.on_answer(resp(10, 200, Bytes::new()), false));
+    let garbage = Error::Decode {
+        address: ConsulAddr::parse("127.0.0.1:1").unwrap(),
+        path: "/v1/catalog/services".into(),
+        error: crate::decode::DecodeError { what: "X-Consul-Index header", message: "not a number".into() },
+    };
+    let refused = Error::Connect { address: ConsulAddr::parse("127.0.0.1:1").unwrap(), message: "refused".into() };
+    for (n, error) in [(1, garbage), (2, refused)] {
+        let IndexEvent::Error { attempt, index, retry_in, .. } = w.on_answer(Err(error), true) else { panic!() };
+        assert_eq!((attempt, index, w.resync), (n, 10, true));
+        assert!(retry_in >= w.opts.backoff.initial.saturating_mul(1 << (n - 1)) / 2, "{retry_in:?}");
+        assert!(w.not_before.is_some());
+    }
+    assert_eq!(moved(w.on_answer(resp(10, 200, Bytes::new()), false)), (10, false), "the same index, read without blocking");
+    assert_eq!((w.attempt, w.resync), (0, false));
+}
