@@ -43,8 +43,15 @@ pub fn wrk_cpu(url: &str, threads: u32, conns: u32, duration: Duration, pids: &[
 
 /// Runs `wrk -t threads -c conns -d secs --latency url` and parses its report.
 pub fn wrk(url: &str, threads: u32, conns: u32, duration: Duration) -> anyhow::Result<WrkReport> {
+    wrk_with(url, threads, conns, duration, &[])
+}
+
+/// [`wrk`] with more arguments (e.g. `-H "Connection: close"`: one TCP connection per request).
+pub fn wrk_with(url: &str, threads: u32, conns: u32, duration: Duration, extra: &[&str]) -> anyhow::Result<WrkReport> {
     let out = Command::new("wrk")
-        .args(["-t", &threads.to_string(), "-c", &conns.to_string(), "-d", &format!("{}s", duration.as_secs()), "--latency", url])
+        .args(["-t", &threads.to_string(), "-c", &conns.to_string(), "-d", &format!("{}s", duration.as_secs()), "--latency"])
+        .args(extra)
+        .arg(url)
         .output()
         .map_err(|e| anyhow::anyhow!("running wrk (install it with `make deps`): {e}"))?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
