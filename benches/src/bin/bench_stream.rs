@@ -45,10 +45,7 @@ fn main() -> anyhow::Result<()> {
              server {{ listen 127.0.0.1:{{{{port}}}}; proxy_pass app; }}"
         )
     };
-    let synced = format!(
-        "server 127.0.0.1:9; upsync {}/v1/kv/upstreams/app upsync_timeout=6m upsync_interval=100ms;",
-        consul.http_addr()
-    );
+    let synced = format!("server 127.0.0.1:9; upsync {}/v1/kv/upstreams/app upsync_timeout=6m upsync_interval=100ms;", consul.http_addr());
     let module_stream = format!("{}\n server {{ listen 127.0.0.1:{{{{port1}}}}; upstream_show; }}", front(&synced));
     let module = Nginx::start(&dir.subdir("module"), NginxConf::new("").stream(&module_stream).workers(workers));
     for a in &addrs {

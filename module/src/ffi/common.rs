@@ -269,7 +269,6 @@ pub(crate) fn guard<T>(what: &str, fallback: T, body: impl FnOnce() -> T) -> T {
     }
 }
 
-
 /// A directive of the module's table.
 pub(crate) const fn command(
     name: ngx_str_t,

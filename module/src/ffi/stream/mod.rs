@@ -73,12 +73,7 @@ static mut COMMANDS: [ngx_command_t; 11] = [
     command(ngx_string!("upsync_tls"), UPS | NGX_CONF_1MORE as ngx_uint_t, set_tls, SRV),
     command(ngx_string!("upsync_allow_empty"), UPS | NGX_CONF_FLAG as ngx_uint_t, set_allow_empty, SRV),
     command(ngx_string!("upsync_shm_size"), (NGX_STREAM_MAIN_CONF | NGX_CONF_TAKE1) as ngx_uint_t, set_shm_size, MAIN),
-    command(
-        ngx_string!("upsync_consul_connections"),
-        (NGX_STREAM_MAIN_CONF | NGX_CONF_TAKE1) as ngx_uint_t,
-        set_consul_connections,
-        MAIN,
-    ),
+    command(ngx_string!("upsync_consul_connections"), (NGX_STREAM_MAIN_CONF | NGX_CONF_TAKE1) as ngx_uint_t, set_consul_connections, MAIN),
     command(ngx_string!("upstream_show"), (NGX_STREAM_SRV_CONF | NGX_CONF_NOARGS) as ngx_uint_t, set_show, 0),
     ngx_command_t::empty(),
 ];
@@ -147,7 +142,9 @@ extern "C" fn set_lb(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut c
                 "hash_ketama is not supported in stream upstreams yet (the consistent ring is not rebuilt for synced \
                  lists); use \"hash KEY;\" with upsync_lb hash_modula, or least_conn",
             ),
-            Lb::IpHash => conf_error(cf, "upsync_lb", "nginx's stream module has no ip_hash; use \"hash $remote_addr;\" with upsync_lb hash_modula"),
+            Lb::IpHash => {
+                conf_error(cf, "upsync_lb", "nginx's stream module has no ip_hash; use \"hash $remote_addr;\" with upsync_lb hash_modula")
+            }
             // SAFETY: cf is the directive's; the stream least_conn handler only uses cf.
             Lb::LeastConn => unsafe { run_directive(cf, conf, "ngx_stream_upstream_least_conn_module", "least_conn") },
         }

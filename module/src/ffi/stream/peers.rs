@@ -14,7 +14,7 @@ use std::rc::Rc;
 
 use ngx::ffi::*;
 
-use super::addr::{socket_addr, sockaddr};
+use super::addr::{sockaddr, socket_addr};
 use super::{shm, srv_conf_of, SrvConf};
 use crate::model::Server;
 
