@@ -16,15 +16,11 @@ use crate::wait::wait_for;
 /// `consul`, proxied on `{{port}}`, and `upstream_show` on `{{port1}}`. `params` go on the upsync
 /// line (default `upsync_interval=10ms`), `lines` into the upstream block.
 pub fn stream_block(name: &str, consul: &str, params: &str, lines: &str) -> String {
-    let params = if params.contains("upsync_interval=") { params.to_string() } else { format!("upsync_interval=10ms {params}") };
     format!(
-        "upstream {name} {{
-            server 127.0.0.1:9;
-            upsync {consul}/v1/kv/upstreams/{name} upsync_timeout=30s {params};
-            {lines}
-        }}
+        "{}
         server {{ listen 127.0.0.1:{{{{port}}}}; proxy_pass {name}; proxy_connect_timeout 2s; }}
-        server {{ listen 127.0.0.1:{{{{port1}}}}; upstream_show; }}"
+        server {{ listen 127.0.0.1:{{{{port1}}}}; upstream_show; }}",
+        crate::upsync::upstream_block(name, consul, params, lines)
     )
 }
 

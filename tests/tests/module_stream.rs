@@ -11,7 +11,7 @@ use upsync_tests::nginx::{Nginx, NginxConf};
 use upsync_tests::stream::{
     stream_block, stream_show, stream_show_lines, udp_ask, wait_stream_server_line, wait_stream_servers, KeptConnection, UdpBackend,
 };
-use upsync_tests::upsync::{all_ok, delete_server, hits, http_block, put_server};
+use upsync_tests::upsync::{all_ok, delete_server, hits, http_block, put_server, upstream_block};
 use upsync_tests::{wait_until, TestDir};
 
 #[test]
@@ -74,14 +74,10 @@ fn udp_upstream_follows_consul_beside_http_and_after_reload() {
     let (ua, ub) = (UdpBackend::start("ua"), UdpBackend::start("ub"));
     let web = Backend::start("web");
     let stream = format!(
-        "{}
-        upstream dns {{
-            server 127.0.0.1:9;
-            upsync {consul}/v1/kv/upstreams/dns upsync_timeout=30s upsync_interval=10ms;
-        }}
+        "{}\n{}
         server {{ listen 127.0.0.1:{{{{port2}}}} udp; proxy_pass dns; proxy_responses 1; proxy_timeout 2s; }}",
         stream_block("app", &consul.http_addr(), "", ""),
-        consul = consul.http_addr()
+        upstream_block("dns", &consul.http_addr(), "", "")
     );
     // The HTTP server listens on {{port3}}: {{port}} is the stream proxy's.
     let http = http_block("web", &consul.http_addr(), "", "").replace("{{port}}", "{{port3}}");

@@ -234,8 +234,8 @@ unsafe fn postconfigure(cf: &mut ngx_conf_t) -> ngx_int_t {
             return NGX_ERROR as ngx_int_t;
         }
         // nginx's stream `hash` in this block: a key, and whether its init built a ring.
-        // SAFETY: the hash module's srv conf of this upstream starts with the key
-        // (ngx_stream_complex_value_t) followed by the ring pointer, zeroed at creation.
+        // SAFETY: the hash module's srv conf of this upstream is laid out as StreamHashSrvConf
+        // (zeroed at creation).
         let (hash, consistent) = unsafe {
             find_module(cf.cycle, "ngx_stream_upstream_hash_module")
                 .map(|m| *us.srv_conf.add(m.ctx_index) as *const StreamHashSrvConf)
@@ -279,13 +279,13 @@ unsafe fn postconfigure(cf: &mut ngx_conf_t) -> ngx_int_t {
 }
 
 /// The stream `hash` module's per-upstream conf (`ngx_stream_upstream_hash_srv_conf_t`, private
-/// to ngx_stream_upstream_hash_module.c: `key, points`; nginx 1.27.3 added `config` between
-/// them when nginx has the upstream `zone` module). Only read here.
+/// to ngx_stream_upstream_hash_module.c: `key, points`; nginx 1.27.3 put `config` before them
+/// when nginx has the upstream `zone` module). Only read here.
 #[repr(C)]
 struct StreamHashSrvConf {
-    key: ngx_stream_complex_value_t,
     #[cfg(all(nginx1_27_3, ngx_feature = "stream_upstream_zone"))]
-    config: ngx_uint_t,
+    _config: ngx_uint_t,
+    key: ngx_stream_complex_value_t,
     points: *mut c_void,
 }
 
