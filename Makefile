@@ -14,7 +14,8 @@ CARGO_FLAGS ?= --release --locked
 # A second nginx line: `make build NGINX=1.28` builds nginx 1.28 from the `nginx-src` crate's
 # vendored source (offline, ~70 s the first time) and the module against it, with cargo's own
 # target dir target/nginx-1.28 (the Debian build in target/release is left alone), into
-# build/nginx-1.28/sbin/nginx and build/nginx-1.28/ngx_http_upsync_module.so.
+# build/nginx-1.28/sbin/nginx, build/nginx-1.28/ngx_http_upsync_module.so and
+# build/nginx-1.28/ngx_stream_upsync_module.so (that nginx has stream built in).
 # `make test` runs the module's integration tests against both nginx lines (test-nginx128).
 NGINX ?=
 NGINX128_OUT = build/nginx-1.28
@@ -36,8 +37,9 @@ else
 	@mkdir -p build
 	$(NGINX_ENV) && $(CARGO) build $(CARGO_FLAGS) --workspace --bins --lib
 	@install -m 0755 target/release/libngx_http_upsync_module.so build/ngx_http_upsync_module.so
+	@install -m 0755 target/release/libngx_stream_upsync_module.so build/ngx_stream_upsync_module.so
 	@for b in upsync-sidecar upsync-dns upsync-backend; do install -m 0755 target/release/$$b build/$$b; done
-	@echo "built: build/ngx_http_upsync_module.so build/upsync-sidecar build/upsync-dns build/upsync-backend"
+	@echo "built: build/ngx_http_upsync_module.so build/ngx_stream_upsync_module.so build/upsync-sidecar build/upsync-dns build/upsync-backend"
 endif
 
 # nginx 1.28 (nginx-sys's `vendored` feature through the module's) and the module against it.
@@ -45,12 +47,14 @@ endif
 build-nginx128:
 	@mkdir -p $(NGINX128_OUT)/sbin
 	env -u NGINX_SOURCE_DIR -u NGINX_BUILD_DIR $(CARGO) build $(CARGO_FLAGS) --target-dir $(NGINX128_TARGET) \
-		-p ngx_http_upsync_module --features vendored --lib
+		-p ngx_http_upsync_module -p ngx_stream_upsync_module \
+		--features ngx_http_upsync_module/vendored,ngx_stream_upsync_module/vendored --lib
 	@bin="$$(ls -t $(NGINX128_TARGET)/release/build/nginx-sys-*/out/objs/nginx 2>/dev/null | head -1)"; \
 	if [ -z "$$bin" ]; then echo "build-nginx128: nginx-sys built no nginx under $(NGINX128_TARGET)/release/build/nginx-sys-*/out/objs" >&2; exit 1; fi; \
 	install -m 0755 "$$bin" $(NGINX128_OUT)/sbin/nginx
 	@install -m 0755 $(NGINX128_TARGET)/release/libngx_http_upsync_module.so $(NGINX128_OUT)/ngx_http_upsync_module.so
-	@echo "built: $(NGINX128_OUT)/sbin/nginx ($$($(NGINX128_OUT)/sbin/nginx -v 2>&1)) $(NGINX128_OUT)/ngx_http_upsync_module.so"
+	@install -m 0755 $(NGINX128_TARGET)/release/libngx_stream_upsync_module.so $(NGINX128_OUT)/ngx_stream_upsync_module.so
+	@echo "built: $(NGINX128_OUT)/sbin/nginx ($$($(NGINX128_OUT)/sbin/nginx -v 2>&1)) $(NGINX128_OUT)/ngx_http_upsync_module.so $(NGINX128_OUT)/ngx_stream_upsync_module.so"
 
 # Unit tests, then the integration tests against the binaries `make build` left in build/.
 # One release build serves both.
@@ -63,7 +67,8 @@ test: build
 test-nginx128: build-nginx128
 	@echo "==== module integration tests against $$($(NGINX128_OUT)/sbin/nginx -v 2>&1) ===="
 	$(NGINX_ENV) && export UPSYNC_NGINX="$(CURDIR)/$(NGINX128_OUT)/sbin/nginx" \
-		UPSYNC_MODULE="$(CURDIR)/$(NGINX128_OUT)/ngx_http_upsync_module.so" && \
+		UPSYNC_MODULE="$(CURDIR)/$(NGINX128_OUT)/ngx_http_upsync_module.so" \
+		UPSYNC_STREAM_MODULE="$(CURDIR)/$(NGINX128_OUT)/ngx_stream_upsync_module.so" && \
 		$(CARGO) test $(CARGO_FLAGS) -p upsync-tests --test 'module_*' --no-fail-fast 2>&1 | scripts/test-summary.sh
 
 # Debian packages of the build for Debian 12's nginx in build/packages/ (scripts/package.sh:

@@ -17,8 +17,10 @@ fi
 # (`make build NGINX=1.28`, `make test`), with the system's OpenSSL, PCRE2 and zlib.
 # nginx and nginx-dev must be the same version (the module is built against
 # nginx-dev's headers and loaded into nginx); apt installs the candidate of both together.
+# libnginx-mod-stream: Debian's nginx has stream as a dynamic module, which the stream module
+# (ngx_stream_upsync_module.so) needs loaded first.
 packages=(
-    nginx nginx-dev libclang-dev pkg-config curl ca-certificates
+    nginx nginx-dev libnginx-mod-stream libclang-dev pkg-config curl ca-certificates
     wrk dnsperf bind9-dnsutils valgrind
     dnsmasq-base unbound nsd knot
     podman runc busybox-static uidmap slirp4netns fuse-overlayfs

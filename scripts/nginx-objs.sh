@@ -21,7 +21,15 @@ if [ "$nginx_v" != "$dev_v" ]; then
     exit 1
 fi
 
-stamp="$out/objs/.configured-$dev_v"
+# Debian builds stream as a dynamic module (libnginx-mod-stream); conf_flags (the flags every
+# module shares) leaves its flags out, but the stream module (ngx_stream_upsync_module) needs
+# the stream headers and NGX_STREAM* defines in its bindings. Same flags as `nginx -V` shows,
+# without the GeoIP module (a separate .so needing libGeoIP).
+stream_flags=()
+if command -v nginx >/dev/null; then
+    mapfile -t stream_flags < <(nginx -V 2>&1 | grep -o -- '--with-stream[^ ]*' | grep -v geoip || true)
+fi
+stamp="$out/objs/.configured-$dev_v-stream${#stream_flags[@]}"
 if [ ! -f "$stamp" ]; then
     rm -rf "$out"
     mkdir -p "$out"
@@ -33,7 +41,7 @@ if [ ! -f "$stamp" ]; then
         ./configure \
             --with-cc-opt="$(dpkg-buildflags --get CFLAGS) -fPIC $(dpkg-buildflags --get CPPFLAGS)" \
             --with-ld-opt="$(dpkg-buildflags --get LDFLAGS) -fPIC" \
-            "${NGX_CONF_FLAGS[@]}" --builddir="$out/objs" >"$out/configure.log" 2>&1
+            "${NGX_CONF_FLAGS[@]}" "${stream_flags[@]}" --builddir="$out/objs" >"$out/configure.log" 2>&1
     ) || { echo "nginx-objs: configure failed; see $out/configure.log" >&2; tail -20 "$out/configure.log" >&2; exit 1; }
     touch "$stamp"
 fi

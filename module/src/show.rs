@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use crate::model::{Origin, Server, WatchHealth};
+use crate::model::{Origin, Server, SlotMeta, WatchHealth};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct UpstreamView {
@@ -72,6 +72,27 @@ pub struct SyncView {
     pub watch_restarts: u32,
     /// Sync errors recorded since the slot was created, by kind ([`crate::model::ErrorKind`]).
     pub errors: BTreeMap<&'static str, u64>,
+}
+
+impl SyncView {
+    /// The view of a slot: where it syncs from, its list version and its metadata.
+    pub fn new(source: String, version: u64, meta: SlotMeta) -> SyncView {
+        let errors = meta.error_counts().map(|(k, n)| (k.name(), n)).collect();
+        SyncView {
+            source,
+            origin: meta.origin,
+            version,
+            consul_index: meta.consul_index,
+            last_change_ms: meta.changed_ms,
+            last_sync_ms: meta.synced_ms,
+            last_error: meta.last_error,
+            last_error_ms: meta.error_ms,
+            leader_pid: meta.leader_pid,
+            watch: meta.watch,
+            watch_restarts: meta.watch_restarts,
+            errors,
+        }
+    }
 }
 
 #[derive(Serialize)]

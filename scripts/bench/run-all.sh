@@ -3,7 +3,7 @@
 # Each prints a markdown section; the README's Benchmarks section is made of them.
 set -euo pipefail
 here="$(dirname "$0")"
-for b in module stall many callgrind dns sidecar; do
+for b in module stream stall many callgrind dns sidecar; do
     echo "## $b" >&2
     "$here/$b.sh"
     echo

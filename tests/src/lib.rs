@@ -7,7 +7,8 @@
 //!   pid file and logs in the test's directory.
 //! - [`etcd::Etcd`]: a real etcd 3.5 member or cluster on free ports (v2 and v3 APIs), and
 //!   [`etcd::Gate`], a TCP relay in front of a member that a test cuts and opens.
-//! - [`backend::Backend`]: small HTTP servers that answer with their own name.
+//! - [`backend::Backend`]: small HTTP servers that answer with their own name; [`stream`]: UDP
+//!   backends and helpers for the stream module.
 //! - [`faultproxy::FaultProxy`]: a TCP proxy in front of real Consul that stalls, drops,
 //!   trickles, floods or corrupts its answers on demand.
 //! - [`hosts::Topology`]: several hosts on one machine (network namespaces joined by a bridge
@@ -35,6 +36,7 @@ pub mod paths;
 pub mod podman;
 pub mod proc;
 pub mod sidecar;
+pub mod stream;
 mod testdir;
 pub mod upsync;
 pub mod wait;

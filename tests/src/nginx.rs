@@ -17,6 +17,9 @@ pub struct NginxConf {
     pub load_module: bool,
     pub main: String,
     pub http: String,
+    /// The body of a `stream {}` block (None: no stream block, no stream module loaded). With
+    /// it, nginx's stream module (when dynamic) and the upsync stream module are loaded.
+    pub stream: Option<String>,
     pub error_log_level: String,
     /// Run nginx in a mount namespace of its own where this file is `/etc/resolv.conf` (for
     /// tests with a resolver that never answers); None: the machine's resolver.
@@ -30,6 +33,7 @@ impl NginxConf {
             load_module: true,
             main: String::new(),
             http: http.to_string(),
+            stream: None,
             // UPSYNC_NGINX_LOG_LEVEL=debug runs every test's nginx with debug logging (which
             // takes other code paths in nginx, e.g. its timer code reads ev->data).
             error_log_level: std::env::var("UPSYNC_NGINX_LOG_LEVEL").unwrap_or_else(|_| "info".into()),
@@ -46,6 +50,13 @@ impl NginxConf {
 
     pub fn workers(mut self, n: usize) -> Self {
         self.workers = n;
+        self
+    }
+
+    /// With a `stream {}` block of body `stream` (same placeholders as `http`) and the stream
+    /// modules loaded (unless `without_module`: then only nginx's own stream module).
+    pub fn stream(mut self, stream: &str) -> Self {
+        self.stream = Some(stream.to_string());
         self
     }
 
@@ -68,7 +79,16 @@ impl NginxConf {
     }
 
     fn render(&self, dir: &Path, ports: &[u16]) -> String {
-        let module = if self.load_module { format!("load_module {};", crate::paths::module_so().display()) } else { String::new() };
+        let mut module = if self.load_module { format!("load_module {};", crate::paths::module_so().display()) } else { String::new() };
+        if self.stream.is_some() {
+            if let Some(core) = crate::paths::nginx_stream_core_module() {
+                module.push_str(&format!("\nload_module {};", core.display()));
+            }
+            if self.load_module {
+                module.push_str(&format!("\nload_module {};", crate::paths::stream_module_so().display()));
+            }
+        }
+        let stream = self.stream.as_ref().map(|s| format!("stream {{\n{s}\n}}\n")).unwrap_or_default();
         let d = dir.display().to_string();
         let mut text = format!(
             "{module}
@@ -90,7 +110,7 @@ http {{
     scgi_temp_path {d}/tmp/scgi;
 {http}
 }}
-",
+{stream}",
             workers = self.workers,
             level = self.error_log_level,
             main = self.main,

@@ -30,6 +30,33 @@ pub fn module_so() -> PathBuf {
     )
 }
 
+/// The built stream module (`UPSYNC_STREAM_MODULE` overrides).
+pub fn stream_module_so() -> PathBuf {
+    must_exist(
+        from_env_or("UPSYNC_STREAM_MODULE", build_dir().join("ngx_stream_upsync_module.so")),
+        "the upsync stream module",
+        "run `make build` first (or set UPSYNC_STREAM_MODULE)",
+    )
+}
+
+/// nginx's own stream module when the nginx under test has it as a dynamic module (Debian's:
+/// `--with-stream=dynamic`, package libnginx-mod-stream), which must be loaded before the
+/// upsync stream module; None when stream is built into nginx (nginx 1.28 of `make build
+/// NGINX=1.28`).
+pub fn nginx_stream_core_module() -> Option<PathBuf> {
+    let out = std::process::Command::new(nginx_bin()).arg("-V").output().expect("running nginx -V");
+    let flags = String::from_utf8_lossy(&out.stderr).into_owned();
+    if !flags.contains("--with-stream=dynamic") {
+        return None;
+    }
+    let modules = flags.split_whitespace().find_map(|f| f.strip_prefix("--modules-path=")).unwrap_or("/usr/lib/nginx/modules");
+    Some(must_exist(
+        PathBuf::from(modules).join("ngx_stream_module.so"),
+        "nginx's stream module",
+        "run `make deps` (installs Debian's libnginx-mod-stream)",
+    ))
+}
+
 /// The nginx binary the module is built for (`UPSYNC_NGINX` overrides).
 pub fn nginx_bin() -> PathBuf {
     must_exist(

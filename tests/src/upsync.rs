@@ -13,13 +13,8 @@ use crate::wait::wait_for;
 /// upsync line (default `upsync_interval=10ms` unless `params` sets it), `lines` into the
 /// upstream block.
 pub fn http_block(name: &str, consul: &str, params: &str, lines: &str) -> String {
-    let params = if params.contains("upsync_interval=") { params.to_string() } else { format!("upsync_interval=10ms {params}") };
     format!(
-        "upstream {name} {{
-            server 127.0.0.1:9;
-            upsync {consul}/v1/kv/upstreams/{name} upsync_timeout=30s {params};
-            {lines}
-        }}
+        "{}
         server {{
             listen 127.0.0.1:{{{{port}}}};
             location / {{
@@ -29,6 +24,21 @@ pub fn http_block(name: &str, consul: &str, params: &str, lines: &str) -> String
                 proxy_next_upstream error timeout http_502;
             }}
             location = /show {{ upstream_show; }}
+        }}",
+        upstream_block(name, consul, params, lines)
+    )
+}
+
+/// An `upstream {name} {}` block (http or stream) synced from `/v1/kv/upstreams/<name>` on
+/// `consul`, with a placeholder server; `params` go on the upsync line (default
+/// `upsync_interval=10ms` unless `params` sets it), `lines` into the block.
+pub fn upstream_block(name: &str, consul: &str, params: &str, lines: &str) -> String {
+    let params = if params.contains("upsync_interval=") { params.to_string() } else { format!("upsync_interval=10ms {params}") };
+    format!(
+        "upstream {name} {{
+            server 127.0.0.1:9;
+            upsync {consul}/v1/kv/upstreams/{name} upsync_timeout=30s {params};
+            {lines}
         }}"
     )
 }

@@ -1,7 +1,7 @@
 //! `nginx -t` with the module: every malformed directive is refused with a message that names
 //! the directive and the problem; the example configurations in nginx-conf/ pass.
 use upsync_tests::nginx::{Nginx, NginxConf};
-use upsync_tests::paths::{module_so, repo_root};
+use upsync_tests::paths::{module_so, nginx_stream_core_module, repo_root, stream_module_so};
 use upsync_tests::TestDir;
 
 fn upstream(lines: &str) -> NginxConf {
@@ -91,8 +91,15 @@ fn example_configurations_pass_nginx_t() {
         let name = path.file_stem().unwrap().to_string_lossy().into_owned();
         let case = dir.subdir(&name);
         std::fs::create_dir_all(case.join("tmp")).unwrap();
+        // nginx's own stream module: Debian's is dynamic; nginx 1.28's is built in.
+        let stream_core = match nginx_stream_core_module() {
+            Some(p) => format!("load_module {};", p.display()),
+            None => String::new(),
+        };
         let text = std::fs::read_to_string(&path)
             .unwrap()
+            .replace("load_module modules/ngx_stream_module.so;", &stream_core)
+            .replace("modules/ngx_stream_upsync_module.so", &stream_module_so().display().to_string())
             .replace("modules/ngx_http_upsync_module.so", &module_so().display().to_string())
             .replace("/etc/nginx/upsync/", &format!("{}/", files.display()))
             .replace("/var/lib/nginx/", &format!("{}/", case.display()))

@@ -93,7 +93,8 @@ struct NginxLayer;
 /// Our crates log at the level nginx's error_log asks for; other crates (hyper, rustls...) only
 /// their warnings and errors.
 fn wanted(meta: &Metadata<'_>) -> bool {
-    let ours = meta.target().starts_with("ngx_http_upsync_module") || meta.target().starts_with("upsync_discovery");
+    let t = meta.target();
+    let ours = t.starts_with("ngx_http_upsync_module") || t.starts_with("ngx_stream_upsync_module") || t.starts_with("upsync_discovery");
     if !ours && *meta.level() > Level::WARN {
         return false;
     }

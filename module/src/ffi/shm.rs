@@ -1,4 +1,4 @@
-//! The shared zone "upsync": a header (configuration generations, the leader lease, the table of
+//! The shared zone ("upsync" of the HTTP module, "upsync_stream" of the stream module): a header (configuration generations, the leader lease, the table of
 //! running workers) and one slot per synced upstream. A slot holds the upstream's server list
 //! (compact binary, in slab memory) and its metadata (inline, fixed size), plus two counters:
 //! `servers_version` (moves when the list changes: workers rebuild their peers) and
@@ -24,7 +24,6 @@ use core::ptr;
 use core::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use ngx::ffi::*;
-use ngx::ngx_string;
 
 use super::{MainConf, SrvConf};
 use crate::fails::{FailEntry, FailState, Recorded};
@@ -114,17 +113,18 @@ impl Drop for Locked {
 /// # Safety
 /// `cf` must be a valid conf during postconfiguration; `main` lives as long as the cycle.
 pub unsafe fn add_zone(cf: &mut ngx_conf_t, main: &mut MainConf, size: usize) -> Result<(), String> {
-    let mut name = ngx_string!("upsync");
+    let zone_name = super::ZONE_NAME;
+    let mut name = ngx_str_t { len: zone_name.len(), data: zone_name.as_ptr() as *mut u_char };
     // SAFETY: cf is valid; the tag (our module's address) is stable across reloads because nginx
     // keeps the module loaded.
-    let zone = unsafe { ngx_shared_memory_add(cf, &mut name, size, ptr::addr_of_mut!(super::ngx_http_upsync_module) as *mut c_void) };
+    let zone = unsafe { ngx_shared_memory_add(cf, &mut name, size, super::zone_tag()) };
     if zone.is_null() {
-        return Err("cannot add the shared memory zone \"upsync\"".into());
+        return Err(format!("cannot add the shared memory zone \"{zone_name}\""));
     }
     // SAFETY: zone was just returned by nginx.
     unsafe {
         if !(*zone).data.is_null() {
-            return Err("the shared memory zone \"upsync\" is already used by another module".into());
+            return Err(format!("the shared memory zone \"{zone_name}\" is already used by another module"));
         }
         (*zone).init = Some(init_zone);
         (*zone).data = main as *mut MainConf as *mut c_void;
@@ -211,7 +211,7 @@ unsafe fn header_of(pool: *mut ngx_slab_pool_t, reused: bool) -> Result<*mut Hea
             },
         );
         (*pool).data = header as *mut c_void;
-        (*pool).log_ctx = c" in upsync zone \"upsync\"".as_ptr() as *mut u_char;
+        (*pool).log_ctx = super::ZONE_LOG_CTX.as_ptr() as *mut u_char;
         Ok(header)
     }
 }
@@ -465,7 +465,8 @@ pub unsafe fn install(pool: *mut ngx_slab_pool_t, slot: *mut Slot, servers: &[u8
         let p = ngx_slab_alloc_locked(pool, servers.len().max(1)) as *mut u8;
         if p.is_null() {
             return Err(format!(
-                "the shared zone \"upsync\" has no room for a list of {} bytes; the workers keep the previous list; raise upsync_shm_size",
+                "the shared zone \"{}\" has no room for a list of {} bytes; the workers keep the previous list; raise upsync_shm_size",
+                super::ZONE_NAME,
                 servers.len()
             ));
         }

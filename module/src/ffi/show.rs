@@ -143,21 +143,7 @@ fn collect(only: Option<&str>) -> Vec<UpstreamView> {
             let pool = srv.shpool.map(|p| p.as_ptr()).unwrap_or(ptr::null_mut());
             let sync = srv.slot.map(|slot| {
                 let (version, meta) = shm::read_meta(pool, slot.as_ptr());
-                let errors = meta.error_counts().map(|(k, n)| (k.name(), n)).collect();
-                SyncView {
-                    source: srv.source.clone(),
-                    origin: meta.origin,
-                    version,
-                    consul_index: meta.consul_index,
-                    last_change_ms: meta.changed_ms,
-                    last_sync_ms: meta.synced_ms,
-                    last_error: meta.last_error,
-                    last_error_ms: meta.error_ms,
-                    leader_pid: meta.leader_pid,
-                    watch: meta.watch,
-                    watch_restarts: meta.watch_restarts,
-                    errors,
-                }
+                SyncView::new(srv.source.clone(), version, meta)
             });
             views.push(UpstreamView { name, servers, sync });
         }

@@ -1,0 +1,280 @@
+//! What the HTTP and the stream module share in their nginx glue: the main configuration, the
+//! handlers of the directives that read the same arguments in both (`upsync`, `upsync_dump_path`,
+//! `upsync_token`, `upsync_token_file`, `upsync_tls`, `upsync_allow_empty`, `upsync_shm_size`,
+//! `upsync_consul_connections`) and the panic guard of every entry point.
+//!
+//! Each glue (`ffi/mod.rs` for HTTP, `ffi/stream/mod.rs` for stream) defines its own `SrvConf`
+//! with the fields used here (`sync`), and this file, [`super::shm`], [`super::worker`] and
+//! [`super::log`] are compiled into each module against that glue's types.
+use core::ffi::{c_char, c_void};
+use core::ptr;
+use std::ffi::CStr;
+
+use ngx::core::{NGX_CONF_ERROR, NGX_CONF_OK};
+use ngx::ffi::*;
+use ngx::ngx_conf_log_error;
+
+use super::{shm, SrvConf};
+use crate::conf::{self, Token};
+
+/// Default size of the shared zone. nginx maps it once; untouched pages cost no memory.
+pub(crate) const DEFAULT_SHM_SIZE: usize = 32 << 20;
+/// Room for the zone's header (lease, table of workers) and a few small lists.
+const MIN_SHM_SIZE: usize = 64 << 10;
+
+/// Main-level configuration (`http{}` or `stream{}`), the same for both modules.
+pub struct MainConf {
+    /// `upsync_shm_size`.
+    pub(crate) shm_size: Option<usize>,
+    /// `upsync_consul_connections`.
+    pub(crate) consul_connections: Option<usize>,
+    /// The synced upstreams of this configuration (their srv confs), in config order.
+    pub(crate) upstreams: Vec<*mut SrvConf>,
+    /// The shared zone (created in postconfiguration when at least one upstream is synced).
+    pub(crate) shm_zone: *mut ngx_shm_zone_t,
+    /// Set by the zone's init (in the master, before the workers fork).
+    pub(crate) header: *mut shm::Header,
+    /// The config generation this configuration got from the zone.
+    pub(crate) generation: u64,
+}
+
+impl Default for MainConf {
+    fn default() -> Self {
+        MainConf {
+            shm_size: None,
+            consul_connections: None,
+            upstreams: Vec::new(),
+            shm_zone: ptr::null_mut(),
+            header: ptr::null_mut(),
+            generation: 0,
+        }
+    }
+}
+
+/// The directive's arguments after its name, as UTF-8.
+///
+/// # Safety
+/// `cf` must be the `ngx_conf_t` nginx passed to a directive handler.
+pub(crate) unsafe fn args(cf: &ngx_conf_t) -> Result<Vec<&str>, String> {
+    // SAFETY: during a directive handler cf->args is an array of ngx_str_t, element 0 the name.
+    let all: &[ngx_str_t] = unsafe { (*cf.args).as_slice() };
+    all.iter()
+        .skip(1)
+        .map(|s| {
+            let bytes = s.as_bytes();
+            std::str::from_utf8(bytes).map_err(|_| format!("argument \"{}\" is not valid UTF-8", String::from_utf8_lossy(bytes)))
+        })
+        .collect()
+}
+
+/// Logs `msg` as the directive's error (nginx appends " in FILE:LINE") and fails the config.
+pub(crate) fn conf_error(cf: *mut ngx_conf_t, directive: &str, msg: &str) -> *mut c_char {
+    ngx_conf_log_error!(NGX_LOG_EMERG, cf, "\"{}\" directive: {}", directive, msg);
+    NGX_CONF_ERROR
+}
+
+/// Runs a directive handler body on the srv conf with its arguments; maps `Err` to nginx's error.
+///
+/// # Safety
+/// `cf` and `conf` must be what nginx passed to a handler registered with
+/// the srv conf offset (so `conf` is our `SrvConf`).
+pub(crate) unsafe fn with_srv_conf(
+    cf: *mut ngx_conf_t,
+    conf: *mut c_void,
+    directive: &str,
+    f: impl FnOnce(&mut SrvConf, &[&str]) -> Result<(), String>,
+) -> *mut c_char {
+    // SAFETY: see the function's contract.
+    let (cfr, srv) = unsafe { (&*cf, &mut *(conf as *mut SrvConf)) };
+    // SAFETY: cfr is a directive handler's cf.
+    let result = guard(directive, Err("failed unexpectedly (see the error log)".into()), || unsafe { args(cfr) }.and_then(|a| f(srv, &a)));
+    match result {
+        Ok(()) => NGX_CONF_OK,
+        Err(e) => conf_error(cf, directive, &e),
+    }
+}
+
+pub(crate) extern "C" fn set_upsync(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut c_void) -> *mut c_char {
+    // SAFETY: registered with the srv conf offset in an upstream block.
+    unsafe {
+        with_srv_conf(cf, conf, "upsync", |srv, a| {
+            if srv.sync.upsync.is_some() {
+                return Err("is duplicate (one upsync line per upstream block)".into());
+            }
+            srv.sync.upsync = Some(conf::parse_upsync(a)?);
+            Ok(())
+        })
+    }
+}
+
+pub(crate) extern "C" fn set_dump_path(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut c_void) -> *mut c_char {
+    // SAFETY: cf is valid; relative paths are resolved against nginx's prefix like nginx does.
+    let full = unsafe { full_name_of_arg(cf) };
+    // SAFETY: registered with the srv conf offset in an upstream block.
+    unsafe {
+        with_srv_conf(cf, conf, "upsync_dump_path", |srv, _| {
+            if srv.sync.dump_path.is_some() {
+                return Err("is duplicate".into());
+            }
+            srv.sync.dump_path = Some(full?.into());
+            Ok(())
+        })
+    }
+}
+
+pub(crate) extern "C" fn set_token(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut c_void) -> *mut c_char {
+    // SAFETY: registered with the srv conf offset in an upstream block.
+    unsafe {
+        with_srv_conf(cf, conf, "upsync_token", |srv, a| {
+            if srv.sync.token.is_some() {
+                return Err("is duplicate (use either upsync_token or upsync_token_file)".into());
+            }
+            if a[0].is_empty() || a[0].chars().any(|c| c.is_control() || c == ' ') {
+                return Err("the token is empty or has spaces/control characters".into());
+            }
+            srv.sync.token = Some(Token::Value(a[0].to_string()));
+            Ok(())
+        })
+    }
+}
+
+pub(crate) extern "C" fn set_token_file(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut c_void) -> *mut c_char {
+    // SAFETY: cf is valid.
+    let full = unsafe { full_name_of_arg(cf) };
+    // SAFETY: registered with the srv conf offset in an upstream block.
+    unsafe {
+        with_srv_conf(cf, conf, "upsync_token_file", |srv, _| {
+            if srv.sync.token.is_some() {
+                return Err("is duplicate (use either upsync_token or upsync_token_file)".into());
+            }
+            let path = full?;
+            // Read now so a missing or unreadable file fails `nginx -t`, not the first poll.
+            let token = std::fs::read_to_string(&path).map_err(|e| format!("cannot read the token file \"{path}\": {e}"))?;
+            if token.trim().is_empty() {
+                return Err(format!("the token file \"{path}\" is empty"));
+            }
+            srv.sync.token = Some(Token::File(path.into()));
+            Ok(())
+        })
+    }
+}
+
+pub(crate) extern "C" fn set_tls(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut c_void) -> *mut c_char {
+    // SAFETY: registered with the srv conf offset in an upstream block.
+    unsafe {
+        with_srv_conf(cf, conf, "upsync_tls", |srv, a| {
+            if srv.sync.tls.is_some() {
+                return Err("is duplicate".into());
+            }
+            let tls = conf::parse_tls(a)?;
+            for p in [&tls.ca_file, &tls.cert_file, &tls.key_file].into_iter().flatten() {
+                std::fs::metadata(p).map_err(|e| format!("cannot read \"{}\": {e}", p.display()))?;
+            }
+            srv.sync.tls = Some(tls);
+            Ok(())
+        })
+    }
+}
+
+pub(crate) extern "C" fn set_allow_empty(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut c_void) -> *mut c_char {
+    // SAFETY: registered with the srv conf offset in an upstream block.
+    unsafe {
+        with_srv_conf(cf, conf, "upsync_allow_empty", |srv, a| {
+            srv.sync.allow_empty = conf::parse_on_off(a[0])?;
+            Ok(())
+        })
+    }
+}
+
+pub(crate) extern "C" fn set_shm_size(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut c_void) -> *mut c_char {
+    guard("\"upsync_shm_size\" directive", NGX_CONF_ERROR, || {
+        // SAFETY: registered with the main conf offset: conf is our MainConf; cf is valid.
+        let (main, a) = unsafe { (&mut *(conf as *mut MainConf), args(&*cf)) };
+        let r = a.and_then(|a| {
+            let size = conf::parse_size(a[0])?;
+            if size < MIN_SHM_SIZE {
+                return Err(format!("\"{}\" is too small: use at least 64k", a[0]));
+            }
+            main.shm_size = Some(size);
+            Ok(())
+        });
+        match r {
+            Ok(()) => NGX_CONF_OK,
+            Err(e) => conf_error(cf, "upsync_shm_size", &e),
+        }
+    })
+}
+
+pub(crate) extern "C" fn set_consul_connections(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut c_void) -> *mut c_char {
+    guard("\"upsync_consul_connections\" directive", NGX_CONF_ERROR, || {
+        // SAFETY: registered with the main conf offset: conf is our MainConf; cf is valid.
+        let (main, a) = unsafe { (&mut *(conf as *mut MainConf), args(&*cf)) };
+        match a.and_then(|a| conf::parse_connections(a[0])) {
+            Ok(n) => {
+                main.consul_connections = Some(n);
+                NGX_CONF_OK
+            }
+            Err(e) => conf_error(cf, "upsync_consul_connections", &e),
+        }
+    })
+}
+
+/// The module called `name` among `cycle`'s modules (static and loaded).
+///
+/// # Safety
+/// `cycle` is a cycle being configured or running, whose `modules` is its NULL-terminated list.
+pub(crate) unsafe fn find_module(cycle: *mut ngx_cycle_t, name: &str) -> Option<&'static ngx_module_t> {
+    // SAFETY: contract; every module lives as long as the process (static or loaded .so).
+    unsafe {
+        let mut m = (*cycle).modules;
+        while !(*m).is_null() {
+            let module = &**m;
+            if !module.name.is_null() && CStr::from_ptr(module.name).to_bytes() == name.as_bytes() {
+                return Some(module);
+            }
+            m = m.add(1);
+        }
+    }
+    None
+}
+
+/// The first argument as an absolute path (relative to nginx's prefix, as nginx does for paths).
+///
+/// # Safety
+/// `cf` must be a directive handler's cf with at least one argument.
+pub(crate) unsafe fn full_name_of_arg(cf: *mut ngx_conf_t) -> Result<String, String> {
+    // SAFETY: contract above; ngx_conf_full_name rewrites the ngx_str_t in place with memory
+    // from cf->pool.
+    unsafe {
+        let arg = ((*(*cf).args).elts as *mut ngx_str_t).add(1);
+        if ngx_conf_full_name((*cf).cycle, arg, 0) != NGX_OK as ngx_int_t {
+            return Err("cannot make an absolute path".into());
+        }
+        std::str::from_utf8((*arg).as_bytes()).map(str::to_string).map_err(|_| "the path is not valid UTF-8".into())
+    }
+}
+
+/// Runs the body of an entry point nginx calls (`extern "C"`): a panic must never unwind into
+/// nginx's C frames (undefined behaviour). It is caught here, logged with what was running,
+/// and `fallback` returned (an error code, or nothing). The crate keeps `panic = "unwind"` so
+/// that the poller thread can restart a watch task that panicked instead of losing the worker.
+pub(crate) fn guard<T>(what: &str, fallback: T, body: impl FnOnce() -> T) -> T {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)) {
+        Ok(v) => v,
+        Err(p) => {
+            let msg = crate::poller::panic_message(p);
+            tracing::error!("upsync: {what} panicked ({msg}); nginx goes on without it (please report this as a bug)");
+            fallback
+        }
+    }
+}
+
+/// A directive of the module's table.
+pub(crate) const fn command(
+    name: ngx_str_t,
+    type_: ngx_uint_t,
+    set: unsafe extern "C" fn(*mut ngx_conf_t, *mut ngx_command_t, *mut c_void) -> *mut c_char,
+    conf: usize,
+) -> ngx_command_t {
+    ngx_command_t { name, type_, set: Some(set), conf, offset: 0, post: ptr::null_mut() }
+}

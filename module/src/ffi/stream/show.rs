@@ -1,0 +1,164 @@
+//! `upstream_show` in a stream `server {}`: a client that connects gets every stream upstream
+//! of the configuration in nginx-upsync-module's text (the same renderer as the HTTP
+//! `upstream_show`), as the answering worker balances it; then nginx closes the connection.
+use core::ffi::c_void;
+use core::ptr;
+
+use ngx::ffi::*;
+
+use super::{cycle_upstreams, module, peers, shm, srv_conf_of};
+use crate::show::{self, ServerJson, ServerView, SyncView, UpstreamView};
+
+/// How long a client may take to read the listing.
+const SEND_TIMEOUT_MS: ngx_msec_t = 10_000;
+
+/// What is left to send, kept in the session's context slot of our module.
+#[repr(C)]
+struct Pending {
+    pos: *const u8,
+    end: *const u8,
+}
+
+/// The server's content handler (`cscf->handler`).
+pub unsafe extern "C" fn handler(s: *mut ngx_stream_session_t) {
+    // SAFETY: nginx calls the content handler with a valid session on the main thread.
+    let rc = super::guard("upstream_show", Err(()), || unsafe { start(s) });
+    if rc.is_err() {
+        // SAFETY: as above.
+        unsafe { ngx_stream_finalize_session(s, NGX_STREAM_INTERNAL_SERVER_ERROR as ngx_uint_t) };
+    }
+}
+
+/// Renders the listing into the connection's pool and starts writing it.
+///
+/// # Safety
+/// A valid session on the main thread.
+unsafe fn start(s: *mut ngx_stream_session_t) -> Result<(), ()> {
+    let body = show::render_text(&collect(), None);
+    // SAFETY: contract; the buffer and the state live in the connection's pool, which lives as
+    // long as the session; the ctx array has a slot for every stream module.
+    unsafe {
+        let c = (*s).connection;
+        let buf = ngx_pnalloc((*c).pool, body.len().max(1)) as *mut u8;
+        let pending = ngx_palloc((*c).pool, core::mem::size_of::<Pending>()) as *mut Pending;
+        if buf.is_null() || pending.is_null() {
+            return Err(());
+        }
+        ptr::copy_nonoverlapping(body.as_ptr(), buf, body.len());
+        pending.write(Pending { pos: buf, end: buf.add(body.len()) });
+        *(*s).ctx.add(module().ctx_index) = pending as *mut c_void;
+        (*(*c).write).handler = Some(write_handler);
+        (*(*c).read).handler = Some(ignore_read);
+        write_handler((*c).write);
+    }
+    Ok(())
+}
+
+/// Writes what is left; finalises the session when done, on error or when the client is too
+/// slow.
+unsafe extern "C" fn write_handler(ev: *mut ngx_event_t) {
+    // SAFETY: ev is the write event of a session's client connection (data = connection,
+    // connection->data = session) on the main thread; `Pending` was stored by `start`.
+    super::guard("upstream_show", (), || unsafe {
+        let c = (*ev).data as *mut ngx_connection_t;
+        let s = (*c).data as *mut ngx_stream_session_t;
+        if (*ev).timedout() != 0 {
+            ngx_stream_finalize_session(s, NGX_STREAM_OK as ngx_uint_t);
+            return;
+        }
+        let p = *(*s).ctx.add(module().ctx_index) as *mut Pending;
+        while (*p).pos < (*p).end {
+            let Some(send) = (*c).send else { break };
+            let n = send(c, (*p).pos as *mut u8, (*p).end.offset_from((*p).pos) as usize);
+            if n == NGX_AGAIN as isize {
+                if ngx_handle_write_event(ev, 0) != NGX_OK as ngx_int_t {
+                    break;
+                }
+                nginx_sys::ngx_add_timer(ev, SEND_TIMEOUT_MS);
+                return;
+            }
+            if n <= 0 {
+                break;
+            }
+            (*p).pos = (*p).pos.add(n as usize);
+        }
+        if (*ev).timer_set() != 0 {
+            nginx_sys::ngx_del_timer(ev);
+        }
+        ngx_stream_finalize_session(s, NGX_STREAM_OK as ngx_uint_t);
+    })
+}
+
+/// The client has nothing to say; what it sends is not read.
+unsafe extern "C" fn ignore_read(_ev: *mut ngx_event_t) {}
+
+/// Every stream upstream of the running configuration, as this worker balances it.
+fn collect() -> Vec<UpstreamView> {
+    let mut views = Vec::new();
+    // SAFETY: main thread; the cycle's upstream confs and their peer lists are valid.
+    unsafe {
+        for &us in cycle_upstreams() {
+            let name = String::from_utf8_lossy((*us).host.as_bytes()).into_owned();
+            let synced = srv_conf_of(us).filter(|s| s.sync.upsync.is_some() && s.slot.is_some());
+            let Some(srv) = synced else {
+                views.push(UpstreamView { name, servers: nginx_peers((*us).peer.data as *const _), sync: None });
+                continue;
+            };
+            peers::sync(srv);
+            let servers = match &srv.current {
+                Some(g) => g
+                    .servers
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| {
+                        let (fails, active) = g.peer_state(i);
+                        ServerView { server: ServerJson::from(s), fails, active }
+                    })
+                    .collect(),
+                None => nginx_peers((*us).peer.data as *const _),
+            };
+            let pool = srv.shpool.map(|p| p.as_ptr()).unwrap_or(ptr::null_mut());
+            let sync = srv.slot.map(|slot| {
+                let (version, meta) = shm::read_meta(pool, slot.as_ptr());
+                SyncView::new(srv.source.clone(), version, meta)
+            });
+            views.push(UpstreamView { name, servers, sync });
+        }
+    }
+    views
+}
+
+/// The servers of an nginx stream round-robin list from the configuration (primary, then
+/// backup).
+///
+/// # Safety
+/// `peers` null or a valid stream rr peers list.
+unsafe fn nginx_peers(peers: *const ngx_stream_upstream_rr_peers_t) -> Vec<ServerView> {
+    let mut out = Vec::new();
+    let mut list = peers;
+    let mut backup = false;
+    // SAFETY: contract; walking the lists through `peer`/`next`.
+    unsafe {
+        while !list.is_null() {
+            let mut p = (*list).peer;
+            while !p.is_null() {
+                out.push(ServerView {
+                    server: ServerJson {
+                        server: String::from_utf8_lossy((*p).name.as_bytes()).into_owned(),
+                        weight: (*p).weight as u32,
+                        max_fails: (*p).max_fails as u32,
+                        fail_timeout: (*p).fail_timeout as u32,
+                        down: (*p).down != 0,
+                        backup,
+                    },
+                    fails: (*p).fails as u64,
+                    active: (*p).conns as u64,
+                });
+                p = (*p).next;
+            }
+            list = (*list).next;
+            backup = true;
+        }
+    }
+    out
+}
