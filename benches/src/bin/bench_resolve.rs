@@ -9,6 +9,9 @@
 //!   upstream, `resolver` pointed at Consul's DNS interface;
 //! - `resolve_upsync_dns`: the same with `service.upsync` through upsync-dns.
 //!
+//! Consul runs with `dns_config { enable_truncate = true }`: by default its DNS answers at most
+//! 3 records over UDP without the TC flag, and nginx's `resolve` then sees 3 instances (a
+//! different 3 at each resolution); with TC set nginx asks again over TCP and sees them all.
 //! The resolvers use `valid=1s`: Consul's DNS answers with TTL 0, which would make nginx
 //! re-resolve every millisecond, and nginx's re-resolution timer counts in whole seconds
 //! (`valid - now + 1`), so 1 s is the shortest period nginx can be given: it re-resolves every
@@ -29,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use upsync_benches::{backend_requests, percentile, wrk, WrkReport};
-use upsync_tests::consul::Consul;
+use upsync_tests::consul::{Consul, ConsulOptions};
 use upsync_tests::dns::{DnsOptions, DnsServer};
 use upsync_tests::nginx::{Nginx, NginxConf};
 use upsync_tests::TestDir;
@@ -200,7 +203,11 @@ fn main() -> anyhow::Result<()> {
     let conns = env("UPSYNC_BENCH_CONNS", 64) as u32;
     let rounds = env("UPSYNC_BENCH_RESOLVE_ROUNDS", 40) as usize;
     let dir = TestDir::new("bench-resolve");
-    let consul = Consul::start(&dir.subdir("consul"));
+    // Consul's DNS answers at most 3 records over UDP (`udp_answer_limit`), without setting TC:
+    // nginx would see 3 instances of 4, a different 3 at every resolution. A careful operator
+    // sets `enable_truncate`, so that nginx asks again over TCP and gets them all.
+    let opts = ConsulOptions { extra_hcl: vec!["dns_config { enable_truncate = true }".into()], ..Default::default() };
+    let consul = Consul::start_with(&dir.subdir("consul"), opts);
     let dns = DnsServer::start(&dir.subdir("dns"), &consul.http_addr(), DnsOptions::default());
     let (_backends, addrs) = upsync_benches::named_backends(&dir.subdir("backends"), BACKENDS);
     let reg = Registry { consul: &consul, addrs: &addrs };
