@@ -14,7 +14,9 @@ pub fn named_backends(dir: &Path, n: usize) -> (Nginx, Vec<String>) {
     let mut servers = String::from("keepalive_requests 1000000;\n");
     for i in 0..n {
         let port = if i == 0 { "{{port}}".to_string() } else { format!("{{{{port{i}}}}}") };
-        servers.push_str(&format!("server {{ listen 127.0.0.1:{port}; location / {{ return 200 \"b{i}\"; }} location = /__status {{ stub_status; }} }}\n"));
+        servers.push_str(&format!(
+            "server {{ listen 127.0.0.1:{port}; location / {{ return 200 \"b{i}\"; }} location = /__status {{ stub_status; }} }}\n"
+        ));
     }
     let backends = Nginx::start(dir, NginxConf::new(&servers).without_module().workers(1));
     let addrs = (0..n).map(|i| format!("127.0.0.1:{}", if i == 0 { backends.port() } else { backends.extra_port(i) })).collect();

@@ -58,9 +58,7 @@ fn label(front: &str, resolve: &Value) -> String {
 }
 
 fn pairs(v: &Value) -> Vec<(f64, f64)> {
-    v.as_array()
-        .map(|a| a.iter().filter_map(|p| Some((p.get(0)?.as_f64()?, p.get(1)?.as_f64()?))).collect())
-        .unwrap_or_default()
+    v.as_array().map(|a| a.iter().filter_map(|p| Some((p.get(0)?.as_f64()?, p.get(1)?.as_f64()?))).collect()).unwrap_or_default()
 }
 
 /// Throughput over time under churn, one line per front.
@@ -75,14 +73,26 @@ fn draw_churn(area: &DrawingArea<SVGBackend, Shift>, resolve: &Value) -> DrawRes
         .x_label_area_size(36)
         .y_label_area_size(64)
         .build_cartesian_2d(0.0..x_max, 0.0..y_max)?;
-    chart.configure_mesh().x_desc("seconds").y_desc("requests/s served by the backends").light_line_style(WHITE).draw()?;
+    chart
+        .configure_mesh()
+        .x_desc("seconds")
+        .y_desc("requests/s served by the backends")
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        .y_label_formatter(&|v| format!("{v:.0}"))
+        .light_line_style(WHITE)
+        .draw()?;
     for (front, color, s) in series {
         chart
             .draw_series(LineSeries::new(s, color.stroke_width(2)))?
             .label(label(front, resolve))
             .legend(move |(x, y)| PathElement::new([(x, y), (x + 18, y)], color.stroke_width(3)));
     }
-    chart.configure_series_labels().position(SeriesLabelPosition::LowerRight).background_style(WHITE.mix(0.85)).border_style(BLACK).draw()?;
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()?;
     Ok(())
 }
 
@@ -110,14 +120,25 @@ fn draw_cdf(area: &DrawingArea<SVGBackend, Shift>, resolve: &Value) -> DrawResul
         .x_label_area_size(36)
         .y_label_area_size(64)
         .build_cartesian_2d((lo..hi).log_scale(), 0.0..1.0)?;
-    chart.configure_mesh().x_desc("milliseconds (log scale)").y_desc("fraction of rounds").light_line_style(WHITE).draw()?;
+    chart
+        .configure_mesh()
+        .x_desc("milliseconds (log scale)")
+        .y_desc("fraction of rounds")
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        .light_line_style(WHITE)
+        .draw()?;
     for (front, color, points) in series {
         chart
             .draw_series(LineSeries::new(points, color.stroke_width(2)))?
             .label(label(front, resolve))
             .legend(move |(x, y)| PathElement::new([(x, y), (x + 18, y)], color.stroke_width(3)));
     }
-    chart.configure_series_labels().position(SeriesLabelPosition::LowerRight).background_style(WHITE.mix(0.85)).border_style(BLACK).draw()?;
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()?;
     Ok(())
 }
 
@@ -126,7 +147,8 @@ fn draw_dns(area: &DrawingArea<SVGBackend, Shift>, dns: &Value) -> DrawResult<()
     let mut groups: Vec<(String, Vec<(String, f64)>)> = Vec::new();
     for (key, instances) in [("runs_small", None), ("runs_full", dns["instances"].as_u64())] {
         for run in dns[key].as_array().into_iter().flatten() {
-            let (Some(server), Some(qtype), Some(qps)) = (run["server"].as_str(), run["type"].as_str(), run["report"]["qps"].as_f64()) else {
+            let (Some(server), Some(qtype), Some(qps)) = (run["server"].as_str(), run["type"].as_str(), run["report"]["qps"].as_f64())
+            else {
                 continue;
             };
             let name = match instances {
@@ -170,6 +192,7 @@ fn draw_dns(area: &DrawingArea<SVGBackend, Shift>, dns: &Value) -> DrawResult<()
             }
         })
         .y_desc("queries/s")
+        .y_label_formatter(&|v| format!("{v:.0}"))
         .light_line_style(WHITE)
         .draw()?;
     for (si, server) in servers.iter().enumerate() {
@@ -183,12 +206,14 @@ fn draw_dns(area: &DrawingArea<SVGBackend, Shift>, dns: &Value) -> DrawResult<()
                 Some(Rectangle::new([(x0, 0.0), (x0 + 0.9, qps)], color.filled()))
             })
             .collect();
-        chart
-            .draw_series(bars)?
-            .label(server.clone())
-            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled()));
+        chart.draw_series(bars)?.label(server.clone()).legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled()));
     }
-    chart.configure_series_labels().position(SeriesLabelPosition::UpperRight).background_style(WHITE.mix(0.85)).border_style(BLACK).draw()?;
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()?;
     Ok(())
 }
 
@@ -256,7 +281,9 @@ fn resolve_tables(html: &mut String, resolve: &Value) {
             cell("drain")
         );
     }
-    html.push_str("<tr><td>include file + nginx -s reload</td><td colspan=4>anything nginx.conf says, applied by a reload</td></tr></table>\n");
+    html.push_str(
+        "<tr><td>include file + nginx -s reload</td><td colspan=4>anything nginx.conf says, applied by a reload</td></tr></table>\n",
+    );
 }
 
 fn module_table(html: &mut String, module: &Value) {
@@ -276,11 +303,27 @@ fn module_table(html: &mut String, module: &Value) {
         );
     };
     let failed_sum = |key: &str| {
-        module[key].as_array().map(|a| a.iter().map(|r| r["non_2xx"].as_u64().unwrap_or(0) + r["socket_errors"].as_u64().unwrap_or(0)).sum())
+        module[key]
+            .as_array()
+            .map(|a| a.iter().map(|r| r["non_2xx"].as_u64().unwrap_or(0) + r["socket_errors"].as_u64().unwrap_or(0)).sum())
     };
-    row(html, "stock nginx, static servers", mean("steady_stock", "requests_per_sec"), mean("steady_stock", "latency_p99_ms"), failed_sum("steady_stock"));
-    row(html, "nginx + upsync module", mean("steady_module", "requests_per_sec"), mean("steady_module", "latency_p99_ms"), failed_sum("steady_module"));
-    for (key, name) in [("churn_module", "upsync module, churn 1 change/s"), ("churn_reload", "include file + nginx -s reload, churn 1 change/s")] {
+    row(
+        html,
+        "stock nginx, static servers",
+        mean("steady_stock", "requests_per_sec"),
+        mean("steady_stock", "latency_p99_ms"),
+        failed_sum("steady_stock"),
+    );
+    row(
+        html,
+        "nginx + upsync module",
+        mean("steady_module", "requests_per_sec"),
+        mean("steady_module", "latency_p99_ms"),
+        failed_sum("steady_module"),
+    );
+    for (key, name) in
+        [("churn_module", "upsync module, churn 1 change/s"), ("churn_reload", "include file + nginx -s reload, churn 1 change/s")]
+    {
         let r = &module[key];
         let failed = r["non_2xx"].as_u64().zip(r["socket_errors"].as_u64()).map(|(a, b)| a + b);
         row(html, name, r["requests_per_sec"].as_f64(), r["latency_p99_ms"].as_f64(), failed);
@@ -288,7 +331,8 @@ fn module_table(html: &mut String, module: &Value) {
     html.push_str("</table>\n");
     let p = &module["propagation_ms"];
     if let (Some(p50), Some(p99)) = (p["p50"].as_f64(), p["p99"].as_f64()) {
-        let _ = writeln!(html, "<p>Propagation (Consul KV write -> first request on the new server): p50 {p50:.1} ms, p99 {p99:.1} ms.</p>");
+        let _ =
+            writeln!(html, "<p>Propagation (Consul KV write -> first request on the new server): p50 {p50:.1} ms, p99 {p99:.1} ms.</p>");
     }
 }
 
@@ -307,7 +351,11 @@ td:first-child, th:first-child { text-align: left; } .missing { background: #fff
 svg { max-width: 100%; height: auto; }
 </style></head><body>\n<h1>upsync benchmarks</h1>\n",
     );
-    let _ = writeln!(html, "<p>From the JSON files in <code>{}</code>; every figure is from the run that wrote its file.</p>", esc(&dir.display().to_string()));
+    let _ = writeln!(
+        html,
+        "<p>From the JSON files in <code>{}</code>; every figure is from the run that wrote its file.</p>",
+        esc(&dir.display().to_string())
+    );
 
     html.push_str("<h2>Churn: the module, reload and nginx's <code>resolve</code></h2>\n");
     match &resolve {
