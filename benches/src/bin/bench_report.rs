@@ -15,7 +15,7 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use plotters::coord::Shift;
+use plotters::coord::{CoordTranslate, Shift};
 use plotters::prelude::*;
 use serde_json::Value;
 
@@ -37,6 +37,9 @@ const PALETTE: [RGBColor; 6] = [
 ];
 
 type DrawResult<T> = Result<T, Box<dyn std::error::Error>>;
+
+/// Lines to draw: front, colour, points.
+type Series = Vec<(&'static str, RGBColor, Vec<(f64, f64)>)>;
 
 /// A JSON file of the bench directory, or why there is none.
 fn load(dir: &Path, file: &str) -> Result<Value, String> {
@@ -63,16 +66,12 @@ fn pairs(v: &Value) -> Vec<(f64, f64)> {
 
 /// Throughput over time under churn, one line per front.
 fn draw_churn(area: &DrawingArea<SVGBackend, Shift>, resolve: &Value) -> DrawResult<()> {
-    let series: Vec<(&str, RGBColor, Vec<(f64, f64)>)> =
+    let series: Series =
         FRONTS.iter().map(|(f, c)| (*f, *c, pairs(&resolve["churn"][f]["series"]))).filter(|(_, _, s)| !s.is_empty()).collect();
     let x_max = series.iter().flat_map(|(_, _, s)| s.iter().map(|p| p.0)).fold(1.0, f64::max);
     let y_max = series.iter().flat_map(|(_, _, s)| s.iter().map(|p| p.1)).fold(1.0, f64::max) * 1.1;
-    let mut chart = ChartBuilder::on(area)
-        .caption("Throughput while an instance is added/removed every second", ("sans-serif", 18))
-        .margin(12)
-        .x_label_area_size(36)
-        .y_label_area_size(64)
-        .build_cartesian_2d(0.0..x_max, 0.0..y_max)?;
+    let mut chart =
+        builder(area, "Throughput while an instance is added/removed every second").build_cartesian_2d(0.0..x_max, 0.0..y_max)?;
     chart
         .configure_mesh()
         .x_desc("seconds")
@@ -81,24 +80,12 @@ fn draw_churn(area: &DrawingArea<SVGBackend, Shift>, resolve: &Value) -> DrawRes
         .y_label_formatter(&|v| format!("{v:.0}"))
         .light_line_style(WHITE)
         .draw()?;
-    for (front, color, s) in series {
-        chart
-            .draw_series(LineSeries::new(s, color.stroke_width(2)))?
-            .label(label(front, resolve))
-            .legend(move |(x, y)| PathElement::new([(x, y), (x + 18, y)], color.stroke_width(3)));
-    }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()?;
-    Ok(())
+    lines(&mut chart, series, resolve)
 }
 
 /// Empirical CDF of the propagation delays, log-scaled milliseconds.
 fn draw_cdf(area: &DrawingArea<SVGBackend, Shift>, resolve: &Value) -> DrawResult<()> {
-    let mut series = Vec::new();
+    let mut series: Series = Vec::new();
     for (front, color) in FRONTS {
         let mut d: Vec<f64> = resolve["propagation_ms"][front]["samples_ms"]
             .as_array()
@@ -114,11 +101,7 @@ fn draw_cdf(area: &DrawingArea<SVGBackend, Shift>, resolve: &Value) -> DrawResul
     }
     let lo = series.iter().flat_map(|(_, _, p)| p.iter().map(|x| x.0)).fold(f64::MAX, f64::min).min(1.0) * 0.8;
     let hi = series.iter().flat_map(|(_, _, p)| p.iter().map(|x| x.0)).fold(10.0, f64::max) * 1.25;
-    let mut chart = ChartBuilder::on(area)
-        .caption("Propagation: Consul write -> first request on the new instance", ("sans-serif", 18))
-        .margin(12)
-        .x_label_area_size(36)
-        .y_label_area_size(64)
+    let mut chart = builder(area, "Propagation: Consul write -> first request on the new instance")
         .build_cartesian_2d((lo..hi).log_scale(), 0.0..1.0)?;
     chart
         .configure_mesh()
@@ -127,6 +110,22 @@ fn draw_cdf(area: &DrawingArea<SVGBackend, Shift>, resolve: &Value) -> DrawResul
         .x_label_formatter(&|v| format!("{v:.0}"))
         .light_line_style(WHITE)
         .draw()?;
+    lines(&mut chart, series, resolve)
+}
+
+/// A chart with the report's caption style and margins.
+fn builder<'a, 'd>(area: &'a DrawingArea<SVGBackend<'d>, Shift>, caption: &str) -> ChartBuilder<'a, 'static, SVGBackend<'d>> {
+    let mut b = ChartBuilder::on(area);
+    b.caption(caption, ("sans-serif", 18)).margin(12).x_label_area_size(36).y_label_area_size(64);
+    b
+}
+
+/// One line per front, with the legend in the lower right corner.
+fn lines<'a, 'd: 'a, CT: CoordTranslate<From = (f64, f64)>>(
+    chart: &mut ChartContext<'a, SVGBackend<'d>, CT>,
+    series: Series,
+    resolve: &Value,
+) -> DrawResult<()> {
     for (front, color, points) in series {
         chart
             .draw_series(LineSeries::new(points, color.stroke_width(2)))?

@@ -119,16 +119,14 @@ fn jitter(max_ms: u64) -> Duration {
     Duration::from_millis(nanos.wrapping_mul(6364136223846793005).rotate_right(17) % max_ms.max(1))
 }
 
+/// wrk's report of a churn run, the throughput series (seconds since the start, requests/s)
+/// and the seconds at which changes were made.
+type Churn = (WrkReport, Vec<(f64, f64)>, Vec<f64>);
+
 /// One churn run: wrk against `url` while `change(on)` is called every second, and the
 /// backends' request counter sampled every 250 ms. Returns wrk's report, the throughput series
 /// (seconds since the start, requests/s) and the seconds at which changes were made.
-fn churn(
-    url: &str,
-    conns: u32,
-    secs: Duration,
-    counter_addr: &str,
-    change: impl Fn(bool) + Send + 'static,
-) -> anyhow::Result<(WrkReport, Vec<(f64, f64)>, Vec<f64>)> {
+fn churn(url: &str, conns: u32, secs: Duration, counter_addr: &str, change: impl Fn(bool) + Send + 'static) -> anyhow::Result<Churn> {
     let stop = Arc::new(AtomicBool::new(false));
     let t0 = Instant::now();
     let changes = Arc::new(Mutex::new(Vec::new()));
