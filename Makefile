@@ -57,8 +57,9 @@ build-nginx128:
 	@echo "built: $(NGINX128_OUT)/sbin/nginx ($$($(NGINX128_OUT)/sbin/nginx -v 2>&1)) $(NGINX128_OUT)/ngx_http_upsync_module.so $(NGINX128_OUT)/ngx_stream_upsync_module.so"
 
 # Unit tests, then the integration tests against the binaries `make build` left in build/.
-# One release build serves both.
-test: build
+# One release build serves both. nginx 1.28 is built first: tests/tests/nginx_resolve.rs runs
+# its `resolve` beside the Debian build.
+test: build build-nginx128
 	$(NGINX_ENV) && $(CARGO) test $(CARGO_FLAGS) --workspace --no-fail-fast 2>&1 | scripts/test-summary.sh
 	@$(MAKE) --no-print-directory test-nginx128
 

@@ -8,14 +8,26 @@ use upsync_tests::nginx::{Nginx, NginxConf};
 
 /// `n` backends served by one stock nginx (one worker, no module), each on its own port and
 /// answering with its name `b<i>`; with their `127.0.0.1:PORT` addresses. Fast enough not to be
-/// the bottleneck of a benchmark.
+/// the bottleneck of a benchmark. `/__status` on any of them is nginx's `stub_status`: the
+/// requests all of them served ([`backend_requests`]).
 pub fn named_backends(dir: &Path, n: usize) -> (Nginx, Vec<String>) {
     let mut servers = String::from("keepalive_requests 1000000;\n");
     for i in 0..n {
         let port = if i == 0 { "{{port}}".to_string() } else { format!("{{{{port{i}}}}}") };
-        servers.push_str(&format!("server {{ listen 127.0.0.1:{port}; location / {{ return 200 \"b{i}\"; }} }}\n"));
+        servers.push_str(&format!(
+            "server {{ listen 127.0.0.1:{port}; location / {{ return 200 \"b{i}\"; }} location = /__status {{ stub_status; }} }}\n"
+        ));
     }
     let backends = Nginx::start(dir, NginxConf::new(&servers).without_module().workers(1));
     let addrs = (0..n).map(|i| format!("127.0.0.1:{}", if i == 0 { backends.port() } else { backends.extra_port(i) })).collect();
     (backends, addrs)
+}
+
+/// Requests the [`named_backends`] nginx has served so far (its `stub_status` counter; the
+/// status requests themselves count too), through the backend at `addr`.
+pub fn backend_requests(addr: &str) -> anyhow::Result<u64> {
+    let (status, body) = upsync_tests::net::http_get(&format!("http://{addr}/__status"))?;
+    // "Active connections: N\nserver accepts handled requests\n A H R\n..."
+    let requests = body.lines().nth(2).and_then(|l| l.split_whitespace().nth(2)).and_then(|v| v.parse().ok());
+    requests.ok_or_else(|| anyhow::anyhow!("unexpected stub_status answer from {addr} (HTTP {status}): {body}"))
 }

@@ -24,6 +24,11 @@ pub struct NginxConf {
     /// Run nginx in a mount namespace of its own where this file is `/etc/resolv.conf` (for
     /// tests with a resolver that never answers); None: the machine's resolver.
     pub resolv_conf: Option<PathBuf>,
+    /// The nginx binary to run (None: [`crate::paths::nginx_bin`]); see [`NginxConf::nginx128`].
+    pub binary: Option<PathBuf>,
+    /// Load the module built for nginx 1.28 ([`crate::paths::nginx128_module_so`]) instead of
+    /// [`crate::paths::module_so`].
+    pub module128: bool,
 }
 
 impl NginxConf {
@@ -38,7 +43,22 @@ impl NginxConf {
             // takes other code paths in nginx, e.g. its timer code reads ev->data).
             error_log_level: std::env::var("UPSYNC_NGINX_LOG_LEVEL").unwrap_or_else(|_| "info".into()),
             resolv_conf: None,
+            binary: None,
+            module128: false,
         }
+    }
+
+    /// Runs nginx 1.28 (`make build NGINX=1.28`, [`crate::paths::nginx128_bin`]) with the module
+    /// built for it, whatever `UPSYNC_NGINX` says: for tests and benchmarks of features only
+    /// nginx >= 1.27.3 has (`server NAME resolve`), beside the module.
+    pub fn nginx128(mut self) -> Self {
+        self.binary = Some(crate::paths::nginx128_bin());
+        self.module128 = true;
+        self
+    }
+
+    fn nginx_bin(&self) -> PathBuf {
+        self.binary.clone().unwrap_or_else(crate::paths::nginx_bin)
     }
 
     /// nginx sees `file` as `/etc/resolv.conf` (its own mount namespace; the machine's file is
@@ -79,7 +99,12 @@ impl NginxConf {
     }
 
     fn render(&self, dir: &Path, ports: &[u16]) -> String {
-        let mut module = if self.load_module { format!("load_module {};", crate::paths::module_so().display()) } else { String::new() };
+        let mut module = if self.load_module {
+            let so = if self.module128 { crate::paths::nginx128_module_so() } else { crate::paths::module_so() };
+            format!("load_module {};", so.display())
+        } else {
+            String::new()
+        };
         if self.stream.is_some() {
             if let Some(core) = crate::paths::nginx_stream_core_module() {
                 module.push_str(&format!("\nload_module {};", core.display()));
@@ -155,13 +180,17 @@ impl Nginx {
     /// Runs `nginx -t` on `conf` in `dir`.
     pub fn test_config(dir: &Path, conf: &NginxConf) -> ConfigTest {
         let path = Nginx::prepare(dir, conf, &Nginx::fresh_ports());
-        Nginx::test_config_file(dir, &path)
+        Nginx::test_config_file_with(&conf.nginx_bin(), dir, &path)
     }
 
     /// Runs `nginx -t -c FILE` with `dir` as prefix (for example configs of the repository).
     pub fn test_config_file(dir: &Path, file: &Path) -> ConfigTest {
+        Nginx::test_config_file_with(&crate::paths::nginx_bin(), dir, file)
+    }
+
+    fn test_config_file_with(nginx: &Path, dir: &Path, file: &Path) -> ConfigTest {
         std::fs::create_dir_all(dir.join("logs")).ok();
-        let out = Command::new(crate::paths::nginx_bin())
+        let out = Command::new(nginx)
             .arg("-t")
             .arg("-p")
             .arg(dir)
@@ -203,13 +232,13 @@ impl Nginx {
     fn launch(&mut self) -> anyhow::Result<()> {
         let path = Nginx::prepare(&self.dir, &self.conf, &self.ports);
         let mut cmd = match &self.conf.resolv_conf {
-            None => Command::new(crate::paths::nginx_bin()),
+            None => Command::new(self.conf.nginx_bin()),
             Some(file) => {
                 // unshare and sh exec in place: the PID stays nginx's master.
                 let mut c = Command::new("unshare");
                 c.args(["--mount", "--propagation", "private", "--", "sh", "-c", "mount --bind \"$0\" /etc/resolv.conf && exec \"$@\""])
                     .arg(file)
-                    .arg(crate::paths::nginx_bin());
+                    .arg(self.conf.nginx_bin());
                 c
             }
         };

@@ -66,6 +66,25 @@ pub fn nginx_bin() -> PathBuf {
     )
 }
 
+/// nginx 1.28 as `make build NGINX=1.28` leaves it (`UPSYNC_NGINX128` overrides), for what
+/// only nginx >= 1.27.3 has (`server NAME resolve` in an upstream with a `zone`).
+pub fn nginx128_bin() -> PathBuf {
+    must_exist(
+        from_env_or("UPSYNC_NGINX128", build_dir().join("nginx-1.28/sbin/nginx")),
+        "nginx 1.28",
+        "run `make build NGINX=1.28` first (or set UPSYNC_NGINX128)",
+    )
+}
+
+/// The module built for [`nginx128_bin`] (`UPSYNC_MODULE128` overrides).
+pub fn nginx128_module_so() -> PathBuf {
+    must_exist(
+        from_env_or("UPSYNC_MODULE128", build_dir().join("nginx-1.28/ngx_http_upsync_module.so")),
+        "the upsync module for nginx 1.28",
+        "run `make build NGINX=1.28` first (or set UPSYNC_MODULE128)",
+    )
+}
+
 /// The Consul binary (`CONSUL_BIN` overrides; else `/usr/local/bin/consul` from `make deps`, else PATH).
 pub fn consul_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("CONSUL_BIN") {
