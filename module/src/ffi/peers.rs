@@ -220,7 +220,7 @@ impl Generation {
     /// The passive-health state nginx keeps in `peers[i]`.
     fn fail_state(&self, i: usize) -> FailState {
         let p = &self.peers[i];
-        FailState { fails: p.fails as u64, accessed: p.accessed as i64, checked: p.checked as i64 }
+        FailState { fails: p.fails as u64, accessed: p.accessed, checked: p.checked }
     }
 
     /// Sets the passive-health state of the server at `addr`, if this generation has it.
