@@ -400,6 +400,16 @@ pub enum Lb {
     HashModula,
 }
 
+/// `nginx -t`'s refusal of `server NAME resolve` (nginx >= 1.27.3) in a synced upstream, HTTP or
+/// stream: nginx's resolver would keep editing peers of a list upsync replaces.
+pub fn resolve_refusal(upstream: &str, server: &str) -> String {
+    format!(
+        "upstream \"{upstream}\": server \"{server}\" has \"resolve\": nginx's resolver would keep editing peers of a \
+         list upsync replaces with the one from Consul; remove \"resolve\" (and \"service=\") from the servers of this \
+         upstream, or move that server to an upstream without upsync"
+    )
+}
+
 /// What an upstream block says about nginx's `hash` directive, checked against `upsync_lb`.
 pub fn check_hash_lb(lb: Option<Lb>, hash: bool, consistent: bool) -> Result<(), String> {
     match lb {

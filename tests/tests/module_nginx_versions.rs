@@ -56,6 +56,16 @@ fn a_resolve_server_in_a_synced_upstream_fails_nginx_t() {
     // The same upstream without `resolve` passes.
     let t = Nginx::test_config(&dir.subdir("plain"), &conf("server localhost:10;"));
     assert!(t.ok, "{}", t.output);
+    // The same in a synced stream upstream (ngx_stream_upsync_module).
+    let stream = NginxConf::new("").stream(
+        "resolver 127.0.0.1:53;
+         upstream app { zone app 64k; server 127.0.0.1:9; server localhost:9 resolve; upsync 127.0.0.1:8500/v1/kv/upstreams/app; }
+         server { listen 127.0.0.1:{{port}}; proxy_pass app; }",
+    );
+    let t = Nginx::test_config(&dir.subdir("stream"), &stream);
+    assert!(!t.ok, "nginx -t accepted a resolve server in a synced stream upstream:\n{}", t.output);
+    let want = if has_upstream_resolve() { "server \"localhost:9\" has \"resolve\"" } else { "invalid parameter \"resolve\"" };
+    assert!(t.output.contains(want), "the message lacks {want:?}:\n{}", t.output);
 }
 
 #[test]

@@ -261,15 +261,7 @@ unsafe fn postconfiguration(cf: &mut ngx_conf_t) -> ngx_int_t {
         #[cfg(all(nginx1_27_3, ngx_feature = "http_upstream_zone"))]
         // SAFETY: us is a configured upstream block; servers is its array of servers.
         if let Some(server) = unsafe { resolve_server(us) } {
-            ngx_conf_log_error!(
-                NGX_LOG_EMERG,
-                cf,
-                "upsync: upstream \"{}\": server \"{}\" has \"resolve\": nginx's resolver would keep editing peers of \
-                 a list upsync replaces with the one from Consul; remove \"resolve\" (and \"service=\") from the \
-                 servers of this upstream, or move that server to an upstream without upsync",
-                name,
-                server
-            );
+            ngx_conf_log_error!(NGX_LOG_EMERG, cf, "upsync: {}", conf::resolve_refusal(&name, &server));
             return NGX_ERROR as ngx_int_t;
         }
         if us.peer.init.is_none() {

@@ -229,6 +229,14 @@ unsafe fn postconfigure(cf: &mut ngx_conf_t) -> ngx_int_t {
             return NGX_ERROR as ngx_int_t;
         }
         let Some(u) = &srv.sync.upsync else { continue };
+        // As in HTTP: nginx >= 1.27.3 resolves `server NAME resolve;` itself and edits the peers
+        // it made from it: never in a list upsync replaces.
+        #[cfg(all(nginx1_27_3, ngx_feature = "stream_upstream_zone"))]
+        // SAFETY: us is a configured upstream block; servers is its array of servers.
+        if let Some(server) = unsafe { resolve_server(us) } {
+            ngx_conf_log_error!(NGX_LOG_EMERG, cf, "upsync: {}", conf::resolve_refusal(&name, &server));
+            return NGX_ERROR as ngx_int_t;
+        }
         if us.peer.init.is_none() {
             ngx_conf_log_error!(NGX_LOG_EMERG, cf, "upsync: upstream \"{}\" has no balancer initialised", name);
             return NGX_ERROR as ngx_int_t;
@@ -352,4 +360,19 @@ unsafe fn srv_conf_of(us: *mut ngx_stream_upstream_srv_conf_t) -> Option<&'stati
         }
         (*(*us).srv_conf.add(module().ctx_index) as *mut SrvConf).as_mut()
     }
+}
+
+/// The first server of the block with nginx's own `resolve` (nginx >= 1.27.3 keeps the name of
+/// a server resolved at run time in `host`), as written in the config.
+///
+/// # Safety
+/// `us` is an upstream block of the cycle being configured.
+#[cfg(all(nginx1_27_3, ngx_feature = "stream_upstream_zone"))]
+unsafe fn resolve_server(us: &ngx_stream_upstream_srv_conf_t) -> Option<String> {
+    if us.servers.is_null() {
+        return None;
+    }
+    // SAFETY: contract; `servers` is an array of ngx_stream_upstream_server_t.
+    let servers: &[ngx_stream_upstream_server_t] = unsafe { (*us.servers).as_slice() };
+    servers.iter().find(|s| s.host.len != 0).map(|s| String::from_utf8_lossy(s.name.as_bytes()).into_owned())
 }
