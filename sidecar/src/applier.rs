@@ -83,60 +83,101 @@ async fn txn(client: &Client, ops: &[KvOp]) -> Result<HashMap<String, u64>, Erro
     Ok(parsed.results.unwrap_or_default().into_iter().filter_map(|r| r.kv).map(|kv| (kv.key, kv.modify_index)).collect())
 }
 
+/// The KV half of [`apply`]: the upsync KV entry and the ownership record, in one transaction.
+/// Returns what Consul holds of them afterwards, None when it already held `t`'s.
+async fn write_kv(
+    client: &Client,
+    id: &str,
+    t: &Target,
+    w: &Written,
+) -> Result<Option<(Option<WrittenKv>, Option<(String, String)>)>, Error> {
+    if w.kv_matches(t) && w.record == t.record {
+        return Ok(None);
+    }
+    let mut ops = Vec::new();
+    if let Some(old) = &w.kv {
+        let kept = t.kv.as_ref().is_some_and(|(k, _)| *k == old.key);
+        if !kept {
+            ops.push(if old.index > 0 {
+                KvOp::DeleteCas { key: old.key.clone(), index: old.index }
+            } else {
+                KvOp::Delete { key: old.key.clone() }
+            });
+        }
+    }
+    if let Some((k, v)) = &t.kv {
+        if !w.kv_matches(t) {
+            ops.push(KvOp::Set { key: k.clone(), value: v.clone() });
+        }
+    }
+    match (&t.record, &w.record) {
+        (Some(r), cur) if cur.as_ref() != Some(r) => ops.push(KvOp::Set { key: r.0.clone(), value: r.1.clone() }),
+        (None, Some((k, _))) => ops.push(KvOp::Delete { key: k.clone() }),
+        _ => {}
+    }
+    let indexes = match txn(client, &ops).await {
+        Err(e) if e.status() == Some(409) && ops.iter().any(|o| matches!(o, KvOp::DeleteCas { .. })) => {
+            // Someone else rewrote the entry since we wrote it: it is theirs now.
+            let old = w.kv.as_ref().map(|k| k.key.clone()).unwrap_or_default();
+            tracing::warn!(id, key = %old, "KV entry was rewritten by someone else since this node wrote it; leaving it in place");
+            ops.retain(|o| !matches!(o, KvOp::DeleteCas { .. }));
+            txn(client, &ops).await
+        }
+        r => r,
+    }?;
+    let kv = t.kv.as_ref().map(|(k, v)| WrittenKv {
+        key: k.clone(),
+        value: v.clone(),
+        index: indexes.get(k).copied().or_else(|| w.kv.as_ref().filter(|o| &o.key == k).map(|o| o.index)).unwrap_or(0),
+    });
+    Ok(Some((kv, t.record.clone())))
+}
+
 /// Makes Consul hold `t` for `id`, given that it holds `w`. Returns what it holds afterwards;
 /// on error, also what was done before the error.
+///
+/// The KV transaction and a (re-)registration of the agent service go out together: they are
+/// independent writes (the ownership record names the entry, the service carries the node id),
+/// and a registration's latency is then the slower of the two, not their sum.
 async fn apply(client: &Client, id: &str, t: &Target, mut w: Written) -> Result<Written, (Written, Error)> {
-    // 1. The upsync KV entry and the ownership record, in one transaction.
-    if !w.kv_matches(t) || w.record != t.record {
-        let mut ops = Vec::new();
-        if let Some(old) = &w.kv {
-            let kept = t.kv.as_ref().is_some_and(|(k, _)| *k == old.key);
-            if !kept {
-                ops.push(if old.index > 0 {
-                    KvOp::DeleteCas { key: old.key.clone(), index: old.index }
-                } else {
-                    KvOp::Delete { key: old.key.clone() }
-                });
-            }
+    let register = match (&t.service, &w.service) {
+        (Some(st), cur) if cur.as_ref().is_none_or(|c| c.hash != st.hash) => Some(st),
+        _ => None,
+    };
+    let registering = async {
+        match register {
+            Some(st) => client.register_service(&st.registration).await.map(|()| true),
+            None => Ok(false),
         }
-        if let Some((k, v)) = &t.kv {
-            if !w.kv_matches(t) {
-                ops.push(KvOp::Set { key: k.clone(), value: v.clone() });
-            }
+    };
+    let (kv, registered_now) = tokio::join!(write_kv(client, id, t, &w), registering);
+    let mut failed = None;
+    match kv {
+        Ok(Some((kv, record))) => {
+            w.kv = kv;
+            w.record = record;
         }
-        match (&t.record, &w.record) {
-            (Some(r), cur) if cur.as_ref() != Some(r) => ops.push(KvOp::Set { key: r.0.clone(), value: r.1.clone() }),
-            (None, Some((k, _))) => ops.push(KvOp::Delete { key: k.clone() }),
-            _ => {}
+        Ok(None) => {}
+        Err(e) => failed = Some(e),
+    }
+    match (registered_now, register) {
+        (Ok(true), Some(st)) => {
+            let was_in_maintenance = w.service.as_ref().is_some_and(|c| c.maintenance);
+            w.service = Some(WrittenService { hash: st.hash.clone(), maintenance: was_in_maintenance });
         }
-        let result = match txn(client, &ops).await {
-            Err(e) if e.status() == Some(409) && ops.iter().any(|o| matches!(o, KvOp::DeleteCas { .. })) => {
-                // Someone else rewrote the entry since we wrote it: it is theirs now.
-                let old = w.kv.as_ref().map(|k| k.key.clone()).unwrap_or_default();
-                tracing::warn!(id, key = %old, "KV entry was rewritten by someone else since this node wrote it; leaving it in place");
-                ops.retain(|o| !matches!(o, KvOp::DeleteCas { .. }));
-                txn(client, &ops).await
-            }
-            r => r,
-        };
-        let indexes = result.map_err(|e| (w.clone(), e))?;
-        w.kv = t.kv.as_ref().map(|(k, v)| WrittenKv {
-            key: k.clone(),
-            value: v.clone(),
-            index: indexes.get(k).copied().or_else(|| w.kv.as_ref().filter(|o| &o.key == k).map(|o| o.index)).unwrap_or(0),
-        });
-        w.record = t.record.clone();
+        (Ok(_), _) => {}
+        (Err(e), _) => {
+            failed.get_or_insert(e);
+        }
+    }
+    if let Some(e) = failed {
+        return Err((w, e));
     }
 
-    // 2. The agent service.
+    // The agent service's maintenance state, or its removal.
     match (&t.service, &w.service) {
-        (Some(st), cur) => {
-            let registered = cur.as_ref().is_some_and(|c| c.hash == st.hash);
-            if !registered {
-                let was_in_maintenance = cur.as_ref().is_some_and(|c| c.maintenance);
-                client.register_service(&st.registration).await.map_err(|e| (w.clone(), e))?;
-                w.service = Some(WrittenService { hash: st.hash.clone(), maintenance: was_in_maintenance });
-            }
+        (Some(st), _) => {
+            let registered = register.is_none();
             let want = st.maintenance.is_some();
             let have = w.service.as_ref().is_some_and(|c| c.maintenance);
             // After a (re-)registration the maintenance state is stated again either way.
