@@ -4,6 +4,8 @@
 #   libnginx-mod-http-upsync  the module, installed and enabled like Debian's libnginx-mod-*
 #                             (/usr/lib/nginx/modules/, modules-available/mod-http-upsync.conf
 #                             linked from /etc/nginx/modules-enabled/, Depends: nginx-abi-*)
+#   libnginx-mod-stream-upsync  the stream module, likewise (70-mod-stream-upsync.conf, after
+#                             Debian's 50-mod-stream.conf; Depends: libnginx-mod-stream)
 #   upsync-dns                /usr/sbin/upsync-dns, /etc/upsync/dns.toml, a hardened systemd
 #   upsync-sidecar            unit, a man page; likewise for upsync-sidecar
 #
@@ -31,7 +33,7 @@ die() { printf 'package: %s\n' "$*" >&2; exit 1; }
 for tool in dpkg-deb dpkg-shlibdeps help2man strip gzip; do
     command -v "$tool" >/dev/null || die "$tool is missing: run 'make deps' (it installs dpkg-dev, help2man, binutils)"
 done
-for f in ngx_http_upsync_module.so upsync-dns upsync-sidecar; do
+for f in ngx_http_upsync_module.so ngx_stream_upsync_module.so upsync-dns upsync-sidecar; do
     [ -x "$bin/$f" ] || die "$bin/$f is missing: run 'make build' first"
 done
 
@@ -49,10 +51,12 @@ case ", $provides," in
 esac
 check="$(mktemp -d)"
 trap 'rm -rf "$check"' EXIT
-printf 'load_module %s;\nevents {}\n' "$bin/ngx_http_upsync_module.so" >"$check/nginx.conf"
+# Both modules must load into Debian's nginx (the stream one after Debian's ngx_stream_module).
+printf 'load_module %s;\nload_module /usr/lib/nginx/modules/ngx_stream_module.so;\nload_module %s;\nevents {}\n' \
+    "$bin/ngx_http_upsync_module.so" "$bin/ngx_stream_upsync_module.so" >"$check/nginx.conf"
 if ! /usr/sbin/nginx -t -q -p "$check" -c "$check/nginx.conf" -e "$check/error.log" -g "pid $check/nginx.pid;" 2>"$check/stderr"; then
     cat "$check/stderr" >&2
-    die "Debian's nginx refuses $bin/ngx_http_upsync_module.so (built against another nginx?): run 'make build' without NGINX_SOURCE_DIR"
+    die "Debian's nginx refuses $bin/ngx_http_upsync_module.so or ngx_stream_upsync_module.so (built against another nginx? is libnginx-mod-stream installed?): run 'make deps', then 'make build' without NGINX_SOURCE_DIR"
 fi
 
 version="$(sed -n '/^\[workspace.package\]/,/^\[/ s/^version *= *"\(.*\)"/\1/p' "$here/Cargo.toml")"
@@ -67,7 +71,7 @@ stage="$out/stage"
 rm -rf "$stage"
 mkdir -p "$stage/debian" "$out"
 # dpkg-shlibdeps reads debian/control of the "source package" it runs in.
-printf 'Source: upsync\n\nPackage: libnginx-mod-http-upsync\nArchitecture: any\n\nPackage: upsync-dns\nArchitecture: any\n\nPackage: upsync-sidecar\nArchitecture: any\n' \
+printf 'Source: upsync\n\nPackage: libnginx-mod-http-upsync\nArchitecture: any\n\nPackage: libnginx-mod-stream-upsync\nArchitecture: any\n\nPackage: upsync-dns\nArchitecture: any\n\nPackage: upsync-sidecar\nArchitecture: any\n' \
     >"$stage/debian/control"
 
 # install_doc PKG: copyright and a changelog.Debian in /usr/share/doc/PKG.
@@ -115,20 +119,29 @@ finish() {
     say "$(basename "$deb") ($(du -h "$deb" | cut -f1)): depends on $extra${extra:+, }$shlibs"
 }
 
-# --- libnginx-mod-http-upsync -------------------------------------------------------------------
-pkg=libnginx-mod-http-upsync
-root="$stage/debian/$pkg"
-install -d "$root/usr/lib/nginx/modules" "$root/usr/share/nginx/modules-available" "$root/DEBIAN"
-install -m 0644 "$bin/ngx_http_upsync_module.so" "$root/usr/lib/nginx/modules/"
-strip --strip-debug --remove-section=.comment "$root/usr/lib/nginx/modules/ngx_http_upsync_module.so"
-install -m 0644 "$pk/$pkg/mod-http-upsync.conf" "$root/usr/share/nginx/modules-available/"
-install_doc "$pkg"
-install_gz "$here/module/README.md" "$root/usr/share/doc/$pkg/README.md.gz"
-install -d "$root/usr/share/doc/$pkg/examples"
-install -m 0644 "$here"/nginx-conf/*.conf "$root/usr/share/doc/$pkg/examples/"
-install -m 0755 "$pk/$pkg/postinst" "$pk/$pkg/prerm" "$pk/$pkg/postrm" "$root/DEBIAN/"
-finish "$pkg" "$abi" "Recommends: nginx
-Suggests: upsync-sidecar, upsync-dns
+# --- libnginx-mod-http-upsync and libnginx-mod-stream-upsync -----------------------------------
+# module_package PKG SO SHORT LINK: the .so, its load_module snippet (packaging/PKG/SHORT.conf)
+# in modules-available, enabled through /etc/nginx/modules-enabled/LINK by the maintainer scripts
+# (packaging/module/*.in, dh_nginx's snippets), README and examples.
+module_package() {
+    local pkg="$1" so="$2" short="$3" link="$4" root="$stage/debian/$1"
+    install -d "$root/usr/lib/nginx/modules" "$root/usr/share/nginx/modules-available" "$root/DEBIAN"
+    install -m 0644 "$bin/$so" "$root/usr/lib/nginx/modules/"
+    strip --strip-debug --remove-section=.comment "$root/usr/lib/nginx/modules/$so"
+    install -m 0644 "$pk/$pkg/$short.conf" "$root/usr/share/nginx/modules-available/"
+    install_doc "$pkg"
+    install_gz "$here/module/README.md" "$root/usr/share/doc/$pkg/README.md.gz"
+    for s in postinst prerm postrm; do
+        sed -e "s|@PKG@|$pkg|g" -e "s|@LINK@|$link|g" -e "s|@CONFPAIR@|$short.conf:$link|g" "$pk/module/$s.in" >"$root/DEBIAN/$s"
+        chmod 0755 "$root/DEBIAN/$s"
+    done
+}
+
+module_package libnginx-mod-http-upsync ngx_http_upsync_module.so mod-http-upsync 50-mod-http-upsync.conf
+install -d "$stage/debian/libnginx-mod-http-upsync/usr/share/doc/libnginx-mod-http-upsync/examples"
+install -m 0644 "$here"/nginx-conf/*.conf "$stage/debian/libnginx-mod-http-upsync/usr/share/doc/libnginx-mod-http-upsync/examples/"
+finish libnginx-mod-http-upsync "$abi" "Recommends: nginx
+Suggests: upsync-sidecar, upsync-dns, libnginx-mod-stream-upsync
 Section: httpd" "upsync: nginx module keeping upstreams in step with Consul without reloads
  ngx_http_upsync_module long-polls Consul (KV folders, or services with their
  health) and swaps the servers of nginx upstreams in shared memory: within
@@ -138,6 +151,20 @@ Section: httpd" "upsync: nginx module keeping upstreams in step with Consul with
  .
  Built for Debian's nginx ($abi); enabled through
  /etc/nginx/modules-enabled/50-mod-http-upsync.conf."
+
+# The stream module loads after Debian's ngx_stream_module (50-mod-stream.conf), hence 70-, as
+# Debian's own stream add-ons (libnginx-mod-stream-geoip*) do.
+module_package libnginx-mod-stream-upsync ngx_stream_upsync_module.so mod-stream-upsync 70-mod-stream-upsync.conf
+finish libnginx-mod-stream-upsync "$abi, libnginx-mod-stream" "Recommends: nginx
+Suggests: upsync-sidecar, upsync-dns, libnginx-mod-http-upsync
+Section: httpd" "upsync: nginx stream module keeping TCP/UDP upstreams in step with Consul
+ ngx_stream_upsync_module is ngx_http_upsync_module for stream {} upstreams
+ (nginx-stream-upsync-module's directives): new connections and UDP sessions
+ go to the servers registered in Consul without a reload; established
+ connections keep their server. upstream_show in a stream server lists them.
+ .
+ Built for Debian's nginx ($abi); enabled through
+ /etc/nginx/modules-enabled/70-mod-stream-upsync.conf, after ngx_stream_module."
 
 # --- upsync-dns and upsync-sidecar --------------------------------------------------------------
 # service PKG CONF STATE_DIR: binary, configuration, unit, man page, maintainer scripts.

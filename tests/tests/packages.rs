@@ -1,9 +1,11 @@
 //! The Debian packages (`make package`, scripts/package.sh) on this machine: built from the
 //! binaries in build/, installed with `dpkg -i`, used, removed and purged.
 //!
-//! - `libnginx-mod-http-upsync`: enabled the way Debian's libnginx-mod-* are (a link in
-//!   /etc/nginx/modules-enabled/), depends on the nginx-abi-* that Debian's nginx provides;
-//!   `nginx -t` passes with it enabled, and an nginx loading the installed .so follows Consul.
+//! - `libnginx-mod-http-upsync` and `libnginx-mod-stream-upsync`: enabled the way Debian's
+//!   libnginx-mod-* are (links in /etc/nginx/modules-enabled/, the stream one ordered after
+//!   Debian's ngx_stream_module), depend on the nginx-abi-* that Debian's nginx provides;
+//!   `nginx -t` passes with both enabled, and an nginx loading the installed .so files follows
+//!   Consul in an http and a stream upstream.
 //! - `upsync-dns`, `upsync-sidecar`: their systemd units pass `systemd-analyze verify`; each is
 //!   started as its unit's ExecStart would start it (the installed binary with the installed
 //!   configuration, as the unit's user, with the unit's capabilities, through setpriv since
@@ -28,11 +30,15 @@ use upsync_tests::dns::dig;
 use upsync_tests::net::{free_port, http_get, http_request};
 use upsync_tests::nginx::{Nginx, NginxConf};
 use upsync_tests::proc::Proc;
+use upsync_tests::stream::{stream_block, wait_stream_servers};
 use upsync_tests::{backend::Backend, paths, upsync, wait_for, wait_until, TestDir};
 
-const PACKAGES: [&str; 3] = ["libnginx-mod-http-upsync", "upsync-dns", "upsync-sidecar"];
+const PACKAGES: [&str; 4] = ["libnginx-mod-http-upsync", "libnginx-mod-stream-upsync", "upsync-dns", "upsync-sidecar"];
 const MODULE_LINK: &str = "/etc/nginx/modules-enabled/50-mod-http-upsync.conf";
 const MODULE_SO: &str = "/usr/lib/nginx/modules/ngx_http_upsync_module.so";
+/// The stream module's link: after Debian's 50-mod-stream.conf, which loads ngx_stream_module.
+const STREAM_LINK: &str = "/etc/nginx/modules-enabled/70-mod-stream-upsync.conf";
+const STREAM_SO: &str = "/usr/lib/nginx/modules/ngx_stream_upsync_module.so";
 /// The nginx the module package is built for (its nginx-abi-* dependency).
 const DEBIAN_NGINX: &str = "/usr/sbin/nginx";
 
@@ -242,24 +248,34 @@ fn packages_install_run_and_purge_cleanly() {
     assert_eq!(link, Path::new("/usr/share/nginx/modules-available/mod-http-upsync.conf"));
     let snippet = std::fs::read_to_string(&link).expect("reading mod-http-upsync.conf");
     assert_eq!(snippet.trim(), "load_module modules/ngx_http_upsync_module.so;");
-    let depends = String::from_utf8_lossy(&run("dpkg-query", &["-W", "-f=${Depends}", "libnginx-mod-http-upsync"]).stdout).into_owned();
-    let abi = depends
-        .split(',')
-        .map(str::trim)
-        .find(|d| d.starts_with("nginx-abi-"))
-        .unwrap_or_else(|| panic!("no nginx-abi-* in Depends: {depends}"));
+    assert!(exists(STREAM_SO), "{STREAM_SO} not installed");
+    let stream_link = std::fs::read_link(STREAM_LINK).unwrap_or_else(|e| panic!("{STREAM_LINK} is not a link after installation: {e}"));
+    assert_eq!(stream_link, Path::new("/usr/share/nginx/modules-available/mod-stream-upsync.conf"));
+    let snippet = std::fs::read_to_string(&stream_link).expect("reading mod-stream-upsync.conf");
+    assert_eq!(snippet.trim(), "load_module modules/ngx_stream_upsync_module.so;");
     let provides = String::from_utf8_lossy(&run("dpkg-query", &["-W", "-f=${Provides}", "nginx"]).stdout).into_owned();
-    assert!(provides.split(',').any(|p| p.trim() == abi), "the module depends on {abi}; nginx provides {provides}");
+    for pkg in ["libnginx-mod-http-upsync", "libnginx-mod-stream-upsync"] {
+        let depends = String::from_utf8_lossy(&run("dpkg-query", &["-W", "-f=${Depends}", pkg]).stdout).into_owned();
+        let abi = depends
+            .split(',')
+            .map(str::trim)
+            .find(|d| d.starts_with("nginx-abi-"))
+            .unwrap_or_else(|| panic!("no nginx-abi-* in {pkg}'s Depends: {depends}"));
+        assert!(provides.split(',').any(|p| p.trim() == abi), "{pkg} depends on {abi}; nginx provides {provides}");
+    }
+    let depends = String::from_utf8_lossy(&run("dpkg-query", &["-W", "-f=${Depends}", "libnginx-mod-stream-upsync"]).stdout).into_owned();
+    assert!(
+        depends.split(',').any(|d| d.trim() == "libnginx-mod-stream"),
+        "the stream module must depend on libnginx-mod-stream: {depends}"
+    );
 
     // nginx -t with the packaged module enabled, through Debian's own nginx.conf.
     let out = run(DEBIAN_NGINX, &["-t"]);
     assert!(out.status.success(), "nginx -t with the module enabled:\n{}", text(&out));
     let out = run(DEBIAN_NGINX, &["-T"]);
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("load_module modules/ngx_http_upsync_module.so;"),
-        "nginx -T does not show the module's load_module line:\n{}",
-        text(&out)
-    );
+    for line in ["load_module modules/ngx_http_upsync_module.so;", "load_module modules/ngx_stream_upsync_module.so;"] {
+        assert!(String::from_utf8_lossy(&out.stdout).contains(line), "nginx -T does not show `{line}`:\n{}", text(&out));
+    }
 
     // The services: units, users, configurations, man pages.
     let units = ["/lib/systemd/system/upsync-dns.service", "/lib/systemd/system/upsync-sidecar.service"];
@@ -347,14 +363,18 @@ fn packages_install_run_and_purge_cleanly() {
         http_get(&api("/healthz")).is_ok_and(|(s, b)| s == 200 && b.contains("\"status\":\"ok\""))
     });
 
-    // nginx loading the installed module follows what the sidecar registers; upsync-dns answers it.
+    // nginx loading the installed modules follows what the sidecar registers, in an http and
+    // a stream upstream; upsync-dns answers it.
     let backend = Backend::start("packaged-backend");
     let nginx_dir = dir.subdir("nginx");
+    // The stream proxy on {{port3}}, its upstream_show on {{port4}} ({{port}} is the http one's).
+    let stream = stream_block("pkgweb", &consul.http_addr(), "", "").replace("{{port1}}", "{{port4}}").replace("{{port}}", "{{port3}}");
     let nginx = Nginx::start(
         &nginx_dir,
         NginxConf::new(&upsync::http_block("pkgweb", &consul.http_addr(), "", ""))
             .without_module()
-            .main(&format!("load_module {MODULE_SO};")),
+            .stream(&stream)
+            .main(&format!("load_module {MODULE_SO};\nload_module {STREAM_SO};")),
     );
     let body = format!(r#"{{"address":"127.0.0.1","port":{}}}"#, backend.port());
     let (status, answer) =
@@ -363,6 +383,9 @@ fn packages_install_run_and_purge_cleanly() {
     upsync::wait_servers(&nginx, "pkgweb", &[&backend.host_port()]);
     let hits = upsync::all_ok(&nginx.url("/"), 5);
     assert_eq!(hits.get("packaged-backend"), Some(&5), "{hits:?}");
+    wait_stream_servers(nginx.extra_port(4), "pkgweb", &[&backend.host_port()]);
+    let hits = upsync::all_ok(&format!("http://127.0.0.1:{}/", nginx.extra_port(3)), 5);
+    assert_eq!(hits.get("packaged-backend"), Some(&5), "through the stream proxy: {hits:?}");
     let a = wait_for("upsync-dns to answer pkgweb's A record", Duration::from_secs(30), || {
         let d = dig(dns_addr, &["pkgweb.service.upsync", "A"]);
         (d.data("A") == ["127.0.0.1"]).then_some(d)
@@ -385,17 +408,18 @@ fn packages_install_run_and_purge_cleanly() {
     args.extend(PACKAGES);
     let out = dpkg(&args);
     assert!(out.status.success(), "dpkg -r: {}", text(&out));
-    assert!(!exists(MODULE_LINK) && exists(&format!("{MODULE_LINK}.removed")), "dpkg -r should set the module's link aside (*.removed)");
+    for link in [MODULE_LINK, STREAM_LINK] {
+        assert!(!exists(link) && exists(&format!("{link}.removed")), "dpkg -r should set the module's link aside ({link}.removed)");
+    }
     let out = run(DEBIAN_NGINX, &["-t"]);
     assert!(out.status.success(), "nginx -t after dpkg -r:\n{}", text(&out));
     assert!(exists("/etc/upsync/dns.toml") && exists("/etc/upsync/sidecar.toml"), "dpkg -r must keep the configurations");
     // Installed again after the removal: the module is enabled again (as Debian's are).
     let out = dpkg(&args_install);
     assert!(out.status.success(), "dpkg -i after dpkg -r failed:\n{}", text(&out));
-    assert!(
-        std::fs::read_link(MODULE_LINK).is_ok() && !exists(&format!("{MODULE_LINK}.removed")),
-        "reinstalling did not enable the module again"
-    );
+    for link in [MODULE_LINK, STREAM_LINK] {
+        assert!(std::fs::read_link(link).is_ok() && !exists(&format!("{link}.removed")), "reinstalling did not enable {link} again");
+    }
 
     let out = Installed::purge();
     assert!(out.status.success(), "dpkg --purge: {}", text(&out));
@@ -405,12 +429,19 @@ fn packages_install_run_and_purge_cleanly() {
     }
     let left: Vec<&PathBuf> = files.iter().filter(|p| std::fs::symlink_metadata(p).is_ok()).collect();
     assert!(left.is_empty(), "files of the packages left after purge: {left:?}");
-    for p in [MODULE_LINK, &format!("{MODULE_LINK}.removed"), "/etc/upsync", "/var/lib/upsync-sidecar"] {
+    for p in [
+        MODULE_LINK,
+        &format!("{MODULE_LINK}.removed"),
+        STREAM_LINK,
+        &format!("{STREAM_LINK}.removed"),
+        "/etc/upsync",
+        "/var/lib/upsync-sidecar",
+    ] {
         assert!(!exists(p), "{p} left after purge");
     }
     for user in ["upsync-dns", "upsync-sidecar"] {
         assert!(!getent("passwd", user) && !getent("group", user), "user or group {user} left after purge");
     }
-    eprintln!("installed {} files from 3 packages, ran both services as their users, purged: nothing left", files.len());
+    eprintln!("installed {} files from {} packages, ran both services as their users, purged: nothing left", files.len(), PACKAGES.len());
     drop(installed);
 }
