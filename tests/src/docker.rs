@@ -14,7 +14,6 @@
 //! [`Docker::proxied`] puts a unix-socket forwarder in front of it, whose stop and start cut
 //! and restore the API for the sidecar exactly as a restart of the API service would (the
 //! event stream and every connection break; the containers keep running).
-use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -114,18 +113,7 @@ impl Docker {
     /// The image: busybox with relative applet links, imported from a tar of its directory.
     fn build_image(&self, test_dir: &Path) {
         let root = self.run_dir.join("rootfs");
-        let bin = root.join("bin");
-        for d in [bin.clone(), root.join("tmp"), root.join("www")] {
-            std::fs::create_dir_all(&d).unwrap_or_else(|e| panic!("creating {}: {e}", d.display()));
-        }
-        std::fs::copy("/bin/busybox", bin.join("busybox")).expect("copying /bin/busybox");
-        let list = Command::new("/bin/busybox").arg("--list").output().expect("busybox --list");
-        for applet in String::from_utf8_lossy(&list.stdout).split_whitespace() {
-            if applet != "busybox" {
-                let _ = std::os::unix::fs::symlink("busybox", bin.join(applet));
-            }
-        }
-        std::fs::write(root.join("www/index.html"), "upsync test image\n").expect("index.html");
+        crate::engine::busybox_rootfs(&root);
         let tar = self.run_dir.join("rootfs.tar");
         let out = Command::new("tar").arg("-C").arg(&root).arg("-cf").arg(&tar).arg(".").output().expect("running tar");
         assert!(out.status.success(), "tar of {} failed: {}", root.display(), String::from_utf8_lossy(&out.stderr));
@@ -256,17 +244,7 @@ impl SocketProxy {
                     for (from, to) in [(&client, &engine), (&engine, &client)] {
                         let (Ok(mut from), Ok(mut to)) = (from.try_clone(), to.try_clone()) else { continue };
                         std::thread::spawn(move || {
-                            let mut buf = [0u8; 16384];
-                            loop {
-                                match from.read(&mut buf) {
-                                    Ok(0) | Err(_) => break,
-                                    Ok(n) => {
-                                        if to.write_all(&buf[..n]).is_err() {
-                                            break;
-                                        }
-                                    }
-                                }
-                            }
+                            let _ = std::io::copy(&mut from, &mut to);
                             let _ = to.shutdown(std::net::Shutdown::Write);
                         });
                     }

@@ -162,3 +162,21 @@ macro_rules! on_both_engines {
 pub fn dir_name(name: &str, kind: Kind) -> String {
     format!("{name}_{}", if kind == Kind::Docker { "docker" } else { "podman" })
 }
+
+/// The test image's root file system in `root`: busybox with relative applet links (its own
+/// `--install` would link to the host's absolute path), `/tmp`, and `/www/index.html` for
+/// `httpd`. Docker imports it from a tar, podman builds it from a Containerfile.
+pub fn busybox_rootfs(root: &Path) {
+    let bin = root.join("bin");
+    for d in [bin.clone(), root.join("tmp"), root.join("www")] {
+        std::fs::create_dir_all(&d).unwrap_or_else(|e| panic!("creating {}: {e}", d.display()));
+    }
+    std::fs::copy("/bin/busybox", bin.join("busybox")).expect("copying /bin/busybox");
+    let list = Command::new("/bin/busybox").arg("--list").output().expect("busybox --list");
+    for applet in String::from_utf8_lossy(&list.stdout).split_whitespace() {
+        if applet != "busybox" {
+            let _ = std::os::unix::fs::symlink("busybox", bin.join(applet));
+        }
+    }
+    std::fs::write(root.join("www/index.html"), "upsync test image\n").expect("index.html");
+}

@@ -7,7 +7,6 @@
 //! client, not through `upsync-discovery`. [`Gate`] is a transparent TCP relay in front of a
 //! member that a test can cut (every connection closed, new ones refused) and open again, to
 //! make the module's watch miss what happens meanwhile.
-use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -330,17 +329,7 @@ fn relay(a: TcpStream, b: TcpStream) {
 
 fn pump(mut from: TcpStream, mut to: TcpStream) {
     std::thread::spawn(move || {
-        let mut buf = [0u8; 16384];
-        loop {
-            match from.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if to.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            }
-        }
+        let _ = std::io::copy(&mut from, &mut to);
         let _ = to.shutdown(Shutdown::Both);
         let _ = from.shutdown(Shutdown::Both);
     });

@@ -190,18 +190,7 @@ network_config_dir = "{d}/networks"
     /// not write there. (`podman import` would write there too.)
     fn build_image(&self, test_dir: &Path) {
         let ctx = self.run_dir.join("image");
-        let bin = ctx.join("rootfs/bin");
-        for d in [bin.clone(), ctx.join("rootfs/tmp"), ctx.join("rootfs/www")] {
-            std::fs::create_dir_all(&d).unwrap_or_else(|e| panic!("creating {}: {e}", d.display()));
-        }
-        std::fs::copy("/bin/busybox", bin.join("busybox")).expect("copying /bin/busybox");
-        let list = Command::new("/bin/busybox").arg("--list").output().expect("busybox --list");
-        for applet in String::from_utf8_lossy(&list.stdout).split_whitespace() {
-            if applet != "busybox" {
-                let _ = std::os::unix::fs::symlink("busybox", bin.join(applet));
-            }
-        }
-        std::fs::write(ctx.join("rootfs/www/index.html"), "upsync test image\n").expect("index.html");
+        crate::engine::busybox_rootfs(&ctx.join("rootfs"));
         std::fs::write(ctx.join("Containerfile"), "FROM scratch\nCOPY rootfs/ /\nENV PATH=/bin\nCMD [\"/bin/sh\"]\n")
             .expect("Containerfile");
         let build = format!(
