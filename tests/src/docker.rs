@@ -97,12 +97,7 @@ impl Docker {
 
     /// Runs `docker ARGS`; its stdout, or the error with stderr.
     pub fn try_docker(&self, args: &[&str]) -> Result<String, String> {
-        let out = self.command().args(args).output().map_err(|e| format!("running docker {args:?}: {e}"))?;
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-        } else {
-            Err(format!("docker {args:?} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim()))
-        }
+        crate::engine::stdout_of(self.command(), "docker", args)
     }
 
     /// Runs `docker ARGS` and panics with its stderr if it fails.

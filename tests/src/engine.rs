@@ -180,3 +180,14 @@ pub fn busybox_rootfs(root: &Path) {
     }
     std::fs::write(root.join("www/index.html"), "upsync test image\n").expect("index.html");
 }
+
+/// Runs `cmd` (the engine's CLI, named `what`) with `args`: its stdout, trimmed, or an error
+/// naming the command with its exit status and stderr.
+pub fn stdout_of(mut cmd: Command, what: &str, args: &[&str]) -> Result<String, String> {
+    let out = cmd.args(args).output().map_err(|e| format!("running {what} {args:?}: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        Err(format!("{what} {args:?} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim()))
+    }
+}

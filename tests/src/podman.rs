@@ -170,12 +170,7 @@ network_config_dir = "{d}/networks"
     /// Runs `podman ARGS`; its stdout, or the error with stderr.
     pub fn try_podman(&self, args: &[&str]) -> Result<String, String> {
         let _ = std::fs::create_dir_all(self.run_dir.join("tmp"));
-        let out = self.command().args(args).output().map_err(|e| format!("running podman {args:?}: {e}"))?;
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-        } else {
-            Err(format!("podman {args:?} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim()))
-        }
+        crate::engine::stdout_of(self.command(), "podman", args)
     }
 
     /// Runs `podman ARGS` and panics with its stderr if it fails.
