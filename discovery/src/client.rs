@@ -890,12 +890,71 @@ type Io = TokioIo<RecordErrors<Box<dyn IoStream>>>;
 
 struct Conn {
     sender: http1::SendRequest<Full<Bytes>>,
-    driver: Pin<Box<http1::Connection<Io, Full<Bytes>>>>,
+    driver: Driver,
     idle_since: Instant,
     /// What the socket wrapper saw (shared with it).
     shared: Arc<IoShared>,
     /// Its place under `max_connections`, given back when the connection is dropped.
     slot: Option<OwnedSemaphorePermit>,
+}
+
+type Driver = Pin<Box<http1::Connection<Io, Full<Bytes>>>>;
+
+/// A connection's driver as the caller's future polls it beside the request: whether it has
+/// ended, and why (more telling than the request's "canceled", e.g. a TLS alert from a server
+/// that wants a client certificate). One for [`send`], the etcd streams' head and body reads.
+#[derive(Default)]
+struct Driving {
+    done: bool,
+    err: Option<String>,
+}
+
+impl Driving {
+    /// Polls `driver` unless it has ended; true when it ends in this poll (the caller then
+    /// polls its request again: the driver may just have handed over the rest of the answer).
+    fn poll(&mut self, driver: &mut Driver, cx: &mut std::task::Context<'_>) -> bool {
+        if self.done {
+            return false;
+        }
+        let Poll::Ready(r) = driver.as_mut().poll(cx) else { return false };
+        self.done = true;
+        if let Err(e) = r {
+            tracing::debug!("connection closed: {e}");
+            self.err = Some(error_chain(&e));
+        }
+        true
+    }
+
+    /// Why the connection ended: the driver's error, else what the socket wrapper recorded.
+    fn why(&mut self, shared: &IoShared) -> Option<String> {
+        self.err.take().or_else(|| shared.last_error.lock().unwrap_or_else(|p| p.into_inner()).take())
+    }
+}
+
+/// Runs `exchange` (a request on the connection of `driver`) while polling the driver in the
+/// same future, until `exchange` completes or `stop` gives an answer of its own (e.g. a
+/// deadline). Hand-written because hyper's pooled client needs an executor to spawn
+/// connection tasks on; this keeps every byte of I/O inside the caller's future.
+async fn driven<T>(
+    exchange: impl Future<Output = T>,
+    driver: &mut Driver,
+    driving: &mut Driving,
+    mut stop: impl FnMut(&mut std::task::Context<'_>) -> Option<T>,
+) -> T {
+    let mut exchange = std::pin::pin!(exchange);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(r) = exchange.as_mut().poll(cx) {
+            return Poll::Ready(r);
+        }
+        if driving.poll(driver, cx) {
+            return exchange.as_mut().poll(cx);
+        }
+        match stop(cx) {
+            Some(r) => Poll::Ready(r),
+            None => Poll::Pending,
+        }
+    })
+    .await
 }
 
 /// State the socket wrapper records for [`send`].
@@ -993,8 +1052,7 @@ enum SendError {
 }
 
 /// Sends `req` on `conn` and reads the whole body, polling the connection's driver in the same
-/// future (hand-written because hyper's pooled client needs an executor to spawn connection
-/// tasks on; this keeps every byte of I/O inside the caller's future).
+/// future ([`driven`]).
 ///
 /// Memory: the body is never held beyond `limit` bytes: a `Content-Length` above it is refused
 /// before any of the body is read, and a chunked body is counted as it arrives and dropped
@@ -1005,10 +1063,7 @@ enum SendError {
 async fn send(conn: &mut Conn, req: Request<Full<Bytes>>, limit: usize, transfer: Duration) -> Result<RawResponse, SendError> {
     let Conn { sender, driver, shared, .. } = conn;
     *shared.first_read.lock().unwrap_or_else(|p| p.into_inner()) = None;
-    let mut driver_done = false;
-    // Why the connection ended, when it did: more telling than the request's "canceled"
-    // (e.g. a TLS alert from a server that wants a client certificate).
-    let mut driver_err: Option<String> = None;
+    let mut driving = Driving::default();
     let mut deadline: Option<Pin<Box<tokio::time::Sleep>>> = None;
     let exchange = async {
         std::future::poll_fn(|cx| sender.poll_ready(cx)).await.map_err(|e| SendError::NotSent(e.to_string()))?;
@@ -1037,45 +1092,24 @@ async fn send(conn: &mut Conn, req: Request<Full<Bytes>>, limit: usize, transfer
         }
         Ok((parts, buf.freeze()))
     };
-    let result = {
-        let mut exchange = std::pin::pin!(exchange);
-        std::future::poll_fn(|cx| {
-            if let Poll::Ready(r) = exchange.as_mut().poll(cx) {
-                return Poll::Ready(r);
+    // From the answer's first byte, the rest must come within `transfer`.
+    let result = driven(exchange, driver, &mut driving, |cx| {
+        if deadline.is_none() {
+            if let Some(t) = *shared.first_read.lock().unwrap_or_else(|p| p.into_inner()) {
+                deadline = Some(Box::pin(tokio::time::sleep_until(t + transfer)));
             }
-            if !driver_done {
-                if let Poll::Ready(r) = driver.as_mut().poll(cx) {
-                    driver_done = true;
-                    if let Err(e) = r {
-                        tracing::debug!("Consul connection closed: {e}");
-                        driver_err = Some(error_chain(&e));
-                    }
-                    // The driver may just have handed over the rest of the response.
-                    return exchange.as_mut().poll(cx);
-                }
-            }
-            if deadline.is_none() {
-                if let Some(t) = *shared.first_read.lock().unwrap_or_else(|p| p.into_inner()) {
-                    deadline = Some(Box::pin(tokio::time::sleep_until(t + transfer)));
-                }
-            }
-            if let Some(d) = deadline.as_mut() {
-                if d.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(Err(SendError::Stalled));
-                }
-            }
-            Poll::Pending
-        })
-        .await
-    };
-    let driver_err = driver_err.or_else(|| shared.last_error.lock().unwrap_or_else(|p| p.into_inner()).take());
+        }
+        deadline.as_mut().is_some_and(|d| d.as_mut().poll(cx).is_ready()).then_some(Err(SendError::Stalled))
+    })
+    .await;
+    let driver_err = driving.why(shared);
     let (parts, body) = match (result, driver_err) {
         (Err(SendError::NotSent(_)), Some(why)) => return Err(SendError::NotSent(why)),
         (Err(SendError::Failed(_)), Some(why)) => return Err(SendError::Failed(why)),
         (r, _) => r?,
     };
     let keep_alive = !parts.headers.get(hyper::header::CONNECTION).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
-    let reusable = keep_alive && !driver_done && !sender.is_closed();
+    let reusable = keep_alive && !driving.done && !sender.is_closed();
     Ok(RawResponse { status: parts.status, headers: parts.headers, body, reusable })
 }
 

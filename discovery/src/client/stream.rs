@@ -27,8 +27,7 @@ pub struct Stream {
     method: String,
     path: String,
     keep_alive: bool,
-    driver_done: bool,
-    driver_err: Option<String>,
+    driving: Driving,
 }
 
 impl std::fmt::Debug for Stream {
@@ -154,8 +153,7 @@ impl Client {
                 method: method.to_string(),
                 path: path.to_string(),
                 keep_alive,
-                driver_done,
-                driver_err: None,
+                driving: Driving { done: driver_done, err: None },
             });
         }
     }
@@ -177,37 +175,17 @@ fn brief(e: &Error) -> String {
 async fn head(conn: &mut Conn, req: Request<Full<Bytes>>) -> Result<(hyper::http::response::Parts, Incoming, bool), String> {
     let Conn { sender, driver, shared, .. } = conn;
     *shared.first_read.lock().unwrap_or_else(|p| p.into_inner()) = None;
-    let mut driver_done = false;
-    let mut driver_err: Option<String> = None;
+    let mut driving = Driving::default();
     let exchange = async {
         std::future::poll_fn(|cx| sender.poll_ready(cx)).await.map_err(|e| e.to_string())?;
         sender.try_send_request(req).await.map_err(|e| error_chain(e.error()))
     };
-    let result = {
-        let mut exchange = std::pin::pin!(exchange);
-        std::future::poll_fn(|cx| {
-            if let Poll::Ready(r) = exchange.as_mut().poll(cx) {
-                return Poll::Ready(r);
-            }
-            if !driver_done {
-                if let Poll::Ready(r) = driver.as_mut().poll(cx) {
-                    driver_done = true;
-                    if let Err(e) = r {
-                        driver_err = Some(error_chain(&e));
-                    }
-                    return exchange.as_mut().poll(cx);
-                }
-            }
-            Poll::Pending
-        })
-        .await
-    };
-    match result {
+    match driven(exchange, driver, &mut driving, |_| None).await {
         Ok(resp) => {
             let (parts, body) = resp.into_parts();
-            Ok((parts, body, driver_done))
+            Ok((parts, body, driving.done))
         }
-        Err(m) => Err(driver_err.or_else(|| shared.last_error.lock().unwrap_or_else(|p| p.into_inner()).take()).unwrap_or(m)),
+        Err(m) => Err(driving.why(shared).unwrap_or(m)),
     }
 }
 
@@ -239,19 +217,15 @@ impl Stream {
     pub async fn chunk(&mut self) -> Result<Option<Bytes>, Error> {
         loop {
             let Some(conn) = self.conn.as_mut() else { return Ok(None) };
-            let (body, driver, driver_done, driver_err) = (&mut self.body, &mut conn.driver, &mut self.driver_done, &mut self.driver_err);
+            let (body, driver, driving) = (&mut self.body, &mut conn.driver, &mut self.driving);
             let got = std::future::poll_fn(|cx| {
                 if let Poll::Ready(f) = Pin::new(&mut *body).poll_frame(cx) {
                     return Poll::Ready(Got::Frame(f));
                 }
-                if *driver_done {
+                if driving.done {
                     return Poll::Ready(Got::Closed);
                 }
-                if let Poll::Ready(r) = driver.as_mut().poll(cx) {
-                    *driver_done = true;
-                    if let Err(e) = r {
-                        *driver_err = Some(error_chain(&e));
-                    }
+                if driving.poll(driver, cx) {
                     return match Pin::new(&mut *body).poll_frame(cx) {
                         Poll::Ready(f) => Poll::Ready(Got::Frame(f)),
                         Poll::Pending => Poll::Ready(Got::Closed),
@@ -273,11 +247,11 @@ impl Stream {
                     return Ok(None);
                 }
                 Got::Frame(Some(Err(e))) => {
-                    let why = self.driver_err.take().unwrap_or_else(|| error_chain(&e));
+                    let why = self.driving.err.take().unwrap_or_else(|| error_chain(&e));
                     return Err(self.broken(format!("reading the answer: {why}")));
                 }
                 Got::Closed => {
-                    let why = self.driver_err.take().unwrap_or_else(|| "the connection was closed".into());
+                    let why = self.driving.err.take().unwrap_or_else(|| "the connection was closed".into());
                     return Err(self.broken(format!("the answer ended early: {why}")));
                 }
             }
@@ -312,7 +286,7 @@ impl Stream {
     /// The body ended: the connection goes back to the pool when it can carry another request.
     fn finish(&mut self) {
         if let Some(conn) = self.conn.take() {
-            if self.keep_alive && !self.driver_done && !conn.sender.is_closed() {
+            if self.keep_alive && !self.driving.done && !conn.sender.is_closed() {
                 self.client.checkin(self.index, conn);
             }
         }
