@@ -407,7 +407,7 @@ unsafe extern "C" fn on_wake(ev: *mut ngx_event_t) {
             log::drain();
             return;
         }
-        // Drain the socket (level-triggered: it stays readable until empty).
+        // Drain the socket until EAGAIN (nginx registers it edge-triggered on epoll).
         let mut buf = [0u8; 256];
         // SAFETY: c is our connection; fd is a non-blocking socket we own through it.
         while unsafe { libc::read((*c).fd, buf.as_mut_ptr() as *mut c_void, buf.len()) } > 0 {}
