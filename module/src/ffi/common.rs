@@ -95,95 +95,89 @@ pub(crate) unsafe fn with_srv_conf(
 }
 
 pub(crate) extern "C" fn set_upsync(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut c_void) -> *mut c_char {
+    let set = |srv: &mut SrvConf, a: &[&str]| -> Result<(), String> {
+        if srv.sync.upsync.is_some() {
+            return Err("is duplicate (one upsync line per upstream block)".into());
+        }
+        srv.sync.upsync = Some(conf::parse_upsync(a)?);
+        Ok(())
+    };
     // SAFETY: registered with the srv conf offset in an upstream block.
-    unsafe {
-        with_srv_conf(cf, conf, "upsync", |srv, a| {
-            if srv.sync.upsync.is_some() {
-                return Err("is duplicate (one upsync line per upstream block)".into());
-            }
-            srv.sync.upsync = Some(conf::parse_upsync(a)?);
-            Ok(())
-        })
-    }
+    unsafe { with_srv_conf(cf, conf, "upsync", set) }
 }
 
 pub(crate) extern "C" fn set_dump_path(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut c_void) -> *mut c_char {
     // SAFETY: cf is valid; relative paths are resolved against nginx's prefix like nginx does.
     let full = unsafe { full_name_of_arg(cf) };
+    let set = |srv: &mut SrvConf, _: &[&str]| -> Result<(), String> {
+        if srv.sync.dump_path.is_some() {
+            return Err("is duplicate".into());
+        }
+        srv.sync.dump_path = Some(full?.into());
+        Ok(())
+    };
     // SAFETY: registered with the srv conf offset in an upstream block.
-    unsafe {
-        with_srv_conf(cf, conf, "upsync_dump_path", |srv, _| {
-            if srv.sync.dump_path.is_some() {
-                return Err("is duplicate".into());
-            }
-            srv.sync.dump_path = Some(full?.into());
-            Ok(())
-        })
-    }
+    unsafe { with_srv_conf(cf, conf, "upsync_dump_path", set) }
 }
 
 pub(crate) extern "C" fn set_token(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut c_void) -> *mut c_char {
+    let set = |srv: &mut SrvConf, a: &[&str]| -> Result<(), String> {
+        if srv.sync.token.is_some() {
+            return Err("is duplicate (use either upsync_token or upsync_token_file)".into());
+        }
+        if a[0].is_empty() || a[0].chars().any(|c| c.is_control() || c == ' ') {
+            return Err("the token is empty or has spaces/control characters".into());
+        }
+        srv.sync.token = Some(Token::Value(a[0].to_string()));
+        Ok(())
+    };
     // SAFETY: registered with the srv conf offset in an upstream block.
-    unsafe {
-        with_srv_conf(cf, conf, "upsync_token", |srv, a| {
-            if srv.sync.token.is_some() {
-                return Err("is duplicate (use either upsync_token or upsync_token_file)".into());
-            }
-            if a[0].is_empty() || a[0].chars().any(|c| c.is_control() || c == ' ') {
-                return Err("the token is empty or has spaces/control characters".into());
-            }
-            srv.sync.token = Some(Token::Value(a[0].to_string()));
-            Ok(())
-        })
-    }
+    unsafe { with_srv_conf(cf, conf, "upsync_token", set) }
 }
 
 pub(crate) extern "C" fn set_token_file(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut c_void) -> *mut c_char {
     // SAFETY: cf is valid.
     let full = unsafe { full_name_of_arg(cf) };
+    let set = |srv: &mut SrvConf, _: &[&str]| -> Result<(), String> {
+        if srv.sync.token.is_some() {
+            return Err("is duplicate (use either upsync_token or upsync_token_file)".into());
+        }
+        let path = full?;
+        // Read now so a missing or unreadable file fails `nginx -t`, not the first poll.
+        let token = std::fs::read_to_string(&path).map_err(|e| format!("cannot read the token file \"{path}\": {e}"))?;
+        if token.trim().is_empty() {
+            return Err(format!("the token file \"{path}\" is empty"));
+        }
+        srv.sync.token = Some(Token::File(path.into()));
+        Ok(())
+    };
     // SAFETY: registered with the srv conf offset in an upstream block.
-    unsafe {
-        with_srv_conf(cf, conf, "upsync_token_file", |srv, _| {
-            if srv.sync.token.is_some() {
-                return Err("is duplicate (use either upsync_token or upsync_token_file)".into());
-            }
-            let path = full?;
-            // Read now so a missing or unreadable file fails `nginx -t`, not the first poll.
-            let token = std::fs::read_to_string(&path).map_err(|e| format!("cannot read the token file \"{path}\": {e}"))?;
-            if token.trim().is_empty() {
-                return Err(format!("the token file \"{path}\" is empty"));
-            }
-            srv.sync.token = Some(Token::File(path.into()));
-            Ok(())
-        })
-    }
+    unsafe { with_srv_conf(cf, conf, "upsync_token_file", set) }
 }
 
 pub(crate) extern "C" fn set_tls(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut c_void) -> *mut c_char {
+    let set = |srv: &mut SrvConf, a: &[&str]| -> Result<(), String> {
+        if srv.sync.tls.is_some() {
+            return Err("is duplicate".into());
+        }
+        let tls = conf::parse_tls(a)?;
+        for p in [&tls.ca_file, &tls.cert_file, &tls.key_file].into_iter().flatten() {
+            std::fs::metadata(p).map_err(|e| format!("cannot read \"{}\": {e}", p.display()))?;
+        }
+        srv.sync.tls = Some(tls);
+        Ok(())
+    };
     // SAFETY: registered with the srv conf offset in an upstream block.
-    unsafe {
-        with_srv_conf(cf, conf, "upsync_tls", |srv, a| {
-            if srv.sync.tls.is_some() {
-                return Err("is duplicate".into());
-            }
-            let tls = conf::parse_tls(a)?;
-            for p in [&tls.ca_file, &tls.cert_file, &tls.key_file].into_iter().flatten() {
-                std::fs::metadata(p).map_err(|e| format!("cannot read \"{}\": {e}", p.display()))?;
-            }
-            srv.sync.tls = Some(tls);
-            Ok(())
-        })
-    }
+    unsafe { with_srv_conf(cf, conf, "upsync_tls", set) }
 }
 
 pub(crate) extern "C" fn set_allow_empty(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut c_void) -> *mut c_char {
+    let set = |srv: &mut SrvConf, a: &[&str]| -> Result<(), String> {
+        srv.sync.allow_empty = conf::parse_on_off(a[0])?;
+        Ok(())
+    };
     // SAFETY: registered with the srv conf offset in an upstream block.
-    unsafe {
-        with_srv_conf(cf, conf, "upsync_allow_empty", |srv, a| {
-            srv.sync.allow_empty = conf::parse_on_off(a[0])?;
-            Ok(())
-        })
-    }
+    unsafe { with_srv_conf(cf, conf, "upsync_allow_empty", set) }
 }
 
 pub(crate) extern "C" fn set_shm_size(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut c_void) -> *mut c_char {
@@ -224,18 +218,123 @@ pub(crate) extern "C" fn set_consul_connections(cf: *mut ngx_conf_t, _cmd: *mut 
 /// # Safety
 /// `cycle` is a cycle being configured or running, whose `modules` is its NULL-terminated list.
 pub(crate) unsafe fn find_module(cycle: *mut ngx_cycle_t, name: &str) -> Option<&'static ngx_module_t> {
-    // SAFETY: contract; every module lives as long as the process (static or loaded .so).
-    unsafe {
-        let mut m = (*cycle).modules;
-        while !(*m).is_null() {
-            let module = &**m;
-            if !module.name.is_null() && CStr::from_ptr(module.name).to_bytes() == name.as_bytes() {
-                return Some(module);
-            }
-            m = m.add(1);
+    // SAFETY: contract: `modules` is a NULL-terminated array of modules that live as long as the
+    // process (static, or in a loaded .so nginx never unloads while it runs).
+    let modules: &[*mut ngx_module_t] = unsafe { null_terminated((*cycle).modules) };
+    modules
+        .iter()
+        .map(|&m| {
+            // SAFETY: every entry before the terminator is a valid module (see above).
+            unsafe { &*m }
+        })
+        .find(|m| {
+            // SAFETY: a module's name, when set, is a NUL-terminated static string.
+            !m.name.is_null() && unsafe { CStr::from_ptr(m.name) }.to_bytes() == name.as_bytes()
+        })
+}
+
+/// The entries of a NULL-terminated array of pointers (nginx's module lists), without the NULL.
+///
+/// # Safety
+/// `p` points to an array of pointers that ends with a NULL entry and outlives the cycle.
+unsafe fn null_terminated<T>(p: *mut *mut T) -> &'static [*mut T] {
+    let mut n = 0;
+    // SAFETY: contract: every entry up to and including the terminator is readable.
+    while !unsafe { *p.add(n) }.is_null() {
+        n += 1;
+    }
+    // SAFETY: the `n` entries before the terminator, read above.
+    unsafe { std::slice::from_raw_parts(p, n) }
+}
+
+/// Runs nginx's own directive `directive` of module `module_name` (found among the loaded
+/// modules, e.g. `least_conn`) with the current arguments, so balancing stays nginx's code.
+///
+/// # Safety
+/// `cf`/`conf` are what nginx passed to a directive handler; the directive takes no arguments
+/// and only uses `cf` (like nginx's `least_conn` and `ip_hash`).
+pub(crate) unsafe fn run_directive(cf: *mut ngx_conf_t, conf: *mut c_void, module_name: &str, directive: &str) -> *mut c_char {
+    // SAFETY: cf is the directive handler's, whose cycle is being configured.
+    let module = unsafe { find_module((*cf).cycle, module_name) };
+    let command = module.and_then(|m| {
+        // SAFETY: a module's `commands` is null or an array ending with an entry whose name.len is 0.
+        let commands = unsafe { commands_of(m) };
+        commands.iter().find(|c| c.name.as_bytes() == directive.as_bytes())
+    });
+    if let Some(c) = command {
+        if let Some(set) = c.set {
+            // SAFETY: contract: nginx's handler of that directive, called as nginx would (cf, its
+            // command entry, the conf of the block being parsed).
+            return unsafe { set(cf, c as *const ngx_command_t as *mut ngx_command_t, conf) };
         }
     }
-    None
+    let kind = if cfg!(upsync_stream) { "stream " } else { "" };
+    conf_error(cf, "upsync_lb", &format!("nginx has no {kind}\"{directive}\" directive ({module_name} is not built in)"))
+}
+
+/// A module's directives (without the terminating empty entry).
+///
+/// # Safety
+/// `m.commands` is null or an array ending with an entry whose name.len is 0, living as long as `m`.
+unsafe fn commands_of(m: &'static ngx_module_t) -> &'static [ngx_command_t] {
+    if m.commands.is_null() {
+        return &[];
+    }
+    let mut n = 0;
+    // SAFETY: contract: entries up to and including the terminator are readable.
+    while unsafe { (*m.commands.add(n)).name.len } != 0 {
+        n += 1;
+    }
+    // SAFETY: the `n` entries before the terminator, read above.
+    unsafe { std::slice::from_raw_parts(m.commands, n) }
+}
+
+/// The configuration of `module` in one of nginx's per-module conf arrays (`main_conf` or
+/// `srv_conf` of a stream conf ctx, `srv_conf` of a stream upstream block): ngx 0.5 has typed
+/// accessors for HTTP (`HttpModuleMainConf`, `HttpModuleServerConf`, `HttpModuleConfExt`) but
+/// none for stream, so the stream glue reads every conf through this one function.
+///
+/// # Safety
+/// `confs` is null or the per-module array of a block of `module`'s kind (one entry per
+/// `ctx_index`); its entry for `module`, when not null, is a `T` living as long as the cycle.
+#[cfg_attr(not(upsync_stream), allow(dead_code))]
+pub(crate) unsafe fn module_conf<T>(confs: *mut *mut c_void, module: &ngx_module_t) -> Option<&'static mut T> {
+    if confs.is_null() {
+        return None;
+    }
+    // SAFETY: contract: the array has an entry for every module of its kind.
+    let conf = unsafe { *confs.add(module.ctx_index) };
+    // SAFETY: contract: a non-null entry is a T that lives as long as the cycle.
+    unsafe { conf.cast::<T>().as_mut() }
+}
+
+/// The main conf of the running cycle, if its http{} (stream{}) block exists and loads us.
+///
+/// # Safety
+/// Call only from the main thread of a worker or the master (reads ngx_cycle).
+pub(crate) unsafe fn cycle_main_conf() -> Option<&'static mut MainConf> {
+    // SAFETY: ngx_cycle is the running cycle on the main thread (or null before the first).
+    unsafe { super::main_conf_of(ngx_cycle as *mut ngx_cycle_t) }
+}
+
+/// Ends postconfiguration once the synced upstreams are collected in `main`: creates the shared
+/// zone when there is at least one.
+///
+/// # Safety
+/// `cf` is the conf nginx passed to postconfiguration; `main` lives as long as the cycle.
+pub(crate) unsafe fn add_zone_if_synced(cf: &mut ngx_conf_t, main: &mut MainConf) -> ngx_int_t {
+    if main.upstreams.is_empty() {
+        return NGX_OK as ngx_int_t;
+    }
+    let size = main.shm_size.unwrap_or(DEFAULT_SHM_SIZE);
+    // SAFETY: contract.
+    match unsafe { shm::add_zone(cf, main, size) } {
+        Ok(()) => NGX_OK as ngx_int_t,
+        Err(e) => {
+            ngx_conf_log_error!(NGX_LOG_EMERG, cf, "upsync: {}", e);
+            NGX_ERROR as ngx_int_t
+        }
+    }
 }
 
 /// The first argument as an absolute path (relative to nginx's prefix, as nginx does for paths).

@@ -15,7 +15,10 @@ use std::rc::Rc;
 
 use ngx::core::{NGX_CONF_ERROR, NGX_CONF_OK};
 use ngx::ffi::*;
-use ngx::http::{HttpModule, HttpModuleMainConf, HttpModuleServerConf, Merge, MergeConfigError};
+use ngx::http::{
+    HttpModule, HttpModuleConfExt, HttpModuleLocationConf, HttpModuleMainConf, HttpModuleServerConf, Merge, MergeConfigError,
+    NgxHttpCoreModule, NgxHttpUpstreamModule,
+};
 use ngx::{ngx_conf_log_error, ngx_string};
 
 use crate::conf::{self, Lb, UpstreamSync};
@@ -180,49 +183,32 @@ extern "C" fn set_lb(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut c
             Lb::LeastConn => ("ngx_http_upstream_least_conn_module", "least_conn"),
             Lb::IpHash => ("ngx_http_upstream_ip_hash_module", "ip_hash"),
         };
-        // SAFETY: cf->cycle->modules is the NULL-terminated module list of the cycle being
-        // configured; each module's commands array ends with an entry whose name.len is 0. The
-        // handlers of least_conn/ip_hash take no arguments and only use cf (they ignore conf).
-        unsafe {
-            if let Some(module) = find_module((*cf).cycle, module_name) {
-                let mut c = module.commands;
-                while !c.is_null() && (*c).name.len != 0 {
-                    if (*c).name.as_bytes() == directive.as_bytes() {
-                        return match (*c).set {
-                            Some(set) => set(cf, c, conf),
-                            None => break,
-                        };
-                    }
-                    c = c.add(1);
-                }
-            }
-        }
-        conf_error(cf, "upsync_lb", &format!("nginx has no \"{directive}\" directive ({module_name} is not built in)"))
+        // SAFETY: cf/conf are this directive handler's; nginx's least_conn and ip_hash take no
+        // arguments and only use cf.
+        unsafe { run_directive(cf, conf, module_name, directive) }
     })
 }
 
 extern "C" fn set_show(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, _conf: *mut c_void) -> *mut c_char {
-    guard("\"upstream_show\" directive", NGX_CONF_ERROR, || {
-        // SAFETY: in a location block, the core module's loc conf is an ngx_http_core_loc_conf_t.
-        unsafe {
-            let ctx = (*cf).ctx as *mut ngx_http_conf_ctx_t;
-            let clcf = *(*ctx).loc_conf.add(ngx_http_core_module.ctx_index) as *mut ngx_http_core_loc_conf_t;
-            (*clcf).handler = Some(show::handler);
-        }
-        NGX_CONF_OK
-    })
+    guard("\"upstream_show\" directive", NGX_CONF_ERROR, || set_location_handler(cf, show::handler))
 }
 
 extern "C" fn set_metrics(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, _conf: *mut c_void) -> *mut c_char {
-    guard("\"upsync_metrics\" directive", NGX_CONF_ERROR, || {
-        // SAFETY: in a location block, the core module's loc conf is an ngx_http_core_loc_conf_t.
-        unsafe {
-            let ctx = (*cf).ctx as *mut ngx_http_conf_ctx_t;
-            let clcf = *(*ctx).loc_conf.add(ngx_http_core_module.ctx_index) as *mut ngx_http_core_loc_conf_t;
-            (*clcf).handler = Some(show::metrics_handler);
+    guard("\"upsync_metrics\" directive", NGX_CONF_ERROR, || set_location_handler(cf, show::metrics_handler))
+}
+
+/// Makes `handler` the content handler of the location being parsed (`upstream_show`,
+/// `upsync_metrics`).
+fn set_location_handler(cf: *mut ngx_conf_t, handler: unsafe extern "C" fn(*mut ngx_http_request_t) -> ngx_int_t) -> *mut c_char {
+    // SAFETY: nginx passes a valid cf to directive handlers (registered for locations only).
+    let clcf = NgxHttpCoreModule::location_conf_mut(unsafe { &*cf });
+    match clcf {
+        Some(clcf) => {
+            clcf.handler = Some(handler);
+            NGX_CONF_OK
         }
-        NGX_CONF_OK
-    })
+        None => NGX_CONF_ERROR,
+    }
 }
 
 /// After the whole http{} block is parsed (and every upstream's balancer initialised): wrap the
@@ -232,24 +218,19 @@ extern "C" fn set_metrics(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, _conf: 
 /// `cf` must be the conf nginx passes to postconfiguration.
 unsafe fn postconfiguration(cf: &mut ngx_conf_t) -> ngx_int_t {
     log::init();
-    // SAFETY: in postconfiguration, cf->ctx is the http{} conf ctx with every module's main conf.
-    let (main, umcf) = unsafe {
-        let ctx = cf.ctx as *mut ngx_http_conf_ctx_t;
-        let main = &mut *(*(*ctx).main_conf.add(Module::module().ctx_index) as *mut MainConf);
-        let umcf = &mut *(*(*ctx).main_conf.add(ngx_http_upstream_module.ctx_index) as *mut ngx_http_upstream_main_conf_t);
-        (main, umcf)
+    // In postconfiguration, cf->ctx is the http{} conf ctx with every module's main conf.
+    let (Some(main), Some(umcf)) = (Module::main_conf_mut(&*cf), NgxHttpUpstreamModule::main_conf(&*cf)) else {
+        ngx_conf_log_error!(NGX_LOG_EMERG, cf, "upsync: the http{{}} block has no upstream configuration");
+        return NGX_ERROR as ngx_int_t;
     };
     // SAFETY: umcf->upstreams is an array of ngx_http_upstream_srv_conf_t pointers.
     let upstreams: &[*mut ngx_http_upstream_srv_conf_t] = unsafe { umcf.upstreams.as_slice() };
     for &uscf in upstreams {
-        // SAFETY: every element is a valid upstream conf of this cycle. Implicit upstreams
-        // (proxy_pass http://ADDR) have no srv_conf array and cannot carry our directives.
+        // SAFETY: every element is a valid upstream conf of this cycle.
         let us = unsafe { &mut *uscf };
-        if us.srv_conf.is_null() {
-            continue;
-        }
-        // SAFETY: srv_conf holds every HTTP module's srv conf for this upstream block.
-        let srv = unsafe { &mut *(*us.srv_conf.add(Module::module().ctx_index) as *mut SrvConf) };
+        // Implicit upstreams (proxy_pass http://ADDR) have no srv_conf array and cannot carry our
+        // directives.
+        let Some(srv) = Module::server_conf_mut(us) else { continue };
         let name = String::from_utf8_lossy(us.host.as_bytes()).into_owned();
         if let Err(e) = conf::validate_block(&srv.sync) {
             ngx_conf_log_error!(NGX_LOG_EMERG, cf, "upsync: upstream \"{}\": {}", name, e);
@@ -270,15 +251,13 @@ unsafe fn postconfiguration(cf: &mut ngx_conf_t) -> ngx_int_t {
         }
         // nginx's `hash` in this block: its conf says whether there is one (a key) and whether it
         // is consistent (its init built a ring, before postconfiguration).
-        // SAFETY: cf->cycle is the cycle being configured; the hash module's srv conf of this
-        // upstream is a HashSrvConf (zeroed at creation).
-        let hcf = unsafe {
-            find_module(cf.cycle, "ngx_http_upstream_hash_module")
-                .map(|m| *us.srv_conf.add(m.ctx_index) as *mut peers::HashSrvConf)
-                .filter(|h| !h.is_null())
-        };
-        // SAFETY: as above.
-        let (hash, consistent) = hcf.map(|h| unsafe { (!(*h).key.value.data.is_null(), !(*h).points.is_null()) }).unwrap_or((false, false));
+        // SAFETY: cf->cycle is the cycle being configured.
+        let hash_module = unsafe { find_module(cf.cycle, "ngx_http_upstream_hash_module") };
+        // SAFETY: the hash module's srv conf of this upstream is a HashSrvConf (zeroed at creation).
+        let hcf = hash_module.and_then(|m| unsafe { us.http_server_conf_unchecked::<peers::HashSrvConf>(m) });
+        // SAFETY: as above; nginx owns it for the life of the cycle.
+        let (hash, consistent) =
+            hcf.map(|h| unsafe { h.as_ref() }).map(|h| (!h.key.value.data.is_null(), !h.points.is_null())).unwrap_or((false, false));
         // nginx >= 1.27.3 builds no ring at configuration time in an upstream with `zone` (it
         // builds one on the first request), so there `hash KEY` and `hash KEY consistent` look
         // the same here: install our ring in any case (a plain `hash` never reads it) and take
@@ -292,7 +271,7 @@ unsafe fn postconfiguration(cf: &mut ngx_conf_t) -> ngx_int_t {
             ngx_conf_log_error!(NGX_LOG_EMERG, cf, "upsync: upstream \"{}\": {}", name, e);
             return NGX_ERROR as ngx_int_t;
         }
-        srv.chash = if consistent || ring_unknown { hcf.and_then(ptr::NonNull::new) } else { None };
+        srv.chash = if consistent || ring_unknown { hcf } else { None };
         srv.source = format!("{}{}", u.addresses[0], u.path);
         srv.key = crate::model::slot_key(&name, u);
         srv.original_init_peer = us.peer.init;
@@ -301,18 +280,8 @@ unsafe fn postconfiguration(cf: &mut ngx_conf_t) -> ngx_int_t {
         srv.us = ptr::NonNull::new(uscf);
         main.upstreams.push(srv as *mut SrvConf);
     }
-    if main.upstreams.is_empty() {
-        return NGX_OK as ngx_int_t;
-    }
-    let size = main.shm_size.unwrap_or(DEFAULT_SHM_SIZE);
-    // SAFETY: cf is valid; the zone name is a static string; the tag is our module's address.
-    match unsafe { shm::add_zone(cf, main, size) } {
-        Ok(()) => NGX_OK as ngx_int_t,
-        Err(e) => {
-            ngx_conf_log_error!(NGX_LOG_EMERG, cf, "upsync: {}", e);
-            NGX_ERROR as ngx_int_t
-        }
-    }
+    // SAFETY: cf is postconfiguration's; main lives as long as the cycle.
+    unsafe { add_zone_if_synced(cf, main) }
 }
 
 /// The first server of the block with nginx's own `resolve` (nginx >= 1.27.3: a server whose
@@ -330,67 +299,42 @@ unsafe fn resolve_server(us: &ngx_http_upstream_srv_conf_t) -> Option<String> {
     servers.iter().find(|s| s.host.len != 0).map(|s| String::from_utf8_lossy(s.name.as_bytes()).into_owned())
 }
 
-/// The main conf of the running cycle, if the http{} block exists and loads us.
-///
-/// # Safety
-/// Call only from the main thread of a worker or the master (reads ngx_cycle).
-unsafe fn cycle_main_conf() -> Option<&'static mut MainConf> {
-    // SAFETY: ngx_cycle is valid on the main thread.
-    unsafe { main_conf_of(ngx_cycle as *mut ngx_cycle_t) }
-}
-
 /// Our main conf in `cycle`, if its http{} block exists and loads us.
 ///
 /// # Safety
 /// `cycle` null or a cycle whose configuration nginx has parsed; main thread.
 unsafe fn main_conf_of(cycle: *mut ngx_cycle_t) -> Option<&'static mut MainConf> {
-    // SAFETY: contract; conf_ctx holds the http conf ctx at the http module's index.
-    unsafe {
-        if cycle.is_null() || (*cycle).conf_ctx.is_null() {
-            return None;
-        }
-        let http = *(*cycle).conf_ctx.add(ngx_http_module.index) as *mut ngx_http_conf_ctx_t;
-        if http.is_null() {
-            return None;
-        }
-        let main = *(*http).main_conf.add(Module::module().ctx_index) as *mut MainConf;
-        main.as_mut()
+    // SAFETY: contract.
+    let cycle = unsafe { cycle.as_ref() }?;
+    // ngx's lookup indexes conf_ctx without checking it (null before the first configuration).
+    if cycle.conf_ctx.is_null() {
+        return None;
     }
+    Module::main_conf_mut(cycle)
 }
 
-/// The upstream main conf of the running cycle (every upstream, synced or not).
+/// Every upstream of the running cycle (synced or not).
 ///
 /// # Safety
 /// Main thread only.
 unsafe fn cycle_upstreams() -> &'static [*mut ngx_http_upstream_srv_conf_t] {
-    // SAFETY: as cycle_main_conf.
-    unsafe {
-        let cycle = ngx_cycle;
-        if cycle.is_null() {
-            return &[];
-        }
-        let http = *(*cycle).conf_ctx.add(ngx_http_module.index) as *mut ngx_http_conf_ctx_t;
-        if http.is_null() {
-            return &[];
-        }
-        let umcf = *(*http).main_conf.add(ngx_http_upstream_module.ctx_index) as *mut ngx_http_upstream_main_conf_t;
-        if umcf.is_null() {
-            return &[];
-        }
-        (*umcf).upstreams.as_slice()
+    // SAFETY: ngx_cycle is the running cycle on the main thread (or null before the first).
+    let Some(cycle) = (unsafe { (ngx_cycle as *const ngx_cycle_t).as_ref() }) else { return &[] };
+    if cycle.conf_ctx.is_null() {
+        return &[];
+    }
+    match NgxHttpUpstreamModule::main_conf(cycle) {
+        // SAFETY: umcf->upstreams is an array of ngx_http_upstream_srv_conf_t pointers.
+        Some(umcf) => unsafe { umcf.upstreams.as_slice() },
+        None => &[],
     }
 }
 
-/// Our srv conf of an upstream, if it has one.
+/// Our srv conf of an upstream, if it has one (implicit upstreams have none).
 ///
 /// # Safety
 /// `us` must be a valid upstream conf.
 unsafe fn srv_conf_of(us: *mut ngx_http_upstream_srv_conf_t) -> Option<&'static mut SrvConf> {
-    // SAFETY: contract above; srv_conf may be NULL for implicit upstreams.
-    unsafe {
-        if (*us).srv_conf.is_null() {
-            return None;
-        }
-        (*(*us).srv_conf.add(Module::module().ctx_index) as *mut SrvConf).as_mut()
-    }
+    // SAFETY: contract.
+    Module::server_conf_mut(unsafe { &*us })
 }

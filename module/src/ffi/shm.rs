@@ -23,6 +23,7 @@ use core::ffi::c_void;
 use core::ptr;
 use core::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
+use ngx::core::SlabPool;
 use ngx::ffi::*;
 
 use super::{MainConf, SrvConf};
@@ -87,7 +88,8 @@ pub struct Slot {
     fails_cap: usize,
 }
 
-/// The zone's mutex, held for the life of the value (released on drop, also when unwinding).
+/// The zone's mutex, held for the life of the value (released on drop, also when unwinding),
+/// and the slab allocations made under it.
 struct Locked(*mut ngx_slab_pool_t);
 
 impl Locked {
@@ -97,6 +99,19 @@ impl Locked {
         // SAFETY: contract; nginx's shmtx works across processes and threads.
         unsafe { ngx_shmtx_lock(&mut (*pool).mutex) };
         Locked(pool)
+    }
+
+    /// `size` bytes of the zone (null when it is full).
+    fn alloc(&self, size: usize) -> *mut c_void {
+        // SAFETY: the pool is the zone's (contract of `new`) and its mutex is held.
+        unsafe { ngx_slab_alloc_locked(self.0, size) }
+    }
+
+    /// # Safety
+    /// `p` was allocated in this zone and is not used after.
+    unsafe fn free(&self, p: *mut c_void) {
+        // SAFETY: contract; the mutex is held.
+        unsafe { ngx_slab_free_locked(self.0, p) };
     }
 }
 
@@ -121,14 +136,13 @@ pub unsafe fn add_zone(cf: &mut ngx_conf_t, main: &mut MainConf, size: usize) ->
     if zone.is_null() {
         return Err(format!("cannot add the shared memory zone \"{zone_name}\""));
     }
-    // SAFETY: zone was just returned by nginx.
-    unsafe {
-        if !(*zone).data.is_null() {
-            return Err(format!("the shared memory zone \"{zone_name}\" is already used by another module"));
-        }
-        (*zone).init = Some(init_zone);
-        (*zone).data = main as *mut MainConf as *mut c_void;
+    // SAFETY: zone was just returned by nginx, which keeps it for the life of the cycle.
+    let z = unsafe { &mut *zone };
+    if !z.data.is_null() {
+        return Err(format!("the shared memory zone \"{zone_name}\" is already used by another module"));
     }
+    z.init = Some(init_zone);
+    z.data = main as *mut MainConf as *mut c_void;
     main.shm_zone = zone;
     Ok(())
 }
@@ -136,11 +150,17 @@ pub unsafe fn add_zone(cf: &mut ngx_conf_t, main: &mut MainConf, size: usize) ->
 /// The zone's init, in the master for every configuration load.
 unsafe extern "C" fn init_zone(zone: *mut ngx_shm_zone_t, old_data: *mut c_void) -> ngx_int_t {
     super::guard("the shared zone's init", NGX_ERROR as ngx_int_t, || {
-        // SAFETY: nginx passes the zone registered in add_zone (data = our MainConf); the slab
-        // pool sits at the start of the zone's memory and nginx initialised it.
-        let (main, pool) = unsafe { (&mut *((*zone).data as *mut MainConf), (*zone).shm.addr as *mut ngx_slab_pool_t) };
+        // SAFETY: nginx passes the zone registered in add_zone, mapped and initialised.
+        let zone = unsafe { &*zone };
+        // SAFETY: add_zone set data to this cycle's MainConf.
+        let main = unsafe { &mut *(zone.data as *mut MainConf) };
+        // SAFETY: between the zone's init and the next reload, in the master.
+        let Some(mut pool) = (unsafe { SlabPool::from_shm_zone(zone) }) else {
+            log_emerg(&format!("upsync: the shared memory zone \"{}\" is not mapped", super::ZONE_NAME));
+            return NGX_ERROR as ngx_int_t;
+        };
         // SAFETY: master, during the cycle's init, pool of this zone.
-        match unsafe { init_zone_contents(main, pool, !old_data.is_null()) } {
+        match unsafe { init_zone_contents(main, pool.as_mut(), !old_data.is_null()) } {
             Ok(()) => NGX_OK as ngx_int_t,
             Err(e) => {
                 log_emerg(&e);
@@ -187,33 +207,33 @@ unsafe fn init_zone_contents(main: &mut MainConf, pool: *mut ngx_slab_pool_t, re
 /// Master; `pool` is the zone's slab pool.
 unsafe fn header_of(pool: *mut ngx_slab_pool_t, reused: bool) -> Result<*mut Header, String> {
     // SAFETY: contract.
-    unsafe {
-        let header = (*pool).data as *mut Header;
-        if reused && !header.is_null() && (*header).magic == MAGIC {
-            return Ok(header);
-        }
-        let header = ngx_slab_alloc(pool, core::mem::size_of::<Header>()) as *mut Header;
-        if header.is_null() {
-            return Err("upsync: the shared zone is too small for its header; raise upsync_shm_size".into());
-        }
-        ptr::write(
-            header,
-            Header {
-                magic: MAGIC,
-                last_generation: AtomicU64::new(0),
-                committed_generation: AtomicU64::new(0),
-                lease_pid: AtomicI64::new(0),
-                lease_generation: AtomicU64::new(0),
-                lease_heartbeat_ms: AtomicU64::new(0),
-                untracked_workers: 0,
-                workers: [WorkerEntry { pid: 0, generation: 0 }; MAX_WORKERS],
-                slots: ptr::null_mut(),
-            },
-        );
-        (*pool).data = header as *mut c_void;
-        (*pool).log_ctx = super::ZONE_LOG_CTX.as_ptr() as *mut u_char;
-        Ok(header)
+    let pool = unsafe { &mut *pool };
+    let header = pool.data as *mut Header;
+    // SAFETY: a reused zone's `data` is the header we wrote (checked by its magic number).
+    if reused && !header.is_null() && unsafe { (*header).magic } == MAGIC {
+        return Ok(header);
     }
+    // SAFETY: contract: the zone's pool; the master is alone in it during the zone's init.
+    let header = unsafe { ngx_slab_alloc(pool, core::mem::size_of::<Header>()) } as *mut Header;
+    if header.is_null() {
+        return Err("upsync: the shared zone is too small for its header; raise upsync_shm_size".into());
+    }
+    let fresh = Header {
+        magic: MAGIC,
+        last_generation: AtomicU64::new(0),
+        committed_generation: AtomicU64::new(0),
+        lease_pid: AtomicI64::new(0),
+        lease_generation: AtomicU64::new(0),
+        lease_heartbeat_ms: AtomicU64::new(0),
+        untracked_workers: 0,
+        workers: [WorkerEntry { pid: 0, generation: 0 }; MAX_WORKERS],
+        slots: ptr::null_mut(),
+    };
+    // SAFETY: just allocated, large enough for a Header (slab memory is aligned to its size class).
+    unsafe { ptr::write(header, fresh) };
+    pool.data = header as *mut c_void;
+    pool.log_ctx = super::ZONE_LOG_CTX.as_ptr() as *mut u_char;
+    Ok(header)
 }
 
 /// The configuration `generation` loaded completely (the master's `init_module`): its workers
@@ -229,42 +249,43 @@ pub unsafe fn commit(header: *mut Header, generation: u64) {
 /// # Safety
 /// Master; `pool`/`header` from the zone.
 unsafe fn find_or_create_slot(pool: *mut ngx_slab_pool_t, header: *mut Header, key: u64, generation: u64) -> Option<*mut Slot> {
-    // SAFETY: contract; the slot list and `generation` are guarded by the zone's mutex.
-    unsafe {
-        let _lock = Locked::new(pool);
-        let mut s = (*header).slots;
-        while !s.is_null() {
-            if (*s).key == key {
-                (*s).generation = (*s).generation.max(generation);
-                return Some(s);
-            }
-            s = (*s).next;
+    // SAFETY: contract.
+    let lock = unsafe { Locked::new(pool) };
+    // SAFETY: contract; the slot list and `generation` are guarded by the mutex, held.
+    let h = unsafe { &mut *header };
+    let mut s = h.slots;
+    while !s.is_null() {
+        // SAFETY: every slot in the list is live slab memory of this zone (under the mutex).
+        let slot = unsafe { &mut *s };
+        if slot.key == key {
+            slot.generation = slot.generation.max(generation);
+            return Some(s);
         }
-        let slot = ngx_slab_alloc_locked(pool, core::mem::size_of::<Slot>()) as *mut Slot;
-        if slot.is_null() {
-            return None;
-        }
-        ptr::write(
-            slot,
-            Slot {
-                next: (*header).slots,
-                key,
-                generation,
-                servers_version: AtomicU64::new(0),
-                state_version: AtomicU64::new(0),
-                servers: ptr::null_mut(),
-                servers_len: 0,
-                meta_len: 0,
-                meta: [0; META_CAP],
-                fail_epoch: AtomicU64::new(0),
-                fails: ptr::null_mut(),
-                fails_len: 0,
-                fails_cap: 0,
-            },
-        );
-        (*header).slots = slot;
-        Some(slot)
+        s = slot.next;
     }
+    let slot = lock.alloc(core::mem::size_of::<Slot>()) as *mut Slot;
+    if slot.is_null() {
+        return None;
+    }
+    let fresh = Slot {
+        next: h.slots,
+        key,
+        generation,
+        servers_version: AtomicU64::new(0),
+        state_version: AtomicU64::new(0),
+        servers: ptr::null_mut(),
+        servers_len: 0,
+        meta_len: 0,
+        meta: [0; META_CAP],
+        fail_epoch: AtomicU64::new(0),
+        fails: ptr::null_mut(),
+        fails_len: 0,
+        fails_cap: 0,
+    };
+    // SAFETY: just allocated, large enough for a Slot.
+    unsafe { ptr::write(slot, fresh) };
+    h.slots = slot;
+    Some(slot)
 }
 
 /// Frees the slots that no running configuration uses: those whose newest user is older than
@@ -277,43 +298,48 @@ unsafe fn find_or_create_slot(pool: *mut ngx_slab_pool_t, header: *mut Header, k
 /// # Safety
 /// Master; `pool`/`header` from the zone.
 unsafe fn collect_garbage(pool: *mut ngx_slab_pool_t, header: *mut Header) {
-    // SAFETY: contract; workers and slots are guarded by the mutex.
-    unsafe {
-        let _lock = Locked::new(pool);
-        let h = &mut *header;
-        if h.untracked_workers != 0 {
-            return;
+    // SAFETY: contract.
+    let lock = unsafe { Locked::new(pool) };
+    // SAFETY: contract; workers and slots are guarded by the mutex, held.
+    let h = unsafe { &mut *header };
+    if h.untracked_workers != 0 {
+        return;
+    }
+    let mut keep_from = h.committed_generation.load(Ordering::Acquire);
+    for e in h.workers.iter_mut().filter(|e| e.pid != 0) {
+        if process_exists(e.pid) {
+            keep_from = keep_from.min(e.generation);
+        } else {
+            // Killed without running exit_process (SIGKILL, crash).
+            *e = WorkerEntry { pid: 0, generation: 0 };
         }
-        let mut keep_from = h.committed_generation.load(Ordering::Acquire);
-        for e in h.workers.iter_mut().filter(|e| e.pid != 0) {
-            if process_exists(e.pid) {
-                keep_from = keep_from.min(e.generation);
-            } else {
-                // Killed without running exit_process (SIGKILL, crash).
-                *e = WorkerEntry { pid: 0, generation: 0 };
-            }
-        }
-        let mut freed = 0usize;
-        let mut link: *mut *mut Slot = &mut h.slots;
-        while !(*link).is_null() {
-            let s = *link;
-            if (*s).generation < keep_from {
-                *link = (*s).next;
-                if !(*s).servers.is_null() {
-                    ngx_slab_free_locked(pool, (*s).servers as *mut c_void);
+    }
+    let mut freed = 0usize;
+    let mut link: &mut *mut Slot = &mut h.slots;
+    while !link.is_null() {
+        let s = *link;
+        // SAFETY: every slot in the list is live slab memory of this zone (under the mutex).
+        let slot = unsafe { &mut *s };
+        if slot.generation < keep_from {
+            *link = slot.next;
+            // SAFETY: the slot is out of the list; its list, table and itself are this zone's
+            // allocations that nothing else points to.
+            unsafe {
+                if !slot.servers.is_null() {
+                    lock.free(slot.servers as *mut c_void);
                 }
-                if !(*s).fails.is_null() {
-                    ngx_slab_free_locked(pool, (*s).fails as *mut c_void);
+                if !slot.fails.is_null() {
+                    lock.free(slot.fails as *mut c_void);
                 }
-                ngx_slab_free_locked(pool, s as *mut c_void);
-                freed += 1;
-            } else {
-                link = &mut (*s).next;
+                lock.free(s as *mut c_void);
             }
+            freed += 1;
+        } else {
+            link = &mut slot.next;
         }
-        if freed > 0 {
-            tracing::info!("freed {freed} shared slot(s) that no running configuration uses");
-        }
+    }
+    if freed > 0 {
+        tracing::info!("freed {freed} shared slot(s) that no running configuration uses");
     }
 }
 
@@ -335,16 +361,15 @@ pub fn process_exists(pid: i64) -> bool {
 pub unsafe fn register_worker(main: &MainConf) {
     let pool = pool_of(main);
     let pid = std::process::id() as i64;
-    // SAFETY: contract; the table is guarded by the mutex.
-    unsafe {
-        let _lock = Locked::new(pool);
-        let h = &mut *main.header;
-        if let Some(e) = h.workers.iter_mut().find(|e| e.pid == 0 || e.pid == pid || !process_exists(e.pid)) {
-            *e = WorkerEntry { pid, generation: main.generation };
-        } else {
-            h.untracked_workers = 1;
-            tracing::warn!("more than {MAX_WORKERS} nginx workers share the upsync zone: unused slots will not be freed until restart");
-        }
+    // SAFETY: contract.
+    let _lock = unsafe { Locked::new(pool) };
+    // SAFETY: contract; the table is guarded by the mutex, held.
+    let h = unsafe { &mut *main.header };
+    if let Some(e) = h.workers.iter_mut().find(|e| e.pid == 0 || e.pid == pid || !process_exists(e.pid)) {
+        *e = WorkerEntry { pid, generation: main.generation };
+    } else {
+        h.untracked_workers = 1;
+        tracing::warn!("more than {MAX_WORKERS} nginx workers share the upsync zone: unused slots will not be freed until restart");
     }
 }
 
@@ -356,11 +381,11 @@ pub unsafe fn unregister_worker(main: &MainConf) {
     let pool = pool_of(main);
     let pid = std::process::id() as i64;
     // SAFETY: contract.
-    unsafe {
-        let _lock = Locked::new(pool);
-        for e in (*main.header).workers.iter_mut().filter(|e| e.pid == pid) {
-            *e = WorkerEntry { pid: 0, generation: 0 };
-        }
+    let _lock = unsafe { Locked::new(pool) };
+    // SAFETY: contract; the table is guarded by the mutex, held.
+    let h = unsafe { &mut *main.header };
+    for e in h.workers.iter_mut().filter(|e| e.pid == pid) {
+        *e = WorkerEntry { pid: 0, generation: 0 };
     }
 }
 
@@ -370,23 +395,22 @@ pub unsafe fn unregister_worker(main: &MainConf) {
 /// Worker main thread; `main` of the running cycle with a header.
 pub unsafe fn update_lease<T>(main: &MainConf, decide: impl FnOnce(Lease) -> (T, Option<Lease>)) -> T {
     let pool = pool_of(main);
-    // SAFETY: contract; the lease is only written under the mutex.
-    unsafe {
-        let _lock = Locked::new(pool);
-        let h = &*main.header;
-        let lease = Lease {
-            leader_pid: h.lease_pid.load(Ordering::Acquire),
-            leader_generation: h.lease_generation.load(Ordering::Acquire),
-            heartbeat_ms: h.lease_heartbeat_ms.load(Ordering::Acquire),
-        };
-        let (out, new) = decide(lease);
-        if let Some(n) = new {
-            h.lease_pid.store(n.leader_pid, Ordering::Release);
-            h.lease_generation.store(n.leader_generation, Ordering::Release);
-            h.lease_heartbeat_ms.store(n.heartbeat_ms, Ordering::Release);
-        }
-        out
+    // SAFETY: contract.
+    let _lock = unsafe { Locked::new(pool) };
+    // SAFETY: contract; the lease is only written under the mutex, held.
+    let h = unsafe { &*main.header };
+    let lease = Lease {
+        leader_pid: h.lease_pid.load(Ordering::Acquire),
+        leader_generation: h.lease_generation.load(Ordering::Acquire),
+        heartbeat_ms: h.lease_heartbeat_ms.load(Ordering::Acquire),
+    };
+    let (out, new) = decide(lease);
+    if let Some(n) = new {
+        h.lease_pid.store(n.leader_pid, Ordering::Release);
+        h.lease_generation.store(n.leader_generation, Ordering::Release);
+        h.lease_heartbeat_ms.store(n.heartbeat_ms, Ordering::Release);
     }
+    out
 }
 
 /// The PID holding the lease (a lock-free read, for checks that tolerate a stale answer).
@@ -459,28 +483,30 @@ unsafe fn first_list(pool: *mut ngx_slab_pool_t, slot: *mut Slot, srv: &SrvConf)
 /// Main thread of the master or a worker; `pool` and `slot` from the zone.
 pub unsafe fn install(pool: *mut ngx_slab_pool_t, slot: *mut Slot, servers: &[u8], meta: &SlotMeta) -> Result<(), String> {
     let meta = meta.encode_bounded(META_CAP);
-    // SAFETY: contract; the mutex guards the list pointer, its length and the metadata.
-    unsafe {
-        let _lock = Locked::new(pool);
-        let p = ngx_slab_alloc_locked(pool, servers.len().max(1)) as *mut u8;
-        if p.is_null() {
-            return Err(format!(
-                "the shared zone \"{}\" has no room for a list of {} bytes; the workers keep the previous list; raise upsync_shm_size",
-                super::ZONE_NAME,
-                servers.len()
-            ));
-        }
-        ptr::copy_nonoverlapping(servers.as_ptr(), p, servers.len());
-        let old = (*slot).servers;
-        (*slot).servers = p;
-        (*slot).servers_len = servers.len();
-        if !old.is_null() {
-            ngx_slab_free_locked(pool, old as *mut c_void);
-        }
-        store_meta(slot, &meta);
-        (*slot).servers_version.fetch_add(1, Ordering::AcqRel);
-        (*slot).state_version.fetch_add(1, Ordering::AcqRel);
+    // SAFETY: contract.
+    let lock = unsafe { Locked::new(pool) };
+    // SAFETY: contract; the mutex, held, guards the list pointer, its length and the metadata.
+    let s = unsafe { &mut *slot };
+    let p = lock.alloc(servers.len().max(1)) as *mut u8;
+    if p.is_null() {
+        return Err(format!(
+            "the shared zone \"{}\" has no room for a list of {} bytes; the workers keep the previous list; raise upsync_shm_size",
+            super::ZONE_NAME,
+            servers.len()
+        ));
     }
+    // SAFETY: p was just allocated with room for the list.
+    unsafe { ptr::copy_nonoverlapping(servers.as_ptr(), p, servers.len()) };
+    let old = s.servers;
+    s.servers = p;
+    s.servers_len = servers.len();
+    if !old.is_null() {
+        // SAFETY: the previous list, allocated in this zone, no longer in the slot.
+        unsafe { lock.free(old as *mut c_void) };
+    }
+    s.store_meta(&meta);
+    s.servers_version.fetch_add(1, Ordering::AcqRel);
+    s.state_version.fetch_add(1, Ordering::AcqRel);
     Ok(())
 }
 
@@ -494,20 +520,18 @@ pub unsafe fn write_meta(pool: *mut ngx_slab_pool_t, slot: *mut Slot, meta: &mut
     meta.count_error();
     let meta = meta.encode_bounded(META_CAP);
     // SAFETY: contract.
-    unsafe {
-        let _lock = Locked::new(pool);
-        store_meta(slot, &meta);
-        (*slot).state_version.fetch_add(1, Ordering::AcqRel);
-    }
+    let _lock = unsafe { Locked::new(pool) };
+    // SAFETY: contract; the mutex, held, guards the metadata.
+    let s = unsafe { &mut *slot };
+    s.store_meta(&meta);
+    s.state_version.fetch_add(1, Ordering::AcqRel);
 }
 
-/// # Safety
-/// Zone mutex held; `bytes.len() <= META_CAP`.
-unsafe fn store_meta(slot: *mut Slot, bytes: &[u8]) {
-    // SAFETY: contract.
-    unsafe {
-        (&mut (*slot).meta)[..bytes.len()].copy_from_slice(bytes);
-        (*slot).meta_len = bytes.len();
+impl Slot {
+    /// Zone mutex held; `bytes` from `SlotMeta::encode_bounded(META_CAP)`.
+    fn store_meta(&mut self, bytes: &[u8]) {
+        self.meta[..bytes.len()].copy_from_slice(bytes);
+        self.meta_len = bytes.len();
     }
 }
 
@@ -517,15 +541,16 @@ unsafe fn store_meta(slot: *mut Slot, bytes: &[u8]) {
 /// # Safety
 /// Main thread; `pool` and `slot` from the zone.
 pub unsafe fn read_servers(pool: *mut ngx_slab_pool_t, slot: *mut Slot) -> Option<(u64, Vec<u8>)> {
-    // SAFETY: contract; the mutex guards the list.
-    unsafe {
-        let _lock = Locked::new(pool);
-        let version = (*slot).servers_version.load(Ordering::Acquire);
-        if (*slot).servers.is_null() {
-            return None;
-        }
-        Some((version, std::slice::from_raw_parts((*slot).servers, (*slot).servers_len).to_vec()))
+    // SAFETY: contract.
+    let _lock = unsafe { Locked::new(pool) };
+    // SAFETY: contract; the mutex, held, guards the list.
+    let s = unsafe { &*slot };
+    let version = s.servers_version.load(Ordering::Acquire);
+    if s.servers.is_null() {
+        return None;
     }
+    // SAFETY: `servers` holds `servers_len` bytes of slab memory (under the mutex).
+    Some((version, unsafe { std::slice::from_raw_parts(s.servers, s.servers_len) }.to_vec()))
 }
 
 /// Records a server's failure state in the slot's shared table (growing it in the zone when
@@ -543,38 +568,46 @@ pub unsafe fn record_failure(
     state: FailState,
     listed: impl Fn(std::net::SocketAddr) -> bool,
 ) -> Result<(), String> {
-    // SAFETY: contract; the mutex guards the table, its length and capacity.
-    unsafe {
-        let _lock = Locked::new(pool);
-        let s = &mut *slot;
-        loop {
-            let table: &mut [FailEntry] = if s.fails.is_null() { &mut [] } else { std::slice::from_raw_parts_mut(s.fails, s.fails_cap) };
-            if let Recorded::Done(len) = crate::fails::record(table, s.fails_len, addr, state) {
-                s.fails_len = len;
-                break;
-            }
-            let kept = crate::fails::retain(table, s.fails_len, &listed);
-            if kept < s.fails_len {
-                s.fails_len = kept;
-                continue;
-            }
-            let cap = crate::fails::grown(s.fails_len);
-            let p = ngx_slab_alloc_locked(pool, cap * core::mem::size_of::<FailEntry>()) as *mut FailEntry;
-            if p.is_null() {
-                return Err(format!(
-                    "the shared zone \"upsync\" has no room for the failure state of {cap} servers; this worker keeps it for \
-                     itself; raise upsync_shm_size"
-                ));
-            }
-            if !s.fails.is_null() {
-                ptr::copy_nonoverlapping(s.fails, p, s.fails_len);
-                ngx_slab_free_locked(pool, s.fails as *mut c_void);
-            }
-            s.fails = p;
-            s.fails_cap = cap;
+    // SAFETY: contract.
+    let lock = unsafe { Locked::new(pool) };
+    // SAFETY: contract; the mutex, held, guards the table, its length and capacity.
+    let s = unsafe { &mut *slot };
+    loop {
+        let table: &mut [FailEntry] = if s.fails.is_null() {
+            &mut []
+        } else {
+            // SAFETY: `fails` holds `fails_cap` entries of slab memory (under the mutex).
+            unsafe { std::slice::from_raw_parts_mut(s.fails, s.fails_cap) }
+        };
+        if let Recorded::Done(len) = crate::fails::record(table, s.fails_len, addr, state) {
+            s.fails_len = len;
+            break;
         }
-        s.fail_epoch.fetch_add(1, Ordering::AcqRel);
+        let kept = crate::fails::retain(table, s.fails_len, &listed);
+        if kept < s.fails_len {
+            s.fails_len = kept;
+            continue;
+        }
+        let cap = crate::fails::grown(s.fails_len);
+        let p = lock.alloc(cap * core::mem::size_of::<FailEntry>()) as *mut FailEntry;
+        if p.is_null() {
+            return Err(format!(
+                "the shared zone \"upsync\" has no room for the failure state of {cap} servers; this worker keeps it for \
+                 itself; raise upsync_shm_size"
+            ));
+        }
+        if !s.fails.is_null() {
+            // SAFETY: p has room for `cap` > `fails_len` entries; the old table is this zone's
+            // and replaced right after.
+            unsafe {
+                ptr::copy_nonoverlapping(s.fails, p, s.fails_len);
+                lock.free(s.fails as *mut c_void);
+            }
+        }
+        s.fails = p;
+        s.fails_cap = cap;
     }
+    s.fail_epoch.fetch_add(1, Ordering::AcqRel);
     Ok(())
 }
 
@@ -584,13 +617,13 @@ pub unsafe fn record_failure(
 /// Main thread; `pool` and `slot` from the zone.
 #[cfg_attr(upsync_stream, allow(dead_code))]
 pub unsafe fn read_failures(pool: *mut ngx_slab_pool_t, slot: *mut Slot) -> (u64, Vec<FailEntry>) {
-    // SAFETY: contract; the mutex guards the table.
-    unsafe {
-        let _lock = Locked::new(pool);
-        let s = &*slot;
-        let entries = if s.fails.is_null() { Vec::new() } else { std::slice::from_raw_parts(s.fails, s.fails_len).to_vec() };
-        (s.fail_epoch.load(Ordering::Acquire), entries)
-    }
+    // SAFETY: contract.
+    let _lock = unsafe { Locked::new(pool) };
+    // SAFETY: contract; the mutex, held, guards the table.
+    let s = unsafe { &*slot };
+    // SAFETY: `fails` holds `fails_len` used entries of slab memory (under the mutex).
+    let entries = if s.fails.is_null() { Vec::new() } else { unsafe { std::slice::from_raw_parts(s.fails, s.fails_len) }.to_vec() };
+    (s.fail_epoch.load(Ordering::Acquire), entries)
 }
 
 /// A slot's metadata and list version.
@@ -598,21 +631,22 @@ pub unsafe fn read_failures(pool: *mut ngx_slab_pool_t, slot: *mut Slot) -> (u64
 /// # Safety
 /// Main thread; `pool` and `slot` from the zone.
 pub unsafe fn read_meta(pool: *mut ngx_slab_pool_t, slot: *mut Slot) -> (u64, SlotMeta) {
-    // SAFETY: contract; the mutex guards the metadata.
-    let (version, bytes) = unsafe {
-        let _lock = Locked::new(pool);
-        ((*slot).servers_version.load(Ordering::Acquire), (&(*slot).meta)[..(*slot).meta_len].to_vec())
+    let (version, bytes) = {
+        // SAFETY: contract.
+        let _lock = unsafe { Locked::new(pool) };
+        // SAFETY: contract; the mutex, held, guards the metadata.
+        let s = unsafe { &*slot };
+        (s.servers_version.load(Ordering::Acquire), s.meta[..s.meta_len].to_vec())
     };
     (version, if bytes.is_empty() { SlotMeta::default() } else { SlotMeta::decode(&bytes).unwrap_or_default() })
 }
 
 /// The zone's slab pool for this cycle.
 pub fn pool_of(main: &MainConf) -> *mut ngx_slab_pool_t {
-    if main.shm_zone.is_null() {
-        return ptr::null_mut();
-    }
-    // SAFETY: shm_zone was set by add_zone and nginx mapped it before init.
-    unsafe { (*main.shm_zone).shm.addr as *mut ngx_slab_pool_t }
+    // SAFETY: shm_zone is null or was set by add_zone; nginx maps the zone before its init and
+    // keeps it for the life of the workers.
+    let pool = unsafe { main.shm_zone.as_ref().and_then(|z| SlabPool::from_shm_zone(z)) };
+    pool.map_or(ptr::null_mut(), |mut p| p.as_mut() as *mut ngx_slab_pool_t)
 }
 
 /// The upstream's name as written in `upstream NAME {}`.

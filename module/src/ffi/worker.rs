@@ -84,30 +84,36 @@ pub unsafe extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
 /// # Safety
 /// The new process's main thread, `cycle` the running cycle.
 unsafe fn start_worker(cycle: *mut ngx_cycle_t) {
-    // SAFETY: contract.
-    unsafe {
-        if ngx_process != NGX_PROCESS_WORKER as ngx_uint_t && ngx_process != NGX_PROCESS_SINGLE as ngx_uint_t {
-            return;
-        }
-        log::set_level((*(*cycle).log).log_level);
-        let Some(main) = cycle_main_conf() else { return };
-        if main.upstreams.is_empty() || main.header.is_null() {
-            return;
-        }
-        shm::register_worker(main);
-        let mut dummy: Box<ngx_connection_t> = Box::new(core::mem::zeroed());
-        dummy.fd = -1;
-        let mut tick: Box<ngx_event_t> = Box::new(core::mem::zeroed());
-        tick.handler = Some(on_tick);
-        tick.log = (*cycle).log;
-        tick.data = &mut *dummy as *mut ngx_connection_t as *mut c_void;
-        // A cancelable timer never keeps a shutting-down worker alive.
-        tick.set_cancelable(1);
-        let tick_ptr: *mut ngx_event_t = &mut *tick;
-        WORKER.with(|w| *w.borrow_mut() = Some(Worker { main, _tick: tick, _dummy: dummy, leader: None }));
-        // First tick right away: a new worker takes a vacant lease (e.g. after a reload) at once.
-        nginx_sys::ngx_add_timer(tick_ptr, 1);
+    // SAFETY: a plain read of nginx's global on the main thread.
+    let process = unsafe { ngx_process };
+    if process != NGX_PROCESS_WORKER as ngx_uint_t && process != NGX_PROCESS_SINGLE as ngx_uint_t {
+        return;
     }
+    // SAFETY: contract: the running cycle, whose log nginx set up.
+    let log = unsafe { (*cycle).log };
+    // SAFETY: as above.
+    log::set_level(unsafe { (*log).log_level });
+    // SAFETY: main thread.
+    let Some(main) = (unsafe { cycle_main_conf() }) else { return };
+    if main.upstreams.is_empty() || main.header.is_null() {
+        return;
+    }
+    // SAFETY: worker main thread; main of the running cycle with a header.
+    unsafe { shm::register_worker(main) };
+    // SAFETY: all-zero is the unset state of these C structs.
+    let (mut dummy, mut tick): (Box<ngx_connection_t>, Box<ngx_event_t>) =
+        unsafe { (Box::new(core::mem::zeroed()), Box::new(core::mem::zeroed())) };
+    dummy.fd = -1;
+    tick.handler = Some(on_tick);
+    tick.log = log;
+    tick.data = &mut *dummy as *mut ngx_connection_t as *mut c_void;
+    // A cancelable timer never keeps a shutting-down worker alive.
+    tick.set_cancelable(1);
+    let tick_ptr: *mut ngx_event_t = &mut *tick;
+    WORKER.with(|w| *w.borrow_mut() = Some(Worker { main, _tick: tick, _dummy: dummy, leader: None }));
+    // First tick right away: a new worker takes a vacant lease (e.g. after a reload) at once.
+    // SAFETY: the event lives in the Worker until exit_process; main thread.
+    unsafe { nginx_sys::ngx_add_timer(tick_ptr, 1) };
 }
 
 pub unsafe extern "C" fn exit_process(_cycle: *mut ngx_cycle_t) {
@@ -167,27 +173,26 @@ unsafe fn tick(w: &mut Worker) {
     let committed = unsafe { (*main.header).committed_generation.load(core::sync::atomic::Ordering::Acquire) };
     let generation = main.generation;
     let is_exiting = exiting();
-    // SAFETY: main thread, header of the running cycle.
-    let (decision, previous) = unsafe {
-        shm::update_lease(main, |lease| {
-            let me = Me {
-                pid,
-                generation,
-                current_generation: committed,
-                exiting: is_exiting,
-                now_ms: now,
-                leader_alive: lease.leader_pid == 0 || shm::process_exists(lease.leader_pid),
-            };
-            let d = lease::decide(lease, me);
-            let mine = Lease { leader_pid: pid, leader_generation: generation, heartbeat_ms: now };
-            let new = match d {
-                Decision::Renew | Decision::Acquire => Some(mine),
-                Decision::Release => Some(Lease { leader_pid: 0, leader_generation: 0, heartbeat_ms: 0 }),
-                Decision::Follow => None,
-            };
-            ((d, lease.leader_pid), new)
-        })
+    let decide = |lease: Lease| {
+        let me = Me {
+            pid,
+            generation,
+            current_generation: committed,
+            exiting: is_exiting,
+            now_ms: now,
+            leader_alive: lease.leader_pid == 0 || shm::process_exists(lease.leader_pid),
+        };
+        let d = lease::decide(lease, me);
+        let mine = Lease { leader_pid: pid, leader_generation: generation, heartbeat_ms: now };
+        let new = match d {
+            Decision::Renew | Decision::Acquire => Some(mine),
+            Decision::Release => Some(Lease { leader_pid: 0, leader_generation: 0, heartbeat_ms: 0 }),
+            Decision::Follow => None,
+        };
+        ((d, lease.leader_pid), new)
     };
+    // SAFETY: main thread, header of the running cycle.
+    let (decision, previous) = unsafe { shm::update_lease(main, decide) };
     match decision {
         Decision::Renew => {
             let dead = w.leader.as_ref().is_some_and(|l| l.poller.is_finished());
@@ -357,27 +362,31 @@ pub(super) fn spawn_without_signals(f: Box<dyn FnOnce() + Send>, name: &str) -> 
 /// Main thread of a worker.
 unsafe fn register_wake(rx: UnixStream) -> Option<*mut ngx_connection_t> {
     let fd = rx.into_raw_fd();
-    // SAFETY: nginx takes ownership of fd via the connection; on failure we close it ourselves.
-    unsafe {
-        let c = ngx_get_connection(fd, (*ngx_cycle).log);
-        if c.is_null() {
-            libc::close(fd);
-            return None;
-        }
-        let rev = (*c).read;
-        (*rev).handler = Some(on_wake);
-        (*rev).log = (*ngx_cycle).log;
-        (*(*c).write).log = (*ngx_cycle).log;
-        // `idle`: when nginx starts a graceful shutdown it calls the read handler of idle
-        // connections with `close` set, which is our cue to stop polling at once.
-        (*c).set_idle(1);
-        // nginx's portable registration (edge-triggered on epoll: on_wake reads until EAGAIN).
-        if ngx_handle_read_event(rev, 0) != NGX_OK as ngx_int_t {
-            ngx_close_connection(c);
-            return None;
-        }
-        Some(c)
+    // SAFETY: main thread: ngx_cycle is the running cycle.
+    let log = unsafe { (*ngx_cycle).log };
+    // SAFETY: nginx takes ownership of fd through the connection.
+    let c = unsafe { ngx_get_connection(fd, log) };
+    if c.is_null() {
+        // SAFETY: fd is ours still (nginx did not take it).
+        unsafe { libc::close(fd) };
+        return None;
     }
+    // SAFETY: a connection nginx just handed out, with its read and write events.
+    let (conn, rev, wev) = unsafe { (&mut *c, &mut *(*c).read, &mut *(*c).write) };
+    rev.handler = Some(on_wake);
+    rev.log = log;
+    wev.log = log;
+    // `idle`: when nginx starts a graceful shutdown it calls the read handler of idle
+    // connections with `close` set, which is our cue to stop polling at once.
+    conn.set_idle(1);
+    // nginx's portable registration (edge-triggered on epoll: on_wake reads until EAGAIN).
+    // SAFETY: the read event of a live connection, on the main thread.
+    if unsafe { ngx_handle_read_event(rev, 0) } != NGX_OK as ngx_int_t {
+        // SAFETY: our connection, not registered; closing it closes fd.
+        unsafe { ngx_close_connection(c) };
+        return None;
+    }
+    Some(c)
 }
 
 /// The poller (or a log line from it) woke us up; or nginx is shutting down.
@@ -398,7 +407,7 @@ unsafe extern "C" fn on_wake(ev: *mut ngx_event_t) {
             log::drain();
             return;
         }
-        // Drain the socket (level-triggered: it stays readable until empty).
+        // Drain the socket until EAGAIN (nginx registers it edge-triggered on epoll).
         let mut buf = [0u8; 256];
         // SAFETY: c is our connection; fd is a non-blocking socket we own through it.
         while unsafe { libc::read((*c).fd, buf.as_mut_ptr() as *mut c_void, buf.len()) } > 0 {}

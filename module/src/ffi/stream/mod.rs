@@ -12,7 +12,7 @@ use core::ffi::{c_char, c_void, CStr};
 use core::ptr;
 use std::rc::Rc;
 
-use ngx::core::{Pool, NGX_CONF_ERROR, NGX_CONF_OK};
+use ngx::core::{CoreModule, CoreModuleMainConf, Pool, NGX_CONF_ERROR, NGX_CONF_OK};
 use ngx::ffi::*;
 use ngx::{ngx_conf_log_error, ngx_string};
 
@@ -151,44 +151,17 @@ extern "C" fn set_lb(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut c
     })
 }
 
-/// Runs nginx's own directive `directive` of module `module_name` (found among the loaded
-/// modules) with the current arguments.
-///
-/// # Safety
-/// `cf`/`conf` are what nginx passed to a directive handler; the directive takes no arguments.
-unsafe fn run_directive(cf: *mut ngx_conf_t, conf: *mut c_void, module_name: &str, directive: &str) -> *mut c_char {
-    // SAFETY: cf->cycle->modules is the cycle's NULL-terminated module list; each commands
-    // array ends with an entry whose name.len is 0.
-    unsafe {
-        if let Some(module) = find_module((*cf).cycle, module_name) {
-            let mut c = module.commands;
-            while !c.is_null() && (*c).name.len != 0 {
-                if (*c).name.as_bytes() == directive.as_bytes() {
-                    if let Some(set) = (*c).set {
-                        return set(cf, c, conf);
-                    }
-                    break;
-                }
-                c = c.add(1);
-            }
-        }
-    }
-    conf_error(cf, "upsync_lb", &format!("nginx has no stream \"{directive}\" directive ({module_name} is not built in)"))
-}
-
 /// `upstream_show` in a stream `server {}`: a client that connects gets the listing.
 extern "C" fn set_show(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, _conf: *mut c_void) -> *mut c_char {
     guard("\"upstream_show\" directive", NGX_CONF_ERROR, || {
-        // SAFETY: in a stream server block, cf->ctx is its ngx_stream_conf_ctx_t and the core
-        // module's srv conf an ngx_stream_core_srv_conf_t.
-        unsafe {
-            let ctx = (*cf).ctx as *mut ngx_stream_conf_ctx_t;
-            let cscf = *(*ctx).srv_conf.add(ngx_stream_core_module.ctx_index) as *mut ngx_stream_core_srv_conf_t;
-            if (*cscf).handler.is_some() {
-                return conf_error(cf, "upstream_show", "this server already has a handler (proxy_pass, return...)");
-            }
-            (*cscf).handler = Some(show::handler);
+        // SAFETY: in a stream server block, cf->ctx is its ngx_stream_conf_ctx_t, whose srv_conf
+        // holds the core module's ngx_stream_core_srv_conf_t.
+        let cscf = unsafe { conf_ctx(&*cf).and_then(|ctx| module_conf::<ngx_stream_core_srv_conf_t>(ctx.srv_conf, core_module())) };
+        let Some(cscf) = cscf else { return NGX_CONF_ERROR };
+        if cscf.handler.is_some() {
+            return conf_error(cf, "upstream_show", "this server already has a handler (proxy_pass, return...)");
         }
+        cscf.handler = Some(show::handler);
         NGX_CONF_OK
     })
 }
@@ -205,24 +178,27 @@ unsafe extern "C" fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
 /// `cf` must be the conf nginx passes to postconfiguration.
 unsafe fn postconfigure(cf: &mut ngx_conf_t) -> ngx_int_t {
     log::init();
-    // SAFETY: in postconfiguration, cf->ctx is the stream{} conf ctx with every module's main conf.
+    // SAFETY: in postconfiguration, cf->ctx is the stream{} conf ctx with every stream module's
+    // main conf: ours a MainConf, the upstream module's an ngx_stream_upstream_main_conf_t.
     let (main, umcf) = unsafe {
-        let ctx = cf.ctx as *mut ngx_stream_conf_ctx_t;
-        let main = &mut *(*(*ctx).main_conf.add(module().ctx_index) as *mut MainConf);
-        let umcf = &mut *(*(*ctx).main_conf.add(ngx_stream_upstream_module.ctx_index) as *mut ngx_stream_upstream_main_conf_t);
-        (main, umcf)
+        let ctx = conf_ctx(cf);
+        (
+            ctx.and_then(|c| module_conf::<MainConf>(c.main_conf, module())),
+            ctx.and_then(|c| module_conf::<ngx_stream_upstream_main_conf_t>(c.main_conf, upstream_module())),
+        )
+    };
+    let (Some(main), Some(umcf)) = (main, umcf) else {
+        ngx_conf_log_error!(NGX_LOG_EMERG, cf, "upsync: the stream{{}} block has no upstream configuration");
+        return NGX_ERROR as ngx_int_t;
     };
     // SAFETY: umcf->upstreams is an array of ngx_stream_upstream_srv_conf_t pointers.
     let upstreams: &[*mut ngx_stream_upstream_srv_conf_t] = unsafe { umcf.upstreams.as_slice() };
     for &uscf in upstreams {
-        // SAFETY: every element is a valid upstream conf of this cycle; implicit upstreams
-        // (proxy_pass ADDR) have no srv_conf array.
+        // SAFETY: every element is a valid upstream conf of this cycle.
         let us = unsafe { &mut *uscf };
-        if us.srv_conf.is_null() {
-            continue;
-        }
-        // SAFETY: srv_conf holds every stream module's srv conf for this upstream block.
-        let srv = unsafe { &mut *(*us.srv_conf.add(module().ctx_index) as *mut SrvConf) };
+        // Implicit upstreams (proxy_pass ADDR) have no srv_conf array.
+        // SAFETY: srv_conf is null or holds every stream module's srv conf for this block.
+        let Some(srv) = (unsafe { module_conf::<SrvConf>(us.srv_conf, module()) }) else { continue };
         let name = String::from_utf8_lossy(us.host.as_bytes()).into_owned();
         if let Err(e) = conf::validate_block(&srv.sync) {
             ngx_conf_log_error!(NGX_LOG_EMERG, cf, "upsync: upstream \"{}\": {}", name, e);
@@ -242,15 +218,14 @@ unsafe fn postconfigure(cf: &mut ngx_conf_t) -> ngx_int_t {
             return NGX_ERROR as ngx_int_t;
         }
         // nginx's stream `hash` in this block: a key, and whether its init built a ring.
+        // SAFETY: cf->cycle is the cycle being configured.
+        let hash_module = unsafe { find_module(cf.cycle, "ngx_stream_upstream_hash_module") };
         // SAFETY: the hash module's srv conf of this upstream is laid out as StreamHashSrvConf
         // (zeroed at creation).
-        let (hash, consistent) = unsafe {
-            find_module(cf.cycle, "ngx_stream_upstream_hash_module")
-                .map(|m| *us.srv_conf.add(m.ctx_index) as *const StreamHashSrvConf)
-                .filter(|h| !h.is_null())
-                .map(|h| (!(*h).key.value.data.is_null(), !(*h).points.is_null()))
-                .unwrap_or((false, false))
-        };
+        let (hash, consistent) = hash_module
+            .and_then(|m| unsafe { module_conf::<StreamHashSrvConf>(us.srv_conf, m) })
+            .map(|h| (!h.key.value.data.is_null(), !h.points.is_null()))
+            .unwrap_or((false, false));
         if consistent {
             ngx_conf_log_error!(
                 NGX_LOG_EMERG,
@@ -272,18 +247,8 @@ unsafe fn postconfigure(cf: &mut ngx_conf_t) -> ngx_int_t {
         srv.us = ptr::NonNull::new(uscf);
         main.upstreams.push(srv as *mut SrvConf);
     }
-    if main.upstreams.is_empty() {
-        return NGX_OK as ngx_int_t;
-    }
-    let size = main.shm_size.unwrap_or(DEFAULT_SHM_SIZE);
-    // SAFETY: cf is valid during postconfiguration; main lives as long as the cycle.
-    match unsafe { shm::add_zone(cf, main, size) } {
-        Ok(()) => NGX_OK as ngx_int_t,
-        Err(e) => {
-            ngx_conf_log_error!(NGX_LOG_EMERG, cf, "upsync: {}", e);
-            NGX_ERROR as ngx_int_t
-        }
-    }
+    // SAFETY: cf is postconfiguration's; main lives as long as the cycle.
+    unsafe { add_zone_if_synced(cf, main) }
 }
 
 /// The stream `hash` module's per-upstream conf (`ngx_stream_upstream_hash_srv_conf_t`, private
@@ -297,13 +262,48 @@ struct StreamHashSrvConf {
     points: *mut c_void,
 }
 
-/// The main conf of the running cycle, if the stream{} block exists and loads us.
+fn core_module() -> &'static ngx_module_t {
+    // SAFETY: nginx's static module, only written while nginx loads modules.
+    unsafe { &*ptr::addr_of!(ngx_stream_core_module) }
+}
+
+fn upstream_module() -> &'static ngx_module_t {
+    // SAFETY: as above.
+    unsafe { &*ptr::addr_of!(ngx_stream_upstream_module) }
+}
+
+/// The stream conf ctx of the block being parsed.
 ///
 /// # Safety
-/// Main thread of a worker or the master.
-unsafe fn cycle_main_conf() -> Option<&'static mut MainConf> {
-    // SAFETY: ngx_cycle is valid on the main thread.
-    unsafe { main_conf_of(ngx_cycle as *mut ngx_cycle_t) }
+/// `cf` is inside the stream{} block (a directive handler's or postconfiguration's).
+unsafe fn conf_ctx(cf: &ngx_conf_t) -> Option<&'static ngx_stream_conf_ctx_t> {
+    // SAFETY: contract: cf->ctx is an ngx_stream_conf_ctx_t of the cycle being configured.
+    unsafe { cf.ctx.cast::<ngx_stream_conf_ctx_t>().as_ref() }
+}
+
+/// nginx's `stream` core module: its conf in a cycle is the stream{} block's conf ctx.
+struct NgxStreamModule;
+
+impl CoreModule for NgxStreamModule {
+    fn module() -> &'static ngx_module_t {
+        // SAFETY: nginx's static module, only written while nginx loads modules.
+        unsafe { &*ptr::addr_of!(ngx_stream_module) }
+    }
+}
+
+// SAFETY: the `stream` block's handler stores its ngx_stream_conf_ctx_t in the cycle's conf_ctx
+// at the stream module's index (null when the configuration has no stream{} block).
+unsafe impl CoreModuleMainConf for NgxStreamModule {
+    type MainConf = ngx_stream_conf_ctx_t;
+}
+
+/// The stream conf ctx of a configured cycle (the stream{} block), if there is one.
+///
+/// # Safety
+/// `cycle` null or a cycle whose configuration nginx has parsed; main thread.
+unsafe fn cycle_conf_ctx(cycle: *mut ngx_cycle_t) -> Option<&'static ngx_stream_conf_ctx_t> {
+    // SAFETY: contract.
+    NgxStreamModule::main_conf(unsafe { cycle.as_ref() }?)
 }
 
 /// Our main conf in `cycle`, if its stream{} block exists and loads us.
@@ -311,18 +311,8 @@ unsafe fn cycle_main_conf() -> Option<&'static mut MainConf> {
 /// # Safety
 /// `cycle` null or a cycle whose configuration nginx has parsed; main thread.
 unsafe fn main_conf_of(cycle: *mut ngx_cycle_t) -> Option<&'static mut MainConf> {
-    // SAFETY: contract; conf_ctx holds the stream conf ctx at the stream module's index.
-    unsafe {
-        if cycle.is_null() || (*cycle).conf_ctx.is_null() {
-            return None;
-        }
-        let stream = *(*cycle).conf_ctx.add(ngx_stream_module.index) as *mut ngx_stream_conf_ctx_t;
-        if stream.is_null() {
-            return None;
-        }
-        let main = *(*stream).main_conf.add(module().ctx_index) as *mut MainConf;
-        main.as_mut()
-    }
+    // SAFETY: contract; the main_conf array of the stream ctx holds our MainConf.
+    unsafe { cycle_conf_ctx(cycle).and_then(|ctx| module_conf(ctx.main_conf, module())) }
 }
 
 /// Every stream upstream of the running cycle (synced or not).
@@ -330,36 +320,26 @@ unsafe fn main_conf_of(cycle: *mut ngx_cycle_t) -> Option<&'static mut MainConf>
 /// # Safety
 /// Main thread only.
 unsafe fn cycle_upstreams() -> &'static [*mut ngx_stream_upstream_srv_conf_t] {
-    // SAFETY: as cycle_main_conf.
-    unsafe {
-        let cycle = ngx_cycle;
-        if cycle.is_null() || (*cycle).conf_ctx.is_null() {
-            return &[];
-        }
-        let stream = *(*cycle).conf_ctx.add(ngx_stream_module.index) as *mut ngx_stream_conf_ctx_t;
-        if stream.is_null() {
-            return &[];
-        }
-        let umcf = *(*stream).main_conf.add(ngx_stream_upstream_module.ctx_index) as *mut ngx_stream_upstream_main_conf_t;
-        if umcf.is_null() {
-            return &[];
-        }
-        (*umcf).upstreams.as_slice()
+    // SAFETY: ngx_cycle is the running cycle on the main thread; the upstream module's main conf
+    // is an ngx_stream_upstream_main_conf_t.
+    let umcf = unsafe {
+        cycle_conf_ctx(ngx_cycle as *mut ngx_cycle_t)
+            .and_then(|ctx| module_conf::<ngx_stream_upstream_main_conf_t>(ctx.main_conf, upstream_module()))
+    };
+    match umcf {
+        // SAFETY: umcf->upstreams is an array of ngx_stream_upstream_srv_conf_t pointers.
+        Some(umcf) => unsafe { umcf.upstreams.as_slice() },
+        None => &[],
     }
 }
 
-/// Our srv conf of a stream upstream, if it has one.
+/// Our srv conf of a stream upstream, if it has one (implicit upstreams have none).
 ///
 /// # Safety
 /// `us` must be a valid upstream conf.
 unsafe fn srv_conf_of(us: *mut ngx_stream_upstream_srv_conf_t) -> Option<&'static mut SrvConf> {
-    // SAFETY: contract; srv_conf is NULL for implicit upstreams.
-    unsafe {
-        if (*us).srv_conf.is_null() {
-            return None;
-        }
-        (*(*us).srv_conf.add(module().ctx_index) as *mut SrvConf).as_mut()
-    }
+    // SAFETY: contract; srv_conf is null or holds every stream module's srv conf of the block.
+    unsafe { module_conf((*us).srv_conf, module()) }
 }
 
 /// The first server of the block with nginx's own `resolve` (nginx >= 1.27.3 keeps the name of
