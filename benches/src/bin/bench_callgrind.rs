@@ -50,13 +50,15 @@ struct Traced {
 }
 
 impl Traced {
-    fn start(dir: &Path, http: &str, module: bool) -> anyhow::Result<Traced> {
+    /// `main`: extra directives for the main context.
+    fn start(dir: &Path, main: &str, http: &str, module: bool) -> anyhow::Result<Traced> {
         std::fs::create_dir_all(dir.join("tmp"))?;
         let port = free_port();
         let d = dir.display();
         let load = if module { format!("load_module {};", upsync_tests::paths::module_so().display()) } else { String::new() };
         let conf = format!(
             "{load}
+{main}
 daemon off;
 master_process off;
 user root root;
@@ -298,7 +300,7 @@ fn main() -> anyhow::Result<()> {
             eprintln!("{label}");
             let d = dir.subdir(&format!("cg-{}-{}", lb.replace(' ', "_"), module));
             let body = if module { upsync("app") } else { static_servers.clone() };
-            let mut t = Traced::start(&d, &format!("upstream app {{ {directive} {body} keepalive 64; }}"), module)?;
+            let mut t = Traced::start(&d, "", &format!("upstream app {{ {directive} {body} keepalive 64; }}"), module)?;
             if module {
                 wait_count(t.port, BASE)?;
             }
@@ -335,6 +337,23 @@ fn main() -> anyhow::Result<()> {
         rows.push((lb, per));
     }
 
+    // Control: stock nginx with one idle thread of its own (a thread pool), as the module's
+    // leader worker has its Consul poller thread. Once a process has a second thread, glibc's
+    // system call wrappers (recv, writev, epoll_wait...) add cancellation-point bookkeeping to
+    // every call; a worker that never starts a thread (a follower) does not pay it.
+    let mut threaded_stock = None;
+    if wanted("rr") {
+        eprintln!("round robin stock, one thread pool thread");
+        let d = dir.subdir("cg-round_robin-stock-thread");
+        let mut t =
+            Traced::start(&d, "thread_pool bench threads=1;", &format!("upstream app {{ {static_servers} keepalive 64; }}"), false)?;
+        let mut c = Client::new(t.port)?;
+        c.run(1_000)?;
+        let ir = t.net_count(|| c.run(requests))?;
+        eprintln!("round robin stock, thread: {ir:?}");
+        threaded_stock = Some(ir.total() as f64 / requests as f64);
+    }
+
     // One list change, for lists of 10 / 1,000 / 20,000 servers.
     let mut changes = Vec::new();
     // UPSYNC_BENCH_CG_SIZES (comma-separated) replaces the list sizes.
@@ -352,7 +371,7 @@ fn main() -> anyhow::Result<()> {
         pairs.extend((0..size - BASE).map(|i| (format!("upstreams/{prefix}/{}", filler(i)), "{\"down\":1}".to_string())));
         consul.kv_put_many(&pairs);
         let d = dir.subdir(&format!("cg-change-{size}"));
-        let mut t = Traced::start(&d, &format!("upstream app {{ {} keepalive 64; }}", upsync(&prefix)), true)?;
+        let mut t = Traced::start(&d, "", &format!("upstream app {{ {} keepalive 64; }}", upsync(&prefix)), true)?;
         wait_count(t.port, size)?;
         // Settle (the first list's build and dump).
         std::thread::sleep(Duration::from_secs(3));
@@ -386,6 +405,14 @@ fn main() -> anyhow::Result<()> {
         let (s, m) = (per[0], per[1]);
         let extra = (m - s) / s;
         println!("| {lb} | {s:.0} | {m:.0} | {:+.2}% | {:.3} cores |", extra * 100.0, cores(native) * extra);
+        if let (Some(t), "round robin") = (threaded_stock, *lb) {
+            let e = (t - s) / s;
+            println!(
+                "| {lb}: stock nginx with one thread_pool thread (control, no module) | {s:.0} | {t:.0} | {:+.2}% | {:.3} cores |",
+                e * 100.0,
+                cores(native) * e
+            );
+        }
         if let (Some(ir), "round robin") = (churn, *lb) {
             let row = |what: &str, n: u64| {
                 let c = n as f64 / requests as f64;
@@ -401,7 +428,7 @@ fn main() -> anyhow::Result<()> {
         }
     }
     if !changes.is_empty() {
-        println!("\n| one list change in an upstream of | every worker (event loop: the slot to installed peers) | the leader's Consul poller thread (answer to slot) | total, leader worker |");
+        println!("\n| one list change in an upstream of | every worker (event loop: the slot to installed peers) | the module's threads (the leader's Consul poller: answer to slot; over 32 KB of list, every worker's builder) | total, leader worker |");
         println!("|---|---:|---:|---:|");
     }
     for (size, ir) in &changes {
