@@ -25,6 +25,43 @@ impl Server {
     }
 }
 
+/// Appends nginx's peer name for `addr` to `out`: the same bytes as its `Display`
+/// (`1.2.3.4:80`, `[::1]:80`), IPv4 written digit by digit. Building a peer list names every
+/// server; through `core::fmt` an IPv4 name cost ~1,300 instructions, 45% of what installing a
+/// list of 1,000 servers costs a worker (bench-callgrind); this costs ~100.
+pub fn write_addr(out: &mut Vec<u8>, addr: &SocketAddr) {
+    match addr {
+        SocketAddr::V4(a) => {
+            for (i, octet) in a.ip().octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b'.');
+                }
+                push_decimal(out, octet.into());
+            }
+            out.push(b':');
+            push_decimal(out, a.port().into());
+        }
+        SocketAddr::V6(_) => {
+            use std::io::Write;
+            let _ = write!(out, "{addr}");
+        }
+    }
+}
+
+fn push_decimal(out: &mut Vec<u8>, mut n: u32) {
+    let mut digits = [0u8; 10];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
+}
+
 /// Where the current list came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -271,10 +308,16 @@ pub fn decode_servers(bytes: &[u8]) -> Result<Vec<Server>, String> {
     postcard::from_bytes(bytes).map_err(|e| format!("corrupt upsync shared slot: {e}"))
 }
 
+/// A map keyed by server address with FNV hashing: the address comes from the operator's own
+/// registry, and std's SipHash was ~7% of the poller's work per list change (callgrind).
+pub type AddrMap<V> = std::collections::HashMap<SocketAddr, V, fnv::FnvBuildHasher>;
+/// A set of server addresses, hashed like [`AddrMap`].
+pub type AddrSet = std::collections::HashSet<SocketAddr, fnv::FnvBuildHasher>;
+
 /// What changed between two lists, as `+added -removed ~changed`, in one pass over each
 /// (a list of 50,000 servers must not cost a pairwise comparison).
 pub fn describe_change(old: &[Server], new: &[Server]) -> String {
-    let before: std::collections::HashMap<SocketAddr, &Server> = old.iter().map(|s| (s.addr, s)).collect();
+    let before: AddrMap<&Server> = old.iter().map(|s| (s.addr, s)).collect();
     let (mut added, mut changed, mut kept) = (0usize, 0usize, 0usize);
     for n in new {
         match before.get(&n.addr) {
@@ -299,9 +342,16 @@ pub fn listing_order(prev: Option<&[Server]>, new: Vec<Server>) -> Vec<Server> {
     let Some(prev) = prev else {
         return listing_order(Some(&[]), new);
     };
-    let mut by_addr: std::collections::HashMap<SocketAddr, Server> = new.into_iter().map(|s| (s.addr, s)).collect();
+    let mut by_addr: AddrMap<Server> = new.into_iter().map(|s| (s.addr, s)).collect();
     let staying: Vec<Server> = prev.iter().filter_map(|p| by_addr.remove(&p.addr)).collect();
-    let mut joining: Vec<(String, Server)> = by_addr.into_values().map(|s| (s.addr.to_string(), s)).collect();
+    let mut joining: Vec<(Vec<u8>, Server)> = by_addr
+        .into_values()
+        .map(|s| {
+            let mut key = Vec::with_capacity(21);
+            write_addr(&mut key, &s.addr);
+            (key, s)
+        })
+        .collect();
     joining.sort_by(|a, b| a.0.cmp(&b.0));
     joining.into_iter().rev().map(|(_, s)| s).chain(staying).collect()
 }
@@ -350,6 +400,27 @@ pub fn slot_key(upstream: &str, u: &crate::conf::Upsync) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn write_addr_writes_what_display_writes() {
+        let mut addrs: Vec<SocketAddr> =
+            ["0.0.0.0:0", "255.255.255.255:65535", "10.0.1.99:8080", "127.0.0.1:9", "[::1]:80", "[fe80::1%2]:443"]
+                .iter()
+                .map(|a| a.parse().unwrap())
+                .collect();
+        for n in [0u32, 1, 9, 10, 99, 100, 199, 200, 255] {
+            addrs.push(SocketAddr::from(([n as u8, (n * 7 % 256) as u8, (255 - n) as u8, (n / 3) as u8], (n * 257 % 65536) as u16)));
+        }
+        for port in [0u16, 7, 10, 65, 999, 1000, 9999, 10000, 65535] {
+            addrs.push(SocketAddr::from(([192, 168, 0, 1], port)));
+        }
+        let mut out = Vec::new();
+        for a in &addrs {
+            out.clear();
+            write_addr(&mut out, a);
+            assert_eq!(String::from_utf8(out.clone()).unwrap(), a.to_string());
+        }
+    }
 
     fn srv(a: &str, w: u32) -> Server {
         Server { addr: a.parse().unwrap(), weight: w, max_fails: 2, fail_timeout: 10, down: false, backup: false }

@@ -32,7 +32,7 @@ use upsync_discovery::{
 };
 
 use crate::conf::{Consistency, Source, Token, UpstreamSync, Upsync, BURST};
-use crate::model::{describe_change, encode_servers, listing_order, Server};
+use crate::model::{describe_change, encode_servers, listing_order, AddrMap, AddrSet, Server};
 use crate::plan::{self, Group, Unit, UnitKind};
 
 /// How long one hostname (a `HOST:PORT` key) may take to resolve before it is skipped for this
@@ -594,8 +594,8 @@ pub fn keep_skipped(servers: &mut Vec<Server>, last: Option<&[Server]>, skipped:
     if skipped.is_empty() {
         return;
     }
-    let mut present: std::collections::HashSet<SocketAddr> = servers.iter().map(|s| s.addr).collect();
-    let before: HashMap<SocketAddr, &Server> = last.iter().map(|s| (s.addr, s)).collect();
+    let mut present: AddrSet = servers.iter().map(|s| s.addr).collect();
+    let before: AddrMap<&Server> = last.iter().map(|s| (s.addr, s)).collect();
     for s in skipped {
         let tail = s.key.rsplit('/').next().unwrap_or("");
         let Ok(addr) = tail.parse::<SocketAddr>() else { continue };
@@ -621,7 +621,7 @@ pub const UNRESOLVABLE_FOR: Duration = Duration::from_secs(30);
 async fn to_servers(upstream: &str, set: &EndpointSet, index: u64, unresolvable: &mut Unresolvable) -> Vec<Server> {
     let mut out: Vec<Server> = Vec::with_capacity(set.len());
     // Addresses already in `out`, for names that resolve to a server listed otherwise.
-    let mut seen: std::collections::HashSet<SocketAddr> = std::collections::HashSet::new();
+    let mut seen = AddrSet::with_capacity_and_hasher(set.len(), Default::default());
     for e in set.iter() {
         let make = |addr: SocketAddr| Server {
             addr,

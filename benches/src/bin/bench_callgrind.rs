@@ -50,13 +50,15 @@ struct Traced {
 }
 
 impl Traced {
-    fn start(dir: &Path, http: &str, module: bool) -> anyhow::Result<Traced> {
+    /// `main`: extra directives for the main context.
+    fn start(dir: &Path, main: &str, http: &str, module: bool) -> anyhow::Result<Traced> {
         std::fs::create_dir_all(dir.join("tmp"))?;
         let port = free_port();
         let d = dir.display();
         let load = if module { format!("load_module {};", upsync_tests::paths::module_so().display()) } else { String::new() };
         let conf = format!(
             "{load}
+{main}
 daemon off;
 master_process off;
 user root root;
@@ -80,6 +82,7 @@ http {{
         std::fs::write(&path, conf)?;
         let mut cmd = Command::new("valgrind");
         cmd.arg("--tool=callgrind")
+            .arg("--separate-threads=yes")
             .arg(format!("--callgrind-out-file={}/callgrind.out.%p", dir.display()))
             .arg(upsync_tests::paths::nginx_bin())
             .arg("-p")
@@ -103,27 +106,45 @@ http {{
         Ok(())
     }
 
-    /// Instructions executed in `work` (counters zeroed before, dumped after).
-    fn count(&mut self, work: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<u64> {
+    /// Instructions executed in `work` (counters zeroed before, dumped after): by nginx's
+    /// event loop (the process's main thread, what every worker runs) and by the module's other
+    /// threads (the leader's Consul poller, builders of large lists).
+    fn count(&mut self, work: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<Ir> {
         self.control("--zero")?;
         work()?;
         self.control("--dump")?;
         self.dumps += 1;
-        let file = self.dir.join(format!("callgrind.out.{}.{}", self.proc.pid(), self.dumps));
+        // With --separate-threads=yes a dump is one file per thread: callgrind.out.PID.N-TT,
+        // thread 01 the main thread.
+        let prefix = format!("callgrind.out.{}.{}-", self.proc.pid(), self.dumps);
         let start = Instant::now();
         loop {
-            if let Ok(text) = std::fs::read_to_string(&file) {
-                if let Some(n) = text.lines().find_map(|l| l.strip_prefix("summary:").or_else(|| l.strip_prefix("totals:"))) {
-                    return Ok(n.split_whitespace().next().unwrap_or("0").parse()?);
+            let mut ir = Ir::default();
+            let mut main_seen = false;
+            for entry in std::fs::read_dir(&self.dir)? {
+                let name = entry?.file_name().to_string_lossy().into_owned();
+                let Some(thread) = name.strip_prefix(&prefix) else { continue };
+                let text = std::fs::read_to_string(self.dir.join(&name)).unwrap_or_default();
+                let total = text.lines().find_map(|l| l.strip_prefix("summary:").or_else(|| l.strip_prefix("totals:")));
+                let Some(total) = total else { continue };
+                let n: u64 = total.split_whitespace().next().unwrap_or("0").parse()?;
+                if thread == "01" {
+                    ir.event_loop += n;
+                    main_seen = true;
+                } else {
+                    ir.threads += n;
                 }
             }
-            anyhow::ensure!(start.elapsed() < Duration::from_secs(30), "no callgrind dump {}", file.display());
+            if main_seen {
+                return Ok(ir);
+            }
+            anyhow::ensure!(start.elapsed() < Duration::from_secs(30), "no callgrind dump {}{prefix}01", self.dir.display());
             std::thread::sleep(Duration::from_millis(50));
         }
     }
 
-    /// Instructions per unit of `work` beyond an idle window of the same length.
-    fn net_count(&mut self, work: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<u64> {
+    /// Instructions for `work` beyond an idle window of the same length.
+    fn net_count(&mut self, work: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<Ir> {
         let t = Instant::now();
         let busy = self.count(work)?;
         let took = t.elapsed();
@@ -131,7 +152,23 @@ http {{
             std::thread::sleep(took);
             Ok(())
         })?;
-        Ok(busy.saturating_sub(idle))
+        Ok(Ir { event_loop: busy.event_loop.saturating_sub(idle.event_loop), threads: busy.threads.saturating_sub(idle.threads) })
+    }
+}
+
+/// Instructions counted in one window.
+#[derive(Clone, Copy, Debug, Default)]
+struct Ir {
+    /// nginx's event loop (the main thread): what every worker pays.
+    event_loop: u64,
+    /// The module's other threads: the Consul poller (the leader worker only, once per nginx
+    /// instance) and the builders of large lists.
+    threads: u64,
+}
+
+impl Ir {
+    fn total(self) -> u64 {
+        self.event_loop + self.threads
     }
 }
 
@@ -243,23 +280,36 @@ fn main() -> anyhow::Result<()> {
     };
     eprintln!("native stock nginx: {:.1} us CPU per request", native * 1e6);
 
+    // UPSYNC_BENCH_CG_ONLY (comma-separated: rr, least_conn, ip_hash, churn, change) runs only
+    // those parts (churn needs rr's module run; to profile one part with callgrind_annotate, keep
+    // the dumps with UPSYNC_KEEP_TEST_DIRS=1).
+    let only = std::env::var("UPSYNC_BENCH_CG_ONLY").unwrap_or_default();
+    let wanted = |part: &str| only.is_empty() || only.split(',').any(|p| p.trim() == part);
     let mut rows = Vec::new();
-    for (lb, directive) in [("round robin", ""), ("least_conn", "least_conn;"), ("ip_hash", "ip_hash;")] {
+    let mut churn: Option<Ir> = None;
+    for (lb, part, directive) in
+        [("round robin", "rr", ""), ("least_conn", "least_conn", "least_conn;"), ("ip_hash", "ip_hash", "ip_hash;")]
+    {
+        let with_churn = part == "rr" && wanted("churn");
+        if !wanted(part) && !with_churn {
+            continue;
+        }
         let mut per = Vec::new();
         for module in [false, true] {
             let label = format!("{lb} {}", if module { "module" } else { "stock" });
             eprintln!("{label}");
             let d = dir.subdir(&format!("cg-{}-{}", lb.replace(' ', "_"), module));
             let body = if module { upsync("app") } else { static_servers.clone() };
-            let mut t = Traced::start(&d, &format!("upstream app {{ {directive} {body} keepalive 64; }}"), module)?;
+            let mut t = Traced::start(&d, "", &format!("upstream app {{ {directive} {body} keepalive 64; }}"), module)?;
             if module {
                 wait_count(t.port, BASE)?;
             }
             let mut c = Client::new(t.port)?;
             c.run(1_000)?;
             let ir = t.net_count(|| c.run(requests))?;
-            per.push(ir as f64 / requests as f64);
-            if module && lb == "round robin" {
+            eprintln!("{label}: {ir:?}");
+            per.push(ir.total() as f64 / requests as f64);
+            if module && with_churn {
                 // Churn: a fifth server added or removed every 100 requests.
                 let key = format!("upstreams/app/{}", addr(BASE));
                 let mut on = false;
@@ -275,10 +325,11 @@ fn main() -> anyhow::Result<()> {
                     }
                     Ok(())
                 })?;
+                eprintln!("churn: {ir:?}");
                 if on {
                     consul.kv_delete(&key);
                 }
-                per.push(ir as f64 / requests as f64);
+                churn = Some(ir);
             }
             drop(c);
             drop(t);
@@ -286,16 +337,41 @@ fn main() -> anyhow::Result<()> {
         rows.push((lb, per));
     }
 
+    // Control: stock nginx with one idle thread of its own (a thread pool), as the module's
+    // leader worker has its Consul poller thread. Once a process has a second thread, glibc's
+    // system call wrappers (recv, writev, epoll_wait...) add cancellation-point bookkeeping to
+    // every call; a worker that never starts a thread (a follower) does not pay it.
+    let mut threaded_stock = None;
+    if wanted("rr") {
+        eprintln!("round robin stock, one thread pool thread");
+        let d = dir.subdir("cg-round_robin-stock-thread");
+        let mut t =
+            Traced::start(&d, "thread_pool bench threads=1;", &format!("upstream app {{ {static_servers} keepalive 64; }}"), false)?;
+        let mut c = Client::new(t.port)?;
+        c.run(1_000)?;
+        let ir = t.net_count(|| c.run(requests))?;
+        eprintln!("round robin stock, thread: {ir:?}");
+        threaded_stock = Some(ir.total() as f64 / requests as f64);
+    }
+
     // One list change, for lists of 10 / 1,000 / 20,000 servers.
     let mut changes = Vec::new();
-    for size in [10usize, 1_000, 20_000] {
+    // UPSYNC_BENCH_CG_SIZES (comma-separated) replaces the list sizes.
+    let sizes: Vec<usize> = std::env::var("UPSYNC_BENCH_CG_SIZES")
+        .ok()
+        .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).filter(|&n| n > BASE).collect())
+        .unwrap_or_else(|| vec![10, 1_000, 20_000]);
+    for size in sizes {
+        if !wanted("change") {
+            break;
+        }
         eprintln!("one change in a list of {size}");
         let prefix = format!("big{size}");
         let mut pairs: Vec<(String, String)> = (0..BASE).map(|i| (format!("upstreams/{prefix}/{}", addr(i)), String::new())).collect();
         pairs.extend((0..size - BASE).map(|i| (format!("upstreams/{prefix}/{}", filler(i)), "{\"down\":1}".to_string())));
         consul.kv_put_many(&pairs);
         let d = dir.subdir(&format!("cg-change-{size}"));
-        let mut t = Traced::start(&d, &format!("upstream app {{ {} keepalive 64; }}", upsync(&prefix)), true)?;
+        let mut t = Traced::start(&d, "", &format!("upstream app {{ {} keepalive 64; }}", upsync(&prefix)), true)?;
         wait_count(t.port, size)?;
         // Settle (the first list's build and dump).
         std::thread::sleep(Duration::from_secs(3));
@@ -309,6 +385,7 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         })?;
+        eprintln!("change {size}: {ir:?}");
         changes.push((size, ir));
         drop(t);
     }
@@ -328,20 +405,40 @@ fn main() -> anyhow::Result<()> {
         let (s, m) = (per[0], per[1]);
         let extra = (m - s) / s;
         println!("| {lb} | {s:.0} | {m:.0} | {:+.2}% | {:.3} cores |", extra * 100.0, cores(native) * extra);
-        if per.len() > 2 {
-            let c = per[2];
-            let e = (c - s) / s;
+        if let (Some(t), "round robin") = (threaded_stock, *lb) {
+            let e = (t - s) / s;
             println!(
-                "| {lb}, a server added/removed every 100 requests | {s:.0} | {c:.0} | {:+.2}% | {:.3} cores |",
+                "| {lb}: stock nginx with one thread_pool thread (control, no module) | {s:.0} | {t:.0} | {:+.2}% | {:.3} cores |",
                 e * 100.0,
                 cores(native) * e
             );
         }
+        if let (Some(ir), "round robin") = (churn, *lb) {
+            let row = |what: &str, n: u64| {
+                let c = n as f64 / requests as f64;
+                let e = (c - s) / s;
+                println!(
+                    "| {lb}, a server added/removed every 100 requests{what} | {s:.0} | {c:.0} | {:+.2}% | {:.3} cores |",
+                    e * 100.0,
+                    cores(native) * e
+                );
+            };
+            row(", every worker (event loop)", ir.event_loop);
+            row(", the leader worker (+ its Consul poller)", ir.total());
+        }
     }
-    println!("\n| one list change in an upstream of | instructions in the worker |");
-    println!("|---|---:|");
+    if !changes.is_empty() {
+        println!("\n| one list change in an upstream of | every worker (event loop: the slot to installed peers) | the module's threads (the leader's Consul poller: answer to slot; over 32 KB of list, every worker's builder) | total, leader worker |");
+        println!("|---|---:|---:|---:|");
+    }
     for (size, ir) in &changes {
-        println!("| {size} servers | {ir} ({:.0} per server) |", *ir as f64 / *size as f64);
+        println!(
+            "| {size} servers | {} ({:.0} per server) | {} | {} |",
+            ir.event_loop,
+            ir.event_loop as f64 / *size as f64,
+            ir.threads,
+            ir.total()
+        );
     }
     Ok(())
 }

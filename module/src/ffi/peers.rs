@@ -12,7 +12,6 @@
 use core::ffi::c_void;
 use core::ptr;
 use std::collections::HashMap;
-use std::io::Write;
 use std::net::SocketAddr;
 use std::rc::Rc;
 
@@ -143,7 +142,7 @@ impl Generation {
         let mut spans = Vec::with_capacity(all.len());
         for s in &all {
             let start = names.len();
-            let _ = write!(names, "{}", s.addr);
+            crate::model::write_addr(&mut names, &s.addr);
             spans.push((start, names.len() - start));
         }
         let mut names = names.into_boxed_slice();
