@@ -3,7 +3,8 @@
 //!
 //! - `mod.rs` (this file): the HTTP module's table, directives, configuration structs, postconfiguration.
 //! - [`common`]: what the HTTP and the stream module share (main conf, directive handlers, panic guard).
-//! - [`peers`]: building nginx round-robin peer lists from synced servers, swapping them per worker.
+//! - [`generation`]: building nginx round-robin peer lists from synced servers, swapping them per
+//!   worker (the same source in the stream module); [`peers`]: its HTTP types and `peer.init`.
 //! - [`shm`]: the shared zone (lease + one slot per synced upstream).
 //! - [`worker`]: per-worker start/stop, the tick timer, leadership, the poller's wake-up socket.
 //! - [`show`]: the `upstream_show` and `upsync_metrics` content handlers.
@@ -23,6 +24,7 @@ pub(crate) use common::*;
 
 mod addr;
 mod common;
+mod generation;
 mod log;
 mod peers;
 mod shm;

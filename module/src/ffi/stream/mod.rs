@@ -7,7 +7,7 @@
 //! lease and the poller thread ([`worker`]), the log ([`log`]), the directive handlers and main
 //! conf ([`common`]) are the same source files, compiled here against this glue's `SrvConf`.
 //! What differs: the module table and its stream context, the stream upstream types in
-//! [`peers`], and [`show`] writing the listing to a client that connects.
+//! [`peers`] (the peer lists themselves are built by the HTTP module's [`generation`]), and [`show`] writing the listing to a client that connects.
 use core::ffi::{c_char, c_void, CStr};
 use core::ptr;
 use std::rc::Rc;
@@ -22,6 +22,8 @@ use crate::conf::{self, Lb, UpstreamSync};
 mod addr;
 #[path = "../common.rs"]
 mod common;
+#[path = "../generation.rs"]
+mod generation;
 #[path = "../log.rs"]
 mod log;
 mod peers;
@@ -57,7 +59,16 @@ pub struct SrvConf {
     source: String,
     local_version: u64,
     current: Option<Rc<peers::Generation>>,
+    /// A large list being built on a builder thread.
+    building: Option<generation::Pending>,
     hash_lb: Option<Lb>,
+    /// With nginx's `hash KEY consistent;`: its per-upstream conf, whose ring every new list
+    /// replaces.
+    chash: Option<ptr::NonNull<StreamHashSrvConf>>,
+    /// The upstream has `zone`: its servers' failure state is shared between workers.
+    shares_failures: bool,
+    fail_epoch_seen: u64,
+    fail_applied: Vec<std::net::SocketAddr>,
 }
 
 const UPS: ngx_uint_t = NGX_STREAM_UPS_CONF as ngx_uint_t;
