@@ -447,12 +447,15 @@ unsafe fn apply_shared_failures(srv: &mut SrvConf) {
 }
 
 /// A request's balancer, wrapped to publish what it does to its peers' failure state: nginx's
-/// `get`/`free`/session callbacks of the balancer in the upstream (round robin, keepalive,
-/// least_conn, hash...) with their data, the upstream, and the generation the request pinned.
+/// `get`/`free`/`notify`/session callbacks of the balancer in the upstream (round robin,
+/// keepalive, least_conn, hash...) with their data, the upstream, and the generation the request
+/// pinned. (`notify`: stream round robin clears a peer's failures when a connection to it
+/// succeeds.)
 struct SharedFails {
     data: *mut c_void,
     get: ngx_event_get_peer_pt,
     free: ngx_event_free_peer_pt,
+    notify: ngx_event_notify_peer_pt,
     set_session: ngx_event_set_peer_session_pt,
     save_session: ngx_event_save_peer_session_pt,
     srv: *mut SrvConf,
@@ -482,6 +485,7 @@ pub(super) unsafe fn share_failures_of(
             data: pc.data,
             get: pc.get,
             free: pc.free,
+            notify: pc.notify,
             set_session: pc.set_session,
             save_session: pc.save_session,
             srv,
@@ -490,6 +494,9 @@ pub(super) unsafe fn share_failures_of(
         pc.data = ctx as *mut c_void;
         pc.get = Some(shared_get);
         pc.free = Some(shared_free);
+        if pc.notify.is_some() {
+            pc.notify = Some(shared_notify);
+        }
         if pc.set_session.is_some() {
             pc.set_session = Some(shared_set_session);
         }
@@ -514,16 +521,45 @@ unsafe extern "C" fn shared_get(pc: *mut ngx_peer_connection_t, data: *mut c_voi
 /// The balancer's `free`, then, when it changed the failure state of the peer the request used,
 /// that state into the shared table.
 unsafe extern "C" fn shared_free(pc: *mut ngx_peer_connection_t, data: *mut c_void, state: ngx_uint_t) {
-    // SAFETY: `data` is the SharedFails set by share_failures_of; its generation is pinned by
-    // the request and its srv conf lives for the cycle; event loop.
+    // SAFETY: `data` is the SharedFails set by share_failures_of; nginx's arguments.
     super::guard("the upstream peer free", (), || unsafe {
         let ctx = &*(data as *const SharedFails);
+        publish_failures_of(pc, ctx, || {
+            if let Some(free) = ctx.free {
+                free(pc, ctx.data, state);
+            }
+        })
+    })
+}
+
+/// The balancer's `notify` (stream: a connection to the peer succeeded), then, when it changed
+/// the peer's failure state, that state into the shared table.
+unsafe extern "C" fn shared_notify(pc: *mut ngx_peer_connection_t, data: *mut c_void, kind: ngx_uint_t) {
+    // SAFETY: `data` is the SharedFails set by share_failures_of (set only when the balancer has
+    // its own notify); nginx's arguments.
+    super::guard("the upstream peer notify", (), || unsafe {
+        let ctx = &*(data as *const SharedFails);
+        publish_failures_of(pc, ctx, || {
+            if let Some(notify) = ctx.notify {
+                notify(pc, ctx.data, kind);
+            }
+        })
+    })
+}
+
+/// Runs `callback` (the balancer's), then records the failure state of the peer `pc` used in the
+/// shared table if the callback changed it.
+///
+/// # Safety
+/// Event loop; `pc` is the peer connection `ctx` wraps; `ctx`'s generation is pinned by the
+/// request and its srv conf lives for the cycle.
+unsafe fn publish_failures_of(pc: *mut ngx_peer_connection_t, ctx: &SharedFails, callback: impl FnOnce()) {
+    // SAFETY: contract.
+    unsafe {
         let g = &*ctx.generation;
         let used = g.index_of_sockaddr((*pc).sockaddr);
         let before = used.map(|i| g.fail_state(i));
-        if let Some(free) = ctx.free {
-            free(pc, ctx.data, state);
-        }
+        callback();
         let (Some(i), Some(before)) = (used, before) else { return };
         let after = g.fail_state(i);
         if after == before {
@@ -537,7 +573,7 @@ unsafe extern "C" fn shared_free(pc: *mut ngx_peer_connection_t, data: *mut c_vo
         if let Err(e) = shm::record_failure(pool.as_ptr(), slot.as_ptr(), addr, after, listed) {
             tracing::error!("upstream \"{}\": {e}", shm::upstream_name(srv));
         }
-    })
+    }
 }
 
 unsafe extern "C" fn shared_set_session(pc: *mut ngx_peer_connection_t, data: *mut c_void) -> ngx_int_t {

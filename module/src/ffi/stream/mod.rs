@@ -64,7 +64,7 @@ pub struct SrvConf {
     hash_lb: Option<Lb>,
     /// With nginx's `hash KEY consistent;`: its per-upstream conf, whose ring every new list
     /// replaces.
-    chash: Option<ptr::NonNull<StreamHashSrvConf>>,
+    chash: Option<ptr::NonNull<peers::HashSrvConf>>,
     /// The upstream has `zone`: its servers' failure state is shared between workers.
     shares_failures: bool,
     fail_epoch_seen: u64,
@@ -130,9 +130,9 @@ unsafe extern "C" fn create_srv_conf(cf: *mut ngx_conf_t) -> *mut c_void {
 }
 
 /// `upsync_lb`: round robin is nginx's default; least_conn runs the stream `least_conn`
-/// directive; `hash_modula` needs the block's own `hash KEY;`. Stream has no `ip_hash` and the
-/// consistent ring of `hash KEY consistent;` is not rebuilt for synced lists (yet): both are
-/// refused with the alternative.
+/// directive; `hash_modula` and `hash_ketama` need the block's own `hash KEY;` or
+/// `hash KEY consistent;` (checked in postconfiguration). Stream has no `ip_hash`: refused with
+/// the alternative.
 extern "C" fn set_lb(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut c_void) -> *mut c_char {
     guard("\"upsync_lb\" directive", NGX_CONF_ERROR, || {
         // SAFETY: cf is valid during the handler.
@@ -142,17 +142,11 @@ extern "C" fn set_lb(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut c
         };
         match lb {
             Lb::RoundRobin => NGX_CONF_OK,
-            Lb::HashModula => {
+            Lb::HashModula | Lb::HashKetama => {
                 // SAFETY: registered with the srv conf offset: conf is our SrvConf.
                 unsafe { (*(conf as *mut SrvConf)).hash_lb = Some(lb) };
                 NGX_CONF_OK
             }
-            Lb::HashKetama => conf_error(
-                cf,
-                "upsync_lb",
-                "hash_ketama is not supported in stream upstreams yet (the consistent ring is not rebuilt for synced \
-                 lists); use \"hash KEY;\" with upsync_lb hash_modula, or least_conn",
-            ),
             Lb::IpHash => {
                 conf_error(cf, "upsync_lb", "nginx's stream module has no ip_hash; use \"hash $remote_addr;\" with upsync_lb hash_modula")
             }
@@ -253,29 +247,30 @@ unsafe fn postconfigure(cf: &mut ngx_conf_t) -> ngx_int_t {
             return NGX_ERROR as ngx_int_t;
         }
         // nginx's stream `hash` in this block: a key, and whether its init built a ring.
-        // SAFETY: the hash module's srv conf of this upstream is laid out as StreamHashSrvConf
-        // (zeroed at creation).
-        let (hash, consistent) = unsafe {
+        // SAFETY: cf->cycle is the cycle being configured; the hash module's srv conf of this
+        // upstream is a peers::HashSrvConf (zeroed at creation).
+        let hcf = unsafe {
             find_module(cf.cycle, "ngx_stream_upstream_hash_module")
-                .map(|m| *us.srv_conf.add(m.ctx_index) as *const StreamHashSrvConf)
+                .map(|m| *us.srv_conf.add(m.ctx_index) as *mut peers::HashSrvConf)
                 .filter(|h| !h.is_null())
-                .map(|h| (!(*h).key.value.data.is_null(), !(*h).points.is_null()))
-                .unwrap_or((false, false))
         };
-        if consistent {
-            ngx_conf_log_error!(
-                NGX_LOG_EMERG,
-                cf,
-                "upsync: upstream \"{}\": \"hash ... consistent\" is not supported with upsync in stream upstreams yet; \
-                 use \"hash KEY;\" (upsync_lb hash_modula) or least_conn",
-                name
-            );
-            return NGX_ERROR as ngx_int_t;
-        }
-        if let Err(e) = conf::check_hash_lb(srv.hash_lb, hash, false) {
+        // SAFETY: as above.
+        let (hash, consistent) = hcf.map(|h| unsafe { (!(*h).key.value.data.is_null(), !(*h).points.is_null()) }).unwrap_or((false, false));
+        // As in HTTP: nginx >= 1.27.3 builds no ring at configuration time in an upstream with
+        // `zone` (it builds one on the first session), so there `hash KEY` and `hash KEY
+        // consistent` look the same here: install our ring in any case (a plain `hash` never
+        // reads it) and take upsync_lb's word for which of the two it is.
+        #[cfg(all(nginx1_27_3, ngx_feature = "stream_upstream_zone"))]
+        let ring_unknown = hash && !consistent && !us.shm_zone.is_null();
+        #[cfg(not(all(nginx1_27_3, ngx_feature = "stream_upstream_zone")))]
+        let ring_unknown = false;
+        let consistent_checked = if ring_unknown { srv.hash_lb == Some(Lb::HashKetama) } else { consistent };
+        if let Err(e) = conf::check_hash_lb(srv.hash_lb, hash, consistent_checked) {
             ngx_conf_log_error!(NGX_LOG_EMERG, cf, "upsync: upstream \"{}\": {}", name, e);
             return NGX_ERROR as ngx_int_t;
         }
+        srv.chash = if consistent || ring_unknown { hcf.and_then(ptr::NonNull::new) } else { None };
+        srv.shares_failures = !us.shm_zone.is_null();
         srv.source = format!("{}{}", u.addresses[0], u.path);
         srv.key = crate::model::slot_key(&name, u);
         srv.original_init_peer = us.peer.init;
@@ -295,17 +290,6 @@ unsafe fn postconfigure(cf: &mut ngx_conf_t) -> ngx_int_t {
             NGX_ERROR as ngx_int_t
         }
     }
-}
-
-/// The stream `hash` module's per-upstream conf (`ngx_stream_upstream_hash_srv_conf_t`, private
-/// to ngx_stream_upstream_hash_module.c: `key, points`; nginx 1.27.3 put `config` before them
-/// when nginx has the upstream `zone` module). Only read here.
-#[repr(C)]
-struct StreamHashSrvConf {
-    #[cfg(all(nginx1_27_3, ngx_feature = "stream_upstream_zone"))]
-    _config: ngx_uint_t,
-    key: ngx_stream_complex_value_t,
-    points: *mut c_void,
 }
 
 /// The main conf of the running cycle, if the stream{} block exists and loads us.

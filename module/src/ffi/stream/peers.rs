@@ -2,6 +2,8 @@
 //! nginx's stream rr peer structs and the `peer.init` wrapper that pins a session to the
 //! generation it starts on (until its connection's pool is destroyed, so an established
 //! connection to a removed server keeps its peer until it closes).
+use core::ffi::c_void;
+
 use ngx::ffi::*;
 
 pub use super::generation::{sync, Generation};
@@ -10,6 +12,21 @@ use super::srv_conf_of;
 /// The peer structs [`Generation`] builds for this module.
 pub type RrPeer = ngx_stream_upstream_rr_peer_t;
 pub type RrPeers = ngx_stream_upstream_rr_peers_t;
+
+/// The stream `hash` module's per-upstream conf (`ngx_stream_upstream_hash_srv_conf_t`, private
+/// to ngx_stream_upstream_hash_module.c: `key, points`; nginx 1.27.3 put `config` before them
+/// when nginx has the upstream `zone` module, unlike the HTTP conf, where it sits between them).
+///
+/// From 1.27.3 on, nginx rebuilds the ring itself (and frees the old one) on a session whose
+/// peer list has a non-null `config` counter that differs from `config` here. Our generations
+/// leave the list's `config` null, so nginx uses the ring we install and never frees it.
+#[repr(C)]
+pub struct HashSrvConf {
+    #[cfg(all(nginx1_27_3, ngx_feature = "stream_upstream_zone"))]
+    pub config: ngx_uint_t,
+    pub key: ngx_stream_complex_value_t,
+    pub points: *mut c_void,
+}
 
 /// `us->peer.init` of a synced stream upstream: catch up with the shared list, pin the
 /// generation the session starts on, then run the balancer's own init.
