@@ -256,20 +256,19 @@ unsafe fn postconfigure(cf: &mut ngx_conf_t) -> ngx_int_t {
         };
         // SAFETY: as above.
         let (hash, consistent) = hcf.map(|h| unsafe { (!(*h).key.value.data.is_null(), !(*h).points.is_null()) }).unwrap_or((false, false));
-        // As in HTTP: nginx >= 1.27.3 builds no ring at configuration time in an upstream with
-        // `zone` (it builds one on the first session), so there `hash KEY` and `hash KEY
-        // consistent` look the same here: install our ring in any case (a plain `hash` never
-        // reads it) and take upsync_lb's word for which of the two it is.
+        // nginx >= 1.27.3 builds no ring at configuration time in an upstream with `zone`.
         #[cfg(all(nginx1_27_3, ngx_feature = "stream_upstream_zone"))]
-        let ring_unknown = hash && !consistent && !us.shm_zone.is_null();
+        let ring_built_lazily = !us.shm_zone.is_null();
         #[cfg(not(all(nginx1_27_3, ngx_feature = "stream_upstream_zone")))]
-        let ring_unknown = false;
-        let consistent_checked = if ring_unknown { srv.hash_lb == Some(Lb::HashKetama) } else { consistent };
-        if let Err(e) = conf::check_hash_lb(srv.hash_lb, hash, consistent_checked) {
-            ngx_conf_log_error!(NGX_LOG_EMERG, cf, "upsync: upstream \"{}\": {}", name, e);
-            return NGX_ERROR as ngx_int_t;
-        }
-        srv.chash = if consistent || ring_unknown { hcf.and_then(ptr::NonNull::new) } else { None };
+        let ring_built_lazily = false;
+        let ring = match conf::hash_ring(srv.hash_lb, hash, consistent, ring_built_lazily) {
+            Ok(ring) => ring,
+            Err(e) => {
+                ngx_conf_log_error!(NGX_LOG_EMERG, cf, "upsync: upstream \"{}\": {}", name, e);
+                return NGX_ERROR as ngx_int_t;
+            }
+        };
+        srv.chash = if ring { hcf.and_then(ptr::NonNull::new) } else { None };
         srv.shares_failures = !us.shm_zone.is_null();
         srv.source = format!("{}{}", u.addresses[0], u.path);
         srv.key = crate::model::slot_key(&name, u);
