@@ -358,3 +358,31 @@ fn zone_shares_failures_between_stream_workers() {
         pids.len()
     );
 }
+
+/// A list over 32 KiB (4,000 servers) is built on a builder thread, as in HTTP, and installed by
+/// the event loop: it reaches new connections, and so does the next change of it.
+#[test]
+fn a_large_stream_list_is_built_off_the_event_loop_and_reaches_connections() {
+    let dir = TestDir::new("stream_big");
+    let consul = Consul::start(dir.path());
+    let (a, b) = (Backend::start("a"), Backend::start("b"));
+    // One worker: the listing is the list that worker balances (installed, not being built).
+    let nginx = Nginx::start(dir.path(), NginxConf::new("").stream(&stream_block("app", &consul.http_addr(), "", "")).workers(1));
+    let (url, show) = (nginx.url("/"), nginx.extra_port(1));
+    let down: Vec<(String, String)> =
+        (0..4000).map(|i| (format!("upstreams/app/127.0.{}.{}:9", 1 + i / 250, 1 + i % 250), r#"{"down":1}"#.to_string())).collect();
+    consul.kv_put_many(&down);
+    put_server(&consul, "app", &a.host_port(), "");
+    let listed = |addr: &str| {
+        let lines = stream_show_lines(&stream_show(show), "app");
+        (lines.len(), lines.iter().any(|l| l.starts_with(&format!("server {addr} "))))
+    };
+    wait_until("the 4,001 servers listed", Duration::from_secs(30), || listed(&a.host_port()) == (4001, true));
+    assert_eq!(all_ok(&url, 20).get("a"), Some(&20));
+
+    put_server(&consul, "app", &b.host_port(), "");
+    delete_server(&consul, "app", &a.host_port());
+    wait_until("b instead of a", Duration::from_secs(30), || listed(&b.host_port()) == (4001, true));
+    assert_eq!(all_ok(&url, 20).get("b"), Some(&20));
+    assert!(nginx.crashes().is_empty(), "{:?}", nginx.crashes());
+}
