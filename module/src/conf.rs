@@ -423,6 +423,19 @@ pub fn check_hash_lb(lb: Option<Lb>, hash: bool, consistent: bool) -> Result<(),
     }
 }
 
+/// Whether a synced upstream gets a consistent-hash ring with every list, after checking
+/// `upsync_lb` against nginx's `hash` in the block (`hash`: it has a key; `consistent`: nginx's
+/// init built a ring). `ring_built_lazily`: nginx >= 1.27.3 in an upstream with `zone`, where
+/// nginx builds no ring at configuration time (it builds one on the first request), so `hash
+/// KEY` and `hash KEY consistent` look the same: the ring is installed in any case (a plain
+/// `hash` never reads it) and `upsync_lb` is taken at its word for which of the two it is.
+pub fn hash_ring(lb: Option<Lb>, hash: bool, consistent: bool, ring_built_lazily: bool) -> Result<bool, String> {
+    let ring_unknown = ring_built_lazily && hash && !consistent;
+    let consistent_checked = if ring_unknown { lb == Some(Lb::HashKetama) } else { consistent };
+    check_hash_lb(lb, hash, consistent_checked)?;
+    Ok(consistent || ring_unknown)
+}
+
 pub fn parse_lb(v: &str) -> Result<Lb, String> {
     match v {
         "round_robin" => Ok(Lb::RoundRobin),
@@ -624,5 +637,23 @@ mod tests {
     fn block_validation() {
         let s = UpstreamSync { dump_path: Some("/tmp/x".into()), ..Default::default() };
         assert!(validate_block(&s).unwrap_err().contains("need an \"upsync\" line"));
+    }
+
+    #[test]
+    fn a_ring_follows_the_lists_of_consistent_hash_upstreams() {
+        // Rings known at configuration time.
+        assert_eq!(hash_ring(None, true, true, false), Ok(true));
+        assert_eq!(hash_ring(Some(Lb::HashKetama), true, true, false), Ok(true));
+        assert_eq!(hash_ring(Some(Lb::HashModula), true, false, false), Ok(false));
+        assert_eq!(hash_ring(None, false, false, false), Ok(false));
+        assert!(hash_ring(Some(Lb::HashKetama), true, false, false).is_err());
+        assert!(hash_ring(Some(Lb::HashModula), true, true, false).is_err());
+        // nginx >= 1.27.3 with `zone`: no ring yet, upsync_lb decides what is checked.
+        assert_eq!(hash_ring(Some(Lb::HashKetama), true, false, true), Ok(true));
+        assert_eq!(hash_ring(None, true, false, true), Ok(true));
+        // (a ring a plain `hash` never reads)
+        assert_eq!(hash_ring(Some(Lb::HashModula), true, false, true), Ok(true));
+        assert!(hash_ring(Some(Lb::HashKetama), false, false, true).is_err());
+        assert_eq!(hash_ring(None, false, false, true), Ok(false));
     }
 }

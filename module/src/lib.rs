@@ -13,6 +13,7 @@ pub mod dump;
 pub mod fails;
 pub mod lease;
 pub mod model;
+pub mod peerplan;
 pub mod plan;
 pub mod poller;
 pub mod show;

@@ -1,7 +1,10 @@
 //! The stream module (`ngx_stream_upsync_module.so`) against a real Consul, real TCP and UDP
 //! backends and real nginx `stream {}` proxies: changes in Consul reach new connections without
 //! reload, an established connection to a removed server is not cut, one Consul connection per
-//! watched upstream whatever the number of workers, and `upstream_show` in a stream server.
+//! watched upstream whatever the number of workers, and `upstream_show` in a stream server;
+//! `hash` and `hash ... consistent` map keys as a stock nginx stream with the same servers;
+//! with `zone`, the workers share their servers' failure state.
+use std::net::UdpSocket;
 use std::time::Duration;
 
 use upsync_tests::backend::Backend;
@@ -11,8 +14,8 @@ use upsync_tests::nginx::{Nginx, NginxConf};
 use upsync_tests::stream::{
     stream_block, stream_show, stream_show_lines, udp_ask, wait_stream_server_line, wait_stream_servers, KeptConnection, UdpBackend,
 };
-use upsync_tests::upsync::{all_ok, delete_server, hits, http_block, put_server, upstream_block};
-use upsync_tests::{wait_until, TestDir};
+use upsync_tests::upsync::{all_ok, delete_server, hits, http_block, put_server, sort_by_port, upstream_block};
+use upsync_tests::{wait_for, wait_until, TestDir};
 
 #[test]
 fn tcp_add_remove_down_weight_reach_new_connections_and_established_ones_stay() {
@@ -165,16 +168,221 @@ fn stream_directives_are_checked_by_nginx_t() {
     };
     let ok = check("ok", "upsync_lb least_conn; upsync_dump_path servers.conf; upsync_allow_empty on;");
     assert!(ok.ok, "{}", ok.output);
-    let hash = check("hash", "hash $remote_addr; upsync_lb hash_modula;");
-    assert!(hash.ok, "{}", hash.output);
+    for (name, lines) in [
+        ("hash", "hash $remote_addr; upsync_lb hash_modula;"),
+        ("ketama", "hash $remote_addr consistent; upsync_lb hash_ketama;"),
+        ("consistent", "hash $remote_addr consistent;"),
+        ("zone_consistent", "zone app 64k; hash $remote_addr consistent; upsync_lb hash_ketama;"),
+    ] {
+        let t = check(name, lines);
+        assert!(t.ok, "{name}: {}", t.output);
+    }
     for (name, lines, message) in [
         ("ip_hash", "upsync_lb ip_hash;", "stream module has no ip_hash"),
-        ("ketama", "hash $remote_addr consistent; upsync_lb hash_ketama;", "hash_ketama is not supported in stream"),
-        ("consistent", "hash $remote_addr consistent;", "\"hash ... consistent\" is not supported with upsync in stream"),
+        ("ketama_alone", "upsync_lb hash_ketama;", "needs nginx's \"hash KEY consistent;\""),
+        ("modula_consistent", "upsync_lb hash_modula; hash $remote_addr consistent;", "without \"consistent\""),
         ("modula", "upsync_lb hash_modula;", "needs nginx's \"hash KEY;\""),
         ("duplicate", "upsync_dump_path a; upsync_dump_path b;", "\"upsync_dump_path\" directive: is duplicate"),
     ] {
         let t = check(name, lines);
         assert!(!t.ok && t.output.contains(message), "{name}: expected \"{message}\":\n{}", t.output);
     }
+}
+
+/// A synced UDP upstream with `hash $remote_port consistent` (upsync_lb hash_ketama) and one
+/// with `hash $remote_port` (hash_modula), proxied on `{{port1}}` and `{{port2}}`;
+/// `upstream_show` on `{{port}}` (TCP: the test harness waits for it).
+fn hash_stream(consul: &str) -> String {
+    format!(
+        "{}\n{}
+        server {{ listen 127.0.0.1:{{{{port}}}}; upstream_show; }}
+        server {{ listen 127.0.0.1:{{{{port1}}}} udp; proxy_pass ring; proxy_responses 1; proxy_timeout 2s; }}
+        server {{ listen 127.0.0.1:{{{{port2}}}} udp; proxy_pass modula; proxy_responses 1; proxy_timeout 2s; }}",
+        upstream_block("ring", consul, "", "upsync_lb hash_ketama; upsync_allow_empty on; hash $remote_port consistent;"),
+        upstream_block("modula", consul, "", "upsync_lb hash_modula; upsync_allow_empty on; hash $remote_port;"),
+    )
+}
+
+/// A stock nginx stream (no module) with `servers` written in the same blocks.
+fn stock_hash_stream(servers: &[String]) -> NginxConf {
+    let lines: String = servers.iter().map(|s| format!("server {s};\n")).collect();
+    let stream = format!(
+        "upstream ring {{ hash $remote_port consistent; {lines} }}
+        upstream modula {{ hash $remote_port; {lines} }}
+        server {{ listen 127.0.0.1:{{{{port}}}}; return ok; }}
+        server {{ listen 127.0.0.1:{{{{port1}}}} udp; proxy_pass ring; proxy_responses 1; proxy_timeout 2s; }}
+        server {{ listen 127.0.0.1:{{{{port2}}}} udp; proxy_pass modula; proxy_responses 1; proxy_timeout 2s; }}"
+    );
+    NginxConf::new("").stream(&stream).workers(2).without_module()
+}
+
+/// The client ports used as hash keys (`$remote_port`): loopback ports below Linux's ephemeral
+/// range, so that other tests' sockets rarely hold them; a port that cannot be bound is skipped.
+const KEY_PORTS: std::ops::Range<u16> = 21_000..22_000;
+
+/// For each key port, the UDP backend that answers a datagram sent from it to `port`: the same
+/// client ports, so the same keys, on every nginx compared.
+fn udp_mapping(port: u16, keys: &[u16]) -> Vec<Option<String>> {
+    keys.iter()
+        .map(|&k| {
+            let sock = UdpSocket::bind(("127.0.0.1", k)).ok()?;
+            sock.set_read_timeout(Some(Duration::from_secs(2))).expect("read timeout");
+            sock.send_to(b"who", ("127.0.0.1", port)).expect("UDP send");
+            let mut buf = [0u8; 256];
+            sock.recv_from(&mut buf).ok().map(|(n, _)| String::from_utf8_lossy(&buf[..n]).into_owned())
+        })
+        .collect()
+}
+
+/// Keys (client ports) mapped to different backends; a key that got no answer from either
+/// side (port busy) is not compared.
+fn differences(a: &[Option<String>], b: &[Option<String>]) -> usize {
+    a.iter().zip(b).filter(|(x, y)| x.is_some() && y.is_some() && x != y).count()
+}
+
+/// `hash KEY consistent` and `hash KEY` in synced stream upstreams: every key goes to the server
+/// a stock nginx stream with the same servers written in its configuration picks; adding one
+/// server to ten moves about an eleventh of the keys, all to it.
+#[test]
+fn synced_stream_hash_upstreams_map_keys_as_stock_nginx_and_follow_changes() {
+    let dir = TestDir::new("stream_hash");
+    let consul = Consul::start(dir.path());
+    let backends: Vec<UdpBackend> = (0..11).map(|i| UdpBackend::start(&format!("u{i}"))).collect();
+    let synced = Nginx::start(&dir.subdir("synced"), NginxConf::new("").stream(&hash_stream(&consul.http_addr())).workers(2));
+    let (show, ring, modula) = (synced.port(), synced.extra_port(1), synced.extra_port(2));
+    let mut addrs: Vec<String> = backends.iter().map(UdpBackend::host_port).collect();
+    for a in &addrs[..10] {
+        put_server(&consul, "ring", a, "");
+        put_server(&consul, "modula", a, "");
+    }
+    let ten: Vec<&str> = addrs[..10].iter().map(String::as_str).collect();
+    wait_stream_servers(show, "ring", &ten);
+    wait_stream_servers(show, "modula", &ten);
+    // In the order the module lists peers (address, then port), for the order-dependent modula.
+    let mut ten_sorted = addrs[..10].to_vec();
+    sort_by_port(&mut ten_sorted);
+    let stock = Nginx::start(&dir.subdir("stock10"), stock_hash_stream(&ten_sorted));
+    let keys: Vec<u16> = KEY_PORTS.collect();
+
+    let ring10 = udp_mapping(ring, &keys);
+    let answered = ring10.iter().filter(|a| a.is_some()).count();
+    assert!(answered >= keys.len() * 9 / 10, "only {answered} of {} keys answered", keys.len());
+    assert_eq!(differences(&ring10, &udp_mapping(stock.extra_port(1), &keys)), 0, "consistent hash differs from stock nginx");
+    let spread: std::collections::BTreeSet<&String> = ring10.iter().flatten().collect();
+    assert_eq!(spread.len(), 10, "keys spread over {spread:?}");
+    let modula_keys = &keys[..300];
+    let modula10 = udp_mapping(modula, modula_keys);
+    assert_eq!(differences(&modula10, &udp_mapping(stock.extra_port(2), modula_keys)), 0, "hash (modula) differs from stock nginx");
+    drop(stock);
+
+    // An 11th server: about 1/11 of the keys move, all to it; stock nginx with 11 agrees.
+    put_server(&consul, "ring", &addrs[10], "");
+    put_server(&consul, "modula", &addrs[10], "");
+    let eleven: Vec<&str> = addrs.iter().map(String::as_str).collect();
+    wait_stream_servers(show, "ring", &eleven);
+    wait_stream_servers(show, "modula", &eleven);
+    let ring11 = udp_mapping(ring, &keys);
+    let moved = differences(&ring10, &ring11);
+    let fraction = moved as f64 / answered as f64;
+    eprintln!("adding 1 server to 10 moved {moved} of {answered} keys ({:.2}%; 1/11 = 9.09%)", fraction * 100.0);
+    assert!(fraction > 0.03 && fraction <= 1.0 / 11.0 + 0.03, "{fraction}");
+    assert!(
+        ring10.iter().zip(&ring11).filter(|(a, b)| a.is_some() && b.is_some() && a != b).all(|(_, b)| b.as_deref() == Some("u10")),
+        "a key moved between old servers"
+    );
+    sort_by_port(&mut addrs);
+    let stock = Nginx::start(&dir.subdir("stock11"), stock_hash_stream(&addrs));
+    assert_eq!(differences(&ring11, &udp_mapping(stock.extra_port(1), &keys)), 0, "consistent hash differs from stock nginx at 11");
+    assert_eq!(
+        differences(&udp_mapping(modula, modula_keys), &udp_mapping(stock.extra_port(2), modula_keys)),
+        0,
+        "hash (modula) differs at 11"
+    );
+
+    // Emptied (upsync_allow_empty on): no answer, never a crash (the placeholder is down).
+    consul.kv_delete_tree("upstreams/ring/");
+    consul.kv_delete_tree("upstreams/modula/");
+    wait_stream_servers(show, "ring", &[]);
+    wait_stream_servers(show, "modula", &[]);
+    assert_eq!(udp_mapping(ring, &keys[..2]), vec![None, None]);
+    assert!(synced.crashes().is_empty(), "{:?}", synced.crashes());
+    let log = synced.error_log();
+    assert!(!log.contains("[alert]") && !log.contains("[crit]") && !log.contains("panicked"), "{log}");
+}
+
+/// With `zone` in a synced stream upstream, the workers share their servers' failure state as
+/// nginx's workers do for a static upstream with `zone`: with `max_fails=1`, the first failed
+/// connection in any worker takes the server out of every worker's choice for `fail_timeout`.
+#[test]
+fn zone_shares_failures_between_stream_workers() {
+    let dir = TestDir::new("stream_zone_fails");
+    let consul = Consul::start(dir.path());
+    let good = Backend::start("good");
+    // A port nothing listens on: each try on it is a refused connection, a failure that the
+    // stream proxy retries on the next server (proxy_next_upstream is on by default).
+    let refused = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let log = dir.path().join("upstream.log");
+    let stream = format!(
+        "log_format peers '$pid $upstream_addr';
+         upstream app {{
+             zone app 64k;
+             server 127.0.0.1:9;
+             upsync {c}/v1/kv/upstreams/app upsync_timeout=30s upsync_interval=10ms;
+         }}
+         server {{ listen 127.0.0.1:{{{{port}}}} reuseport; proxy_pass app; access_log {log} peers; }}
+         server {{ listen 127.0.0.1:{{{{port1}}}}; upstream_show; }}",
+        c = consul.http_addr(),
+        log = log.display()
+    );
+    let nginx = Nginx::start(dir.path(), NginxConf::new("").stream(&stream).workers(4));
+    let params = r#"{"weight":1,"max_fails":1,"fail_timeout":60}"#;
+    put_server(&consul, "app", &good.host_port(), params);
+    put_server(&consul, "app", &refused, params);
+    wait_stream_servers(nginx.extra_port(1), "app", &[&good.host_port(), &refused]);
+    // Every connection succeeds (a try on the refused server is retried on the good one).
+    let answers = all_ok(&nginx.url("/"), 200);
+    assert_eq!(answers.get("good"), Some(&200), "{answers:?}");
+    let lines = wait_for("the access log of 200 sessions", Duration::from_secs(10), || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let lines: Vec<String> = text.lines().map(str::to_string).collect();
+        (lines.len() >= 200).then_some(lines)
+    });
+    let pids: std::collections::BTreeSet<&str> = lines.iter().filter_map(|l| l.split(' ').next()).collect();
+    let tries_on_refused = lines.iter().filter(|l| l.contains(&refused)).count();
+    // The test means something only if several workers served connections.
+    assert!(pids.len() >= 2, "only worker(s) {pids:?} served the 200 connections; reuseport should spread them");
+    assert_eq!(
+        tries_on_refused,
+        1,
+        "after its first failure the refused server must be avoided by all {} workers that served: {lines:?}",
+        pids.len()
+    );
+}
+
+/// A list over 32 KiB (4,000 servers) is built on a builder thread, as in HTTP, and installed by
+/// the event loop: it reaches new connections, and so does the next change of it.
+#[test]
+fn a_large_stream_list_is_built_off_the_event_loop_and_reaches_connections() {
+    let dir = TestDir::new("stream_big");
+    let consul = Consul::start(dir.path());
+    let (a, b) = (Backend::start("a"), Backend::start("b"));
+    // One worker: the listing is the list that worker balances (installed, not being built).
+    let nginx = Nginx::start(dir.path(), NginxConf::new("").stream(&stream_block("app", &consul.http_addr(), "", "")).workers(1));
+    let (url, show) = (nginx.url("/"), nginx.extra_port(1));
+    let down: Vec<(String, String)> =
+        (0..4000).map(|i| (format!("upstreams/app/127.0.{}.{}:9", 1 + i / 250, 1 + i % 250), r#"{"down":1}"#.to_string())).collect();
+    consul.kv_put_many(&down);
+    put_server(&consul, "app", &a.host_port(), "");
+    let listed = |addr: &str| {
+        let lines = stream_show_lines(&stream_show(show), "app");
+        (lines.len(), lines.iter().any(|l| l.starts_with(&format!("server {addr} "))))
+    };
+    wait_until("the 4,001 servers listed", Duration::from_secs(30), || listed(&a.host_port()) == (4001, true));
+    assert_eq!(all_ok(&url, 20).get("a"), Some(&20));
+
+    put_server(&consul, "app", &b.host_port(), "");
+    delete_server(&consul, "app", &a.host_port());
+    wait_until("b instead of a", Duration::from_secs(30), || listed(&b.host_port()) == (4001, true));
+    assert_eq!(all_ok(&url, 20).get("b"), Some(&20));
+    assert!(nginx.crashes().is_empty(), "{:?}", nginx.crashes());
 }

@@ -3,7 +3,8 @@
 //!
 //! - `mod.rs` (this file): the HTTP module's table, directives, configuration structs, postconfiguration.
 //! - [`common`]: what the HTTP and the stream module share (main conf, directive handlers, panic guard).
-//! - [`peers`]: building nginx round-robin peer lists from synced servers, swapping them per worker.
+//! - [`generation`]: building nginx round-robin peer lists from synced servers, swapping them per
+//!   worker (the same source in the stream module); [`peers`]: its HTTP types and `peer.init`.
 //! - [`shm`]: the shared zone (lease + one slot per synced upstream).
 //! - [`worker`]: per-worker start/stop, the tick timer, leadership, the poller's wake-up socket.
 //! - [`show`]: the `upstream_show` and `upsync_metrics` content handlers.
@@ -26,6 +27,7 @@ pub(crate) use common::*;
 
 mod addr;
 mod common;
+mod generation;
 mod log;
 mod peers;
 mod shm;
@@ -258,20 +260,19 @@ unsafe fn postconfiguration(cf: &mut ngx_conf_t) -> ngx_int_t {
         // SAFETY: as above; nginx owns it for the life of the cycle.
         let (hash, consistent) =
             hcf.map(|h| unsafe { h.as_ref() }).map(|h| (!h.key.value.data.is_null(), !h.points.is_null())).unwrap_or((false, false));
-        // nginx >= 1.27.3 builds no ring at configuration time in an upstream with `zone` (it
-        // builds one on the first request), so there `hash KEY` and `hash KEY consistent` look
-        // the same here: install our ring in any case (a plain `hash` never reads it) and take
-        // upsync_lb's word for which of the two it is.
+        // nginx >= 1.27.3 builds no ring at configuration time in an upstream with `zone`.
         #[cfg(all(nginx1_27_3, ngx_feature = "http_upstream_zone"))]
-        let ring_unknown = hash && !consistent && !us.shm_zone.is_null();
+        let ring_built_lazily = !us.shm_zone.is_null();
         #[cfg(not(all(nginx1_27_3, ngx_feature = "http_upstream_zone")))]
-        let ring_unknown = false;
-        let consistent_checked = if ring_unknown { srv.hash_lb == Some(Lb::HashKetama) } else { consistent };
-        if let Err(e) = conf::check_hash_lb(srv.hash_lb, hash, consistent_checked) {
-            ngx_conf_log_error!(NGX_LOG_EMERG, cf, "upsync: upstream \"{}\": {}", name, e);
-            return NGX_ERROR as ngx_int_t;
-        }
-        srv.chash = if consistent || ring_unknown { hcf } else { None };
+        let ring_built_lazily = false;
+        let ring = match conf::hash_ring(srv.hash_lb, hash, consistent, ring_built_lazily) {
+            Ok(ring) => ring,
+            Err(e) => {
+                ngx_conf_log_error!(NGX_LOG_EMERG, cf, "upsync: upstream \"{}\": {}", name, e);
+                return NGX_ERROR as ngx_int_t;
+            }
+        };
+        srv.chash = if ring { hcf } else { None };
         srv.source = format!("{}{}", u.addresses[0], u.path);
         srv.key = crate::model::slot_key(&name, u);
         srv.original_init_peer = us.peer.init;

@@ -559,8 +559,6 @@ pub unsafe fn read_servers(pool: *mut ngx_slab_pool_t, slot: *mut Slot) -> Optio
 ///
 /// # Safety
 /// Worker main thread; `pool` and `slot` from the zone.
-// Stream upstreams do not share passive health yet (module/README.md, *Stream*).
-#[cfg_attr(upsync_stream, allow(dead_code))]
 pub unsafe fn record_failure(
     pool: *mut ngx_slab_pool_t,
     slot: *mut Slot,
@@ -615,7 +613,6 @@ pub unsafe fn record_failure(
 ///
 /// # Safety
 /// Main thread; `pool` and `slot` from the zone.
-#[cfg_attr(upsync_stream, allow(dead_code))]
 pub unsafe fn read_failures(pool: *mut ngx_slab_pool_t, slot: *mut Slot) -> (u64, Vec<FailEntry>) {
     // SAFETY: contract.
     let _lock = unsafe { Locked::new(pool) };

@@ -7,7 +7,7 @@
 //! lease and the poller thread ([`worker`]), the log ([`log`]), the directive handlers and main
 //! conf ([`common`]) are the same source files, compiled here against this glue's `SrvConf`.
 //! What differs: the module table and its stream context, the stream upstream types in
-//! [`peers`], and [`show`] writing the listing to a client that connects.
+//! [`peers`] (the peer lists themselves are built by the HTTP module's [`generation`]), and [`show`] writing the listing to a client that connects.
 use core::ffi::{c_char, c_void, CStr};
 use core::ptr;
 use std::rc::Rc;
@@ -22,6 +22,8 @@ use crate::conf::{self, Lb, UpstreamSync};
 mod addr;
 #[path = "../common.rs"]
 mod common;
+#[path = "../generation.rs"]
+mod generation;
 #[path = "../log.rs"]
 mod log;
 mod peers;
@@ -57,7 +59,16 @@ pub struct SrvConf {
     source: String,
     local_version: u64,
     current: Option<Rc<peers::Generation>>,
+    /// A large list being built on a builder thread.
+    building: Option<generation::Pending>,
     hash_lb: Option<Lb>,
+    /// With nginx's `hash KEY consistent;`: its per-upstream conf, whose ring every new list
+    /// replaces.
+    chash: Option<ptr::NonNull<peers::HashSrvConf>>,
+    /// The upstream has `zone`: its servers' failure state is shared between workers.
+    shares_failures: bool,
+    fail_epoch_seen: u64,
+    fail_applied: Vec<std::net::SocketAddr>,
 }
 
 const UPS: ngx_uint_t = NGX_STREAM_UPS_CONF as ngx_uint_t;
@@ -119,9 +130,9 @@ unsafe extern "C" fn create_srv_conf(cf: *mut ngx_conf_t) -> *mut c_void {
 }
 
 /// `upsync_lb`: round robin is nginx's default; least_conn runs the stream `least_conn`
-/// directive; `hash_modula` needs the block's own `hash KEY;`. Stream has no `ip_hash` and the
-/// consistent ring of `hash KEY consistent;` is not rebuilt for synced lists (yet): both are
-/// refused with the alternative.
+/// directive; `hash_modula` and `hash_ketama` need the block's own `hash KEY;` or
+/// `hash KEY consistent;` (checked in postconfiguration). Stream has no `ip_hash`: refused with
+/// the alternative.
 extern "C" fn set_lb(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut c_void) -> *mut c_char {
     guard("\"upsync_lb\" directive", NGX_CONF_ERROR, || {
         // SAFETY: cf is valid during the handler.
@@ -131,17 +142,11 @@ extern "C" fn set_lb(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut c
         };
         match lb {
             Lb::RoundRobin => NGX_CONF_OK,
-            Lb::HashModula => {
+            Lb::HashModula | Lb::HashKetama => {
                 // SAFETY: registered with the srv conf offset: conf is our SrvConf.
                 unsafe { (*(conf as *mut SrvConf)).hash_lb = Some(lb) };
                 NGX_CONF_OK
             }
-            Lb::HashKetama => conf_error(
-                cf,
-                "upsync_lb",
-                "hash_ketama is not supported in stream upstreams yet (the consistent ring is not rebuilt for synced \
-                 lists); use \"hash KEY;\" with upsync_lb hash_modula, or least_conn",
-            ),
             Lb::IpHash => {
                 conf_error(cf, "upsync_lb", "nginx's stream module has no ip_hash; use \"hash $remote_addr;\" with upsync_lb hash_modula")
             }
@@ -220,26 +225,24 @@ unsafe fn postconfigure(cf: &mut ngx_conf_t) -> ngx_int_t {
         // nginx's stream `hash` in this block: a key, and whether its init built a ring.
         // SAFETY: cf->cycle is the cycle being configured.
         let hash_module = unsafe { find_module(cf.cycle, "ngx_stream_upstream_hash_module") };
-        // SAFETY: the hash module's srv conf of this upstream is laid out as StreamHashSrvConf
-        // (zeroed at creation).
-        let (hash, consistent) = hash_module
-            .and_then(|m| unsafe { module_conf::<StreamHashSrvConf>(us.srv_conf, m) })
-            .map(|h| (!h.key.value.data.is_null(), !h.points.is_null()))
-            .unwrap_or((false, false));
-        if consistent {
-            ngx_conf_log_error!(
-                NGX_LOG_EMERG,
-                cf,
-                "upsync: upstream \"{}\": \"hash ... consistent\" is not supported with upsync in stream upstreams yet; \
-                 use \"hash KEY;\" (upsync_lb hash_modula) or least_conn",
-                name
-            );
-            return NGX_ERROR as ngx_int_t;
-        }
-        if let Err(e) = conf::check_hash_lb(srv.hash_lb, hash, false) {
-            ngx_conf_log_error!(NGX_LOG_EMERG, cf, "upsync: upstream \"{}\": {}", name, e);
-            return NGX_ERROR as ngx_int_t;
-        }
+        // SAFETY: the hash module's srv conf of this upstream is laid out as peers::HashSrvConf
+        // (zeroed at creation) and lives as long as the cycle.
+        let hcf = hash_module.and_then(|m| unsafe { module_conf::<peers::HashSrvConf>(us.srv_conf, m) });
+        let (hash, consistent) = hcf.as_ref().map(|h| (!h.key.value.data.is_null(), !h.points.is_null())).unwrap_or((false, false));
+        // nginx >= 1.27.3 builds no ring at configuration time in an upstream with `zone`.
+        #[cfg(all(nginx1_27_3, ngx_feature = "stream_upstream_zone"))]
+        let ring_built_lazily = !us.shm_zone.is_null();
+        #[cfg(not(all(nginx1_27_3, ngx_feature = "stream_upstream_zone")))]
+        let ring_built_lazily = false;
+        let ring = match conf::hash_ring(srv.hash_lb, hash, consistent, ring_built_lazily) {
+            Ok(ring) => ring,
+            Err(e) => {
+                ngx_conf_log_error!(NGX_LOG_EMERG, cf, "upsync: upstream \"{}\": {}", name, e);
+                return NGX_ERROR as ngx_int_t;
+            }
+        };
+        srv.chash = if ring { hcf.map(ptr::NonNull::from) } else { None };
+        srv.shares_failures = !us.shm_zone.is_null();
         srv.source = format!("{}{}", u.addresses[0], u.path);
         srv.key = crate::model::slot_key(&name, u);
         srv.original_init_peer = us.peer.init;
@@ -249,17 +252,6 @@ unsafe fn postconfigure(cf: &mut ngx_conf_t) -> ngx_int_t {
     }
     // SAFETY: cf is postconfiguration's; main lives as long as the cycle.
     unsafe { add_zone_if_synced(cf, main) }
-}
-
-/// The stream `hash` module's per-upstream conf (`ngx_stream_upstream_hash_srv_conf_t`, private
-/// to ngx_stream_upstream_hash_module.c: `key, points`; nginx 1.27.3 put `config` before them
-/// when nginx has the upstream `zone` module). Only read here.
-#[repr(C)]
-struct StreamHashSrvConf {
-    #[cfg(all(nginx1_27_3, ngx_feature = "stream_upstream_zone"))]
-    _config: ngx_uint_t,
-    key: ngx_stream_complex_value_t,
-    points: *mut c_void,
 }
 
 fn core_module() -> &'static ngx_module_t {
