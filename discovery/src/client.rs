@@ -809,7 +809,7 @@ impl TokenSource {
     }
 }
 
-fn read_token_file(path: &Path) -> Result<(Option<SystemTime>, Secret), String> {
+pub(crate) fn read_token_file(path: &Path) -> Result<(Option<SystemTime>, Secret), String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read the Consul ACL token file {}: {e}", path.display()))?;
     let mtime = std::fs::metadata(path).and_then(|m| m.modified()).ok();
     let token = text.trim();

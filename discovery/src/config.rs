@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
+pub mod file;
+
 use crate::endpoint::{host_port, split_host_port, Host};
 use crate::error::Error;
 

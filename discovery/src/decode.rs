@@ -279,23 +279,23 @@ pub fn decode_kv(prefix: &str, body: &[u8]) -> Result<Decoded<EndpointSet>, Deco
         return Ok(Decoded::default());
     }
     let entries: Vec<KvEntry> = serde_json::from_slice(body).map_err(|e| body_error(WHAT, e))?;
-    Ok(kv_servers(prefix, entries.iter().map(|e| (&*e.key, e.value.as_deref()))))
+    Ok(kv_endpoints(prefix, entries.iter().map(|e| (&*e.key, e.value.as_deref()))))
 }
 
-/// The servers of `prefix` among `(key, value)` KV entries (the rules of [`decode_kv`]).
-fn kv_servers<'a>(prefix: &str, entries: impl Iterator<Item = (&'a str, Option<&'a str>)>) -> Decoded<EndpointSet> {
+/// The endpoints of `prefix` among `(key, value)` KV entries (the rules of [`decode_kv`]).
+fn kv_endpoints<'a>(prefix: &str, entries: impl Iterator<Item = (&'a str, Option<&'a str>)>) -> Decoded<EndpointSet> {
     let prefix = prefix.trim_start_matches('/');
-    servers_under(prefix.trim_end_matches('/'), entries, kv_endpoint)
+    endpoints_under(prefix.trim_end_matches('/'), entries, kv_endpoint)
 }
 
-/// The servers of the key folder `dir` among `(key, value)` entries whose values are the raw
+/// The endpoints of the key folder `dir` among `(key, value)` entries whose values are the raw
 /// JSON text (etcd's, once its base64 is undone), by the rules of [`decode_kv`]. `dir` is taken
 /// as stored (an etcd key may begin with `/`), without its trailing `/`; `""`: every key.
-pub fn kv_servers_raw<'a>(dir: &str, entries: impl Iterator<Item = (&'a str, &'a [u8])>) -> Decoded<EndpointSet> {
-    servers_under(dir, entries, kv_endpoint_raw)
+pub fn kv_endpoints_raw<'a>(dir: &str, entries: impl Iterator<Item = (&'a str, &'a [u8])>) -> Decoded<EndpointSet> {
+    endpoints_under(dir, entries, kv_endpoint_raw)
 }
 
-fn servers_under<'a, V>(
+fn endpoints_under<'a, V>(
     dir: &str,
     entries: impl Iterator<Item = (&'a str, V)>,
     endpoint: impl Fn(&str, V) -> Result<Endpoint, String>,
@@ -342,8 +342,8 @@ struct KvTreeEntry<'a> {
 }
 
 /// Every key under a KV root, sorted by key (`GET /v1/kv/ROOT?recurse`), for consumers that
-/// serve many prefixes under one root from one blocking query: [`KvTree::servers`] gives one
-/// prefix's servers as [`decode_kv`] would from a read of that prefix alone, and
+/// serve many prefixes under one root from one blocking query: [`KvTree::endpoints`] gives one
+/// prefix's endpoints as [`decode_kv`] would from a read of that prefix alone, and
 /// [`KvTree::stamp`] tells whether a prefix changed between two reads without decoding it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct KvTree {
@@ -377,7 +377,7 @@ impl KvTree {
         let lo = self.items.partition_point(|i| i.key.as_str() < dir);
         let tail = &self.items[lo..];
         // Keys starting with `dir` are contiguous; those after `dir/` with a byte above '/'
-        // (`dir0`, `dirx`) are siblings and are ignored by `kv_servers`.
+        // (`dir0`, `dirx`) are siblings and are ignored by `kv_endpoints`.
         let n = tail.partition_point(|i| i.key.starts_with(dir) && (i.key.len() == dir.len() || i.key.as_bytes()[dir.len()] <= b'/'));
         &tail[..n]
     }
@@ -390,9 +390,9 @@ impl KvTree {
         mine.fold(KvStamp::default(), |s, i| KvStamp { keys: s.keys + 1, max_modify_index: s.max_modify_index.max(i.modify_index) })
     }
 
-    /// The servers of `prefix`, as [`decode_kv`] gives them from a read of `prefix` alone.
-    pub fn servers(&self, prefix: &str) -> Decoded<EndpointSet> {
-        kv_servers(prefix, self.under(prefix).iter().map(|i| (i.key.as_str(), i.value.as_deref())))
+    /// The endpoints of `prefix`, as [`decode_kv`] gives them from a read of `prefix` alone.
+    pub fn endpoints(&self, prefix: &str) -> Decoded<EndpointSet> {
+        kv_endpoints(prefix, self.under(prefix).iter().map(|i| (i.key.as_str(), i.value.as_deref())))
     }
 }
 

@@ -1,6 +1,6 @@
 //! etcd as a source of servers, in nginx-upsync-module's KV layout: one key per server,
 //! `PREFIX/IP:PORT`, whose value is the JSON object Consul KV holds (decoded by the same code,
-//! [`crate::decode::kv_servers_raw`]). Both of etcd's HTTP APIs:
+//! [`crate::decode::kv_endpoints_raw`]). Both of etcd's HTTP APIs:
 //!
 //! - **v2** (`/v2/keys`, nginx-upsync-module's `upsync_type=etcd`; etcd 3.4 and 3.5 serve it only
 //!   with `--enable-v2`, etcd 3.6 not at all): a recursive `GET /v2/keys/PREFIX?recursive=true`
@@ -33,7 +33,7 @@ use tokio::time::Instant;
 
 use crate::client::{Client, Method, Stream};
 use crate::config::ConsulAddr;
-use crate::decode::{kv_servers_raw, DecodeError, Decoded};
+use crate::decode::{kv_endpoints_raw, DecodeError, Decoded};
 use crate::endpoint::EndpointSet;
 use crate::error::Error;
 use crate::watch::{Fetched, TokenBucket, WatchEvent, WatchOptions, WatchValue};
@@ -156,7 +156,7 @@ pub fn decode_v2_keys(prefix: &str, body: &[u8]) -> Result<Decoded<EndpointSet>,
         }
     }
     walk(&answer.node, &mut leaves);
-    Ok(kv_servers_raw(&dir(EtcdApi::V2, prefix), leaves.into_iter()))
+    Ok(kv_endpoints_raw(&dir(EtcdApi::V2, prefix), leaves.into_iter()))
 }
 
 /// A v3 key and its value (both decoded from base64).
@@ -459,10 +459,10 @@ fn v2_error(body: &[u8]) -> Option<V2Error> {
 }
 
 impl Snapshot {
-    fn servers(&self, api: EtcdApi, prefix: &str) -> Decoded<EndpointSet> {
+    fn endpoints(&self, api: EtcdApi, prefix: &str) -> Decoded<EndpointSet> {
         match &self.v2 {
             Some(d) => d.clone(),
-            None => kv_servers_raw(&dir(api, prefix), self.keys.iter().map(|(k, v)| (k.as_str(), v.as_ref()))),
+            None => kv_endpoints_raw(&dir(api, prefix), self.keys.iter().map(|(k, v)| (k.as_str(), v.as_ref()))),
         }
     }
 }
@@ -470,7 +470,7 @@ impl Snapshot {
 /// Reads the servers under `prefix` once (nginx start-up with `strong_dependency=on`).
 pub async fn fetch_once(client: &Client, api: EtcdApi, prefix: &str) -> Result<Fetched, Error> {
     let snap = read(client, api, prefix).await?;
-    let d = snap.servers(api, prefix);
+    let d = snap.endpoints(api, prefix);
     Ok(Fetched { value: WatchValue::Endpoints(d.value), index: snap.index, skipped: d.skipped })
 }
 
@@ -625,7 +625,7 @@ impl EtcdWatch {
     fn changed(&mut self) -> Step {
         let d = match &self.v2 {
             Some(d) => d.clone(),
-            None => kv_servers_raw(&dir(self.api, &self.prefix), self.keys.iter().map(|(k, v)| (k.as_str(), v.as_ref()))),
+            None => kv_endpoints_raw(&dir(self.api, &self.prefix), self.keys.iter().map(|(k, v)| (k.as_str(), v.as_ref()))),
         };
         let value = WatchValue::Endpoints(d.value);
         if self.last.as_ref() == Some(&value) {

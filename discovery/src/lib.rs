@@ -4,7 +4,8 @@
 //! - [`endpoint`]: [`Endpoint`] and [`EndpointSet`] (stable order, [`EndpointSet::diff`]).
 //! - [`decode`]: Consul responses (KV prefix, catalog service, health service, service list)
 //!   to endpoint sets; bad entries are skipped with a reason, bad bodies are errors.
-//! - [`config`]: [`ConsulConfig`] (addresses with failover, ACL token, TLS, dc, consistency).
+//! - [`config`]: [`ConsulConfig`] (addresses with failover, ACL token, TLS, dc, consistency),
+//!   and [`ConsulSection`], the `[consul]` table of upsync-dns's and upsync-sidecar's files.
 //! - [`client`]: [`Client`], an async HTTP/1.1 client on hyper + tokio + rustls (ring) with the
 //!   KV and agent calls the sidecar needs.
 //! - [`watch`]: [`Watch`], blocking-query watches with rate limiting and backoff, and
@@ -32,6 +33,7 @@ pub mod watch;
 
 pub use agent::{AgentCheck, AgentService, Check, CheckKind, ServiceRegistration, ServiceWeights, Status};
 pub use client::{Blocking, Client, KvPair, Method, Response, Stream};
+pub use config::file::{ConsulFlags, ConsulSection};
 pub use config::{Consistency, ConsulAddr, ConsulConfig, Scheme, Secret, TlsOptions};
 pub use decode::{decode_catalog_service, decode_health_service, decode_kv, decode_services, DecodeError, Decoded, HealthMode, Skipped};
 pub use endpoint::{Endpoint, EndpointSet, Health, Host, SetDiff};

@@ -3,7 +3,6 @@
 //! complete configuration. `dns/README.md` documents every key.
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -11,7 +10,7 @@ use clap::Parser;
 use hickory_proto::rr::Name;
 use ipnet::IpNet;
 use serde::Deserialize;
-use upsync_discovery::{Consistency, ConsulConfig, Secret, TlsOptions};
+use upsync_discovery::{ConsulConfig, ConsulFlags, ConsulSection};
 
 use crate::names::parse_zone;
 use crate::rrl::RrlConfig;
@@ -39,9 +38,9 @@ pub struct Cli {
     /// Consul read consistency: default, stale or consistent.
     #[arg(long, value_name = "MODE")]
     pub consistency: Option<String>,
-    /// File holding the Consul ACL token (else `token`/`token_file` in the config, else the
-    /// CONSUL_HTTP_TOKEN environment variable).
-    #[arg(long, value_name = "FILE")]
+    /// File holding the Consul ACL token; wins over `token`/`token_file` in the config, which
+    /// win over the CONSUL_HTTP_TOKEN environment variable.
+    #[arg(long, visible_alias = "consul-token-file", value_name = "FILE")]
     pub token_file: Option<PathBuf>,
     /// Upstream resolver(s) for names outside the zone (`IP[:PORT]`); none: refuse them.
     #[arg(long, value_name = "IP[:PORT],...", value_delimiter = ',', value_parser = parse_upstream)]
@@ -123,54 +122,34 @@ impl Default for RrlFile {
     }
 }
 
+/// `[consul]`: the table upsync-sidecar reads too ([`ConsulSection`], defined once in
+/// discovery), plus the keys of the DNS feed's watch plan.
 #[derive(Debug, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 struct ConsulFile {
-    addresses: Vec<String>,
-    token: Option<String>,
-    token_file: Option<PathBuf>,
-    datacenter: Option<String>,
-    consistency: String,
-    tls: Option<TlsFile>,
+    #[serde(flatten)]
+    common: ConsulSection,
     #[serde(with = "upsync_discovery::duration::serde")]
     wait: Duration,
     #[serde(with = "upsync_discovery::duration::serde")]
     resync_interval: Duration,
     catalog_read_budget: f64,
     hot_services: usize,
-    #[serde(with = "upsync_discovery::duration::serde")]
-    connect_timeout: Duration,
-    #[serde(with = "upsync_discovery::duration::serde")]
-    request_timeout: Duration,
 }
+
+/// The keys of `[consul]` only upsync-dns has.
+const FEED_KEYS: &[&str] = &["wait", "resync_interval", "catalog_read_budget", "hot_services"];
 
 impl Default for ConsulFile {
     fn default() -> Self {
-        let d = ConsulConfig::default();
         ConsulFile {
-            addresses: vec!["127.0.0.1:8500".into()],
-            token: None,
-            token_file: None,
-            datacenter: None,
-            consistency: "default".into(),
-            tls: None,
+            common: ConsulSection::default(),
             wait: Duration::from_secs(60),
             resync_interval: Duration::from_secs(600),
             catalog_read_budget: 0.2,
             hot_services: DEFAULT_HOT_SERVICES,
-            connect_timeout: d.connect_timeout,
-            request_timeout: Duration::from_secs(60),
         }
     }
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-struct TlsFile {
-    ca_file: Option<PathBuf>,
-    cert_file: Option<PathBuf>,
-    key_file: Option<PathBuf>,
-    server_name: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -273,6 +252,10 @@ pub struct FeedConfig {
     pub hot_services: usize,
 }
 
+/// Default of `[consul] request_timeout` for upsync-dns: a full read of a large catalog takes
+/// seconds.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Default of `[consul] hot_services`.
 pub const DEFAULT_HOT_SERVICES: usize = 32;
 /// Consul refuses more than 200 connections from one client address by default
@@ -316,6 +299,8 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     pub log_format: LogFormat,
     pub log_level: Option<String>,
+    /// Former spellings the file still uses, each naming the key to write instead.
+    pub deprecations: Vec<String>,
 }
 
 impl Config {
@@ -334,31 +319,16 @@ impl Config {
     }
 
     fn resolve(f: FileConfig, cli: &Cli, env_token: Option<String>) -> anyhow::Result<Config> {
-        // Consul.
-        let addresses = cli.consul.clone().unwrap_or_else(|| f.consul.addresses.join(","));
-        let mut consul = ConsulConfig::from_addresses(&addresses).map_err(|e| anyhow::anyhow!("{e}"))?;
-        consul.datacenter = cli.datacenter.clone().or(f.consul.datacenter);
-        let consistency = cli.consistency.as_deref().unwrap_or(&f.consul.consistency);
-        consul.consistency = Consistency::from_str(consistency).map_err(|e| anyhow::anyhow!("{e}"))?;
-        match (&cli.token_file, f.consul.token, f.consul.token_file) {
-            (Some(p), _, _) => consul.token_file = Some(p.clone()),
-            (None, Some(_), Some(_)) => bail!("[consul]: set either token or token_file, not both"),
-            (None, Some(t), None) => consul.token = Some(Secret::new(t)),
-            (None, None, Some(p)) => consul.token_file = Some(p),
-            (None, None, None) => consul.token = env_token.filter(|t| !t.is_empty()).map(Secret::new),
-        }
-        consul.tls = f.consul.tls.map(|t| TlsOptions {
-            ca_file: t.ca_file,
-            cert_file: t.cert_file,
-            key_file: t.key_file,
-            server_name: t.server_name,
-        });
-        consul.connect_timeout = f.consul.connect_timeout;
-        consul.request_timeout = f.consul.request_timeout;
-        consul.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
-        if let Some(p) = &consul.token_file {
-            std::fs::metadata(p).with_context(|| format!("Consul token file {}", p.display()))?;
-        }
+        // Consul: the shared [consul] table, with this program's flags and defaults.
+        let flags = ConsulFlags {
+            addresses: cli.consul.clone(),
+            token_file: cli.token_file.clone(),
+            datacenter: cli.datacenter.clone(),
+            consistency: cli.consistency.clone(),
+        };
+        let defaults = ConsulConfig { request_timeout: DEFAULT_REQUEST_TIMEOUT, ..ConsulConfig::default() };
+        let consul = f.consul.common.resolve(defaults, &flags, env_token, FEED_KEYS)?;
+        let deprecations = f.consul.common.deprecations();
         if f.consul.wait < Duration::from_secs(1) || f.consul.wait > Duration::from_secs(600) {
             bail!("[consul] wait = {:?}: use 1s to 10m (Consul's maximum)", f.consul.wait);
         }
@@ -483,12 +453,14 @@ impl Config {
             metrics_listen: cli.metrics_listen.or(f.metrics.listen),
             log_format: cli.log_format.unwrap_or(f.log.format),
             log_level: f.log.level,
+            deprecations,
         })
     }
 
-    /// Settings that work but expose the server: logged as warnings at start.
+    /// Settings that work but expose the server, and former spellings of keys: logged as
+    /// warnings at start.
     pub fn warnings(&self) -> Vec<String> {
-        let mut w = Vec::new();
+        let mut w = self.deprecations.clone();
         for net in self.forward.allow_recursion.iter().filter(|n| n.prefix_len() == 0) {
             w.push(format!(
                 "allow_recursion includes {net}: every client may use this server as an open resolver{} and is exempt from response rate limiting (an amplifier for spoofed traffic); list only your own networks",
@@ -584,6 +556,8 @@ fn reverse_zone(s: &str) -> anyhow::Result<ReverseZone> {
 
 #[cfg(test)]
 mod tests {
+    use upsync_discovery::Consistency;
+
     use super::*;
 
     fn cli(args: &[&str]) -> Cli {
@@ -682,7 +656,9 @@ mod tests {
         assert!(err("", &["--zone", "."]).contains("root zone"));
         assert!(err("", &["--consul", "ftp://x"]).contains("ftp://x"));
         assert!(err("[consul]\nconsistency = \"eventual\"", &[]).contains("eventual"));
-        assert!(err("[consul]\ntoken = \"a\"\ntoken_file = \"/b\"", &[]).contains("not both"));
+        assert!(err("[consul]\ntoken = \"a\"\ntoken_file = \"/b\"", &[]).contains("token and token_file are both set: keep one"));
+        assert!(err("[consul]\nwiat = \"5s\"", &[]).contains("unknown key `wiat`: the keys are addresses, catalog_read_budget,"));
+        assert!(err("[consul]\nrequest_timeout = \"soon\"", &[]).contains("[consul] request_timeout: `soon` is not a duration"));
         assert!(err("[forward]\nupstreams = [\"dns.google\"]", &[]).contains("not a name"));
         assert!(err("[dns]\nreverse_zones = [\"10.0.0.0/12\"]", &[]).contains("multiple of 8"));
         assert!(err("[dns]\nreverse_zones = [\"example.com\"]", &[]).contains("not a reverse zone"));
@@ -702,5 +678,27 @@ mod tests {
         let f: FileConfig = toml::from_str("[consul]\ntoken = \"file-secret\"").unwrap();
         let c = Config::resolve(f, &cli(&[]), Some("env-secret".into())).unwrap();
         assert_eq!(c.feed.consul.token.as_ref().map(|t| t.expose()), Some("file-secret"));
+    }
+
+    #[test]
+    fn the_consul_table_is_the_shared_one_with_its_former_spellings() {
+        let new = from_toml("[consul]\ntls = { ca_file = \"/ca.pem\", cert_file = \"/c.pem\", key_file = \"/k.pem\" }\nwait = \"5s\"", &[])
+            .unwrap();
+        let old = from_toml("[consul]\nca_file = \"/ca.pem\"\ncert_file = \"/c.pem\"\nkey_file = \"/k.pem\"\nwait = \"5s\"", &[]).unwrap();
+        assert_eq!(old.feed.consul, new.feed.consul);
+        assert_eq!((old.feed.wait, new.feed.wait), (Duration::from_secs(5), Duration::from_secs(5)));
+        assert!(new.warnings().is_empty(), "{:?}", new.warnings());
+        let w = old.warnings();
+        assert_eq!(w.len(), 3, "{w:?}");
+        assert!(w.iter().all(|w| w.contains("is deprecated")) && w[0].contains("tls.ca_file"), "{w:?}");
+        assert_eq!(new.feed.consul.request_timeout, DEFAULT_REQUEST_TIMEOUT);
+        assert_eq!(from_toml("[consul]\nrequest_timeout = 7", &[]).unwrap().feed.consul.request_timeout, Duration::from_secs(7));
+    }
+
+    #[test]
+    fn the_packaged_configuration_is_valid() {
+        let c = from_toml(include_str!("../../packaging/upsync-dns/dns.toml"), &[]).unwrap();
+        assert!(c.warnings().is_empty(), "{:?}", c.warnings());
+        assert_eq!(c.feed.consul.addresses[0].to_string(), "http://127.0.0.1:8500");
     }
 }

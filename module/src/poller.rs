@@ -503,7 +503,7 @@ async fn watch_unit(group: Arc<GroupClient>, unit: Unit, mailbox: Arc<Mailbox>) 
                             // decoding, nothing sent.
                             continue;
                         }
-                        let d = tree.servers(prefix);
+                        let d = tree.endpoints(prefix);
                         m.stamp = Some(stamp);
                         changed += 1;
                         m.on_set(&d.value, &d.skipped, index, &mailbox).await;

@@ -11,7 +11,7 @@ use std::time::Duration;
 use clap::Parser;
 use serde::Deserialize;
 
-use upsync_discovery::Secret;
+use upsync_discovery::{ConsulConfig, ConsulFlags, ConsulSection, Secret};
 
 use crate::model::{validate_kv_prefix, validate_node_id, validate_tag, Defaults};
 
@@ -122,8 +122,9 @@ pub struct FileConfig {
     pub advertise_ip: Option<IpAddr>,
     pub internal: Option<bool>,
     pub log_format: Option<LogFormat>,
+    /// The `[consul]` table shared with upsync-dns (defined once in discovery).
     #[serde(default)]
-    pub consul: FileConsul,
+    pub consul: ConsulSection,
     #[serde(default)]
     pub engine: FileEngine,
     #[serde(default)]
@@ -139,26 +140,6 @@ pub struct FileConfig {
     pub resync: Option<String>,
     pub state_prefix: Option<String>,
     pub state_dir: Option<PathBuf>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileConsul {
-    pub addresses: Option<StringOrList>,
-    pub token: Option<String>,
-    pub token_file: Option<PathBuf>,
-    pub datacenter: Option<String>,
-    pub ca_file: Option<PathBuf>,
-    pub cert_file: Option<PathBuf>,
-    pub key_file: Option<PathBuf>,
-    pub request_timeout: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-pub enum StringOrList {
-    One(String),
-    Many(Vec<String>),
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -211,27 +192,13 @@ pub struct FileDefaults {
     pub check_timeout: Option<String>,
 }
 
-/// Consul connection settings as configured (turned into the discovery client's config at start).
-#[derive(Clone, Debug)]
-pub struct ConsulSettings {
-    pub addresses: Vec<String>,
-    pub token: Option<Secret>,
-    /// File holding the token (exclusive with `token`).
-    pub token_file: Option<PathBuf>,
-    pub datacenter: Option<String>,
-    pub ca_file: Option<PathBuf>,
-    pub cert_file: Option<PathBuf>,
-    pub key_file: Option<PathBuf>,
-    pub request_timeout: Duration,
-}
-
 /// Everything the sidecar runs with, validated.
 #[derive(Clone, Debug)]
 pub struct Settings {
     pub node_id: String,
     pub advertise_ip: IpAddr,
     pub internal: bool,
-    pub consul: ConsulSettings,
+    pub consul: ConsulConfig,
     pub docker_socket: PathBuf,
     pub engine_enabled: bool,
     pub listen: SocketAddr,
@@ -254,6 +221,9 @@ pub struct Settings {
     pub allow_addresses: Vec<ipnet::IpNet>,
     /// Where accepted API calls are recorded until Consul holds them.
     pub state_dir: PathBuf,
+    /// Former spellings the file still uses, each naming the key to write instead (logged at
+    /// start).
+    pub deprecations: Vec<String>,
 }
 
 /// Default of `--state-dir`.
@@ -308,24 +278,10 @@ impl Settings {
 
     /// The merge itself, without touching the environment (testable).
     pub fn merge(args: Args, file: FileConfig, env_token: Option<String>) -> anyhow::Result<Settings> {
-        let addresses = match (&args.consul, &file.consul.addresses) {
-            (Some(s), _) => split_list(s),
-            (None, Some(StringOrList::One(s))) => split_list(s),
-            (None, Some(StringOrList::Many(v))) => v.iter().flat_map(|s| split_list(s)).collect(),
-            (None, None) => vec!["127.0.0.1:8500".to_string()],
-        };
-        if addresses.is_empty() {
-            anyhow::bail!("--consul: no Consul address given");
-        }
-        // A token file is read by the Consul client itself, again whenever it changes (rotation).
-        let consul_token_file = args.consul_token_file.clone().or(file.consul.token_file.clone());
-        let consul_token = match &consul_token_file {
-            Some(p) => {
-                read_secret_file(p, "Consul ACL token")?;
-                None
-            }
-            None => file.consul.token.clone().or(env_token).filter(|t| !t.trim().is_empty()).map(Secret::new),
-        };
+        // The client re-reads a token file whenever it changes (rotation).
+        let flags = ConsulFlags { addresses: args.consul.clone(), token_file: args.consul_token_file.clone(), ..ConsulFlags::default() };
+        let consul = file.consul.resolve(ConsulConfig::default(), &flags, env_token, &[])?;
+        let deprecations = file.consul.deprecations();
         let api_token = if let Some(p) = args.api_token_file.as_ref().or(file.api.token_file.as_ref()) {
             Some(read_secret_file(p, "API bearer token")?)
         } else {
@@ -413,7 +369,6 @@ impl Settings {
                 anyhow::bail!("--container-label {l:?}: give KEY or KEY=VALUE (no spaces)");
             }
         }
-        let request_timeout = duration_key("consul.request_timeout", file.consul.request_timeout.as_deref(), Duration::from_secs(10))?;
         let listen = args.listen.or(file.api.listen).unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default"));
         let insecure_no_token = args.insecure_no_token || file.api.insecure_no_token.unwrap_or(false);
         if !listen.ip().is_loopback() && api_token.is_none() && !insecure_no_token {
@@ -435,16 +390,7 @@ impl Settings {
             node_id,
             advertise_ip,
             internal: args.internal || file.internal.unwrap_or(false),
-            consul: ConsulSettings {
-                addresses,
-                token: consul_token,
-                token_file: consul_token_file,
-                datacenter: file.consul.datacenter,
-                ca_file: file.consul.ca_file,
-                cert_file: file.consul.cert_file,
-                key_file: file.consul.key_file,
-                request_timeout,
-            },
+            consul,
             docker_socket: args.docker_socket.or(file.engine.socket).unwrap_or_else(|| PathBuf::from("/var/run/docker.sock")),
             engine_enabled: !args.no_engine && file.engine.enabled.unwrap_or(true),
             listen,
@@ -463,6 +409,7 @@ impl Settings {
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
             allow_addresses,
             state_dir,
+            deprecations,
         })
     }
 
@@ -521,7 +468,8 @@ mod tests {
             None,
         )
         .expect("valid settings");
-        assert_eq!(s.consul.addresses, vec!["127.0.0.1:1", "127.0.0.1:2"]);
+        let addresses: Vec<String> = s.consul.addresses.iter().map(|a| a.to_string()).collect();
+        assert_eq!(addresses, ["http://127.0.0.1:1", "http://127.0.0.1:2"]);
         assert_eq!(s.kv_prefix, "up");
         assert_eq!(s.node_id, "from-file");
         assert_eq!(s.drain, Duration::from_secs(7));
@@ -585,5 +533,38 @@ mod tests {
         let file: FileConfig = toml::from_str("state_prefix = \"upstreams/sidecar\"").expect("valid TOML");
         let err = Settings::merge(args(&["--advertise-ip", "192.0.2.1"]), file, None).expect_err("must fail");
         assert!(err.to_string().contains("state_prefix"), "{err}");
+    }
+
+    #[test]
+    fn the_consul_table_is_the_shared_one_and_the_former_flat_tls_keys_still_work() {
+        let settings = |text: &str| {
+            let file: FileConfig = toml::from_str(text).expect("valid TOML");
+            Settings::merge(args(&["--advertise-ip", "192.0.2.1", "--node-id", "n1"]), file, None).expect("valid settings")
+        };
+        let old = settings("[consul]\naddresses = \"https://c:8501\"\nca_file = \"/ca.pem\"\ncert_file = \"/c.pem\"\nkey_file = \"/k.pem\"\nrequest_timeout = \"3s\"");
+        let new = settings(
+            "[consul]\naddresses = [\"https://c:8501\"]\ntls = { ca_file = \"/ca.pem\", cert_file = \"/c.pem\", key_file = \"/k.pem\" }\nrequest_timeout = 3",
+        );
+        assert_eq!(old.consul, new.consul);
+        assert_eq!(new.consul.request_timeout, Duration::from_secs(3));
+        assert!(new.deprecations.is_empty(), "{:?}", new.deprecations);
+        assert_eq!(old.deprecations.len(), 3, "{:?}", old.deprecations);
+        assert!(old.deprecations[0].contains("tls.ca_file"), "{:?}", old.deprecations);
+        let dns_only = settings("[consul]\nconsistency = \"stale\"\ndatacenter = \"dc2\"");
+        assert_eq!(dns_only.consul.datacenter.as_deref(), Some("dc2"));
+        let file: FileConfig = toml::from_str("[consul]\nca_fil = \"/x\"").expect("valid TOML");
+        let err = Settings::merge(args(&["--advertise-ip", "192.0.2.1"]), file, None).expect_err("unknown key");
+        assert!(err.to_string().contains("unknown key `ca_fil`"), "{err}");
+        let file: FileConfig = toml::from_str("[consul]\ntoken = \"a\"\ntoken_file = \"/b\"").expect("valid TOML");
+        let err = Settings::merge(args(&["--advertise-ip", "192.0.2.1"]), file, None).expect_err("both tokens");
+        assert!(err.to_string().contains("token and token_file are both set"), "{err}");
+    }
+
+    #[test]
+    fn the_packaged_configuration_is_valid() {
+        let file: FileConfig = toml::from_str(include_str!("../../packaging/upsync-sidecar/sidecar.toml")).expect("valid TOML");
+        let s = Settings::merge(args(&["--advertise-ip", "192.0.2.1", "--node-id", "n1"]), file, None).expect("valid settings");
+        assert!(s.deprecations.is_empty(), "{:?}", s.deprecations);
+        assert_eq!(s.consul.addresses[0].to_string(), "http://127.0.0.1:8500");
     }
 }

@@ -23,7 +23,7 @@ pub mod target;
 
 use std::sync::Arc;
 
-use upsync_discovery::{Client, ConsulAddr, ConsulConfig, TlsOptions};
+use upsync_discovery::Client;
 
 use crate::config::{LogFormat, Settings};
 
@@ -32,36 +32,13 @@ pub fn init_logging(format: LogFormat) {
     upsync_discovery::logging::init("upsync-sidecar", format, "info");
 }
 
-/// The discovery client's configuration from the sidecar's settings.
-pub fn consul_config(s: &Settings) -> anyhow::Result<ConsulConfig> {
-    let addresses = s
-        .consul
-        .addresses
-        .iter()
-        .map(|a| ConsulAddr::parse(a).map_err(|e| anyhow::anyhow!("--consul: {e}")))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let c = &s.consul;
-    let tls = (c.ca_file.is_some() || c.cert_file.is_some()).then(|| TlsOptions {
-        ca_file: c.ca_file.clone(),
-        cert_file: c.cert_file.clone(),
-        key_file: c.key_file.clone(),
-        server_name: None,
-    });
-    Ok(ConsulConfig {
-        addresses,
-        token: c.token.clone(),
-        token_file: c.token_file.clone(),
-        tls,
-        datacenter: c.datacenter.clone(),
-        request_timeout: c.request_timeout,
-        ..ConsulConfig::default()
-    })
-}
-
 /// Runs the sidecar until SIGTERM or SIGINT. Registrations stay in Consul when it stops: a
 /// restarted sidecar reconciles them, so a restart or an upgrade drops no endpoint.
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
-    let client = Client::new(consul_config(&settings)?).map_err(|e| anyhow::anyhow!("{e}"))?;
+    for w in &settings.deprecations {
+        tracing::warn!("{w}");
+    }
+    let client = Client::new(settings.consul.clone()).map_err(|e| anyhow::anyhow!("{e}"))?;
     let listen = settings.listen;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -73,7 +50,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let shared = state::Shared::with_journal(Arc::new(settings), journal, pending);
     let s = &shared.settings;
     tracing::info!(
-        node = %s.node_id, advertise_ip = %s.advertise_ip, consul = ?s.consul.addresses, socket = %s.docker_socket.display(),
+        node = %s.node_id, advertise_ip = %s.advertise_ip, consul = %s.consul.addresses.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(","), socket = %s.docker_socket.display(),
         api = %listen, kv_prefix = %s.kv_prefix, kv = s.kv_enabled, services = s.services_enabled, internal = s.internal,
         drain = ?s.drain, resync = ?s.resync, state_dir = %s.state_dir.display(), "upsync-sidecar starting"
     );

@@ -179,4 +179,16 @@ fn check_config_accepts_good_files_and_names_mistakes() {
     let (code, out) = run(&["--config", "/nonexistent/upsync-dns.toml", "--check-config"]);
     assert_eq!(code, Some(1));
     assert!(out.contains("/nonexistent/upsync-dns.toml"), "{out}");
+    // The [consul] table shared with upsync-sidecar: its former flat TLS key still works, with
+    // a warning naming the key to write; an unknown key is named with the keys there are.
+    let former = dir.join("former.toml");
+    std::fs::write(&former, "[consul]\naddresses = [\"https://127.0.0.1:8501\"]\nca_file = \"/etc/upsync/consul-ca.pem\"\n").unwrap();
+    let (code, out) = run(&["--config", former.to_str().unwrap(), "--check-config"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("warning: [consul] ca_file is deprecated") && out.contains("tls.ca_file"), "{out}");
+    let typo = dir.join("typo.toml");
+    std::fs::write(&typo, "[consul]\nadresses = [\"127.0.0.1:8500\"]\n").unwrap();
+    let (code, out) = run(&["--config", typo.to_str().unwrap(), "--check-config"]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("unknown key `adresses`") && out.contains("typo.toml"), "{out}");
 }

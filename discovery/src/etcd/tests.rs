@@ -37,7 +37,7 @@ fn v2_and_v3_listings_decode_as_the_same_entries_in_consul_kv() {
     let range = decode_v3_range(&fixture("etcd_v3_range.json")).unwrap();
     assert_eq!(range.revision, 12);
     assert_eq!(range.kvs.len(), 10);
-    let v3 = kv_servers_raw("upstreams/app", range.kvs.iter().map(|kv| (kv.key.as_str(), kv.value.as_ref())));
+    let v3 = kv_endpoints_raw("upstreams/app", range.kvs.iter().map(|kv| (kv.key.as_str(), kv.value.as_ref())));
     for (api, d) in [("v2", &v2), ("v3", &v3)] {
         assert_eq!(d.value, consul.value, "{api}");
         assert_eq!(skipped_by_name(&d.skipped), skipped_by_name(&consul.skipped), "{api}");

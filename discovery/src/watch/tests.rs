@@ -149,10 +149,10 @@ fn a_kv_tree_serves_each_prefix_as_its_own_read_would() {
     let tree = decode::decode_kv_tree(body).unwrap();
     for prefix in ["up/a", "up/a/", "up/a-b", "up/ab", "up/b", "up/none", "up"] {
         let alone = decode::decode_kv(prefix, body).unwrap();
-        assert_eq!(tree.servers(prefix), alone, "{prefix}");
+        assert_eq!(tree.endpoints(prefix), alone, "{prefix}");
     }
     assert_eq!(
-        tree.servers("up/a").value.iter().map(|e| (e.addr(), e.weight)).collect::<Vec<_>>(),
+        tree.endpoints("up/a").value.iter().map(|e| (e.addr(), e.weight)).collect::<Vec<_>>(),
         [("10.0.0.1:80".to_string(), 1), ("10.0.0.2:80".to_string(), 3)]
     );
     assert_eq!(tree.stamp("up/a"), decode::KvStamp { keys: 3, max_modify_index: 9 });
