@@ -201,7 +201,7 @@ http {{
                 let n: u64 = total.split_whitespace().next().unwrap_or("0").parse()?;
                 if thread == "01" {
                     ir.event_loop += n;
-                    ir.module_own = object_self_cost(&text, MODULE_OBJECT);
+                    (ir.module_own, ir.module_calls) = object_cost(&text, MODULE_OBJECT);
                     main_seen = true;
                 } else {
                     ir.threads += n;
@@ -228,6 +228,7 @@ http {{
             event_loop: busy.event_loop.saturating_sub(idle.event_loop),
             threads: busy.threads.saturating_sub(idle.threads),
             module_own: busy.module_own.saturating_sub(idle.module_own),
+            module_calls: busy.module_calls.saturating_sub(idle.module_calls),
         })
     }
 }
@@ -243,18 +244,23 @@ struct Ir {
     /// Of `event_loop`, the instructions executed inside the module's own object (self cost:
     /// not the libc or nginx functions it calls).
     module_own: u64,
+    /// Of `event_loop`, the nginx and libc functions the module's code calls (not the
+    /// balancer's own peer init, which stock nginx runs too).
+    module_calls: u64,
 }
 
 /// The module's shared object, as callgrind names it.
 const MODULE_OBJECT: &str = "ngx_http_upsync_module";
 
 /// Instructions executed inside the objects whose path contains `needle` (their functions' self
-/// cost), from one callgrind dump (`--dump-instr=no`, the default: cost lines are
-/// `position Ir`). A cost line right after `calls=` is the inclusive cost of a call, not self
-/// cost, and is skipped; `ob=`/`cob=` names are compressed as `(id) name` on first use.
-fn object_self_cost(text: &str, needle: &str) -> u64 {
-    let mut names = std::collections::HashMap::new();
-    let mut resolve = |v: &str| -> String {
+/// cost) and, second, in what code there calls in other objects (the calls' inclusive cost),
+/// except a balancer's own peer init (`ngx_http_upstream_init_*`: stock nginx runs it too), from
+/// one callgrind dump (`--dump-instr=no`, the default: cost lines are `position Ir`). A cost
+/// line right after `calls=` is the inclusive cost of that call, not self cost; `ob=`/`cob=`
+/// and `fn=`/`cfn=` names are compressed as `(id) name` on first use; without `cob=` the
+/// callee is in the caller's object.
+fn object_cost(text: &str, needle: &str) -> (u64, u64) {
+    fn resolve(names: &mut std::collections::HashMap<String, String>, v: &str) -> String {
         let v = v.trim();
         match v.strip_prefix('(').and_then(|r| r.split_once(')')) {
             Some((id, name)) if !name.trim().is_empty() => {
@@ -264,23 +270,34 @@ fn object_self_cost(text: &str, needle: &str) -> u64 {
             Some((id, _)) => names.get(id).cloned().unwrap_or_default(),
             None => v.to_string(),
         }
-    };
-    let (mut inside, mut after_call, mut sum) = (false, false, 0u64);
+    }
+    let (mut objects, mut functions) = (std::collections::HashMap::new(), std::collections::HashMap::new());
+    let (mut inside, mut after_call, mut own, mut calls) = (false, false, 0u64, 0u64);
+    let (mut callee_inside, mut callee_fn) = (None::<bool>, String::new());
     for line in text.lines() {
         if let Some(v) = line.strip_prefix("ob=") {
-            inside = resolve(v).contains(needle);
+            inside = resolve(&mut objects, v).contains(needle);
         } else if let Some(v) = line.strip_prefix("cob=") {
-            resolve(v);
+            callee_inside = Some(resolve(&mut objects, v).contains(needle));
+        } else if let Some(v) = line.strip_prefix("fn=") {
+            resolve(&mut functions, v);
+        } else if let Some(v) = line.strip_prefix("cfn=") {
+            callee_fn = resolve(&mut functions, v);
         } else if line.starts_with("calls=") {
             after_call = true;
         } else if line.starts_with(|c: char| c.is_ascii_digit() || c == '+' || c == '-' || c == '*') {
-            let call_cost = std::mem::take(&mut after_call);
-            if inside && !call_cost {
-                sum += line.split_whitespace().nth(1).and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
+            let ir = line.split_whitespace().nth(1).and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
+            if !std::mem::take(&mut after_call) {
+                own += if inside { ir } else { 0 };
+                continue;
+            }
+            let to_other = !callee_inside.take().unwrap_or(inside);
+            if inside && to_other && !callee_fn.starts_with("ngx_http_upstream_init_") {
+                calls += ir;
             }
         }
     }
-    sum
+    (own, calls)
 }
 
 /// Child processes of `pid` (nginx's workers under the master).
@@ -612,40 +629,56 @@ fn main() -> anyhow::Result<()> {
          much more the highest start counted (glibc malloc's heap layout). Stock nginx natively: {:.1} us CPU per request \
          ({:.1} cores at 200k requests/s). \"Leader\": `master_process off`, the one process is the worker and runs \
          the module's Consul poller thread. \"Follower\": `master_process on`, 2 workers, `reuseport`, the load on the \
-         worker without the poller (stock nginx: one of its 2 workers). \"Own code\": instructions executed inside the \
-         module's object (self cost on the event loop, not the nginx or libc functions it calls).\n",
+         worker without the poller (stock nginx: one of its 2 workers). The module's code: instructions executed inside \
+         the module's object on the event loop (callgrind's self cost), then with the nginx and libc functions it calls \
+         (not the balancer's own peer init, which stock nginx runs too).\n",
         native * 1e6,
         cores(native)
     );
-    println!("| worker, balancer | stock nginx | nginx + module | module adds (minimum against minimum) | module's own code | at 200k req/s the module adds |");
-    println!("|---|---:|---:|---:|---:|---:|");
-    let line = |what: &str, stock: &[f64], module: &[f64], own: Option<&[f64]>| {
+    println!(
+        "| worker, balancer | stock nginx | nginx + module | difference (minimum against minimum) | module's code: in its object | \
+         module's code with the nginx/libc functions it calls | at 200k req/s: the difference | at 200k req/s: the module's code |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    let line = |what: &str, stock: &[f64], module: &[f64], own: Option<(&[f64], &[f64])>| {
         let s = min(stock);
         let m = min(module);
         let e = (m - s) / s;
-        let own = own.map(|o| format!("{} ({:.2}%)", spread(o), min(o) / s * 100.0)).unwrap_or_else(|| "—".into());
-        println!("| {what} | {} | {} | {:+.2}% | {own} | {:.3} cores |", spread(stock), spread(module), e * 100.0, cores(native) * e);
+        let pct = |o: &[f64]| format!("{} ({:.2}%)", spread(o), min(o) / s * 100.0);
+        let (own, code, code_cores) = match own {
+            Some((o, c)) => (pct(o), pct(c), format!("{:.3} cores", cores(native) * min(c) / s)),
+            None => ("—".into(), "—".into(), "—".into()),
+        };
+        println!(
+            "| {what} | {} | {} | {:+.2}% | {own} | {code} | {:.3} cores | {code_cores} |",
+            spread(stock),
+            spread(module),
+            e * 100.0,
+            cores(native) * e
+        );
     };
     for r in &rows {
         let who = if r.mode == Mode::Single { "leader" } else { "follower" };
         let stock: Vec<f64> = r.stock.iter().map(|i| per(i.total())).collect();
         let module: Vec<f64> = r.module.iter().map(|i| per(i.total())).collect();
         let own: Vec<f64> = r.module.iter().map(|i| per(i.module_own)).collect();
-        line(&format!("{who}, {}", r.lb), &stock, &module, Some(&own));
+        let code: Vec<f64> = r.module.iter().map(|i| per(i.module_own + i.module_calls)).collect();
+        line(&format!("{who}, {}", r.lb), &stock, &module, Some((&own, &code)));
         if r.mode == Mode::Single && r.lb == "round robin" && !threaded_stock.is_empty() {
             let t: Vec<f64> = threaded_stock.iter().map(|i| per(i.total())).collect();
             line("control: stock nginx with one `thread_pool` thread, no module (against stock)", &stock, &t, None);
         }
         if !r.churn.is_empty() {
             let own: Vec<f64> = r.churn.iter().map(|i| per(i.module_own)).collect();
+            let code: Vec<f64> = r.churn.iter().map(|i| per(i.module_own + i.module_calls)).collect();
             let ev: Vec<f64> = r.churn.iter().map(|i| per(i.event_loop)).collect();
             let label = format!("{who}, {}, a server added or removed every 100 requests", r.lb);
             if r.mode == Mode::Single {
-                line(&format!("{label}: event loop"), &stock, &ev, Some(&own));
+                line(&format!("{label}: event loop"), &stock, &ev, Some((&own, &code)));
                 let total: Vec<f64> = r.churn.iter().map(|i| per(i.total())).collect();
                 line(&format!("{label}: event loop + its Consul poller"), &stock, &total, None);
             } else {
-                line(&label, &stock, &ev, Some(&own));
+                line(&label, &stock, &ev, Some((&own, &code)));
             }
         }
     }
