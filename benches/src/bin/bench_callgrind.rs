@@ -254,7 +254,7 @@ const MODULE_OBJECT: &str = "ngx_http_upsync_module";
 
 /// Instructions executed inside the objects whose path contains `needle` (their functions' self
 /// cost) and, second, in what code there calls in other objects (the calls' inclusive cost),
-/// except a balancer's own peer init (`ngx_http_upstream_init_*`: stock nginx runs it too), from
+/// except the balancer's own peer init that the module wraps (stock nginx runs it too), from
 /// one callgrind dump (`--dump-instr=no`, the default: cost lines are `position Ir`). A cost
 /// line right after `calls=` is the inclusive cost of that call, not self cost; `ob=`/`cob=`
 /// and `fn=`/`cfn=` names are compressed as `(id) name` on first use; without `cob=` the
@@ -292,7 +292,11 @@ fn object_cost(text: &str, needle: &str) -> (u64, u64) {
                 continue;
             }
             let to_other = !callee_inside.take().unwrap_or(inside);
-            if inside && to_other && !callee_fn.starts_with("ngx_http_upstream_init_") {
+            // A callee without a symbol (`0x...`) is a static nginx function, which the module can
+            // reach only through a pointer nginx gave it: the wrapped peer init (e.g.
+            // `keepalive`'s), which stock nginx runs too.
+            let balancer = callee_fn.starts_with("ngx_http_upstream_init_") || callee_fn.starts_with("0x");
+            if inside && to_other && !balancer {
                 calls += ir;
             }
         }
