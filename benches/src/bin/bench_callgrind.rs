@@ -14,7 +14,17 @@
 //! `ip_hash`, `keepalive` on, UPSYNC_BENCH_CG_REQUESTS requests (default 20,000) over 8
 //! keep-alive client connections; the module again while a fifth server is added or removed
 //! every 100 requests; and what one list change costs the worker for lists of 10 / 1,000 /
-//! 20,000 servers (a window with one change minus an idle window). The projection to 200k
+//! 20,000 servers (a window with one change minus an idle window).
+//!
+//! Each per-request configuration runs in UPSYNC_BENCH_CG_RUNS process starts (default 3) and
+//! the table gives the minimum and the spread: glibc malloc's heap layout differs from start to
+//! start and moves a run by ±150-270 instructions per request. Beside the difference against
+//! stock nginx, the instructions executed inside the module's own object (callgrind's self cost
+//! per object, event loop only) per request. The single process is a leader (it runs the
+//! Consul poller thread, and with it glibc's multi-threaded system call path); the `follower`
+//! part runs `master_process on` with 2 workers and `reuseport`, keeps only client connections
+//! the worker without the poller accepted (its pid in an `X-Pid` answer header) and measures
+//! that worker: what most workers of a large nginx pay. The projection to 200k
 //! requests/s uses stock nginx's CPU time per request measured natively (outside valgrind) in
 //! the same run. Prints a markdown section.
 use std::io::{Read, Write};
@@ -47,11 +57,31 @@ struct Traced {
     dir: PathBuf,
     port: u16,
     dumps: usize,
+    /// The process measured: the single process, or one worker (`Mode::Workers`).
+    target: u32,
+    /// Its dumps so far.
+    target_dumps: usize,
+    /// `Mode::Follower`: a connection to the measured worker, for the requests that zero and
+    /// dump its counters (`callgrind_control` reaches only the process valgrind started, not
+    /// the workers nginx forks; `--zero-before=ngx_http_arg` / `--dump-before=ngx_http_map_find`
+    /// fire on `/cg-zero` / `/cg-dump`, which nothing else in the run calls).
+    trigger: Option<TcpStream>,
+}
+
+/// How nginx runs under callgrind.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Mode {
+    /// `master_process off`: the one process is the worker (and, with the module, the leader).
+    Single,
+    /// `master_process on`, 2 workers, `reuseport`; the measured worker is the one without the
+    /// module's Consul poller (any worker for stock nginx), and the client keeps only
+    /// connections that worker accepted.
+    Follower,
 }
 
 impl Traced {
     /// `main`: extra directives for the main context.
-    fn start(dir: &Path, main: &str, http: &str, module: bool) -> anyhow::Result<Traced> {
+    fn start(dir: &Path, main: &str, http: &str, module: bool, mode: Mode) -> anyhow::Result<Traced> {
         std::fs::create_dir_all(dir.join("tmp"))?;
         let port = free_port();
         let d = dir.display();
@@ -60,7 +90,7 @@ impl Traced {
             "{load}
 {main}
 daemon off;
-master_process off;
+{process}
 user root root;
 error_log {d}/error.log notice;
 pid {d}/nginx.pid;
@@ -70,17 +100,25 @@ http {{
     client_body_temp_path {d}/tmp/body; proxy_temp_path {d}/tmp/proxy; fastcgi_temp_path {d}/tmp/fastcgi;
     uwsgi_temp_path {d}/tmp/uwsgi; scgi_temp_path {d}/tmp/scgi;
     keepalive_requests 1000000;
+    map $uri $cg_dump {{ default 1; }}
     {http}
-    server {{ listen 127.0.0.1:{port};
-        location / {{ proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\"; }}
+    server {{ listen 127.0.0.1:{port}{reuseport};
+        location / {{ proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\"; add_header X-Pid $pid; }}
+        location = /cg-zero {{ return 200 $arg_z; }}
+        location = /cg-dump {{ return 200 $cg_dump; }}
         {show} }}
 }}
 ",
-            show = if module { "location = /show { upstream_show; }" } else { "" }
+            show = if module { "location = /show { upstream_show; }" } else { "" },
+            process = if mode == Mode::Single { "master_process off;" } else { "master_process on; worker_processes 2;" },
+            reuseport = if mode == Mode::Single { "" } else { " reuseport" },
         );
         let path = dir.join("nginx.conf");
         std::fs::write(&path, conf)?;
         let mut cmd = Command::new("valgrind");
+        if mode == Mode::Follower {
+            cmd.arg("--zero-before=ngx_http_arg").arg("--dump-before=ngx_http_map_find");
+        }
         cmd.arg("--tool=callgrind")
             .arg("--separate-threads=yes")
             .arg(format!("--callgrind-out-file={}/callgrind.out.%p", dir.display()))
@@ -97,16 +135,48 @@ http {{
             anyhow::ensure!(start.elapsed() < Duration::from_secs(120), "nginx under valgrind did not listen within 120 s");
             std::thread::sleep(Duration::from_millis(100));
         }
-        Ok(Traced { proc, dir: dir.to_path_buf(), port, dumps: 0 })
+        let target = proc.pid();
+        Ok(Traced { proc, dir: dir.to_path_buf(), port, dumps: 0, target, target_dumps: 0, trigger: None })
     }
 
-    fn control(&self, what: &str) -> anyhow::Result<()> {
-        let out = Command::new("callgrind_control").arg(what).arg(self.proc.pid().to_string()).output()?;
+    /// `Mode::Follower`: measures a worker without the module's poller thread (with the module:
+    /// the one of the 2 workers whose process has a single thread, once the leader's poller
+    /// runs; stock nginx: either).
+    fn pick_follower(&mut self, module: bool) -> anyhow::Result<u32> {
+        let start = Instant::now();
+        loop {
+            let workers = children(self.proc.pid());
+            let single: Vec<u32> = workers.iter().copied().filter(|&w| threads(w) == 1).collect();
+            let found = workers.len() == 2 && single.len() == if module { 1 } else { 2 };
+            if found {
+                self.target = single[0];
+                self.target_dumps = 0;
+                self.trigger = Some(pinned_conn(self.port, Some(self.target))?);
+                return Ok(self.target);
+            }
+            anyhow::ensure!(
+                start.elapsed() < Duration::from_secs(60),
+                "no follower worker among {workers:?} (threads: {:?})",
+                workers.iter().map(|&w| threads(w)).collect::<Vec<_>>()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn control(&mut self, what: &str) -> anyhow::Result<()> {
+        if let Some(c) = self.trigger.as_mut() {
+            let path = if what == "--zero" { "/cg-zero?z=1" } else { "/cg-dump" };
+            request(c, &mut Vec::new(), path)?;
+            return Ok(());
+        }
+        let out = Command::new("callgrind_control").arg(what).arg(self.target.to_string()).output()?;
         anyhow::ensure!(out.status.success(), "callgrind_control {what}: {}", String::from_utf8_lossy(&out.stderr));
         Ok(())
     }
 
-    /// Instructions executed in `work` (counters zeroed before, dumped after): by nginx's
+    /// Instructions executed in `work` (counters zeroed before, dumped after; in
+    /// `Mode::Follower` the zero and dump requests add the same few instructions to every
+    /// window, and the idle window takes them off again): by nginx's
     /// event loop (the process's main thread, what every worker runs) and by the module's other
     /// threads (the leader's Consul poller, builders of large lists).
     fn count(&mut self, work: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<Ir> {
@@ -114,9 +184,10 @@ http {{
         work()?;
         self.control("--dump")?;
         self.dumps += 1;
+        self.target_dumps += 1;
         // With --separate-threads=yes a dump is one file per thread: callgrind.out.PID.N-TT,
         // thread 01 the main thread.
-        let prefix = format!("callgrind.out.{}.{}-", self.proc.pid(), self.dumps);
+        let prefix = format!("callgrind.out.{}.{}-", self.target, self.target_dumps);
         let start = Instant::now();
         loop {
             let mut ir = Ir::default();
@@ -130,6 +201,7 @@ http {{
                 let n: u64 = total.split_whitespace().next().unwrap_or("0").parse()?;
                 if thread == "01" {
                     ir.event_loop += n;
+                    (ir.module_own, ir.module_calls) = object_cost(&text, MODULE_OBJECT);
                     main_seen = true;
                 } else {
                     ir.threads += n;
@@ -152,7 +224,12 @@ http {{
             std::thread::sleep(took);
             Ok(())
         })?;
-        Ok(Ir { event_loop: busy.event_loop.saturating_sub(idle.event_loop), threads: busy.threads.saturating_sub(idle.threads) })
+        Ok(Ir {
+            event_loop: busy.event_loop.saturating_sub(idle.event_loop),
+            threads: busy.threads.saturating_sub(idle.threads),
+            module_own: busy.module_own.saturating_sub(idle.module_own),
+            module_calls: busy.module_calls.saturating_sub(idle.module_calls),
+        })
     }
 }
 
@@ -164,12 +241,127 @@ struct Ir {
     /// The module's other threads: the Consul poller (the leader worker only, once per nginx
     /// instance) and the builders of large lists.
     threads: u64,
+    /// Of `event_loop`, the instructions executed inside the module's own object (self cost:
+    /// not the libc or nginx functions it calls).
+    module_own: u64,
+    /// Of `event_loop`, the nginx and libc functions the module's code calls (not the
+    /// balancer's own peer init, which stock nginx runs too).
+    module_calls: u64,
+}
+
+/// The module's shared object, as callgrind names it.
+const MODULE_OBJECT: &str = "ngx_http_upsync_module";
+
+/// Instructions executed inside the objects whose path contains `needle` (their functions' self
+/// cost) and, second, in what code there calls in other objects (the calls' inclusive cost),
+/// except the balancer's own peer init that the module wraps (stock nginx runs it too), from
+/// one callgrind dump (`--dump-instr=no`, the default: cost lines are `position Ir`). A cost
+/// line right after `calls=` is the inclusive cost of that call, not self cost; `ob=`/`cob=`
+/// and `fn=`/`cfn=` names are compressed as `(id) name` on first use; without `cob=` the
+/// callee is in the caller's object.
+fn object_cost(text: &str, needle: &str) -> (u64, u64) {
+    fn resolve(names: &mut std::collections::HashMap<String, String>, v: &str) -> String {
+        let v = v.trim();
+        match v.strip_prefix('(').and_then(|r| r.split_once(')')) {
+            Some((id, name)) if !name.trim().is_empty() => {
+                names.insert(id.to_string(), name.trim().to_string());
+                name.trim().to_string()
+            }
+            Some((id, _)) => names.get(id).cloned().unwrap_or_default(),
+            None => v.to_string(),
+        }
+    }
+    let (mut objects, mut functions) = (std::collections::HashMap::new(), std::collections::HashMap::new());
+    let (mut inside, mut after_call, mut own, mut calls) = (false, false, 0u64, 0u64);
+    let (mut callee_inside, mut callee_fn) = (None::<bool>, String::new());
+    for line in text.lines() {
+        if let Some(v) = line.strip_prefix("ob=") {
+            inside = resolve(&mut objects, v).contains(needle);
+        } else if let Some(v) = line.strip_prefix("cob=") {
+            callee_inside = Some(resolve(&mut objects, v).contains(needle));
+        } else if let Some(v) = line.strip_prefix("fn=") {
+            resolve(&mut functions, v);
+        } else if let Some(v) = line.strip_prefix("cfn=") {
+            callee_fn = resolve(&mut functions, v);
+        } else if line.starts_with("calls=") {
+            after_call = true;
+        } else if line.starts_with(|c: char| c.is_ascii_digit() || c == '+' || c == '-' || c == '*') {
+            let ir = line.split_whitespace().nth(1).and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
+            if !std::mem::take(&mut after_call) {
+                own += if inside { ir } else { 0 };
+                continue;
+            }
+            let to_other = !callee_inside.take().unwrap_or(inside);
+            // A callee without a symbol (`0x...`) is a static nginx function, which the module can
+            // reach only through a pointer nginx gave it: the wrapped peer init (e.g.
+            // `keepalive`'s), which stock nginx runs too.
+            let balancer = callee_fn.starts_with("ngx_http_upstream_init_") || callee_fn.starts_with("0x");
+            if inside && to_other && !balancer {
+                calls += ir;
+            }
+        }
+    }
+    (own, calls)
+}
+
+/// Child processes of `pid` (nginx's workers under the master).
+fn children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(p) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else { continue };
+        // pid (comm) state ppid ...: comm may hold spaces, so split after the last ')'.
+        let ppid = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)).and_then(|v| v.parse::<u32>().ok());
+        if ppid == Some(pid) {
+            out.push(p);
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Threads of process `pid`.
+fn threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task")).map(|d| d.count()).unwrap_or(0)
 }
 
 impl Ir {
     fn total(self) -> u64 {
         self.event_loop + self.threads
     }
+}
+
+/// One configuration's measurements, one per process start.
+struct Row {
+    lb: &'static str,
+    mode: Mode,
+    stock: Vec<Ir>,
+    module: Vec<Ir>,
+    /// The module's run again while a server is added or removed every 100 requests.
+    churn: Vec<Ir>,
+}
+
+fn min(v: &[f64]) -> f64 {
+    v.iter().copied().fold(f64::INFINITY, f64::min)
+}
+
+/// `minimum (+max - min)`, in instructions.
+fn spread(v: &[f64]) -> String {
+    let lo = min(v);
+    let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    format!("{} (+{:.0})", thousands(lo), hi - lo)
+}
+
+fn thousands(x: f64) -> String {
+    let digits = format!("{:.0}", x);
+    let mut out = String::new();
+    for (i, ch) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(ch);
+    }
+    out
 }
 
 /// Keep-alive HTTP/1.1 connections, used one request at a time in turn.
@@ -181,11 +373,12 @@ struct Client {
 
 impl Client {
     fn new(port: u16) -> anyhow::Result<Client> {
-        let conns = (0..CONNS).map(|_| TcpStream::connect(("127.0.0.1", port))).collect::<Result<Vec<_>, _>>()?;
-        for c in &conns {
-            c.set_read_timeout(Some(Duration::from_secs(60)))?;
-            c.set_nodelay(true)?;
-        }
+        Client::pinned(port, None)
+    }
+
+    /// With `only`: only connections accepted by that worker.
+    fn pinned(port: u16, only: Option<u32>) -> anyhow::Result<Client> {
+        let conns = (0..CONNS).map(|_| pinned_conn(port, only)).collect::<anyhow::Result<Vec<_>>>()?;
         Ok(Client { conns, next: 0, buf: Vec::with_capacity(4096) })
     }
 
@@ -193,25 +386,46 @@ impl Client {
         for _ in 0..n {
             let c = &mut self.conns[self.next];
             self.next = (self.next + 1) % CONNS;
-            c.write_all(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")?;
-            self.buf.clear();
-            let mut chunk = [0u8; 2048];
-            loop {
-                let k = c.read(&mut chunk)?;
-                anyhow::ensure!(k > 0, "connection closed");
-                self.buf.extend_from_slice(&chunk[..k]);
-                if let Some(end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                    let head = String::from_utf8_lossy(&self.buf[..end]).to_ascii_lowercase();
-                    anyhow::ensure!(head.starts_with("http/1.1 200"), "answer: {head}");
-                    let len: usize =
-                        head.lines().find_map(|l| l.strip_prefix("content-length:")).and_then(|v| v.trim().parse().ok()).unwrap_or(0);
-                    if self.buf.len() >= end + 4 + len {
-                        break;
-                    }
-                }
-            }
+            request(c, &mut self.buf, "/")?;
         }
         Ok(())
+    }
+}
+
+/// A keep-alive connection; with `only`, one accepted by that worker (its `X-Pid` answer
+/// header; `reuseport` spreads connections over the workers), up to 400 tries.
+fn pinned_conn(port: u16, only: Option<u32>) -> anyhow::Result<TcpStream> {
+    let mut buf = Vec::with_capacity(4096);
+    for _ in 0..400 {
+        let mut c = TcpStream::connect(("127.0.0.1", port))?;
+        c.set_read_timeout(Some(Duration::from_secs(60)))?;
+        c.set_nodelay(true)?;
+        let Some(pid) = only else { return Ok(c) };
+        let head = request(&mut c, &mut buf, "/")?;
+        if head.lines().find_map(|l| l.strip_prefix("x-pid:")).and_then(|v| v.trim().parse::<u32>().ok()) == Some(pid) {
+            return Ok(c);
+        }
+    }
+    anyhow::bail!("no connection accepted by worker {only:?} in 400 tries")
+}
+
+/// One keep-alive request; returns the answer's head, lowercased.
+fn request(c: &mut TcpStream, buf: &mut Vec<u8>, path: &str) -> anyhow::Result<String> {
+    c.write_all(format!("GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n").as_bytes())?;
+    buf.clear();
+    let mut chunk = [0u8; 2048];
+    loop {
+        let k = c.read(&mut chunk)?;
+        anyhow::ensure!(k > 0, "connection closed");
+        buf.extend_from_slice(&chunk[..k]);
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            anyhow::ensure!(head.starts_with("http/1.1 200"), "answer: {head}");
+            let len: usize = head.lines().find_map(|l| l.strip_prefix("content-length:")).and_then(|v| v.trim().parse().ok()).unwrap_or(0);
+            if buf.len() >= end + 4 + len {
+                return Ok(head);
+            }
+        }
     }
 }
 
@@ -280,78 +494,98 @@ fn main() -> anyhow::Result<()> {
     };
     eprintln!("native stock nginx: {:.1} us CPU per request", native * 1e6);
 
-    // UPSYNC_BENCH_CG_ONLY (comma-separated: rr, least_conn, ip_hash, churn, change) runs only
-    // those parts (churn needs rr's module run; to profile one part with callgrind_annotate, keep
-    // the dumps with UPSYNC_KEEP_TEST_DIRS=1).
+    // UPSYNC_BENCH_CG_ONLY (comma-separated: rr, least_conn, ip_hash, follower, churn, change)
+    // runs only those parts (churn runs with rr's and follower's module runs; to profile one part
+    // with callgrind_annotate, keep the dumps with UPSYNC_KEEP_TEST_DIRS=1).
     let only = std::env::var("UPSYNC_BENCH_CG_ONLY").unwrap_or_default();
     let wanted = |part: &str| only.is_empty() || only.split(',').any(|p| p.trim() == part);
-    let mut rows = Vec::new();
-    let mut churn: Option<Ir> = None;
-    for (lb, part, directive) in
-        [("round robin", "rr", ""), ("least_conn", "least_conn", "least_conn;"), ("ip_hash", "ip_hash", "ip_hash;")]
-    {
-        let with_churn = part == "rr" && wanted("churn");
-        if !wanted(part) && !with_churn {
+    // UPSYNC_BENCH_CG_RUNS (default 3): process starts per configuration. glibc malloc's heap
+    // layout differs from start to start (±150-270 instructions per request under
+    // ngx_create_pool), so the tables give the minimum over the starts and the spread.
+    let runs = env("UPSYNC_BENCH_CG_RUNS", 3).max(1) as usize;
+    let mut rows: Vec<Row> = Vec::new();
+    // Parts: rr, least_conn, ip_hash (single process: the worker leads), follower (round robin,
+    // 2 workers, the one without the poller measured), churn (with rr and follower).
+    for (lb, part, directive, mode) in [
+        ("round robin", "rr", "", Mode::Single),
+        ("least_conn", "least_conn", "least_conn;", Mode::Single),
+        ("ip_hash", "ip_hash", "ip_hash;", Mode::Single),
+        ("round robin", "follower", "", Mode::Follower),
+    ] {
+        if !wanted(part) {
             continue;
         }
-        let mut per = Vec::new();
-        for module in [false, true] {
-            let label = format!("{lb} {}", if module { "module" } else { "stock" });
-            eprintln!("{label}");
-            let d = dir.subdir(&format!("cg-{}-{}", lb.replace(' ', "_"), module));
-            let body = if module { upsync("app") } else { static_servers.clone() };
-            let mut t = Traced::start(&d, "", &format!("upstream app {{ {directive} {body} keepalive 64; }}"), module)?;
-            if module {
-                wait_count(t.port, BASE)?;
-            }
-            let mut c = Client::new(t.port)?;
-            c.run(1_000)?;
-            let ir = t.net_count(|| c.run(requests))?;
-            eprintln!("{label}: {ir:?}");
-            per.push(ir.total() as f64 / requests as f64);
-            if module && with_churn {
-                // Churn: a fifth server added or removed every 100 requests.
-                let key = format!("upstreams/app/{}", addr(BASE));
-                let mut on = false;
-                let ir = t.net_count(|| {
-                    for _ in 0..requests / 100 {
-                        on = !on;
-                        if on {
-                            consul.kv_put(&key, "");
-                        } else {
-                            consul.kv_delete(&key);
-                        }
-                        c.run(100)?;
-                    }
-                    Ok(())
-                })?;
-                eprintln!("churn: {ir:?}");
-                if on {
-                    consul.kv_delete(&key);
+        let with_churn = wanted("churn") && (part == "rr" || part == "follower");
+        let mut row = Row { lb, mode, stock: Vec::new(), module: Vec::new(), churn: Vec::new() };
+        for run in 0..runs {
+            for module in [false, true] {
+                let label = format!("{lb} {:?} {} run {}", mode, if module { "module" } else { "stock" }, run + 1);
+                eprintln!("{label}");
+                let d = dir.subdir(&format!("cg-{part}-{module}-{run}"));
+                let body = if module { upsync("app") } else { static_servers.clone() };
+                let mut t = Traced::start(&d, "", &format!("upstream app {{ {directive} {body} keepalive 64; }}"), module, mode)?;
+                if module {
+                    wait_count(t.port, BASE)?;
                 }
-                churn = Some(ir);
+                let only = if mode == Mode::Follower { Some(t.pick_follower(module)?) } else { None };
+                let mut c = Client::pinned(t.port, only)?;
+                c.run(1_000)?;
+                let ir = t.net_count(|| c.run(requests))?;
+                eprintln!("{label}: {ir:?}");
+                if !module {
+                    row.stock.push(ir);
+                    continue;
+                }
+                row.module.push(ir);
+                if with_churn {
+                    // Churn: a fifth server added or removed every 100 requests.
+                    let key = format!("upstreams/app/{}", addr(BASE));
+                    let mut on = false;
+                    let ir = t.net_count(|| {
+                        for _ in 0..requests / 100 {
+                            on = !on;
+                            if on {
+                                consul.kv_put(&key, "");
+                            } else {
+                                consul.kv_delete(&key);
+                            }
+                            c.run(100)?;
+                        }
+                        Ok(())
+                    })?;
+                    eprintln!("{label}, churn: {ir:?}");
+                    if on {
+                        consul.kv_delete(&key);
+                    }
+                    row.churn.push(ir);
+                }
             }
-            drop(c);
-            drop(t);
         }
-        rows.push((lb, per));
+        rows.push(row);
     }
 
     // Control: stock nginx with one idle thread of its own (a thread pool), as the module's
     // leader worker has its Consul poller thread. Once a process has a second thread, glibc's
     // system call wrappers (recv, writev, epoll_wait...) add cancellation-point bookkeeping to
     // every call; a worker that never starts a thread (a follower) does not pay it.
-    let mut threaded_stock = None;
+    let mut threaded_stock = Vec::new();
     if wanted("rr") {
-        eprintln!("round robin stock, one thread pool thread");
-        let d = dir.subdir("cg-round_robin-stock-thread");
-        let mut t =
-            Traced::start(&d, "thread_pool bench threads=1;", &format!("upstream app {{ {static_servers} keepalive 64; }}"), false)?;
-        let mut c = Client::new(t.port)?;
-        c.run(1_000)?;
-        let ir = t.net_count(|| c.run(requests))?;
-        eprintln!("round robin stock, thread: {ir:?}");
-        threaded_stock = Some(ir.total() as f64 / requests as f64);
+        for run in 0..runs {
+            eprintln!("round robin stock, one thread pool thread, run {}", run + 1);
+            let d = dir.subdir(&format!("cg-rr-stock-thread-{run}"));
+            let mut t = Traced::start(
+                &d,
+                "thread_pool bench threads=1;",
+                &format!("upstream app {{ {static_servers} keepalive 64; }}"),
+                false,
+                Mode::Single,
+            )?;
+            let mut c = Client::new(t.port)?;
+            c.run(1_000)?;
+            let ir = t.net_count(|| c.run(requests))?;
+            eprintln!("round robin stock, thread: {ir:?}");
+            threaded_stock.push(ir);
+        }
     }
 
     // One list change, for lists of 10 / 1,000 / 20,000 servers.
@@ -371,7 +605,7 @@ fn main() -> anyhow::Result<()> {
         pairs.extend((0..size - BASE).map(|i| (format!("upstreams/{prefix}/{}", filler(i)), "{\"down\":1}".to_string())));
         consul.kv_put_many(&pairs);
         let d = dir.subdir(&format!("cg-change-{size}"));
-        let mut t = Traced::start(&d, "", &format!("upstream app {{ {} keepalive 64; }}", upsync(&prefix)), true)?;
+        let mut t = Traced::start(&d, "", &format!("upstream app {{ {} keepalive 64; }}", upsync(&prefix)), true, Mode::Single)?;
         wait_count(t.port, size)?;
         // Settle (the first list's build and dump).
         std::thread::sleep(Duration::from_secs(3));
@@ -391,40 +625,65 @@ fn main() -> anyhow::Result<()> {
     }
 
     let cores = |per_req_s: f64| 200_000.0 * per_req_s;
+    let per = |n: u64| n as f64 / requests as f64;
     println!("### Instructions per request: `scripts/bench/callgrind.sh`\n");
     println!(
-        "nginx in single-process mode under callgrind, {requests} requests over {CONNS} keep-alive connections, 4 servers, \
-         `keepalive 64`; an idle window of the same length subtracted. Stock nginx natively: {:.1} us CPU per request \
-         ({:.1} cores at 200k requests/s).\n",
+        "nginx under callgrind, {requests} requests over {CONNS} keep-alive connections, 4 servers, `keepalive 64`; an idle \
+         window of the same length subtracted; {runs} process starts per configuration: the minimum, and in brackets how \
+         much more the highest start counted (glibc malloc's heap layout). Stock nginx natively: {:.1} us CPU per request \
+         ({:.1} cores at 200k requests/s). \"Leader\": `master_process off`, the one process is the worker and runs \
+         the module's Consul poller thread. \"Follower\": `master_process on`, 2 workers, `reuseport`, the load on the \
+         worker without the poller (stock nginx: one of its 2 workers). The module's code: instructions executed inside \
+         the module's object on the event loop (callgrind's self cost), then with the nginx and libc functions it calls \
+         (not the balancer's own peer init, which stock nginx runs too).\n",
         native * 1e6,
         cores(native)
     );
-    println!("| balancer | stock nginx | nginx + module | module adds | at 200k req/s the module adds |");
-    println!("|---|---:|---:|---:|---:|");
-    for (lb, per) in &rows {
-        let (s, m) = (per[0], per[1]);
-        let extra = (m - s) / s;
-        println!("| {lb} | {s:.0} | {m:.0} | {:+.2}% | {:.3} cores |", extra * 100.0, cores(native) * extra);
-        if let (Some(t), "round robin") = (threaded_stock, *lb) {
-            let e = (t - s) / s;
-            println!(
-                "| {lb}: stock nginx with one thread_pool thread (control, no module) | {s:.0} | {t:.0} | {:+.2}% | {:.3} cores |",
-                e * 100.0,
-                cores(native) * e
-            );
+    println!(
+        "| worker, balancer | stock nginx | nginx + module | difference (minimum against minimum) | module's code: in its object | \
+         module's code with the nginx/libc functions it calls | at 200k req/s: the difference | at 200k req/s: the module's code |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    let line = |what: &str, stock: &[f64], module: &[f64], own: Option<(&[f64], &[f64])>| {
+        let s = min(stock);
+        let m = min(module);
+        let e = (m - s) / s;
+        let pct = |o: &[f64]| format!("{} ({:.2}%)", spread(o), min(o) / s * 100.0);
+        let (own, code, code_cores) = match own {
+            Some((o, c)) => (pct(o), pct(c), format!("{:.3} cores", cores(native) * min(c) / s)),
+            None => ("—".into(), "—".into(), "—".into()),
+        };
+        println!(
+            "| {what} | {} | {} | {:+.2}% | {own} | {code} | {:.3} cores | {code_cores} |",
+            spread(stock),
+            spread(module),
+            e * 100.0,
+            cores(native) * e
+        );
+    };
+    for r in &rows {
+        let who = if r.mode == Mode::Single { "leader" } else { "follower" };
+        let stock: Vec<f64> = r.stock.iter().map(|i| per(i.total())).collect();
+        let module: Vec<f64> = r.module.iter().map(|i| per(i.total())).collect();
+        let own: Vec<f64> = r.module.iter().map(|i| per(i.module_own)).collect();
+        let code: Vec<f64> = r.module.iter().map(|i| per(i.module_own + i.module_calls)).collect();
+        line(&format!("{who}, {}", r.lb), &stock, &module, Some((&own, &code)));
+        if r.mode == Mode::Single && r.lb == "round robin" && !threaded_stock.is_empty() {
+            let t: Vec<f64> = threaded_stock.iter().map(|i| per(i.total())).collect();
+            line("control: stock nginx with one `thread_pool` thread, no module (against stock)", &stock, &t, None);
         }
-        if let (Some(ir), "round robin") = (churn, *lb) {
-            let row = |what: &str, n: u64| {
-                let c = n as f64 / requests as f64;
-                let e = (c - s) / s;
-                println!(
-                    "| {lb}, a server added/removed every 100 requests{what} | {s:.0} | {c:.0} | {:+.2}% | {:.3} cores |",
-                    e * 100.0,
-                    cores(native) * e
-                );
-            };
-            row(", every worker (event loop)", ir.event_loop);
-            row(", the leader worker (+ its Consul poller)", ir.total());
+        if !r.churn.is_empty() {
+            let own: Vec<f64> = r.churn.iter().map(|i| per(i.module_own)).collect();
+            let code: Vec<f64> = r.churn.iter().map(|i| per(i.module_own + i.module_calls)).collect();
+            let ev: Vec<f64> = r.churn.iter().map(|i| per(i.event_loop)).collect();
+            let label = format!("{who}, {}, a server added or removed every 100 requests", r.lb);
+            if r.mode == Mode::Single {
+                line(&format!("{label}: event loop"), &stock, &ev, Some((&own, &code)));
+                let total: Vec<f64> = r.churn.iter().map(|i| per(i.total())).collect();
+                line(&format!("{label}: event loop + its Consul poller"), &stock, &total, None);
+            } else {
+                line(&label, &stock, &ev, Some((&own, &code)));
+            }
         }
     }
     if !changes.is_empty() {
