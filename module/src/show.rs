@@ -114,6 +114,17 @@ pub enum Format {
 }
 
 impl Format {
+    /// A format named in configuration (the stream `upstream_show FORMAT;`, where a client sends
+    /// no query): `text`, `json` or `prometheus`; an error naming the choices otherwise.
+    pub fn from_conf(name: &str) -> Result<Format, String> {
+        match name {
+            "text" => Ok(Format::Text),
+            "json" => Ok(Format::Json),
+            "prometheus" | "openmetrics" => Ok(Format::Prometheus),
+            other => Err(format!("unknown format \"{other}\": use text (the default), json or prometheus")),
+        }
+    }
+
     pub fn content_type(self) -> &'static str {
         match self {
             Format::Text => "text/plain",
@@ -470,6 +481,15 @@ const STATUS_PAGE: &str = include_str!("status.html");
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn formats_named_in_configuration() {
+        assert_eq!(Format::from_conf("text"), Ok(Format::Text));
+        assert_eq!(Format::from_conf("json"), Ok(Format::Json));
+        assert_eq!(Format::from_conf("prometheus"), Ok(Format::Prometheus));
+        let e = Format::from_conf("html").unwrap_err();
+        assert!(e.contains("\"html\"") && e.contains("json or prometheus"), "{e}");
+    }
 
     fn view(name: &str, servers: &[(&str, u32, bool, bool)]) -> UpstreamView {
         UpstreamView {

@@ -123,7 +123,9 @@ fn catalog_and_health_sources_and_the_listing() {
         }}
         upstream plain {{ server 127.0.0.1:9 weight=2; }}
         server {{ listen 127.0.0.1:{{{{port}}}}; proxy_pass svc; }}
-        server {{ listen 127.0.0.1:{{{{port1}}}}; upstream_show; }}",
+        server {{ listen 127.0.0.1:{{{{port1}}}}; upstream_show; }}
+        server {{ listen 127.0.0.1:{{{{port2}}}}; upstream_show json; }}
+        server {{ listen 127.0.0.1:{{{{port3}}}}; upstream_show prometheus; }}",
         consul = consul.http_addr()
     );
     let nginx = Nginx::start(dir.path(), NginxConf::new("").stream(&stream).workers(2));
@@ -152,6 +154,16 @@ fn catalog_and_health_sources_and_the_listing() {
     wait_until("the dump file", Duration::from_secs(10), || {
         std::fs::read_to_string(dir.join("servers_svc.conf")).is_ok_and(|d| d.contains(&a.host_port()) && d.contains("down"))
     });
+
+    // `upstream_show json;` and `upstream_show prometheus;`: the HTTP module's other forms.
+    let json: serde_json::Value = serde_json::from_str(&stream_show(nginx.extra_port(2))).expect("upstream_show json is JSON");
+    let svc = json["upstreams"].as_array().and_then(|u| u.iter().find(|u| u["name"] == "svc")).unwrap_or_else(|| panic!("{json}"));
+    let a_view = svc["servers"].as_array().and_then(|v| v.iter().find(|s| s["server"] == a.host_port())).unwrap_or_else(|| panic!("{svc}"));
+    assert_eq!((a_view["weight"].as_u64(), a_view["down"].as_bool()), (Some(2), Some(true)), "{svc}");
+    assert!(svc["sync"].is_object() && json["worker_pid"].as_u64().is_some(), "{json}");
+    let metrics = stream_show(nginx.extra_port(3));
+    assert!(metrics.contains("upsync_nginx_upstream_servers{") && metrics.contains("upstream=\"svc\""), "{metrics}");
+    assert!(metrics.trim_end().ends_with("# EOF"), "{metrics}");
 }
 
 /// `nginx -t` checks the stream directives with the HTTP module's messages, and refuses what
@@ -183,6 +195,7 @@ fn stream_directives_are_checked_by_nginx_t() {
         ("modula_consistent", "upsync_lb hash_modula; hash $remote_addr consistent;", "without \"consistent\""),
         ("modula", "upsync_lb hash_modula;", "needs nginx's \"hash KEY;\""),
         ("duplicate", "upsync_dump_path a; upsync_dump_path b;", "\"upsync_dump_path\" directive: is duplicate"),
+        ("show_form", "} server { listen 127.0.0.1:1; upstream_show html; } upstream x { server 127.0.0.1:9;", "unknown format \"html\""),
     ] {
         let t = check(name, lines);
         assert!(!t.ok && t.output.contains(message), "{name}: expected \"{message}\":\n{}", t.output);

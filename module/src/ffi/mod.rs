@@ -32,6 +32,7 @@ mod log;
 mod peers;
 mod shm;
 mod show;
+mod views;
 mod worker;
 
 /// The shared zone of the HTTP module (the stream module's is `upsync_stream`).

@@ -5,7 +5,7 @@ use core::ffi::c_void;
 
 use ngx::ffi::*;
 
-pub use super::generation::{sync, Generation, PeersReadLock, Pending};
+pub use super::generation::{sync, Generation, Pending};
 use super::srv_conf_of;
 
 /// The peer structs [`Generation`] builds for this module.

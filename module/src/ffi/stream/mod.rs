@@ -30,6 +30,8 @@ mod peers;
 #[path = "../shm.rs"]
 mod shm;
 mod show;
+#[path = "../views.rs"]
+mod views;
 #[path = "../worker.rs"]
 mod worker;
 
@@ -69,6 +71,8 @@ pub struct SrvConf {
     shares_failures: bool,
     fail_epoch_seen: u64,
     fail_applied: Vec<std::net::SocketAddr>,
+    /// In a stream `server {}` with `upstream_show FORMAT;`: the form of the listing.
+    show_format: Option<crate::show::Format>,
 }
 
 const UPS: ngx_uint_t = NGX_STREAM_UPS_CONF as ngx_uint_t;
@@ -85,7 +89,7 @@ static mut COMMANDS: [ngx_command_t; 11] = [
     command(ngx_string!("upsync_allow_empty"), UPS | NGX_CONF_FLAG as ngx_uint_t, set_allow_empty, SRV),
     command(ngx_string!("upsync_shm_size"), (NGX_STREAM_MAIN_CONF | NGX_CONF_TAKE1) as ngx_uint_t, set_shm_size, MAIN),
     command(ngx_string!("upsync_consul_connections"), (NGX_STREAM_MAIN_CONF | NGX_CONF_TAKE1) as ngx_uint_t, set_consul_connections, MAIN),
-    command(ngx_string!("upstream_show"), (NGX_STREAM_SRV_CONF | NGX_CONF_NOARGS) as ngx_uint_t, set_show, 0),
+    command(ngx_string!("upstream_show"), (NGX_STREAM_SRV_CONF | NGX_CONF_NOARGS | NGX_CONF_TAKE1) as ngx_uint_t, set_show, SRV),
     ngx_command_t::empty(),
 ];
 
@@ -156,9 +160,18 @@ extern "C" fn set_lb(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut c
     })
 }
 
-/// `upstream_show` in a stream `server {}`: a client that connects gets the listing.
-extern "C" fn set_show(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, _conf: *mut c_void) -> *mut c_char {
+/// `upstream_show [text|json|prometheus];` in a stream `server {}`: a client that connects gets
+/// the listing in that form (text, nginx-upsync-module's, by default).
+extern "C" fn set_show(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut c_void) -> *mut c_char {
     guard("\"upstream_show\" directive", NGX_CONF_ERROR, || {
+        // SAFETY: nginx passes the directive's cf.
+        let format = match unsafe { args(&*cf) }.map(|a| a.first().map(|f| crate::show::Format::from_conf(f))) {
+            Ok(None) => crate::show::Format::Text,
+            Ok(Some(Ok(f))) => f,
+            Ok(Some(Err(e))) | Err(e) => return conf_error(cf, "upstream_show", &e),
+        };
+        // SAFETY: the directive's offset is SRV: conf is this server block's SrvConf.
+        unsafe { (*(conf as *mut SrvConf)).show_format = Some(format) };
         // SAFETY: in a stream server block, cf->ctx is its ngx_stream_conf_ctx_t, whose srv_conf
         // holds the core module's ngx_stream_core_srv_conf_t.
         let cscf = unsafe { conf_ctx(&*cf).and_then(|ctx| module_conf::<ngx_stream_core_srv_conf_t>(ctx.srv_conf, core_module())) };

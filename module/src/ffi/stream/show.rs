@@ -1,13 +1,15 @@
-//! `upstream_show` in a stream `server {}`: a client that connects gets every stream upstream
-//! of the configuration in nginx-upsync-module's text (the same renderer as the HTTP
-//! `upstream_show`), as the answering worker balances it; then nginx closes the connection.
+//! `upstream_show [text|json|prometheus]` in a stream `server {}`: a client that connects gets
+//! every stream upstream of the configuration in the server's form (the HTTP `upstream_show`'s
+//! renderers over the same views, [`super::views`]), as the answering worker balances it; then
+//! nginx closes the connection.
 use core::ffi::c_void;
 use core::ptr;
 
 use ngx::ffi::*;
 
-use super::{cycle_upstreams, module, peers, shm, srv_conf_of};
-use crate::show::{self, ServerJson, ServerView, SyncView, UpstreamView};
+use super::views::{collect, leader_pid};
+use super::{module, module_conf, SrvConf};
+use crate::show::{self, Format};
 
 /// How long a client may take to read the listing.
 const SEND_TIMEOUT_MS: ngx_msec_t = 10_000;
@@ -34,7 +36,14 @@ pub unsafe extern "C" fn handler(s: *mut ngx_stream_session_t) {
 /// # Safety
 /// A valid session on the main thread.
 unsafe fn start(s: *mut ngx_stream_session_t) -> Result<(), ()> {
-    let body = show::render_text(&collect(), None);
+    // SAFETY: contract; the session's srv_conf array holds this server block's SrvConf.
+    let format = unsafe { module_conf::<SrvConf>((*s).srv_conf, module()) }.and_then(|c| c.show_format).unwrap_or(Format::Text);
+    let views = collect(None);
+    let body = match format {
+        Format::Json | Format::Html => show::render_json(&views, None, std::process::id()).unwrap_or_else(|e| e),
+        Format::Prometheus => show::render_prometheus(&views, None, leader_pid(), crate::model::unix_ms()).unwrap_or_else(|e| e),
+        Format::Text => show::render_text(&views, None),
+    };
     // SAFETY: contract; the buffer and the state live in the connection's pool, which lives as
     // long as the session; the ctx array has a slot for every stream module.
     unsafe {
@@ -91,74 +100,3 @@ unsafe extern "C" fn write_handler(ev: *mut ngx_event_t) {
 
 /// The client has nothing to say; what it sends is not read.
 unsafe extern "C" fn ignore_read(_ev: *mut ngx_event_t) {}
-
-/// Every stream upstream of the running configuration, as this worker balances it.
-fn collect() -> Vec<UpstreamView> {
-    let mut views = Vec::new();
-    // SAFETY: main thread; the cycle's upstream confs and their peer lists are valid.
-    unsafe {
-        for &us in cycle_upstreams() {
-            let name = String::from_utf8_lossy((*us).host.as_bytes()).into_owned();
-            let synced = srv_conf_of(us).filter(|s| s.sync.upsync.is_some() && s.slot.is_some());
-            let Some(srv) = synced else {
-                views.push(UpstreamView { name, servers: nginx_peers((*us).peer.data as *const _), sync: None });
-                continue;
-            };
-            peers::sync(srv);
-            let servers = match &srv.current {
-                Some(g) => g
-                    .servers
-                    .iter()
-                    .enumerate()
-                    .map(|(i, s)| {
-                        let (fails, active) = g.peer_state(i);
-                        ServerView { server: ServerJson::from(s), fails, active }
-                    })
-                    .collect(),
-                None => nginx_peers((*us).peer.data as *const _),
-            };
-            let pool = srv.shpool.map(|p| p.as_ptr()).unwrap_or(ptr::null_mut());
-            let sync = srv.slot.map(|slot| {
-                let (version, meta) = shm::read_meta(pool, slot.as_ptr());
-                SyncView::new(srv.source.clone(), version, meta)
-            });
-            views.push(UpstreamView { name, servers, sync });
-        }
-    }
-    views
-}
-
-/// The servers of an nginx stream round-robin list from the configuration (primary, then
-/// backup).
-///
-/// # Safety
-/// `peers` null or a valid stream rr peers list.
-unsafe fn nginx_peers(peers: *const ngx_stream_upstream_rr_peers_t) -> Vec<ServerView> {
-    let mut out = Vec::new();
-    let mut list = peers;
-    let mut backup = false;
-    // SAFETY: contract; walking the lists through `peer`/`next`.
-    unsafe {
-        while !list.is_null() {
-            let mut p = (*list).peer;
-            while !p.is_null() {
-                out.push(ServerView {
-                    server: ServerJson {
-                        server: String::from_utf8_lossy((*p).name.as_bytes()).into_owned(),
-                        weight: (*p).weight as u32,
-                        max_fails: (*p).max_fails as u32,
-                        fail_timeout: (*p).fail_timeout as u32,
-                        down: (*p).down != 0,
-                        backup,
-                    },
-                    fails: (*p).fails as u64,
-                    active: (*p).conns as u64,
-                });
-                p = (*p).next;
-            }
-            list = (*list).next;
-            backup = true;
-        }
-    }
-    out
-}
