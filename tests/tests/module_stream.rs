@@ -202,17 +202,21 @@ fn stream_directives_are_checked_by_nginx_t() {
     }
 }
 
-/// A synced UDP upstream with `hash $remote_port consistent` (upsync_lb hash_ketama) and one
-/// with `hash $remote_port` (hash_modula), proxied on `{{port1}}` and `{{port2}}`;
-/// `upstream_show` on `{{port}}` (TCP: the test harness waits for it).
+/// A synced UDP upstream with `hash $remote_port consistent` (upsync_lb hash_ketama), one with
+/// `hash $remote_port` (hash_modula) and one with `zone` and `hash $remote_port consistent`
+/// (nginx >= 1.27.3 builds that ring on first use, not at configuration time), proxied on
+/// `{{port1}}`, `{{port2}}` and `{{port3}}`; `upstream_show` on `{{port}}` (TCP: the test harness
+/// waits for it).
 fn hash_stream(consul: &str) -> String {
     format!(
-        "{}\n{}
+        "{}\n{}\n{}
         server {{ listen 127.0.0.1:{{{{port}}}}; upstream_show; }}
         server {{ listen 127.0.0.1:{{{{port1}}}} udp; proxy_pass ring; proxy_responses 1; proxy_timeout 2s; }}
-        server {{ listen 127.0.0.1:{{{{port2}}}} udp; proxy_pass modula; proxy_responses 1; proxy_timeout 2s; }}",
+        server {{ listen 127.0.0.1:{{{{port2}}}} udp; proxy_pass modula; proxy_responses 1; proxy_timeout 2s; }}
+        server {{ listen 127.0.0.1:{{{{port3}}}} udp; proxy_pass zring; proxy_responses 1; proxy_timeout 2s; }}",
         upstream_block("ring", consul, "", "upsync_lb hash_ketama; upsync_allow_empty on; hash $remote_port consistent;"),
         upstream_block("modula", consul, "", "upsync_lb hash_modula; upsync_allow_empty on; hash $remote_port;"),
+        upstream_block("zring", consul, "", "zone zring 64k; upsync_lb hash_ketama; hash $remote_port consistent;"),
     )
 }
 
@@ -262,15 +266,17 @@ fn synced_stream_hash_upstreams_map_keys_as_stock_nginx_and_follow_changes() {
     let consul = Consul::start(dir.path());
     let backends: Vec<UdpBackend> = (0..11).map(|i| UdpBackend::start(&format!("u{i}"))).collect();
     let synced = Nginx::start(&dir.subdir("synced"), NginxConf::new("").stream(&hash_stream(&consul.http_addr())).workers(2));
-    let (show, ring, modula) = (synced.port(), synced.extra_port(1), synced.extra_port(2));
+    let (show, ring, modula, zring) = (synced.port(), synced.extra_port(1), synced.extra_port(2), synced.extra_port(3));
     let mut addrs: Vec<String> = backends.iter().map(UdpBackend::host_port).collect();
     for a in &addrs[..10] {
-        put_server(&consul, "ring", a, "");
-        put_server(&consul, "modula", a, "");
+        for upstream in ["ring", "modula", "zring"] {
+            put_server(&consul, upstream, a, "");
+        }
     }
     let ten: Vec<&str> = addrs[..10].iter().map(String::as_str).collect();
-    wait_stream_servers(show, "ring", &ten);
-    wait_stream_servers(show, "modula", &ten);
+    for upstream in ["ring", "modula", "zring"] {
+        wait_stream_servers(show, upstream, &ten);
+    }
     // In the order the module lists peers (address, then port), for the order-dependent modula.
     let mut ten_sorted = addrs[..10].to_vec();
     sort_by_port(&mut ten_sorted);
@@ -281,6 +287,7 @@ fn synced_stream_hash_upstreams_map_keys_as_stock_nginx_and_follow_changes() {
     let answered = ring10.iter().filter(|a| a.is_some()).count();
     assert!(answered >= keys.len() * 9 / 10, "only {answered} of {} keys answered", keys.len());
     assert_eq!(differences(&ring10, &udp_mapping(stock.extra_port(1), &keys)), 0, "consistent hash differs from stock nginx");
+    assert_eq!(differences(&ring10, &udp_mapping(zring, &keys)), 0, "consistent hash with zone differs from stock nginx");
     let spread: std::collections::BTreeSet<&String> = ring10.iter().flatten().collect();
     assert_eq!(spread.len(), 10, "keys spread over {spread:?}");
     let modula_keys = &keys[..300];
@@ -289,11 +296,13 @@ fn synced_stream_hash_upstreams_map_keys_as_stock_nginx_and_follow_changes() {
     drop(stock);
 
     // An 11th server: about 1/11 of the keys move, all to it; stock nginx with 11 agrees.
-    put_server(&consul, "ring", &addrs[10], "");
-    put_server(&consul, "modula", &addrs[10], "");
     let eleven: Vec<&str> = addrs.iter().map(String::as_str).collect();
-    wait_stream_servers(show, "ring", &eleven);
-    wait_stream_servers(show, "modula", &eleven);
+    for upstream in ["ring", "modula", "zring"] {
+        put_server(&consul, upstream, &addrs[10], "");
+    }
+    for upstream in ["ring", "modula", "zring"] {
+        wait_stream_servers(show, upstream, &eleven);
+    }
     let ring11 = udp_mapping(ring, &keys);
     let moved = differences(&ring10, &ring11);
     let fraction = moved as f64 / answered as f64;
@@ -306,6 +315,7 @@ fn synced_stream_hash_upstreams_map_keys_as_stock_nginx_and_follow_changes() {
     sort_by_port(&mut addrs);
     let stock = Nginx::start(&dir.subdir("stock11"), stock_hash_stream(&addrs));
     assert_eq!(differences(&ring11, &udp_mapping(stock.extra_port(1), &keys)), 0, "consistent hash differs from stock nginx at 11");
+    assert_eq!(differences(&ring11, &udp_mapping(zring, &keys)), 0, "consistent hash with zone differs from stock nginx at 11");
     assert_eq!(
         differences(&udp_mapping(modula, modula_keys), &udp_mapping(stock.extra_port(2), modula_keys)),
         0,
