@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use hickory_proto::op::{Message, Query};
 use hickory_proto::rr::{Name, RData, RecordType};
 use serde_json::json;
-use upsync_benches::{cpu_us, percentile};
+use upsync_benches::{cpu_split_us, percentile};
 use upsync_tests::consul::Consul;
 use upsync_tests::dns::{dig, DnsOptions, DnsServer};
 use upsync_tests::net::free_port;
@@ -202,18 +202,22 @@ struct PerfReport {
     lost: u64,
     sent: u64,
     cpu_us_per_query: f64,
+    /// The part of `cpu_us_per_query` spent in the kernel (system time): receiving and sending
+    /// the datagrams, the same work for every server.
+    system_us_per_query: f64,
 }
 
 /// dnsperf for `secs` against 127.0.0.1:port with `file`, and the CPU the server's `pids` used.
 fn dnsperf(port: u16, file: &std::path::Path, secs: u64, pids: &[u32]) -> anyhow::Result<PerfReport> {
-    let before = cpu_us(pids);
+    let before = cpu_split_us(pids);
     let out = Command::new("dnsperf")
         .args(["-s", "127.0.0.1", "-p", &port.to_string(), "-l", &secs.to_string(), "-c", "8", "-T", "2", "-q", "500", "-t", "2", "-e"])
         .arg("-d")
         .arg(file)
         .output()
         .map_err(|e| anyhow::anyhow!("running dnsperf (install it with `make deps`): {e}"))?;
-    let cpu = cpu_us(pids) - before;
+    let after = cpu_split_us(pids);
+    let (user, system) = (after.0 - before.0, after.1 - before.1);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let mut r = PerfReport::default();
     for line in text.lines().map(str::trim) {
@@ -228,7 +232,8 @@ fn dnsperf(port: u16, file: &std::path::Path, secs: u64, pids: &[u32]) -> anyhow
     }
     anyhow::ensure!(r.sent > 0, "cannot read dnsperf's report:\n{text}\n{}", String::from_utf8_lossy(&out.stderr));
     let answered = r.sent.saturating_sub(r.lost).max(1);
-    r.cpu_us_per_query = cpu / answered as f64;
+    r.cpu_us_per_query = (user + system) / answered as f64;
+    r.system_us_per_query = system / answered as f64;
     Ok(r)
 }
 
@@ -559,11 +564,12 @@ fn print_runs(instances: usize, results: &[(String, &str, PerfReport)]) {
     for (name, qtype, r) in results {
         let ours = find("upsync-dns", qtype);
         println!(
-            "| {instances} | {name} | {qtype} | {:.0} | {:.2} ms | {} | {:.1} µs | {:.2}x |",
+            "| {instances} | {name} | {qtype} | {:.0} | {:.2} ms | {} | {:.1} µs | {:.1} µs | {:.2}x |",
             r.qps,
             r.avg_latency_ms,
             r.lost,
             r.cpu_us_per_query,
+            r.system_us_per_query,
             ours.qps / r.qps.max(1e-9)
         );
     }
@@ -576,8 +582,9 @@ fn print_ratios(instances: usize, results: &[(String, &str, PerfReport)]) {
         let (n, k) = (find("NSD", t), find("Knot", t));
         let r = |x: &PerfReport| o.qps / x.qps.max(1e-9);
         let cpu = |x: &PerfReport| o.cpu_us_per_query / x.cpu_us_per_query.max(1e-9);
+        let user = |x: &PerfReport| x.cpu_us_per_query - x.system_us_per_query;
         println!(
-            "- {instances} instances, {t}: upsync-dns answers **{:.1}x** Consul DNS, **{:.2}x** dnsmasq, **{:.2}x** unbound, **{:.2}x** NSD, **{:.2}x** Knot (queries/s); its CPU per query is {:.2}x / {:.2}x / {:.2}x / {:.2}x / {:.2}x theirs",
+            "- {instances} instances, {t}: upsync-dns answers **{:.1}x** Consul DNS, **{:.2}x** dnsmasq, **{:.2}x** unbound, **{:.2}x** NSD, **{:.2}x** Knot (queries/s); its CPU per query is {:.2}x / {:.2}x / {:.2}x / {:.2}x / {:.2}x theirs; outside the kernel {:.2} µs per query (unbound {:.2}, Knot {:.2})",
             r(&c),
             r(&m),
             r(&u),
@@ -587,7 +594,10 @@ fn print_ratios(instances: usize, results: &[(String, &str, PerfReport)]) {
             cpu(&m),
             cpu(&u),
             cpu(&n),
-            cpu(&k)
+            cpu(&k),
+            user(&o),
+            user(&u),
+            user(&k)
         );
     }
 }
@@ -654,8 +664,8 @@ fn main() -> anyhow::Result<()> {
     println!(
         "### upsync-dns vs Consul DNS, dnsmasq, unbound, NSD, Knot (dnsperf -c 8 -T 2 -q 500 -e, {secs} s per run, same machine and run)\n"
     );
-    println!("| instances | server | type | queries/s | avg latency | lost | server CPU/query | upsync-dns qps ratio |");
-    println!("|---:|---|---|---:|---:|---:|---:|---:|");
+    println!("| instances | server | type | queries/s | avg latency | lost | server CPU/query | of it in the kernel | upsync-dns qps ratio |");
+    println!("|---:|---|---|---:|---:|---:|---:|---:|---:|");
     print_runs(small * per, &small_runs);
     print_runs(total, &full_runs);
     println!();
