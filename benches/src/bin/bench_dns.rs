@@ -664,7 +664,9 @@ fn main() -> anyhow::Result<()> {
     println!(
         "### upsync-dns vs Consul DNS, dnsmasq, unbound, NSD, Knot (dnsperf -c 8 -T 2 -q 500 -e, {secs} s per run, same machine and run)\n"
     );
-    println!("| instances | server | type | queries/s | avg latency | lost | server CPU/query | of it in the kernel | upsync-dns qps ratio |");
+    println!(
+        "| instances | server | type | queries/s | avg latency | lost | server CPU/query | of it in the kernel | upsync-dns qps ratio |"
+    );
     println!("|---:|---|---|---:|---:|---:|---:|---:|---:|");
     print_runs(small * per, &small_runs);
     print_runs(total, &full_runs);
