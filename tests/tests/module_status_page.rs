@@ -310,7 +310,7 @@ fn the_http_upstream_show_lists_the_stream_upstreams() {
     // is the HTTP server's (nginx.url).
     let stream = stream_block("db", &consul.http_addr(), "", "").replace("{{port}}", "{{port2}}");
     let conf = NginxConf::new(&http_block("app", &consul.http_addr(), "", "")).stream(&stream).workers(2);
-    let nginx = Nginx::start(dir.path(), conf);
+    let mut nginx = Nginx::start(dir.path(), conf.clone());
     let (master, workers) = (nginx.master_pid(), nginx.worker_pids());
     put_server(&consul, "app", "127.0.0.1:8001", "");
     put_server(&consul, "db", "127.0.0.1:7001", r#"{"weight":2,"max_fails":3,"fail_timeout":7}"#);
@@ -383,6 +383,13 @@ fn the_http_upstream_show_lists_the_stream_upstreams() {
 
     assert_eq!(nginx.master_pid(), master, "the master changed");
     assert_eq!(nginx.worker_pids(), workers, "workers were replaced: something reloaded nginx");
+
+    // After `nginx -s reload` the new workers list the stream upstream too, and follow Consul.
+    nginx.reload_with(conf);
+    put_server(&consul, "db", "127.0.0.1:7005", "");
+    wait_until("the stream server added after the reload in the HTTP upstream_show", Duration::from_secs(20), || {
+        names_of(&show_doc(&nginx, "format=json").1["stream_upstreams"], "db").is_some_and(|v| v.len() == 5)
+    });
     let log = nginx.error_log();
     assert!(!log.contains("[alert]") && !log.contains("[crit]") && !log.contains("panicked"), "{log}");
 }
