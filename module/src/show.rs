@@ -242,7 +242,8 @@ fn text_upstream(out: &mut String, u: &UpstreamView) {
 /// stream ([`select_both`]). `Err` carries the 404 message when the selected upstream exists in
 /// neither.
 pub fn render_json(upstreams: &[UpstreamView], stream: &[UpstreamView], selected: Option<&str>, worker_pid: u32) -> Result<String, String> {
-    let (upstreams, stream_upstreams) = select_both(upstreams, stream, selected).map_err(|e| serde_json::json!({ "error": e }).to_string())?;
+    let (upstreams, stream_upstreams) =
+        select_both(upstreams, stream, selected).map_err(|e| serde_json::json!({ "error": e }).to_string())?;
     Ok(serde_json::to_string_pretty(&Document { worker_pid, upstreams, stream_upstreams }).unwrap_or_default())
 }
 
@@ -618,9 +619,12 @@ mod tests {
     #[test]
     fn views_come_back_from_their_json() {
         // What the stream module hands the HTTP module: the views as JSON, read back.
-        let views = [synced("db", &[("127.0.0.1:2", 2, true, false)], |s| {
-            s.errors.insert("connect".into(), 3);
-        }), view("x", &[])];
+        let views = [
+            synced("db", &[("127.0.0.1:2", 2, true, false)], |s| {
+                s.errors.insert("connect".into(), 3);
+            }),
+            view("x", &[]),
+        ];
         let json = serde_json::to_vec(&views).unwrap();
         let back: Vec<UpstreamView> = serde_json::from_slice(&json).unwrap();
         assert_eq!(serde_json::to_vec(&back).unwrap(), json);

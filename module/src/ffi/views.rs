@@ -25,7 +25,8 @@ pub(crate) const STREAM_VIEWS_SYMBOL: &CStr = c"ngx_stream_upsync_views_v1";
 pub(crate) type ViewsSink = unsafe extern "C" fn(ctx: *mut c_void, json: *const u8, len: usize);
 
 /// The type of the function exported as [`STREAM_VIEWS_SYMBOL`].
-pub(crate) type StreamViewsFn = unsafe extern "C" fn(only: *const u8, only_len: usize, sink: ViewsSink, ctx: *mut c_void) -> ngx::ffi::ngx_int_t;
+pub(crate) type StreamViewsFn =
+    unsafe extern "C" fn(only: *const u8, only_len: usize, sink: ViewsSink, ctx: *mut c_void) -> ngx::ffi::ngx_int_t;
 
 /// The PID holding the leader lease (0: none, or no synced upstream).
 pub fn leader_pid() -> i64 {
