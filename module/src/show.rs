@@ -2,22 +2,25 @@
 //! per-server state and the sync status, Prometheus metrics, and a live status page for
 //! browsers. The FFI layer fills the view from nginx's peers and the shared slots; choosing the
 //! format and rendering are here.
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::model::{Origin, Server, SlotMeta, WatchHealth};
 
-#[derive(Clone, Debug, Serialize)]
+/// One upstream as `upstream_show` lists it. Also what the stream module hands the HTTP module's
+/// `upstream_show` (as JSON, `ffi/show.rs`), hence `Deserialize`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct UpstreamView {
     pub name: String,
     pub servers: Vec<ServerView>,
     /// Present for upstreams synced by this module.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sync: Option<SyncView>,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ServerView {
     #[serde(flatten)]
     pub server: ServerJson,
@@ -28,7 +31,7 @@ pub struct ServerView {
 }
 
 /// A server as JSON: the name as nginx prints it, the rest as configured.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ServerJson {
     pub server: String,
     pub weight: u32,
@@ -51,7 +54,7 @@ impl From<&Server> for ServerJson {
     }
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SyncView {
     /// The Consul query (`http://127.0.0.1:8500/v1/kv/upstreams/app`).
     pub source: String,
@@ -71,13 +74,13 @@ pub struct SyncView {
     /// Restarts of the watch task after a panic, by the current leader.
     pub watch_restarts: u32,
     /// Sync errors recorded since the slot was created, by kind ([`crate::model::ErrorKind`]).
-    pub errors: BTreeMap<&'static str, u64>,
+    pub errors: BTreeMap<Cow<'static, str>, u64>,
 }
 
 impl SyncView {
     /// The view of a slot: where it syncs from, its list version and its metadata.
     pub fn new(source: String, version: u64, meta: SlotMeta) -> SyncView {
-        let errors = meta.error_counts().map(|(k, n)| (k.name(), n)).collect();
+        let errors = meta.error_counts().map(|(k, n)| (Cow::Borrowed(k.name()), n)).collect();
         SyncView {
             source,
             origin: meta.origin,
@@ -99,6 +102,10 @@ impl SyncView {
 struct Document<'a> {
     worker_pid: u32,
     upstreams: &'a [UpstreamView],
+    /// The stream module's upstreams, when it is loaded in the same nginx (absent when there
+    /// are none, so the document of an HTTP-only nginx is unchanged).
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    stream_upstreams: &'a [UpstreamView],
 }
 
 /// The forms `upstream_show` answers in.
@@ -230,10 +237,34 @@ fn text_upstream(out: &mut String, u: &UpstreamView) {
     }
 }
 
-/// The JSON body; `Err` carries the 404 message when the selected upstream does not exist.
-pub fn render_json(upstreams: &[UpstreamView], selected: Option<&str>, worker_pid: u32) -> Result<String, String> {
-    let chosen = select(upstreams, selected).map_err(|e| serde_json::json!({ "error": e }).to_string())?;
-    Ok(serde_json::to_string_pretty(&Document { worker_pid, upstreams: chosen }).unwrap_or_default())
+/// The JSON body: the HTTP upstreams under `upstreams`, the stream module's (when it is loaded
+/// in the same nginx) under `stream_upstreams`. `?NAME` selects one upstream, HTTP first, then
+/// stream ([`select_both`]). `Err` carries the 404 message when the selected upstream exists in
+/// neither.
+pub fn render_json(upstreams: &[UpstreamView], stream: &[UpstreamView], selected: Option<&str>, worker_pid: u32) -> Result<String, String> {
+    let (upstreams, stream_upstreams) =
+        select_both(upstreams, stream, selected).map_err(|e| serde_json::json!({ "error": e }).to_string())?;
+    Ok(serde_json::to_string_pretty(&Document { worker_pid, upstreams, stream_upstreams }).unwrap_or_default())
+}
+
+/// Whether the JSON or the page of a request needs the stream module's upstreams: not in the
+/// text and Prometheus forms (HTTP only), nor when `?NAME` names an HTTP upstream (HTTP first).
+pub fn wants_stream(format: Format, http: &[UpstreamView], selected: Option<&str>) -> bool {
+    matches!(format, Format::Json | Format::Html) && selected.is_none_or(|name| select(http, Some(name)).is_err())
+}
+
+/// The HTTP and the stream upstreams a request selects: all of both, or the one named (an HTTP
+/// upstream of that name first, else a stream one); `Err` when neither has it.
+fn select_both<'a>(
+    http: &'a [UpstreamView],
+    stream: &'a [UpstreamView],
+    selected: Option<&str>,
+) -> Result<(&'a [UpstreamView], &'a [UpstreamView]), String> {
+    match select(http, selected) {
+        Ok(h) if selected.is_none() => Ok((h, stream)),
+        Ok(h) => Ok((h, &[])),
+        Err(e) => select(stream, selected).map(|s| (&http[..0], s)).map_err(|_| e),
+    }
 }
 
 /// The upstreams a request selects (all, or the one named); `Err` when the named one does not
@@ -543,9 +574,9 @@ mod tests {
             leader_pid: 10,
             watch: WatchHealth::Healthy,
             watch_restarts: 0,
-            errors: BTreeMap::from([("connect", 2)]),
+            errors: BTreeMap::from([("connect".into(), 2)]),
         });
-        let j: serde_json::Value = serde_json::from_str(&render_json(&[v], None, 123).unwrap()).unwrap();
+        let j: serde_json::Value = serde_json::from_str(&render_json(&[v], &[], None, 123).unwrap()).unwrap();
         assert_eq!(j["worker_pid"], 123);
         let u = &j["upstreams"][0];
         assert_eq!(u["name"], "app");
@@ -555,8 +586,59 @@ mod tests {
         assert_eq!(u["sync"]["consul_index"], 99);
         assert_eq!(u["sync"]["origin"], "consul");
         assert_eq!(u["sync"]["errors"]["connect"], 2);
-        let e: serde_json::Value = serde_json::from_str(&render_json(&[], Some("x\""), 1).unwrap_err()).unwrap();
+        let e: serde_json::Value = serde_json::from_str(&render_json(&[], &[], Some("x\""), 1).unwrap_err()).unwrap();
         assert_eq!(e["error"], "no upstream named \"x\"\"");
+    }
+
+    #[test]
+    fn stream_upstreams_have_their_own_key() {
+        let http = [view("app", &[("127.0.0.1:1", 1, false, false)])];
+        let stream = [synced("db", &[("127.0.0.1:2", 2, false, true)], |_| {}), view("app", &[])];
+        let doc = |selected| -> serde_json::Value { serde_json::from_str(&render_json(&http, &stream, selected, 1).unwrap()).unwrap() };
+        let all = doc(None);
+        assert_eq!(all["upstreams"].as_array().unwrap().len(), 1);
+        assert_eq!(all["stream_upstreams"][0]["name"], "db");
+        assert_eq!(all["stream_upstreams"][0]["servers"][0]["backup"], true);
+        assert_eq!(all["stream_upstreams"][0]["sync"]["source"], "http://127.0.0.1:8500/v1/kv/upstreams/db");
+        assert_eq!(all["stream_upstreams"][1]["name"], "app");
+        // ?NAME: an HTTP upstream first, then a stream one.
+        let app = doc(Some("app"));
+        assert_eq!(app["upstreams"][0]["name"], "app");
+        assert!(app.get("stream_upstreams").is_none(), "{app}");
+        let db = doc(Some("db"));
+        assert_eq!(db["upstreams"], serde_json::json!([]));
+        assert_eq!(db["stream_upstreams"][0]["name"], "db");
+        assert_eq!(db["stream_upstreams"].as_array().unwrap().len(), 1);
+        let e: serde_json::Value = serde_json::from_str(&render_json(&http, &stream, Some("nope"), 1).unwrap_err()).unwrap();
+        assert_eq!(e["error"], "no upstream named \"nope\"");
+        // Without stream upstreams the document is the HTTP-only one.
+        let only: serde_json::Value = serde_json::from_str(&render_json(&http, &[], None, 1).unwrap()).unwrap();
+        assert_eq!(only.as_object().unwrap().keys().collect::<Vec<_>>(), ["upstreams", "worker_pid"]);
+    }
+
+    #[test]
+    fn views_come_back_from_their_json() {
+        // What the stream module hands the HTTP module: the views as JSON, read back.
+        let views = [
+            synced("db", &[("127.0.0.1:2", 2, true, false)], |s| {
+                s.errors.insert("connect".into(), 3);
+            }),
+            view("x", &[]),
+        ];
+        let json = serde_json::to_vec(&views).unwrap();
+        let back: Vec<UpstreamView> = serde_json::from_slice(&json).unwrap();
+        assert_eq!(serde_json::to_vec(&back).unwrap(), json);
+        assert!(back[1].sync.is_none());
+    }
+
+    #[test]
+    fn only_json_and_the_page_ask_for_stream_upstreams() {
+        let http = [view("app", &[])];
+        assert!(wants_stream(Format::Json, &http, None));
+        assert!(wants_stream(Format::Html, &http, Some("db")));
+        assert!(!wants_stream(Format::Json, &http, Some("app")), "an HTTP upstream of that name comes first");
+        assert!(!wants_stream(Format::Text, &http, None), "the text is nginx-upsync-module's, HTTP only");
+        assert!(!wants_stream(Format::Prometheus, &http, None));
     }
 
     #[test]
@@ -608,7 +690,7 @@ mod tests {
             leader_pid: 42,
             watch: WatchHealth::Healthy,
             watch_restarts: 1,
-            errors: crate::model::ErrorKind::ALL.iter().map(|k| (k.name(), 0)).collect(),
+            errors: crate::model::ErrorKind::ALL.iter().map(|k| (k.name().into(), 0)).collect(),
         };
         sync(&mut s);
         v.sync = Some(s);
@@ -630,8 +712,8 @@ mod tests {
     fn prometheus_metrics() {
         let ups = [
             synced("app", &[("10.0.0.1:80", 1, false, false), ("10.0.0.2:80", 1, true, false), ("10.0.0.3:80", 1, false, true)], |s| {
-                s.errors.insert("connect", 3);
-                s.errors.insert("empty", 1);
+                s.errors.insert("connect".into(), 3);
+                s.errors.insert("empty".into(), 1);
             }),
             synced("new", &[], |s| {
                 s.last_sync_ms = 0;
@@ -686,7 +768,7 @@ mod tests {
     #[test]
     fn status_page_embeds_the_json_safely() {
         let v = synced("app", &[("10.0.0.1:80", 1, false, false)], |s| s.last_error = Some("</script><script>alert(1)</script>".into()));
-        let json = render_json(&[v], None, 9).unwrap();
+        let json = render_json(&[v], &[], None, 9).unwrap();
         let page = render_html(&json);
         assert!(page.starts_with("<!DOCTYPE html>"), "{page}");
         assert!(!page.contains("</script><script>alert"), "the data ended the script element");

@@ -1,5 +1,7 @@
 //! The module's Prometheus metrics and its live status page, against real nginx and a real
-//! Consul agent; the page in Debian's headless Chromium, driven over the DevTools protocol.
+//! Consul agent; the page in Debian's headless Chromium, driven over the DevTools protocol. With
+//! the stream module loaded too, the HTTP `upstream_show` lists the stream upstreams (JSON and
+//! page).
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
@@ -11,6 +13,7 @@ use upsync_tests::consul::Consul;
 use upsync_tests::net::free_port;
 use upsync_tests::nginx::{Nginx, NginxConf};
 use upsync_tests::proc::Proc;
+use upsync_tests::stream::{stream_block, stream_servers};
 use upsync_tests::upsync::{http_block, put_server, show_json, wait_servers};
 use upsync_tests::{wait_for, wait_until, TestDir};
 
@@ -123,6 +126,10 @@ fn metrics_follow_consul_and_count_errors_by_kind() {
     let (_, ct, body) = get(&nginx.url("/show"), "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8");
     assert_eq!(ct, "text/html; charset=utf-8");
     assert!(body.starts_with("<!DOCTYPE html>"), "{body}");
+    // Only the HTTP module loaded: the JSON has no stream key.
+    let (_, _, body) = get(&nginx.url("/show?format=json"), "*/*");
+    let doc: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert!(doc.get("stream_upstreams").is_none(), "{doc}");
     assert!(!nginx.error_log().contains("[alert]") && !nginx.error_log().contains("[crit]"), "{}", nginx.error_log());
 }
 
@@ -184,11 +191,16 @@ fn eval(tab: &Tab, expr: &str) -> serde_json::Value {
     r.value.unwrap_or(serde_json::Value::Null)
 }
 
-fn row_state(tab: &Tab, upstream: &str, server: &str) -> Option<String> {
+/// The class (up, down, backup) of the row of `server` in the first section matching `section`.
+fn row_class(tab: &Tab, section: &str, server: &str) -> Option<String> {
     let expr = format!(
-        r#"(() => {{ const r = document.querySelector('section[data-upstream="{upstream}"] tr[data-server="{server}"]'); return r ? r.className : null; }})()"#
+        r#"(() => {{ const r = document.querySelector('{section} tr[data-server="{server}"]'); return r ? r.className : null; }})()"#
     );
     eval(tab, &expr).as_str().map(str::to_string)
+}
+
+fn row_state(tab: &Tab, upstream: &str, server: &str) -> Option<String> {
+    row_class(tab, &format!(r#"section[data-upstream="{upstream}"]"#), server)
 }
 
 fn polls(tab: &Tab) -> u64 {
@@ -261,4 +273,123 @@ fn the_status_page_shows_a_server_added_in_consul_without_a_reload() {
         shown_after.as_millis(),
         polls(&tab)
     );
+}
+
+/// The HTTP `upstream_show` as JSON (all upstreams, the answering worker's view).
+fn show_doc(nginx: &Nginx, query: &str) -> (u16, serde_json::Value) {
+    let (status, _, body) = get(&nginx.url(&format!("/show?{query}")), "application/json");
+    (status, serde_json::from_str(&body).unwrap_or_else(|e| panic!("upstream_show JSON: {e}: {body}")))
+}
+
+/// The `server` names of the entry `name` of a list of upstreams (sorted).
+fn names_of(list: &serde_json::Value, name: &str) -> Option<Vec<String>> {
+    let u = list.as_array()?.iter().find(|u| u["name"] == name)?;
+    let mut v: Vec<String> = u["servers"].as_array()?.iter().filter_map(|s| s["server"].as_str().map(str::to_string)).collect();
+    v.sort();
+    Some(v)
+}
+
+fn upstream_names(list: &serde_json::Value) -> Vec<String> {
+    list.as_array().map(|a| a.iter().filter_map(|u| u["name"].as_str().map(str::to_string)).collect()).unwrap_or_default()
+}
+
+/// The class of the row of `server` in the page's section of the `kind` (http, stream) upstream.
+fn kind_row_state(tab: &Tab, kind: &str, upstream: &str, server: &str) -> Option<String> {
+    row_class(tab, &format!(r#"section[data-kind="{kind}"][data-upstream="{upstream}"]"#), server)
+}
+
+/// nginx with both modules: the HTTP `upstream_show` lists the synced stream upstream under
+/// `stream_upstreams` (servers with their parameters, the sync state), `?NAME` finds it after the
+/// HTTP upstreams, the text and the metrics stay HTTP only; a server added in Consul to the stream
+/// upstream shows in the JSON and on the status page without a reload.
+#[test]
+fn the_http_upstream_show_lists_the_stream_upstreams() {
+    let dir = TestDir::new("status_stream");
+    let consul = Consul::start(dir.path());
+    // The stream proxy listens on {{port2}} and the stream upstream_show on {{port1}}: {{port}}
+    // is the HTTP server's (nginx.url).
+    let stream = stream_block("db", &consul.http_addr(), "", "").replace("{{port}}", "{{port2}}");
+    let conf = NginxConf::new(&http_block("app", &consul.http_addr(), "", "")).stream(&stream).workers(2);
+    let mut nginx = Nginx::start(dir.path(), conf.clone());
+    let (master, workers) = (nginx.master_pid(), nginx.worker_pids());
+    put_server(&consul, "app", "127.0.0.1:8001", "");
+    put_server(&consul, "db", "127.0.0.1:7001", r#"{"weight":2,"max_fails":3,"fail_timeout":7}"#);
+    put_server(&consul, "db", "127.0.0.1:7002", r#"{"down":1}"#);
+    wait_servers(&nginx, "app", &["127.0.0.1:8001"]);
+    let doc = wait_for("the stream upstream db in the HTTP upstream_show", Duration::from_secs(20), || {
+        let (_, doc) = show_doc(&nginx, "format=json");
+        (names_of(&doc["stream_upstreams"], "db")? == ["127.0.0.1:7001", "127.0.0.1:7002"]).then_some(doc)
+    });
+    assert_eq!(upstream_names(&doc["upstreams"]), ["app"], "the HTTP list is unchanged: {doc}");
+    assert_eq!(upstream_names(&doc["stream_upstreams"]), ["db"], "{doc}");
+    let db = &doc["stream_upstreams"][0];
+    let server = |addr: &str| db["servers"].as_array().unwrap().iter().find(|s| s["server"] == addr).cloned().unwrap();
+    let s1 = server("127.0.0.1:7001");
+    assert_eq!((s1["weight"].as_u64(), s1["max_fails"].as_u64(), s1["fail_timeout"].as_u64()), (Some(2), Some(3), Some(7)), "{s1}");
+    assert_eq!((s1["down"].as_bool(), s1["backup"].as_bool(), s1["fails"].as_u64()), (Some(false), Some(false), Some(0)), "{s1}");
+    assert_eq!(server("127.0.0.1:7002")["down"], true);
+    let sync = &db["sync"];
+    assert_eq!(sync["source"], format!("http://{}/v1/kv/upstreams/db", consul.http_addr()), "{sync}");
+    assert_eq!((sync["origin"].as_str(), sync["watch"].as_str()), (Some("consul"), Some("healthy")), "{sync}");
+    assert!(sync["consul_index"].as_u64().unwrap() > 0 && sync["version"].as_u64().unwrap() > 0, "{sync}");
+    let leader = sync["leader_pid"].as_u64().unwrap() as u32;
+    assert!(workers.contains(&leader), "stream leader {leader} is not a worker of {workers:?}");
+    // The stream module's own upstream_show lists the same servers.
+    assert_eq!(stream_servers(nginx.extra_port(1), "db"), ["127.0.0.1:7001", "127.0.0.1:7002"]);
+
+    // ?NAME: an HTTP upstream of that name first, else a stream one; 404 when neither.
+    let (status, one) = show_doc(&nginx, "db&format=json");
+    assert_eq!(status, 200);
+    assert_eq!((upstream_names(&one["upstreams"]), upstream_names(&one["stream_upstreams"])), (vec![], vec!["db".to_string()]));
+    let (_, one) = show_doc(&nginx, "upstream=app&format=json");
+    assert_eq!(upstream_names(&one["upstreams"]), ["app"]);
+    assert!(one.get("stream_upstreams").is_none(), "{one}");
+    assert_eq!(show_doc(&nginx, "nope&format=json").0, 404);
+    // The text stays nginx-upsync-module's (HTTP only); so do the metrics.
+    let (_, _, text) = get(&nginx.url("/show"), "*/*");
+    assert!(text.starts_with("Upstream name: app;") && !text.contains("db"), "{text}");
+    let (_, _, metrics) = get(&nginx.url("/show?format=prometheus"), "*/*");
+    assert!(metrics.contains(r#"upstream="app""#) && !metrics.contains(r#"upstream="db""#), "{metrics}");
+
+    // A server added in Consul to the stream upstream: in the JSON without a reload.
+    put_server(&consul, "db", "127.0.0.1:7003", r#"{"backup":1}"#);
+    wait_until("the new stream server in the HTTP upstream_show", Duration::from_secs(20), || {
+        names_of(&show_doc(&nginx, "format=json").1["stream_upstreams"], "db").is_some_and(|v| v.len() == 3)
+    });
+
+    // The page: the stream upstream in a section of its own, following Consul.
+    let chromium = Chromium::start(dir.path());
+    let tab: Arc<Tab> = chromium.browser.new_tab().expect("a new tab");
+    tab.navigate_to(&nginx.url("/show")).and_then(|t| t.wait_until_navigated()).expect("opening the status page");
+    wait_until("the page to render stream upstream db", Duration::from_secs(20), || {
+        kind_row_state(&tab, "stream", "db", "127.0.0.1:7001").is_some()
+    });
+    assert_eq!(kind_row_state(&tab, "stream", "db", "127.0.0.1:7002").as_deref(), Some("down"));
+    assert_eq!(kind_row_state(&tab, "stream", "db", "127.0.0.1:7003").as_deref(), Some("backup"));
+    assert_eq!(kind_row_state(&tab, "http", "app", "127.0.0.1:8001").as_deref(), Some("up"));
+    assert_eq!(eval(&tab, r#"document.querySelector('#stream h2').textContent"#), "stream");
+    let badge = eval(&tab, r#"document.querySelector('section[data-kind="stream"][data-upstream="db"] .badge').textContent"#);
+    assert_eq!(badge, "healthy");
+    eval(&tab, "window.__upsyncMark = 'before'; 1");
+    put_server(&consul, "db", "127.0.0.1:7004", "");
+    wait_until("the page to show the new stream server", Duration::from_secs(20), || {
+        kind_row_state(&tab, "stream", "db", "127.0.0.1:7004").is_some()
+    });
+    assert_eq!(kind_row_state(&tab, "stream", "db", "127.0.0.1:7004").as_deref(), Some("up"));
+    assert_eq!(eval(&tab, "window.__upsyncMark"), "before", "the page was reloaded");
+    if let Ok(png) = tab.capture_screenshot(headless_chrome::protocol::cdp::Page::CaptureScreenshotFormatOption::Png, None, None, true) {
+        let _ = std::fs::write(dir.join("status-page-stream.png"), png);
+    }
+
+    assert_eq!(nginx.master_pid(), master, "the master changed");
+    assert_eq!(nginx.worker_pids(), workers, "workers were replaced: something reloaded nginx");
+
+    // After `nginx -s reload` the new workers list the stream upstream too, and follow Consul.
+    nginx.reload_with(conf);
+    put_server(&consul, "db", "127.0.0.1:7005", "");
+    wait_until("the stream server added after the reload in the HTTP upstream_show", Duration::from_secs(20), || {
+        names_of(&show_doc(&nginx, "format=json").1["stream_upstreams"], "db").is_some_and(|v| v.len() == 5)
+    });
+    let log = nginx.error_log();
+    assert!(!log.contains("[alert]") && !log.contains("[crit]") && !log.contains("panicked"), "{log}");
 }

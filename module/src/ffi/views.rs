@@ -1,10 +1,32 @@
 //! What `upstream_show` lists, read from the running configuration: shared by the HTTP module's
 //! `upstream_show` location and the stream module's `upstream_show` server (compiled into each
 //! module against its own upstream and peer types, as [`super::generation`] is).
+//!
+//! When both modules are loaded, the HTTP `upstream_show` also lists the stream upstreams (JSON
+//! and status page): the stream module exports [`STREAM_VIEWS_SYMBOL`] (`ffi/stream/show.rs`),
+//! which hands its [`collect`] as JSON to the HTTP module (`ffi/show.rs`), on the worker's main
+//! thread. JSON rather than the view structs: the two `.so` files are separate Rust builds (each
+//! with its own allocator and layouts), and JSON is the form both already agree on.
+use core::ffi::{c_void, CStr};
 use core::ptr;
 
 use super::{cycle_main_conf, cycle_upstreams, peers, shm, srv_conf_of};
 use crate::show::{ServerJson, ServerView, SyncView, UpstreamView};
+
+/// The stream module's export of its views: `ngx_stream_upsync_views_v1(only, only_len, sink,
+/// ctx)` calls `sink(ctx, json, json_len)` once with the JSON array of [`collect`]`(only)` (every
+/// stream upstream when `only` is null), returns `NGX_OK`, or `NGX_ERROR` without calling `sink`.
+/// A change of its meaning gets a new name (`_v2`), so an HTTP module never calls a stream module
+/// of another contract.
+#[cfg_attr(upsync_stream, allow(dead_code))]
+pub(crate) const STREAM_VIEWS_SYMBOL: &CStr = c"ngx_stream_upsync_views_v1";
+
+/// The receiver of [`STREAM_VIEWS_SYMBOL`]'s JSON: the bytes are valid during the call only.
+pub(crate) type ViewsSink = unsafe extern "C" fn(ctx: *mut c_void, json: *const u8, len: usize);
+
+/// The type of the function exported as [`STREAM_VIEWS_SYMBOL`].
+pub(crate) type StreamViewsFn =
+    unsafe extern "C" fn(only: *const u8, only_len: usize, sink: ViewsSink, ctx: *mut c_void) -> ngx::ffi::ngx_int_t;
 
 /// The PID holding the leader lease (0: none, or no synced upstream).
 pub fn leader_pid() -> i64 {

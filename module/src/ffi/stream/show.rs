@@ -1,13 +1,14 @@
 //! `upstream_show [text|json|prometheus]` in a stream `server {}`: a client that connects gets
 //! every stream upstream of the configuration in the server's form (the HTTP `upstream_show`'s
 //! renderers over the same views, [`super::views`]), as the answering worker balances it; then
-//! nginx closes the connection.
+//! nginx closes the connection. And the same views, as JSON, for the HTTP module's
+//! `upstream_show` when both modules are loaded ([`ngx_stream_upsync_views_v1`]).
 use core::ffi::c_void;
 use core::ptr;
 
 use ngx::ffi::*;
 
-use super::views::{collect, leader_pid};
+use super::views::{collect, leader_pid, StreamViewsFn, ViewsSink};
 use super::{module, module_conf, SrvConf};
 use crate::show::{self, Format};
 
@@ -40,7 +41,7 @@ unsafe fn start(s: *mut ngx_stream_session_t) -> Result<(), ()> {
     let format = unsafe { module_conf::<SrvConf>((*s).srv_conf, module()) }.and_then(|c| c.show_format).unwrap_or(Format::Text);
     let views = collect(None);
     let body = match format {
-        Format::Json | Format::Html => show::render_json(&views, None, std::process::id()).unwrap_or_else(|e| e),
+        Format::Json | Format::Html => show::render_json(&views, &[], None, std::process::id()).unwrap_or_else(|e| e),
         Format::Prometheus => show::render_prometheus(&views, None, leader_pid(), crate::model::unix_ms()).unwrap_or_else(|e| e),
         Format::Text => show::render_text(&views, None),
     };
@@ -62,6 +63,31 @@ unsafe fn start(s: *mut ngx_stream_session_t) -> Result<(), ()> {
     }
     Ok(())
 }
+
+/// [`super::views::STREAM_VIEWS_SYMBOL`]: the stream upstreams (or the one named `only`) as this
+/// worker balances them, as JSON, for the HTTP module's `upstream_show` in the same process,
+/// which finds this function by name (`ffi/show.rs`).
+///
+/// # Safety
+/// Called on a worker's main thread (as a content handler is); `only` is null or points to
+/// `only_len` bytes; `sink` is a function that may be called with `ctx`.
+#[no_mangle]
+pub unsafe extern "C" fn ngx_stream_upsync_views_v1(only: *const u8, only_len: usize, sink: ViewsSink, ctx: *mut c_void) -> ngx_int_t {
+    let only = if only.is_null() {
+        None
+    } else {
+        // SAFETY: contract: `only_len` readable bytes.
+        Some(String::from_utf8_lossy(unsafe { std::slice::from_raw_parts(only, only_len) }).into_owned())
+    };
+    let json = super::guard("upstream_show for the HTTP module", None, || serde_json::to_vec(&collect(only.as_deref())).ok());
+    let Some(json) = json else { return NGX_ERROR as ngx_int_t };
+    // SAFETY: contract; the bytes live until the call returns.
+    unsafe { sink(ctx, json.as_ptr(), json.len()) };
+    NGX_OK as ngx_int_t
+}
+
+/// The export has the type the HTTP module calls it with.
+const _: StreamViewsFn = ngx_stream_upsync_views_v1;
 
 /// Writes what is left; finalises the session when done, on error or when the client is too
 /// slow.
