@@ -99,9 +99,15 @@ FUZZ_TARGETS ?=
 fuzz:
 	FUZZ_SECONDS=$(FUZZ_SECONDS) scripts/fuzz.sh $(FUZZ_TARGETS)
 
+# Each package is also checked alone (its library and binaries, without dev-dependencies):
+# a workspace build unifies the features every package asks of a dependency, which hides a
+# package that forgot one of its own (`cargo build -p upsync-discovery` once failed so).
 check:
 	$(CARGO) fmt --all -- --check
 	$(NGINX_ENV) && $(CARGO) clippy $(CARGO_FLAGS) --workspace --all-targets -- -D warnings
+	$(NGINX_ENV) && for p in $$($(CARGO) metadata --locked --no-deps --format-version 1 \
+		| python3 -c 'import json, sys; print(*(p["name"] for p in json.load(sys.stdin)["packages"]))'); do \
+		$(CARGO) check $(CARGO_FLAGS) -p $$p || exit 1; done
 
 clean:
 	rm -rf build

@@ -223,11 +223,16 @@ impl Default for ConsulConfig {
     }
 }
 
+/// The items of a comma-separated list as the programs take them (`--consul`, `addresses`,
+/// upsync-sidecar's `--tags`): trimmed, empty items dropped.
+pub fn split_list(s: &str) -> impl Iterator<Item = &str> {
+    s.split(',').map(str::trim).filter(|t| !t.is_empty())
+}
+
 impl ConsulConfig {
     /// A config with defaults and the comma-separated `addresses` (`"a:8500,https://b:8501"`).
     pub fn from_addresses(addresses: &str) -> Result<ConsulConfig, Error> {
-        let addresses =
-            addresses.split(',').map(str::trim).filter(|s| !s.is_empty()).map(ConsulAddr::parse).collect::<Result<Vec<_>, _>>()?;
+        let addresses = split_list(addresses).map(ConsulAddr::parse).collect::<Result<Vec<_>, _>>()?;
         if addresses.is_empty() {
             return Err(Error::Config("no Consul address given".into()));
         }

@@ -11,6 +11,7 @@ use std::time::Duration;
 use clap::Parser;
 use serde::Deserialize;
 
+use upsync_discovery::config::split_list;
 use upsync_discovery::{ConsulConfig, ConsulFlags, ConsulSection, Secret};
 
 use crate::model::{validate_kv_prefix, validate_node_id, validate_tag, Defaults};
@@ -255,10 +256,6 @@ fn read_secret_file(path: &Path, what: &str) -> anyhow::Result<Secret> {
     Ok(Secret::new(token))
 }
 
-fn split_list(s: &str) -> Vec<String> {
-    s.split(',').map(str::trim).filter(|t| !t.is_empty()).map(str::to_string).collect()
-}
-
 impl FileConfig {
     pub fn load(path: &Path) -> anyhow::Result<FileConfig> {
         let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("reading the configuration file {}: {e}", path.display()))?;
@@ -315,7 +312,7 @@ impl Settings {
         }
 
         let mut tags = match args.tags {
-            Some(t) => split_list(&t),
+            Some(t) => split_list(&t).map(str::to_string).collect(),
             None => file.services.tags.clone().unwrap_or_default(),
         };
         tags.dedup();

@@ -302,18 +302,9 @@ pub fn query_bytes(id: u16, name: &str, rtype: RecordType, edns: Option<u16>) ->
 }
 
 /// Waits until `dig ARGS` satisfies `cond`; the last answer. Panics naming `what` after 60 s.
-pub fn wait_dig(server: &DnsServer, what: &str, args: &[&str], mut cond: impl FnMut(&Dig) -> bool) -> Dig {
-    let start = std::time::Instant::now();
-    loop {
-        let last = server.dig(args);
-        if cond(&last) {
-            return last;
-        }
-        if start.elapsed() > Duration::from_secs(60) {
-            panic!("timed out after 60 s waiting for {what}; last `dig {}`:\n{}", args.join(" "), last.raw);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+pub fn wait_dig(server: &DnsServer, what: &str, args: &[&str], cond: impl FnMut(&Dig) -> bool) -> Dig {
+    crate::wait_for_value(Duration::from_secs(60), || server.dig(args), cond)
+        .unwrap_or_else(|t| panic!("timed out after 60 s waiting for {what}; last `dig {}`:\n{}", args.join(" "), t.last.raw))
 }
 
 #[cfg(test)]

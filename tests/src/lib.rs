@@ -42,4 +42,4 @@ pub mod upsync;
 pub mod wait;
 
 pub use testdir::TestDir;
-pub use wait::{wait_for, wait_until};
+pub use wait::{wait_for, wait_for_value, wait_until, TimedOut};

@@ -10,7 +10,7 @@ use hickory_proto::rr::RecordType;
 use serde_json::json;
 use upsync_tests::consul::Consul;
 use upsync_tests::dns::{dig, query_bytes, send_raw_from, wait_dig, DnsOptions, DnsServer};
-use upsync_tests::{wait_until, TestDir};
+use upsync_tests::{wait_for_value, wait_until, TestDir};
 
 /// Registers `n` instances of `name` on an external node, in catalog transactions.
 fn register_many(consul: &Consul, name: &str, n: usize, third_octet: u8) {
@@ -226,11 +226,8 @@ fn idle_tcp_connections_are_bounded_and_shed() {
             })
             .count()
     };
-    let mut shed = 0;
-    while start.elapsed() < Duration::from_secs(3) && shed < 32 {
-        shed = closed(&mut idle);
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let within = Duration::from_secs(3).saturating_sub(start.elapsed());
+    let shed = wait_for_value(within, || closed(&mut idle), |&n| n >= 32).unwrap_or_else(|t| t.last);
     assert!(start.elapsed() < Duration::from_secs(5), "checked before the idle timeout");
     assert!(shed >= 32, "48 idle connections with a bound of 16: {shed} closed before the idle timeout");
     let d = dns.dig(&["web.service.upsync.", "A"]);

@@ -8,7 +8,7 @@ use upsync_tests::consul::Consul;
 use upsync_tests::nginx::{Nginx, NginxConf};
 use upsync_tests::proc::{alive, rss_kib, thread_count};
 use upsync_tests::upsync::{all_ok, delete_server, http_block, put_server, show_json, wait_servers};
-use upsync_tests::{wait_for, wait_until, TestDir};
+use upsync_tests::{wait_for, wait_for_value, wait_until, TestDir};
 
 fn leader_pid(nginx: &Nginx) -> u32 {
     wait_for("a leader", Duration::from_secs(20), || {
@@ -87,13 +87,9 @@ fn quit_is_prompt_and_threads_do_not_leak() {
         nginx.worker_pids().into_iter().map(|pid| (pid, thread_count(pid), pid == leader)).collect()
     };
     let settled = |t: &[(u32, usize, bool)]| t.iter().all(|&(_, n, lead)| n == if lead { 2 } else { 1 });
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut seen = threads();
-    while !settled(&seen) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-        seen = threads();
+    if let Err(t) = wait_for_value(Duration::from_secs(10), threads, |t| settled(t)) {
+        panic!("threads after reloads (pid, threads, leader): {:?}", t.last);
     }
-    assert!(settled(&seen), "threads after reloads (pid, threads, leader): {seen:?}");
     let start = Instant::now();
     assert!(nginx.quit(Duration::from_secs(10)), "nginx did not exit within 10 s of QUIT");
     let took = start.elapsed();

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use serde::de::{self, Deserializer, IgnoredAny, Visitor};
 use serde::Deserialize;
 
-use super::{Consistency, ConsulAddr, ConsulConfig, Secret, TlsOptions};
+use super::{split_list, Consistency, ConsulAddr, ConsulConfig, Secret, TlsOptions};
 use crate::error::Error;
 
 /// The keys of the shared `[consul]` table, as the README lists them.
@@ -89,8 +89,8 @@ impl ConsulSection {
         let mut c = defaults;
 
         let (addresses, source) = match (&flags.addresses, &self.addresses) {
-            (Some(a), _) => (split_list(a), "--consul"),
-            (None, Some(Addresses(list))) => (list.iter().flat_map(|a| split_list(a)).collect(), "[consul] addresses"),
+            (Some(a), _) => (split_list(a).collect(), "--consul"),
+            (None, Some(a)) => (a.split(), "[consul] addresses"),
             (None, None) => (Vec::new(), ""),
         };
         if !source.is_empty() {
@@ -195,34 +195,23 @@ fn config_message(e: Error) -> String {
     }
 }
 
-fn split_list(s: &str) -> Vec<String> {
-    s.split(',').map(str::trim).filter(|t| !t.is_empty()).map(str::to_string).collect()
+/// `addresses = "a:8500,b:8500"` or `addresses = ["a:8500", "b:8500"]`: one string or a list,
+/// each a comma-separated list.
+#[derive(Clone, Debug, Deserialize)]
+// serde's message when neither fits (the position toml gives is the [consul] table's, hence the key).
+#[serde(untagged, expecting = "addresses: expected a Consul address or a list of them, such as [\"127.0.0.1:8500\"]")]
+enum Addresses {
+    One(String),
+    List(Vec<String>),
 }
 
-/// `addresses = "a:8500,b:8500"` or `addresses = ["a:8500", "b:8500"]`.
-#[derive(Clone, Debug)]
-struct Addresses(Vec<String>);
-
-impl<'de> Deserialize<'de> for Addresses {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Addresses;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a Consul address or a list of them, such as [\"127.0.0.1:8500\"]")
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Addresses, E> {
-                Ok(Addresses(vec![v.to_string()]))
-            }
-            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Addresses, A::Error> {
-                let mut v = Vec::new();
-                while let Some(a) = seq.next_element::<String>()? {
-                    v.push(a);
-                }
-                Ok(Addresses(v))
-            }
-        }
-        d.deserialize_any(V)
+impl Addresses {
+    fn split(&self) -> Vec<&str> {
+        let items = match self {
+            Addresses::One(a) => std::slice::from_ref(a),
+            Addresses::List(list) => list.as_slice(),
+        };
+        items.iter().flat_map(|a| split_list(a)).collect()
     }
 }
 
@@ -368,6 +357,8 @@ mod tests {
         assert!(resolve("", &flags, None).unwrap_err().to_string().contains("--consul: Consul address `ftp://y`"));
         let e = toml::from_str::<ConsulSection>("tls = { ca = \"/x\" }").unwrap_err().to_string();
         assert!(e.contains("unknown field `ca`"), "{e}");
+        let e = toml::from_str::<ConsulSection>("addresses = 5").unwrap_err().to_string();
+        assert!(e.contains("addresses: expected a Consul address or a list of them"), "{e}");
     }
 
     #[test]

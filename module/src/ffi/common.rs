@@ -15,7 +15,7 @@ use ngx::ffi::*;
 use ngx::ngx_conf_log_error;
 
 use super::{shm, SrvConf};
-use crate::conf::{self, Token};
+use crate::conf::{self, Lb, Token};
 
 /// Default size of the shared zone. nginx maps it once; untouched pages cost no memory.
 pub(crate) const DEFAULT_SHM_SIZE: usize = 32 << 20;
@@ -333,6 +333,26 @@ pub(crate) unsafe fn add_zone_if_synced(cf: &mut ngx_conf_t, main: &mut MainConf
         Err(e) => {
             ngx_conf_log_error!(NGX_LOG_EMERG, cf, "upsync: {}", e);
             NGX_ERROR as ngx_int_t
+        }
+    }
+}
+
+/// Whether the synced upstream `name` gets a consistent-hash ring with every list
+/// ([`conf::hash_ring`]: its `upsync_lb` checked against nginx's `hash` in the block, where
+/// `hash` is a key and `consistent` a ring nginx's init built). `zone`: the block has a `zone`,
+/// where nginx >= 1.27.3 builds its ring lazily, on the first request. `None` when `upsync_lb`
+/// and `hash` disagree, the refusal logged.
+pub(crate) fn hash_ring(cf: &mut ngx_conf_t, name: &str, lb: Option<Lb>, hash: bool, consistent: bool, zone: bool) -> Option<bool> {
+    let ring_built_lazily = zone
+        && cfg!(all(
+            nginx1_27_3,
+            any(all(not(upsync_stream), ngx_feature = "http_upstream_zone"), all(upsync_stream, ngx_feature = "stream_upstream_zone"))
+        ));
+    match conf::hash_ring(lb, hash, consistent, ring_built_lazily) {
+        Ok(ring) => Some(ring),
+        Err(e) => {
+            ngx_conf_log_error!(NGX_LOG_EMERG, cf, "upsync: upstream \"{}\": {}", name, e);
+            None
         }
     }
 }

@@ -261,17 +261,8 @@ unsafe fn postconfiguration(cf: &mut ngx_conf_t) -> ngx_int_t {
         // SAFETY: as above; nginx owns it for the life of the cycle.
         let (hash, consistent) =
             hcf.map(|h| unsafe { h.as_ref() }).map(|h| (!h.key.value.data.is_null(), !h.points.is_null())).unwrap_or((false, false));
-        // nginx >= 1.27.3 builds no ring at configuration time in an upstream with `zone`.
-        #[cfg(all(nginx1_27_3, ngx_feature = "http_upstream_zone"))]
-        let ring_built_lazily = !us.shm_zone.is_null();
-        #[cfg(not(all(nginx1_27_3, ngx_feature = "http_upstream_zone")))]
-        let ring_built_lazily = false;
-        let ring = match conf::hash_ring(srv.hash_lb, hash, consistent, ring_built_lazily) {
-            Ok(ring) => ring,
-            Err(e) => {
-                ngx_conf_log_error!(NGX_LOG_EMERG, cf, "upsync: upstream \"{}\": {}", name, e);
-                return NGX_ERROR as ngx_int_t;
-            }
+        let Some(ring) = hash_ring(cf, &name, srv.hash_lb, hash, consistent, !us.shm_zone.is_null()) else {
+            return NGX_ERROR as ngx_int_t;
         };
         srv.chash = if ring { hcf } else { None };
         srv.source = format!("{}{}", u.addresses[0], u.path);

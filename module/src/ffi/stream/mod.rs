@@ -242,17 +242,8 @@ unsafe fn postconfigure(cf: &mut ngx_conf_t) -> ngx_int_t {
         // (zeroed at creation) and lives as long as the cycle.
         let hcf = hash_module.and_then(|m| unsafe { module_conf::<peers::HashSrvConf>(us.srv_conf, m) });
         let (hash, consistent) = hcf.as_ref().map(|h| (!h.key.value.data.is_null(), !h.points.is_null())).unwrap_or((false, false));
-        // nginx >= 1.27.3 builds no ring at configuration time in an upstream with `zone`.
-        #[cfg(all(nginx1_27_3, ngx_feature = "stream_upstream_zone"))]
-        let ring_built_lazily = !us.shm_zone.is_null();
-        #[cfg(not(all(nginx1_27_3, ngx_feature = "stream_upstream_zone")))]
-        let ring_built_lazily = false;
-        let ring = match conf::hash_ring(srv.hash_lb, hash, consistent, ring_built_lazily) {
-            Ok(ring) => ring,
-            Err(e) => {
-                ngx_conf_log_error!(NGX_LOG_EMERG, cf, "upsync: upstream \"{}\": {}", name, e);
-                return NGX_ERROR as ngx_int_t;
-            }
+        let Some(ring) = hash_ring(cf, &name, srv.hash_lb, hash, consistent, !us.shm_zone.is_null()) else {
+            return NGX_ERROR as ngx_int_t;
         };
         srv.chash = if ring { hcf.map(ptr::NonNull::from) } else { None };
         srv.shares_failures = !us.shm_zone.is_null();
