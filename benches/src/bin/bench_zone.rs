@@ -65,7 +65,10 @@ fn measure(nginx: &Nginx, zone_kib: u64, writer: Writer) -> Mem {
     let private = |pid: u32| {
         let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
         let field = |name: &str| {
-            rollup.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(':')?.split_whitespace().next()?.parse::<u64>().ok()).unwrap_or(0)
+            rollup
+                .lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':')?.split_whitespace().next()?.parse::<u64>().ok())
+                .unwrap_or(0)
         };
         field("Private_Clean") + field("Private_Dirty")
     };
@@ -136,10 +139,15 @@ fn main() -> anyhow::Result<()> {
          peers in at start); worker: private memory (pages no other process maps), leader (the module's worker \
          with the Consul poller) / other. KiB.\n"
     );
-    println!("| servers | module: shared zone | module: leader / other worker | stock nginx `zone`: shared zone | stock nginx: per worker |");
+    println!(
+        "| servers | module: shared zone | module: leader / other worker | stock nginx `zone`: shared zone | stock nginx: per worker |"
+    );
     println!("|---:|---:|---:|---:|---:|");
     for (size, m, s) in &results {
-        println!("| {size} | {} | {} / {} | {} | {} / {} |", m.zone, m.leader_private, m.other_private, s.zone, s.leader_private, s.other_private);
+        println!(
+            "| {size} | {} | {} / {} | {} | {} / {} |",
+            m.zone, m.leader_private, m.other_private, s.zone, s.leader_private, s.other_private
+        );
     }
     let (base, bm, bs) = results[0];
     println!("\nPer 1,000 servers (difference against {base} servers), bytes:\n");
