@@ -31,3 +31,24 @@ pub fn backend_requests(addr: &str) -> anyhow::Result<u64> {
     let requests = body.lines().nth(2).and_then(|l| l.split_whitespace().nth(2)).and_then(|v| v.parse().ok());
     requests.ok_or_else(|| anyhow::anyhow!("unexpected stub_status answer from {addr} (HTTP {status}): {body}"))
 }
+
+/// Resident KiB of the shared mapping of exactly `size_kib` in `pid` (the module's zone:
+/// `upsync_shm_size`; the `rw-s` mapping of that size in /proc/PID/smaps): the zone's pages
+/// this process touched. nginx's slab allocator does not expose its own counters.
+pub fn zone_rss_kib(pid: u32, size_kib: u64) -> Option<u64> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+    let mut shared = false;
+    let mut size_ok = false;
+    for line in smaps.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.first().is_some_and(|a| a.contains('-') && !a.ends_with(':')) && f.len() >= 5 {
+            shared = f[1].ends_with('s');
+            size_ok = false;
+        } else if f.first() == Some(&"Size:") {
+            size_ok = shared && f.get(1).and_then(|v| v.parse::<u64>().ok()) == Some(size_kib);
+        } else if f.first() == Some(&"Rss:") && size_ok {
+            return f.get(1).and_then(|v| v.parse().ok());
+        }
+    }
+    None
+}

@@ -6,7 +6,7 @@
 set -uo pipefail
 here="$(dirname "$0")"
 failed=()
-for b in module resolve stream stall many callgrind dns sidecar; do
+for b in module resolve stream stall many zone callgrind dns sidecar; do
     echo "## $b" >&2
     "$here/$b.sh" || failed+=("$b")
     echo

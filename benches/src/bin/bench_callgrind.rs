@@ -22,11 +22,12 @@
 //! stock nginx, the instructions executed inside the module's own object (callgrind's self cost
 //! per object, event loop only) per request. The single process is a leader (it runs the
 //! Consul poller thread, and with it glibc's multi-threaded system call path); the `follower`
-//! part runs `master_process on` with 2 workers and `reuseport`, keeps only client connections
-//! the worker without the poller accepted (its pid in an `X-Pid` answer header) and measures
-//! that worker: what most workers of a large nginx pay. The projection to 200k
-//! requests/s uses stock nginx's CPU time per request measured natively (outside valgrind) in
-//! the same run. Prints a markdown section.
+//! part runs the same three balancers with `master_process on`, 2 workers and `reuseport`,
+//! keeps only client connections the worker without the poller accepted (its pid in an `X-Pid`
+//! answer header) and measures that worker: what most workers of a large nginx pay. The
+//! projection to 200k requests/s uses stock nginx's CPU time per request measured natively
+//! (outside valgrind) in the same run. Prints a markdown section and writes every window's
+//! counts to build/bench/callgrind.json.
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -495,7 +496,9 @@ fn main() -> anyhow::Result<()> {
     eprintln!("native stock nginx: {:.1} us CPU per request", native * 1e6);
 
     // UPSYNC_BENCH_CG_ONLY (comma-separated: rr, least_conn, ip_hash, follower, churn, change)
-    // runs only those parts (churn runs with rr's and follower's module runs; to profile one part
+    // runs only those parts (follower: the three balancers on a follower worker, or one with
+    // follower-rr / follower-least_conn / follower-ip_hash; churn runs with the round robin rows'
+    // module runs, leader and follower; to profile one part
     // with callgrind_annotate, keep the dumps with UPSYNC_KEEP_TEST_DIRS=1).
     let only = std::env::var("UPSYNC_BENCH_CG_ONLY").unwrap_or_default();
     let wanted = |part: &str| only.is_empty() || only.split(',').any(|p| p.trim() == part);
@@ -504,18 +507,21 @@ fn main() -> anyhow::Result<()> {
     // ngx_create_pool), so the tables give the minimum over the starts and the spread.
     let runs = env("UPSYNC_BENCH_CG_RUNS", 3).max(1) as usize;
     let mut rows: Vec<Row> = Vec::new();
-    // Parts: rr, least_conn, ip_hash (single process: the worker leads), follower (round robin,
-    // 2 workers, the one without the poller measured), churn (with rr and follower).
+    // Parts: rr, least_conn, ip_hash (single process: the worker leads); follower (the same three
+    // balancers with 2 workers, the one without the poller measured; follower-rr,
+    // follower-least_conn, follower-ip_hash run one); churn (with both round robin rows).
     for (lb, part, directive, mode) in [
         ("round robin", "rr", "", Mode::Single),
         ("least_conn", "least_conn", "least_conn;", Mode::Single),
         ("ip_hash", "ip_hash", "ip_hash;", Mode::Single),
-        ("round robin", "follower", "", Mode::Follower),
+        ("round robin", "follower-rr", "", Mode::Follower),
+        ("least_conn", "follower-least_conn", "least_conn;", Mode::Follower),
+        ("ip_hash", "follower-ip_hash", "ip_hash;", Mode::Follower),
     ] {
-        if !wanted(part) {
+        if !(wanted(part) || mode == Mode::Follower && wanted("follower")) {
             continue;
         }
-        let with_churn = wanted("churn") && (part == "rr" || part == "follower");
+        let with_churn = wanted("churn") && lb == "round robin";
         let mut row = Row { lb, mode, stock: Vec::new(), module: Vec::new(), churn: Vec::new() };
         for run in 0..runs {
             for module in [false, true] {
@@ -661,8 +667,10 @@ fn main() -> anyhow::Result<()> {
             cores(native) * e
         );
     };
+    // Followers first: what most workers of a multi-worker nginx pay.
+    rows.sort_by_key(|r| r.mode == Mode::Single);
     for r in &rows {
-        let who = if r.mode == Mode::Single { "leader" } else { "follower" };
+        let who = r.mode.worker();
         let stock: Vec<f64> = r.stock.iter().map(|i| per(i.total())).collect();
         let module: Vec<f64> = r.module.iter().map(|i| per(i.total())).collect();
         let own: Vec<f64> = r.module.iter().map(|i| per(i.module_own)).collect();
@@ -699,5 +707,48 @@ fn main() -> anyhow::Result<()> {
             ir.total()
         );
     }
+    write_json(requests, native, &rows, &threaded_stock, &changes)
+}
+
+impl Ir {
+    fn json(self) -> serde_json::Value {
+        serde_json::json!({
+            "event_loop": self.event_loop, "threads": self.threads,
+            "module_own": self.module_own, "module_calls": self.module_calls,
+        })
+    }
+}
+
+impl Mode {
+    fn worker(self) -> &'static str {
+        if self == Mode::Single {
+            "leader"
+        } else {
+            "follower"
+        }
+    }
+}
+
+/// build/bench/callgrind.json: every window's instructions (not per request), one entry per
+/// process start, as measured.
+fn write_json(requests: usize, native: f64, rows: &[Row], threaded_stock: &[Ir], changes: &[(usize, Ir)]) -> anyhow::Result<()> {
+    let list = |v: &[Ir]| v.iter().map(|i| i.json()).collect::<Vec<_>>();
+    let rows: Vec<_> = rows
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "worker": r.mode.worker(), "balancer": r.lb,
+                "stock": list(&r.stock), "module": list(&r.module), "churn": list(&r.churn),
+            })
+        })
+        .collect();
+    let changes: Vec<_> = changes.iter().map(|(size, ir)| serde_json::json!({ "servers": size, "ir": ir.json() })).collect();
+    let json = serde_json::json!({
+        "requests": requests, "native_stock_us_per_request": native * 1e6,
+        "rows": rows, "stock_with_thread_pool": list(threaded_stock), "changes": changes,
+    });
+    let out = upsync_tests::paths::build_dir().join("bench");
+    std::fs::create_dir_all(&out)?;
+    std::fs::write(out.join("callgrind.json"), serde_json::to_string_pretty(&json)?)?;
     Ok(())
 }

@@ -51,7 +51,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use upsync_benches::{cpu_us, percentile};
+use upsync_benches::{cpu_us, percentile, zone_rss_kib};
 use upsync_discovery::{Client, ConsulConfig, Query, WatchEvent, WatchOptions};
 use upsync_tests::consul::{Consul, ConsulOptions};
 use upsync_tests::net::connections_to;
@@ -259,25 +259,6 @@ fn nginx_pids(front: &Nginx) -> Vec<u32> {
     let mut p = vec![front.master_pid()];
     p.extend(front.worker_pids());
     p
-}
-
-/// Resident KiB of the shared mapping of exactly `size_kib` (the module's zone) in `pid`.
-fn zone_rss_kib(pid: u32, size_kib: u64) -> Option<u64> {
-    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
-    let mut shared = false;
-    let mut size_ok = false;
-    for line in smaps.lines() {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        if f.first().is_some_and(|a| a.contains('-') && !a.ends_with(':')) && f.len() >= 5 {
-            shared = f[1].ends_with('s');
-            size_ok = false;
-        } else if f.first() == Some(&"Size:") {
-            size_ok = shared && f.get(1).and_then(|v| v.parse::<u64>().ok()) == Some(size_kib);
-        } else if f.first() == Some(&"Rss:") && size_ok {
-            return f.get(1).and_then(|v| v.parse().ok());
-        }
-    }
-    None
 }
 
 /// Samples, until finished, the connections `pids()` hold to `port` (the highest count seen).

@@ -302,7 +302,26 @@ impl Drop for PeersReadLock {
 ///
 /// # Safety
 /// Worker main thread; `srv` is a synced upstream of the running cycle.
+#[inline]
 pub unsafe fn sync(srv: &mut SrvConf) {
+    if srv.building.is_none() {
+        let Some(slot) = srv.slot else { return };
+        // SAFETY: the slot lives in the shared zone for the life of the cycle.
+        let v = unsafe { slot.as_ref() }.servers_version.load(core::sync::atomic::Ordering::Acquire);
+        if v == srv.local_version {
+            return;
+        }
+    }
+    // SAFETY: contract.
+    unsafe { sync_changed(srv) }
+}
+
+/// [`sync`] once the slot's version moved or a build is pending.
+///
+/// # Safety
+/// As [`sync`].
+#[inline(never)]
+unsafe fn sync_changed(srv: &mut SrvConf) {
     let (Some(slot), Some(pool)) = (srv.slot, srv.shpool) else { return };
     if let Some(p) = &srv.building {
         match p.rx.try_recv() {
@@ -400,6 +419,7 @@ unsafe fn install(srv: &mut SrvConf, mut g: Generation) {
 /// # Safety
 /// Worker main thread; `srv` is a synced upstream of the running cycle; `pool` the pool of a
 /// request or session starting on it.
+#[inline]
 pub(super) unsafe fn start(srv: &mut SrvConf, pool: *mut ngx_pool_t) -> Result<Option<*const Generation>, ()> {
     // SAFETY: contract.
     unsafe {
