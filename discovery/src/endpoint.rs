@@ -230,12 +230,30 @@ impl EndpointSet {
     }
 
     /// Like [`EndpointSet::from_vec`], also returning the dropped duplicates.
-    pub fn from_vec_reporting(mut endpoints: Vec<Endpoint>) -> (EndpointSet, Vec<Endpoint>) {
-        // Stable sort: among equal keys the input order is kept, so "first wins" holds.
-        endpoints.sort_by(|a, b| a.key().cmp(&b.key()));
+    pub fn from_vec_reporting(endpoints: Vec<Endpoint>) -> (EndpointSet, Vec<Endpoint>) {
+        // Sorted by key, then input position (as a stable sort: among equal keys the input
+        // order is kept, so "first wins" holds). The positions are sorted, not the endpoints
+        // (large structs that a sort moves n log n times: half of its cost at 20,000 servers,
+        // callgrind), by a packed key for addresses: (family, address, port, position) in the
+        // order of `Host`'s `Ord` (IPv4 < IPv6 < names); names go last and are sorted among
+        // themselves by the full key.
+        let mut order: Vec<(u8, u128, u16, u32)> = endpoints
+            .iter()
+            .enumerate()
+            .map(|(i, e)| match &e.host {
+                Host::Ip(IpAddr::V4(ip)) => (0, u128::from(u32::from(*ip)), e.port, i as u32),
+                Host::Ip(IpAddr::V6(ip)) => (1, u128::from(*ip), e.port, i as u32),
+                Host::Name(_) => (2, 0, 0, i as u32),
+            })
+            .collect();
+        order.sort_unstable();
+        let names = order.partition_point(|k| k.0 < 2);
+        order[names..].sort_unstable_by(|a, b| endpoints[a.3 as usize].key().cmp(&endpoints[b.3 as usize].key()).then(a.3.cmp(&b.3)));
+        let mut slots: Vec<Option<Endpoint>> = endpoints.into_iter().map(Some).collect();
         let mut dropped = Vec::new();
-        let mut out: Vec<Endpoint> = Vec::with_capacity(endpoints.len());
-        for e in endpoints {
+        let mut out: Vec<Endpoint> = Vec::with_capacity(slots.len());
+        for (.., i) in order {
+            let Some(e) = slots[i as usize].take() else { continue };
             match out.last() {
                 Some(last) if last.key() == e.key() => dropped.push(e),
                 _ => out.push(e),
@@ -359,6 +377,35 @@ mod tests {
         let mut rev = input;
         rev.reverse();
         assert_eq!(EndpointSet::from_vec(rev), set);
+    }
+
+    proptest::proptest! {
+        /// The sort of positions gives the order and the dropped duplicates of a stable sort
+        /// of the endpoints by key.
+        #[test]
+        fn set_order_is_a_stable_sort_by_key(hosts in proptest::collection::vec((0usize..8, 0u16..3, 0u32..3), 0..40)) {
+            let names = ["10.0.0.1", "10.0.0.2", "9.255.255.255", "::1", "fe80::1", "b.example", "a.example", "255.0.0.0"];
+            let input: Vec<Endpoint> = hosts
+                .iter()
+                .map(|&(h, port, weight)| {
+                    let mut e = ep(names[h], port);
+                    e.weight = weight;
+                    e
+                })
+                .collect();
+            let mut expected = input.clone();
+            expected.sort_by(|a, b| a.key().cmp(&b.key()));
+            let (mut kept, mut gone) = (Vec::new(), Vec::new());
+            for e in expected {
+                match kept.last() {
+                    Some(last) if Endpoint::key(last) == e.key() => gone.push(e),
+                    _ => kept.push(e),
+                }
+            }
+            let (set, dropped) = EndpointSet::from_vec_reporting(input);
+            proptest::prop_assert_eq!(set.into_vec(), kept);
+            proptest::prop_assert_eq!(dropped, gone);
+        }
     }
 
     #[test]
