@@ -304,9 +304,12 @@ struct KvRef<'a> {
 /// text after the list) gives `None`, and the caller decodes the body with serde_json: what
 /// this accepts, serde_json reads the same way, so the result never depends on which read it.
 fn scan_kv_list(body: &[u8]) -> Option<Vec<KvRef<'_>>> {
-    let mut s = Scan { b: body, i: 0 };
+    // Checked once for the whole body: the strings are then slices of it (serde_json would
+    // refuse a body that is not UTF-8 anyway, inside strings or out).
+    let text = std::str::from_utf8(body).ok()?;
+    let mut s = Scan { b: body, text, i: 0 };
     s.eat(b'[')?;
-    let mut out = Vec::new();
+    let mut out = Vec::with_capacity(body.len() / 128);
     if s.peek()? == b']' {
         s.i += 1;
     } else {
@@ -323,10 +326,25 @@ fn scan_kv_list(body: &[u8]) -> Option<Vec<KvRef<'_>>> {
     (s.i == body.len()).then_some(out)
 }
 
+/// Bytes that end the plain part of a JSON string: `"`, `\` and control characters.
+const STRING_STOP: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut c = 0;
+    while c < 0x20 {
+        t[c] = true;
+        c += 1;
+    }
+    t[b'"' as usize] = true;
+    t[b'\\' as usize] = true;
+    t
+};
+
 /// A cursor over a JSON text, for [`scan_kv_list`]: every method gives `None` for what it
 /// does not expect.
 struct Scan<'a> {
     b: &'a [u8],
+    /// `b` as text.
+    text: &'a str,
     i: usize,
 }
 
@@ -354,66 +372,90 @@ impl<'a> Scan<'a> {
         (self.next()? == c).then_some(())
     }
 
-    /// A string without escapes or control characters: its bytes.
-    fn raw_string(&mut self) -> Option<&'a [u8]> {
-        self.eat(b'"')?;
-        let rest = &self.b[self.i..];
-        let len = rest.iter().position(|&c| c == b'"' || c == b'\\' || c < 0x20)?;
-        if rest[len] != b'"' {
+    /// A string without escapes or control characters, its opening quote consumed already.
+    fn string_rest(&mut self) -> Option<&'a str> {
+        let start = self.i;
+        let len = self.b[start..].iter().position(|&c| STRING_STOP[c as usize])?;
+        if self.b[start + len] != b'"' {
             return None;
         }
-        self.i += len + 1;
-        Some(&rest[..len])
+        self.i = start + len + 1;
+        self.text.get(start..start + len)
     }
 
     fn string(&mut self) -> Option<&'a str> {
-        std::str::from_utf8(self.raw_string()?).ok()
+        self.eat(b'"')?;
+        self.string_rest()
     }
 
     /// A JSON integer that fits a u64 (no sign, fraction, exponent or leading zero).
     fn uint(&mut self) -> Option<u64> {
         self.ws();
-        let digits = self.b[self.i..].iter().take_while(|c| c.is_ascii_digit()).count();
-        let text = &self.b[self.i..self.i + digits];
-        if digits == 0 || (digits > 1 && text[0] == b'0') || matches!(self.b.get(self.i + digits), Some(b'.' | b'e' | b'E')) {
+        let start = self.i;
+        let mut n = 0u64;
+        while let Some(&c) = self.b.get(self.i) {
+            if !c.is_ascii_digit() {
+                break;
+            }
+            n = n.checked_mul(10)?.checked_add(u64::from(c - b'0'))?;
+            self.i += 1;
+        }
+        let digits = self.i - start;
+        if digits == 0 || (digits > 1 && self.b[start] == b'0') || matches!(self.b.get(self.i), Some(b'.' | b'e' | b'E')) {
             return None;
         }
-        self.i += digits;
-        text.iter().try_fold(0u64, |n, &c| n.checked_mul(10)?.checked_add(u64::from(c - b'0')))
+        Some(n)
     }
 
     fn null(&mut self) -> Option<()> {
-        self.ws();
         self.b[self.i..].starts_with(b"null").then(|| self.i += 4)
+    }
+
+    /// A field name of a KV entry and its colon.
+    fn field(&mut self) -> Option<Field> {
+        self.eat(b'"')?;
+        let rest = &self.b[self.i..];
+        let (field, len): (Field, usize) = match rest.first()? {
+            b'K' if rest.starts_with(b"Key\"") => (Field::Key, 4),
+            b'V' if rest.starts_with(b"Value\"") => (Field::Value, 6),
+            b'M' if rest.starts_with(b"ModifyIndex\"") => (Field::ModifyIndex, 12),
+            b'L' if rest.starts_with(b"LockIndex\"") => (Field::Number, 10),
+            b'F' if rest.starts_with(b"Flags\"") => (Field::Number, 6),
+            b'C' if rest.starts_with(b"CreateIndex\"") => (Field::Number, 12),
+            b'S' if rest.starts_with(b"Session\"") => (Field::Session, 8),
+            _ => return None,
+        };
+        self.i += len;
+        self.eat(b':')?;
+        Some(field)
     }
 
     /// One `{...}` entry of the list.
     fn kv_object(&mut self) -> Option<KvRef<'a>> {
         self.eat(b'{')?;
         let (mut key, mut value, mut modify_index) = (None, None, None);
-        if self.peek()? == b'}' {
-            return None; // no Key
-        }
         loop {
-            let field = self.raw_string()?;
-            self.eat(b':')?;
-            match field {
-                b"Key" if key.is_none() => key = Some(self.string()?),
-                b"Value" if value.is_none() => {
-                    value = Some(if self.peek()? == b'n' {
-                        self.null()?;
-                        None
-                    } else {
-                        Some(self.string()?)
+            match self.field()? {
+                Field::Key if key.is_none() => key = Some(self.string()?),
+                Field::Value if value.is_none() => {
+                    value = Some(match self.next()? {
+                        b'n' => {
+                            self.i -= 1;
+                            self.null()?;
+                            None
+                        }
+                        b'"' => Some(self.string_rest()?),
+                        _ => return None,
                     })
                 }
-                b"ModifyIndex" if modify_index.is_none() => modify_index = Some(self.uint()?),
-                b"LockIndex" | b"Flags" | b"CreateIndex" => {
+                Field::ModifyIndex if modify_index.is_none() => modify_index = Some(self.uint()?),
+                Field::Number => {
                     self.uint()?;
                 }
-                b"Session" => {
+                Field::Session => {
                     self.string()?;
                 }
+                // A second Key, Value or ModifyIndex.
                 _ => return None,
             }
             match self.next()? {
@@ -424,6 +466,18 @@ impl<'a> Scan<'a> {
         }
         Some(KvRef { key: key?, value: value.flatten(), modify_index: modify_index.unwrap_or(0) })
     }
+}
+
+/// The fields of a KV entry [`Scan`] reads.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Field {
+    Key,
+    Value,
+    ModifyIndex,
+    /// `LockIndex`, `Flags`, `CreateIndex`: integers nobody reads.
+    Number,
+    /// A lock's session ID.
+    Session,
 }
 
 /// The entries of the last KV answer decoded for one prefix, each with what it decoded to, in
