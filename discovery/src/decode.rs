@@ -339,6 +339,15 @@ const STRING_STOP: [bool; 256] = {
     t
 };
 
+/// Whether one of the eight bytes of `x` may be `"`, `\` or a control character (no false
+/// negatives; a false positive only sends the caller to its byte-by-byte loop).
+fn may_stop_string(x: u64) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let zero_byte = |v: u64| v.wrapping_sub(ONES) & !v & HIGH != 0;
+    zero_byte(x ^ (ONES * u64::from(b'"'))) || zero_byte(x ^ (ONES * u64::from(b'\\'))) || x.wrapping_sub(ONES * 0x20) & !x & HIGH != 0
+}
+
 /// A cursor over a JSON text, for [`scan_kv_list`]: every method gives `None` for what it
 /// does not expect.
 struct Scan<'a> {
@@ -350,8 +359,15 @@ struct Scan<'a> {
 
 impl<'a> Scan<'a> {
     fn ws(&mut self) {
-        while let Some(b' ' | b'\n' | b'\r' | b'\t') = self.b.get(self.i) {
-            self.i += 1;
+        loop {
+            // Consul indents its answers: eight spaces at a time.
+            while self.b.get(self.i..self.i + 8) == Some(b"        ") {
+                self.i += 8;
+            }
+            match self.b.get(self.i) {
+                Some(b' ' | b'\n' | b'\r' | b'\t') => self.i += 1,
+                _ => return,
+            }
         }
     }
 
@@ -375,7 +391,16 @@ impl<'a> Scan<'a> {
     /// A string without escapes or control characters, its opening quote consumed already.
     fn string_rest(&mut self) -> Option<&'a str> {
         let start = self.i;
-        let len = self.b[start..].iter().position(|&c| STRING_STOP[c as usize])?;
+        // Eight bytes at a time while none of them can end the plain part.
+        let mut len = 0;
+        while let Some(chunk) = self.b.get(start + len..start + len + 8) {
+            let x = u64::from_le_bytes(chunk.try_into().ok()?);
+            if may_stop_string(x) {
+                break;
+            }
+            len += 8;
+        }
+        len += self.b[start + len..].iter().position(|&c| STRING_STOP[c as usize])?;
         if self.b[start + len] != b'"' {
             return None;
         }
@@ -405,6 +430,18 @@ impl<'a> Scan<'a> {
             return None;
         }
         Some(n)
+    }
+
+    /// A JSON integer of any size (no sign, fraction, exponent or leading zero), not read:
+    /// serde_json ignores the value of a field nobody reads, whatever its size.
+    fn skip_uint(&mut self) -> Option<()> {
+        self.ws();
+        let digits = self.b[self.i..].iter().take_while(|c| c.is_ascii_digit()).count();
+        if digits == 0 || (digits > 1 && self.b[self.i] == b'0') || matches!(self.b.get(self.i + digits), Some(b'.' | b'e' | b'E')) {
+            return None;
+        }
+        self.i += digits;
+        Some(())
     }
 
     fn null(&mut self) -> Option<()> {
@@ -449,9 +486,7 @@ impl<'a> Scan<'a> {
                     })
                 }
                 Field::ModifyIndex if modify_index.is_none() => modify_index = Some(self.uint()?),
-                Field::Number => {
-                    self.uint()?;
-                }
+                Field::Number => self.skip_uint()?,
                 Field::Session => {
                     self.string()?;
                 }

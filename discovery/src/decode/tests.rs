@@ -436,6 +436,16 @@ proptest! {
         }
     }
 
+    /// The eight-byte test never misses a byte that ends a string's plain part.
+    #[test]
+    fn kv_scan_word_test_misses_no_stop_byte(bytes in any::<[u8; 8]>(), at in 0usize..8, stop in prop::sample::select(&b"\"\\\x00\x1f\n"[..])) {
+        let x = u64::from_le_bytes(bytes);
+        prop_assert_eq!(may_stop_string(x), bytes.iter().any(|&c| STRING_STOP[c as usize]));
+        let mut with = bytes;
+        with[at] = stop;
+        prop_assert!(may_stop_string(u64::from_le_bytes(with)));
+    }
+
     /// Two answers of arbitrary keys and values through one cache decode as without it.
     #[test]
     fn kv_cache_decodes_as_decode_kv(answers in prop::collection::vec(prop::collection::vec((0u8..6, 0u8..4, 0u64..3), 0..8), 2..4)) {
