@@ -278,8 +278,389 @@ pub fn decode_kv(prefix: &str, body: &[u8]) -> Result<Decoded<EndpointSet>, Deco
     if is_blank(body) {
         return Ok(Decoded::default());
     }
+    if let Some(entries) = scan_kv_list(body) {
+        return Ok(kv_endpoints(prefix, entries.iter().map(|e| (e.key, e.value))));
+    }
     let entries: Vec<KvEntry> = serde_json::from_slice(body).map_err(|e| body_error(WHAT, e))?;
     Ok(kv_endpoints(prefix, entries.iter().map(|e| (&*e.key, e.value.as_deref()))))
+}
+
+/// One entry of a KV list as Consul sends it, borrowed from the body.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct KvRef<'a> {
+    key: &'a str,
+    /// Base64; `None` for `null` or no `Value`.
+    value: Option<&'a str>,
+    /// 0 when absent.
+    modify_index: u64,
+}
+
+/// Reads a KV list in the plain form Consul writes it (`[{"LockIndex":0,"Key":"...","Flags":0,
+/// "Value":"..."|null,"CreateIndex":N,"ModifyIndex":N,"Session":"..."}, ...]`, indented or
+/// not) without serde: a recursive read returns every key each time, and serde_json spent
+/// ~4,000 instructions per entry on it (callgrind), most of them on the four fields nobody
+/// reads. Anything outside that form (an escape or a control character in a string, a field
+/// or a value of another kind, a duplicate `Key`, `Value` or `ModifyIndex`, a missing `Key`,
+/// text after the list) gives `None`, and the caller decodes the body with serde_json: what
+/// this accepts, serde_json reads the same way, so the result never depends on which read it.
+fn scan_kv_list(body: &[u8]) -> Option<Vec<KvRef<'_>>> {
+    // Checked once for the whole body: the strings are then slices of it (serde_json would
+    // refuse a body that is not UTF-8 anyway, inside strings or out).
+    let text = std::str::from_utf8(body).ok()?;
+    let mut s = Scan { b: body, text, i: 0 };
+    s.eat(b'[')?;
+    let mut out = Vec::with_capacity(body.len() / 128);
+    if s.peek()? == b']' {
+        s.i += 1;
+    } else {
+        loop {
+            out.push(s.kv_object()?);
+            match s.next()? {
+                b',' => {}
+                b']' => break,
+                _ => return None,
+            }
+        }
+    }
+    s.ws();
+    (s.i == body.len()).then_some(out)
+}
+
+/// Bytes that end the plain part of a JSON string: `"`, `\` and control characters.
+const STRING_STOP: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut c = 0;
+    while c < 0x20 {
+        t[c] = true;
+        c += 1;
+    }
+    t[b'"' as usize] = true;
+    t[b'\\' as usize] = true;
+    t
+};
+
+/// Whether one of the eight bytes of `x` may be `"`, `\` or a control character (no false
+/// negatives; a false positive only sends the caller to its byte-by-byte loop).
+fn may_stop_string(x: u64) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let zero_byte = |v: u64| v.wrapping_sub(ONES) & !v & HIGH != 0;
+    zero_byte(x ^ (ONES * u64::from(b'"'))) || zero_byte(x ^ (ONES * u64::from(b'\\'))) || x.wrapping_sub(ONES * 0x20) & !x & HIGH != 0
+}
+
+/// A cursor over a JSON text, for [`scan_kv_list`]: every method gives `None` for what it
+/// does not expect.
+struct Scan<'a> {
+    b: &'a [u8],
+    /// `b` as text.
+    text: &'a str,
+    i: usize,
+}
+
+impl<'a> Scan<'a> {
+    fn ws(&mut self) {
+        loop {
+            // Consul indents its answers: eight spaces at a time.
+            while self.b.get(self.i..self.i + 8) == Some(b"        ") {
+                self.i += 8;
+            }
+            match self.b.get(self.i) {
+                Some(b' ' | b'\n' | b'\r' | b'\t') => self.i += 1,
+                _ => return,
+            }
+        }
+    }
+
+    /// The next byte after whitespace, not consumed.
+    fn peek(&mut self) -> Option<u8> {
+        self.ws();
+        self.b.get(self.i).copied()
+    }
+
+    /// The next byte after whitespace, consumed.
+    fn next(&mut self) -> Option<u8> {
+        let c = self.peek()?;
+        self.i += 1;
+        Some(c)
+    }
+
+    fn eat(&mut self, c: u8) -> Option<()> {
+        (self.next()? == c).then_some(())
+    }
+
+    /// A string without escapes or control characters, its opening quote consumed already.
+    fn string_rest(&mut self) -> Option<&'a str> {
+        let start = self.i;
+        // Eight bytes at a time while none of them can end the plain part.
+        let mut len = 0;
+        while let Some(chunk) = self.b.get(start + len..start + len + 8) {
+            let x = u64::from_le_bytes(chunk.try_into().ok()?);
+            if may_stop_string(x) {
+                break;
+            }
+            len += 8;
+        }
+        len += self.b[start + len..].iter().position(|&c| STRING_STOP[c as usize])?;
+        if self.b[start + len] != b'"' {
+            return None;
+        }
+        self.i = start + len + 1;
+        self.text.get(start..start + len)
+    }
+
+    fn string(&mut self) -> Option<&'a str> {
+        self.eat(b'"')?;
+        self.string_rest()
+    }
+
+    /// A JSON integer that fits a u64 (no sign, fraction, exponent or leading zero).
+    fn uint(&mut self) -> Option<u64> {
+        self.ws();
+        let start = self.i;
+        let mut n = 0u64;
+        while let Some(&c) = self.b.get(self.i) {
+            if !c.is_ascii_digit() {
+                break;
+            }
+            n = n.checked_mul(10)?.checked_add(u64::from(c - b'0'))?;
+            self.i += 1;
+        }
+        let digits = self.i - start;
+        if digits == 0 || (digits > 1 && self.b[start] == b'0') || matches!(self.b.get(self.i), Some(b'.' | b'e' | b'E')) {
+            return None;
+        }
+        Some(n)
+    }
+
+    /// A JSON integer of any size (no sign, fraction, exponent or leading zero), not read:
+    /// serde_json ignores the value of a field nobody reads, whatever its size.
+    fn skip_uint(&mut self) -> Option<()> {
+        self.ws();
+        let digits = self.b[self.i..].iter().take_while(|c| c.is_ascii_digit()).count();
+        if digits == 0 || (digits > 1 && self.b[self.i] == b'0') || matches!(self.b.get(self.i + digits), Some(b'.' | b'e' | b'E')) {
+            return None;
+        }
+        self.i += digits;
+        Some(())
+    }
+
+    fn null(&mut self) -> Option<()> {
+        self.b[self.i..].starts_with(b"null").then(|| self.i += 4)
+    }
+
+    /// A field name of a KV entry and its colon.
+    fn field(&mut self) -> Option<Field> {
+        self.eat(b'"')?;
+        let rest = &self.b[self.i..];
+        let (field, len): (Field, usize) = match rest.first()? {
+            b'K' if rest.starts_with(b"Key\"") => (Field::Key, 4),
+            b'V' if rest.starts_with(b"Value\"") => (Field::Value, 6),
+            b'M' if rest.starts_with(b"ModifyIndex\"") => (Field::ModifyIndex, 12),
+            b'L' if rest.starts_with(b"LockIndex\"") => (Field::Number, 10),
+            b'F' if rest.starts_with(b"Flags\"") => (Field::Number, 6),
+            b'C' if rest.starts_with(b"CreateIndex\"") => (Field::Number, 12),
+            b'S' if rest.starts_with(b"Session\"") => (Field::Session, 8),
+            _ => return None,
+        };
+        self.i += len;
+        self.eat(b':')?;
+        Some(field)
+    }
+
+    /// One `{...}` entry of the list.
+    fn kv_object(&mut self) -> Option<KvRef<'a>> {
+        self.eat(b'{')?;
+        let (mut key, mut value, mut modify_index) = (None, None, None);
+        loop {
+            match self.field()? {
+                Field::Key if key.is_none() => key = Some(self.string()?),
+                Field::Value if value.is_none() => {
+                    value = Some(match self.next()? {
+                        b'n' => {
+                            self.i -= 1;
+                            self.null()?;
+                            None
+                        }
+                        b'"' => Some(self.string_rest()?),
+                        _ => return None,
+                    })
+                }
+                Field::ModifyIndex if modify_index.is_none() => modify_index = Some(self.uint()?),
+                Field::Number => self.skip_uint()?,
+                Field::Session => {
+                    self.string()?;
+                }
+                // A second Key, Value or ModifyIndex.
+                _ => return None,
+            }
+            match self.next()? {
+                b',' => {}
+                b'}' => break,
+                _ => return None,
+            }
+        }
+        Some(KvRef { key: key?, value: value.flatten(), modify_index: modify_index.unwrap_or(0) })
+    }
+}
+
+/// The fields of a KV entry [`Scan`] reads.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Field {
+    Key,
+    Value,
+    ModifyIndex,
+    /// `LockIndex`, `Flags`, `CreateIndex`: integers nobody reads.
+    Number,
+    /// A lock's session ID.
+    Session,
+}
+
+/// The entries of the last KV answer decoded for one prefix, each with what it decoded to, in
+/// the answer's (key) order: [`decode_kv_cached`] decodes again only the entries whose key,
+/// value or `ModifyIndex` differ from the last answer's. A recursive KV read returns every key
+/// of the prefix each time, and one change in a list of 20,000 servers otherwise costs 20,000
+/// decodes (name, base64, the value's JSON). Kept by a [`crate::Watch`] of [`crate::Query::Kv`];
+/// the watch clears it when Consul's index goes backwards (a restored snapshot, another
+/// cluster), so such an answer is decoded whole.
+#[derive(Clone, Debug, Default)]
+pub struct KvCache {
+    /// The prefix the entries were decoded for (without its slashes): the entries hold the
+    /// part of the key after it.
+    dir: String,
+    entries: Vec<KvCached>,
+}
+
+#[derive(Clone, Debug)]
+struct KvCached {
+    /// The key after `dir/`.
+    name: Box<str>,
+    /// The value as Consul sent it (base64).
+    value: Option<Box<str>>,
+    modify_index: u64,
+    /// What the entry decoded to: a server, or why it was skipped.
+    server: Result<KvServer, Box<str>>,
+}
+
+/// A server decoded from a KV entry: what [`kv_endpoint`] sets on an [`Endpoint`] (the rest
+/// stays at [`Endpoint::new`]'s defaults), small enough to keep for every key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct KvServer {
+    host: Host,
+    port: u16,
+    weight: u32,
+    max_fails: u32,
+    fail_timeout: u32,
+    down: bool,
+    backup: bool,
+}
+
+impl KvServer {
+    fn of(e: Endpoint) -> KvServer {
+        KvServer {
+            host: e.host,
+            port: e.port,
+            weight: e.weight,
+            max_fails: e.max_fails,
+            fail_timeout: e.fail_timeout,
+            down: e.down,
+            backup: e.backup,
+        }
+    }
+
+    fn endpoint(&self) -> Endpoint {
+        let mut e = Endpoint::new(self.host.clone(), self.port);
+        e.weight = self.weight;
+        e.max_fails = self.max_fails;
+        e.fail_timeout = self.fail_timeout;
+        e.down = self.down;
+        e.backup = self.backup;
+        e
+    }
+}
+
+impl KvCache {
+    /// Forgets every entry: the next answer is decoded whole.
+    pub fn clear(&mut self) {
+        self.entries.clear();
+    }
+
+    /// The entries kept (those of the last answer under the prefix).
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Tests: marks every server kept (weight 99), so one taken from the cache by the next
+    /// decode shows in its result (an entry decoded again has its own weight).
+    #[cfg(test)]
+    pub(crate) fn poison(&mut self) {
+        for c in &mut self.entries {
+            if let Ok(s) = c.server.as_mut() {
+                s.weight = 99;
+            }
+        }
+    }
+}
+
+/// [`decode_kv`], decoding only the entries that changed since the answer `cache` holds: an
+/// entry with the same key, value and `ModifyIndex` as there gives what it gave then (the
+/// decode of an entry depends on nothing else). Consul lists keys in byte order, so the two
+/// answers are walked side by side; an answer in another order only finds fewer entries in
+/// the cache. The result is always the one [`decode_kv`] gives for `body`; a body outside
+/// Consul's plain form (see [`scan_kv_list`]) is decoded by [`decode_kv`] itself, and leaves
+/// `cache` as it was.
+pub fn decode_kv_cached(prefix: &str, body: &[u8], cache: &mut KvCache) -> Result<Decoded<EndpointSet>, DecodeError> {
+    let dir = prefix.trim_start_matches('/').trim_end_matches('/');
+    if cache.dir != dir {
+        cache.entries.clear();
+        cache.dir = dir.to_string();
+    }
+    if is_blank(body) {
+        cache.entries.clear();
+        return Ok(Decoded::default());
+    }
+    let Some(entries) = scan_kv_list(body) else {
+        // Not in Consul's plain form: serde_json reads it (or refuses it), without the cache.
+        return decode_kv(prefix, body);
+    };
+    let mut old = std::mem::take(&mut cache.entries).into_iter().peekable();
+    let mut kept = Vec::with_capacity(entries.len());
+    let mut endpoints = Vec::with_capacity(entries.len());
+    let mut skipped = Vec::new();
+    for entry in &entries {
+        let key = entry.key;
+        let Some(name) = name_under(dir, key) else { continue };
+        let value = entry.value;
+        // Entries of the last answer before this key are gone (deleted, or out of order).
+        while old.next_if(|o| &*o.name < name).is_some() {}
+        let same = |o: &KvCached| &*o.name == name && o.modify_index == entry.modify_index && o.value.as_deref() == value;
+        let cached = match old.next_if(same) {
+            Some(o) => o,
+            None => KvCached {
+                name: name.into(),
+                value: value.map(Into::into),
+                modify_index: entry.modify_index,
+                server: kv_endpoint(name, value).map(KvServer::of).map_err(String::into_boxed_str),
+            },
+        };
+        match &cached.server {
+            Ok(s) => endpoints.push(s.endpoint()),
+            Err(reason) => skipped.push(Skipped { key: key.to_string(), reason: reason.to_string() }),
+        }
+        kept.push(cached);
+    }
+    cache.entries = kept;
+    Ok(finish(endpoints, skipped, |e| e.addr()))
+}
+
+/// The part of `key` after `dir/`, if `key` names something in the folder `dir` (not the
+/// folder key itself, nor a sibling like `dir2/...`); `dir` `""`: every key.
+fn name_under<'k>(dir: &str, key: &'k str) -> Option<&'k str> {
+    let rest = if dir.is_empty() { key } else { key.strip_prefix(dir)?.strip_prefix('/')? };
+    (!rest.is_empty()).then_some(rest)
 }
 
 /// The endpoints of `prefix` among `(key, value)` KV entries (the rules of [`decode_kv`]).
@@ -303,17 +684,8 @@ fn endpoints_under<'a, V>(
     let mut skipped = Vec::new();
     let mut endpoints = Vec::new();
     for (key, value) in entries {
-        let rest = if dir.is_empty() {
-            key
-        } else {
-            match key.strip_prefix(dir).and_then(|r| r.strip_prefix('/')) {
-                Some(r) => r,
-                None => continue, // a sibling like PREFIX2/..., or the folder key PREFIX itself
-            }
-        };
-        if rest.is_empty() {
-            continue; // the folder key PREFIX/
-        }
+        // Not siblings like PREFIX2/..., nor the folder key PREFIX or PREFIX/ itself.
+        let Some(rest) = name_under(dir, key) else { continue };
         match endpoint(rest, value) {
             Ok(e) => endpoints.push(e),
             Err(reason) => skipped.push(Skipped { key: key.to_string(), reason }),
@@ -403,11 +775,19 @@ pub fn decode_kv_tree(body: &[u8]) -> Result<KvTree, DecodeError> {
     if is_blank(body) {
         return Ok(KvTree::default());
     }
-    let entries: Vec<KvTreeEntry> = serde_json::from_slice(body).map_err(|e| body_error(WHAT, e))?;
-    let mut items: Vec<KvItem> = entries
-        .into_iter()
-        .map(|e| KvItem { key: e.key.into_owned(), value: e.value.map(Cow::into_owned), modify_index: e.modify_index })
-        .collect();
+    let mut items: Vec<KvItem> = match scan_kv_list(body) {
+        Some(entries) => entries
+            .into_iter()
+            .map(|e| KvItem { key: e.key.to_owned(), value: e.value.map(str::to_owned), modify_index: e.modify_index })
+            .collect(),
+        None => {
+            let entries: Vec<KvTreeEntry> = serde_json::from_slice(body).map_err(|e| body_error(WHAT, e))?;
+            entries
+                .into_iter()
+                .map(|e| KvItem { key: e.key.into_owned(), value: e.value.map(Cow::into_owned), modify_index: e.modify_index })
+                .collect()
+        }
+    };
     // Consul sends keys sorted; sorting again costs nothing then and keeps the binary searches
     // right whatever sits in between.
     items.sort_by(|a, b| a.key.cmp(&b.key));

@@ -230,12 +230,19 @@ impl EndpointSet {
     }
 
     /// Like [`EndpointSet::from_vec`], also returning the dropped duplicates.
-    pub fn from_vec_reporting(mut endpoints: Vec<Endpoint>) -> (EndpointSet, Vec<Endpoint>) {
-        // Stable sort: among equal keys the input order is kept, so "first wins" holds.
-        endpoints.sort_by(|a, b| a.key().cmp(&b.key()));
+    pub fn from_vec_reporting(endpoints: Vec<Endpoint>) -> (EndpointSet, Vec<Endpoint>) {
+        // Sorted by key, then input position (as a stable sort: among equal keys the input
+        // order is kept, so "first wins" holds). The positions are sorted, not the endpoints
+        // (large structs that a sort moves n log n times: half of its cost at 20,000 servers,
+        // callgrind), by a packed key for addresses: (family, address, port, position) in the
+        // order of `Host`'s `Ord` (IPv4 < IPv6 < names); names go last and are sorted among
+        // themselves by the full key.
+        let order = sorted_positions(&endpoints);
+        let mut slots: Vec<Option<Endpoint>> = endpoints.into_iter().map(Some).collect();
         let mut dropped = Vec::new();
-        let mut out: Vec<Endpoint> = Vec::with_capacity(endpoints.len());
-        for e in endpoints {
+        let mut out: Vec<Endpoint> = Vec::with_capacity(slots.len());
+        for i in order {
+            let Some(e) = slots[i as usize].take() else { continue };
             match out.last() {
                 Some(last) if last.key() == e.key() => dropped.push(e),
                 _ => out.push(e),
@@ -299,6 +306,37 @@ impl EndpointSet {
     }
 }
 
+/// The positions of `endpoints` in the order of their keys, equal keys in input order (see
+/// [`EndpointSet::from_vec_reporting`]).
+fn sorted_positions(endpoints: &[Endpoint]) -> Vec<u32> {
+    // Only IPv4 addresses (the usual list): one u128 per endpoint, address, port, position.
+    let v4: Option<Vec<u128>> = endpoints
+        .iter()
+        .zip(0u32..)
+        .map(|(e, i)| match e.host {
+            Host::Ip(IpAddr::V4(ip)) => Some(u128::from(u32::from(ip)) << 64 | u128::from(e.port) << 32 | u128::from(i)),
+            _ => None,
+        })
+        .collect();
+    if let Some(mut keys) = v4 {
+        keys.sort_unstable();
+        return keys.into_iter().map(|k| k as u32).collect();
+    }
+    let mut order: Vec<(u8, u128, u16, u32)> = endpoints
+        .iter()
+        .zip(0u32..)
+        .map(|(e, i)| match &e.host {
+            Host::Ip(IpAddr::V4(ip)) => (0, u128::from(u32::from(*ip)), e.port, i),
+            Host::Ip(IpAddr::V6(ip)) => (1, u128::from(*ip), e.port, i),
+            Host::Name(_) => (2, 0, 0, i),
+        })
+        .collect();
+    order.sort_unstable();
+    let names = order.partition_point(|k| k.0 < 2);
+    order[names..].sort_unstable_by(|a, b| endpoints[a.3 as usize].key().cmp(&endpoints[b.3 as usize].key()).then(a.3.cmp(&b.3)));
+    order.into_iter().map(|k| k.3).collect()
+}
+
 impl<'a> IntoIterator for &'a EndpointSet {
     type Item = &'a Endpoint;
     type IntoIter = std::slice::Iter<'a, Endpoint>;
@@ -359,6 +397,36 @@ mod tests {
         let mut rev = input;
         rev.reverse();
         assert_eq!(EndpointSet::from_vec(rev), set);
+    }
+
+    proptest::proptest! {
+        /// The sort of positions gives the order and the dropped duplicates of a stable sort
+        /// of the endpoints by key.
+        #[test]
+        fn set_order_is_a_stable_sort_by_key(hosts in proptest::collection::vec((0usize..8, 0u16..3, 0u32..3), 0..40), v4_only: bool) {
+            let names = ["10.0.0.1", "10.0.0.2", "9.255.255.255", "::1", "fe80::1", "b.example", "a.example", "255.0.0.0"];
+            let input: Vec<Endpoint> = hosts
+                .iter()
+                .map(|&(h, port, weight)| {
+                    let h = if v4_only { [0, 1, 2, 7][h % 4] } else { h };
+                    let mut e = ep(names[h], port);
+                    e.weight = weight;
+                    e
+                })
+                .collect();
+            let mut expected = input.clone();
+            expected.sort_by(|a, b| a.key().cmp(&b.key()));
+            let (mut kept, mut gone) = (Vec::new(), Vec::new());
+            for e in expected {
+                match kept.last() {
+                    Some(last) if Endpoint::key(last) == e.key() => gone.push(e),
+                    _ => kept.push(e),
+                }
+            }
+            let (set, dropped) = EndpointSet::from_vec_reporting(input);
+            proptest::prop_assert_eq!(set.into_vec(), kept);
+            proptest::prop_assert_eq!(dropped, gone);
+        }
     }
 
     #[test]

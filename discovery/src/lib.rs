@@ -35,7 +35,10 @@ pub use agent::{AgentCheck, AgentService, Check, CheckKind, ServiceRegistration,
 pub use client::{Blocking, Client, KvPair, Method, Response, Stream};
 pub use config::file::{ConsulFlags, ConsulSection};
 pub use config::{Consistency, ConsulAddr, ConsulConfig, Scheme, Secret, TlsOptions};
-pub use decode::{decode_catalog_service, decode_health_service, decode_kv, decode_services, DecodeError, Decoded, HealthMode, Skipped};
+pub use decode::{
+    decode_catalog_service, decode_health_service, decode_kv, decode_kv_cached, decode_services, DecodeError, Decoded, HealthMode, KvCache,
+    Skipped,
+};
 pub use endpoint::{Endpoint, EndpointSet, Health, Host, SetDiff};
 pub use error::Error;
 pub use etcd::{EtcdApi, EtcdWatch};

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use tokio::time::Instant;
 
 use crate::client::{query_value, seg, Blocking, Client, Response, MAX_WAIT};
-use crate::decode::{self, Decoded, HealthMode, KvTree, Skipped};
+use crate::decode::{self, Decoded, HealthMode, KvCache, KvTree, Skipped};
 use crate::endpoint::{Endpoint, EndpointSet};
 use crate::error::Error;
 use crate::etcd::{EtcdApi, EtcdWatch};
@@ -84,13 +84,18 @@ impl Query {
         }
     }
 
-    fn decode(&self, r: &Response) -> Result<Decoded<WatchValue>, Error> {
+    /// The decoded answer; with `cache`, a `Kv` answer decodes only the entries that changed
+    /// since the one the cache holds (see [`decode::decode_kv_cached`]; the result is the same).
+    fn decode(&self, r: &Response, cache: Option<&mut KvCache>) -> Result<Decoded<WatchValue>, Error> {
         let body: &[u8] = if r.status == 404 { b"" } else { &r.body };
         let endpoints = |d: Result<Decoded<EndpointSet>, decode::DecodeError>| {
             d.map(|d| Decoded { value: WatchValue::Endpoints(d.value), skipped: d.skipped })
         };
         let result = match self {
-            Query::Kv { prefix } => endpoints(decode::decode_kv(prefix, body)),
+            Query::Kv { prefix } => endpoints(match cache {
+                Some(cache) => decode::decode_kv_cached(prefix, body, cache),
+                None => decode::decode_kv(prefix, body),
+            }),
             Query::CatalogService { .. } => endpoints(decode::decode_catalog_service(body)),
             Query::HealthService { mode, .. } => endpoints(decode::decode_health_service(body, *mode)),
             Query::Services => decode::decode_services(body).map(|s| Decoded { value: WatchValue::Services(s), skipped: Vec::new() }),
@@ -272,6 +277,8 @@ pub struct Watch {
     born: Instant,
     /// The watch of a [`Query::Etcd`], which does all the work then.
     etcd: Option<Box<EtcdWatch>>,
+    /// The entries of the last `Kv` answer, decoded (only changed entries are decoded again).
+    kv_cache: KvCache,
 }
 
 impl std::fmt::Debug for Watch {
@@ -302,6 +309,7 @@ impl Watch {
             rng: fastrand::Rng::new(),
             born: Instant::now(),
             etcd,
+            kv_cache: KvCache::default(),
         }
     }
 
@@ -426,7 +434,11 @@ impl Watch {
             return None;
         }
         let went_back = new_index < self.index;
-        let decoded = match self.query.decode(&resp) {
+        if went_back {
+            // A restored snapshot or another cluster: nothing of the last answer is trusted.
+            self.kv_cache.clear();
+        }
+        let decoded = match self.query.decode(&resp, Some(&mut self.kv_cache)) {
             Ok(d) => d,
             // The index is kept: after the backoff we read again rather than block on data we
             // could not use.
@@ -479,7 +491,7 @@ pub async fn fetch_once(client: &Client, query: &Query) -> Result<Fetched, Error
         return crate::etcd::fetch_once(client, *api, prefix).await;
     }
     let r = client.get(&query.path(), None).await?;
-    let d = query.decode(&r)?;
+    let d = query.decode(&r, None)?;
     Ok(Fetched { value: d.value, index: r.index, skipped: d.skipped })
 }
 

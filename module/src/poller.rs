@@ -620,8 +620,10 @@ pub const UNRESOLVABLE_FOR: Duration = Duration::from_secs(30);
 
 async fn to_servers(upstream: &str, set: &EndpointSet, index: u64, unresolvable: &mut Unresolvable) -> Vec<Server> {
     let mut out: Vec<Server> = Vec::with_capacity(set.len());
-    // Addresses already in `out`, for names that resolve to a server listed otherwise.
-    let mut seen = AddrSet::with_capacity_and_hasher(set.len(), Default::default());
+    // Addresses already in `out`, for names that resolve to a server listed otherwise: made
+    // at the first name (a list of IP addresses alone, the usual one, needs none; the set has
+    // no duplicate host:port).
+    let mut seen: Option<AddrSet> = None;
     for e in set.iter() {
         let make = |addr: SocketAddr| Server {
             addr,
@@ -634,7 +636,9 @@ async fn to_servers(upstream: &str, set: &EndpointSet, index: u64, unresolvable:
         match &e.host {
             Host::Ip(ip) => {
                 let a = SocketAddr::new(*ip, e.port);
-                seen.insert(a);
+                if let Some(seen) = seen.as_mut() {
+                    seen.insert(a);
+                }
                 out.push(make(a));
             }
             Host::Name(name) => match unresolvable.resolve(name, e.port).await {
@@ -642,6 +646,7 @@ async fn to_servers(upstream: &str, set: &EndpointSet, index: u64, unresolvable:
                     let mut addrs = addrs;
                     addrs.sort();
                     addrs.dedup();
+                    let seen = seen.get_or_insert_with(|| out.iter().map(|s| s.addr).collect());
                     for a in addrs {
                         if seen.insert(a) {
                             out.push(make(a));

@@ -98,6 +98,154 @@ fn kv_names_ipv6_and_duplicates() {
     assert!(d.skipped.iter().any(|s| s.reason.contains("duplicate")), "{:?}", d.skipped);
 }
 
+fn poison(cache: &mut KvCache) {
+    cache.poison();
+}
+
+fn weights(set: &EndpointSet) -> Vec<(String, u32)> {
+    set.iter().map(|e| (e.addr(), e.weight)).collect()
+}
+
+/// Three answers of one prefix captured from Consul (`testdata/capture-kv-history.sh`): a
+/// value changed, a key deleted and one added, then a snapshot of the first state restored.
+/// Every cached decode equals the uncached one; only changed entries are decoded again.
+#[test]
+fn kv_cache_decodes_only_changed_entries_of_a_captured_history() {
+    let (first, second, restored) = (fixture("kv_hist_1.json"), fixture("kv_hist_2.json"), fixture("kv_hist_3.json"));
+    let mut cache = KvCache::default();
+    let d1 = decode_kv_cached("upstreams/hist", &first, &mut cache).unwrap();
+    assert_eq!(d1, decode_kv("upstreams/hist", &first).unwrap());
+    assert_eq!(addrs(&d1.value), ["10.0.0.1:8080", "10.0.0.2:8080", "10.0.0.3:8080", "backend.local:9000"]);
+    assert!(skipped_reason(&d1.skipped, "10.0.0.9").contains("no port"));
+    assert_eq!(cache.len(), 5, "skipped entries are kept too");
+    // The same answer again: everything from the cache, the same result.
+    assert_eq!(decode_kv_cached("upstreams/hist", &first, &mut cache).unwrap(), d1);
+
+    // 10.0.0.1 changed its value, 10.0.0.2 was deleted, 10.0.0.4 added, 10.0.0.9's value
+    // changed (still no port); 10.0.0.3 and backend.local did not change.
+    poison(&mut cache);
+    let d2 = decode_kv_cached("upstreams/hist", &second, &mut cache).unwrap();
+    assert_eq!(
+        weights(&d2.value),
+        [("10.0.0.1:8080".into(), 5), ("10.0.0.3:8080".into(), 99), ("10.0.0.4:8080".into(), 1), ("backend.local:9000".into(), 99)]
+    );
+    assert!(skipped_reason(&d2.skipped, "10.0.0.9").contains("no port"));
+    let d2 = decode_kv_cached("upstreams/hist", &second, &mut KvCache::default()).unwrap();
+    assert_eq!(d2, decode_kv("upstreams/hist", &second).unwrap());
+
+    // The restored snapshot: 10.0.0.1's ModifyIndex went back (18 to 12) with its old value,
+    // 10.0.0.2 is back, 10.0.0.4 gone: decoded again, not taken from the cache.
+    let mut cache = KvCache::default();
+    decode_kv_cached("upstreams/hist", &second, &mut cache).unwrap();
+    poison(&mut cache);
+    let d3 = decode_kv_cached("upstreams/hist", &restored, &mut cache).unwrap();
+    assert_eq!(
+        weights(&d3.value),
+        [("10.0.0.1:8080".into(), 3), ("10.0.0.2:8080".into(), 1), ("10.0.0.3:8080".into(), 99), ("backend.local:9000".into(), 99)]
+    );
+    let mut fresh = KvCache::default();
+    assert_eq!(decode_kv_cached("upstreams/hist", &restored, &mut fresh).unwrap(), decode_kv("upstreams/hist", &restored).unwrap());
+}
+
+/// An entry is taken from the cache only if its key, value and ModifyIndex are all the same:
+/// a value changed under the same ModifyIndex (another cluster, a hand-made answer) or a
+/// ModifyIndex changed with the same value is decoded again.
+#[test]
+fn kv_cache_needs_key_value_and_modify_index_to_match() {
+    let body = |weight: u32, index: u64| {
+        let v = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, format!(r#"{{"weight":{weight}}}"#));
+        format!(r#"[{{"Key":"p/10.0.0.1:80","Value":"{v}","ModifyIndex":{index}}},{{"Key":"p/10.0.0.2:80","Value":null,"ModifyIndex":3}}]"#)
+    };
+    let mut cache = KvCache::default();
+    let d = |cache: &mut KvCache, b: String| weights(&decode_kv_cached("p", b.as_bytes(), cache).unwrap().value);
+    assert_eq!(d(&mut cache, body(2, 7)), [("10.0.0.1:80".into(), 2), ("10.0.0.2:80".into(), 1)]);
+    poison(&mut cache);
+    assert_eq!(d(&mut cache, body(3, 7)), [("10.0.0.1:80".into(), 3), ("10.0.0.2:80".into(), 99)], "same index, new value");
+    poison(&mut cache);
+    assert_eq!(d(&mut cache, body(3, 5)), [("10.0.0.1:80".into(), 3), ("10.0.0.2:80".into(), 99)], "same value, index back");
+    poison(&mut cache);
+    assert_eq!(d(&mut cache, body(3, 5)), [("10.0.0.1:80".into(), 99), ("10.0.0.2:80".into(), 99)], "all the same");
+    // Another prefix, an empty answer or a cleared cache: nothing is reused.
+    assert_eq!(d(&mut cache, body(3, 5).replace("p/", "q/")).len(), 0);
+    poison(&mut cache);
+    assert_eq!(d(&mut cache, body(3, 5)), [("10.0.0.1:80".into(), 3), ("10.0.0.2:80".into(), 1)]);
+    poison(&mut cache);
+    assert!(decode_kv_cached("p", b"", &mut cache).unwrap().value.is_empty());
+    assert!(cache.is_empty());
+    // A body that is not JSON leaves the cache as it was.
+    decode_kv_cached("p", body(3, 5).as_bytes(), &mut cache).unwrap();
+    assert!(decode_kv_cached("p", b"<html>", &mut cache).is_err());
+    assert_eq!(cache.len(), 2);
+}
+
+/// Keys out of Consul's order, duplicates, siblings and the folder key: the cached decode
+/// equals the uncached one, on the first answer and on a second that reuses the first.
+#[test]
+fn kv_cache_gives_what_decode_kv_gives_on_odd_answers() {
+    let bodies: [&[u8]; 4] = [
+        br#"[{"Key":"p/10.0.0.2:80"},{"Key":"p/10.0.0.1:80","Value":"eyJ3ZWlnaHQiOjJ9"},{"Key":"p/10.0.0.1:80"},{"Key":"p"},{"Key":"p2/10.0.0.3:80"}]"#,
+        br#"[{"Key":"p/"},{"Key":"p/10.0.0.1:80","Value":"eyJ3ZWlnaHQiOjJ9"},{"Key":"p/10.0.0.2:80"},{"Key":"p/sub/10.0.0.5:80"},{"Key":"p/[::1]:80"}]"#,
+        br#"[{"Key":"p/[::1]:80"},{"Key":"p/10.0.0.1:80","Value":"%%%"},{"Key":"p/Host.Example:81"},{"Key":"p/host.example:81"}]"#,
+        &fixture("kv_app.json"),
+    ];
+    for prefix in ["p", "/p/", "upstreams/app/", ""] {
+        let mut cache = KvCache::default();
+        for a in bodies {
+            for b in bodies {
+                decode_kv_cached(prefix, a, &mut cache).unwrap();
+                assert_eq!(decode_kv_cached(prefix, b, &mut cache).unwrap(), decode_kv(prefix, b).unwrap(), "{prefix:?}");
+            }
+        }
+    }
+}
+
+/// What serde_json reads from a KV list (as `decode_kv_tree` and `decode_kv` do).
+fn serde_kv_list(body: &[u8]) -> Option<Vec<(String, Option<String>, u64)>> {
+    let tree: Vec<KvTreeEntry> = serde_json::from_slice(body).ok()?;
+    let list: Vec<KvEntry> = serde_json::from_slice(body).ok()?;
+    let out: Vec<_> = tree.into_iter().map(|e| (e.key.into_owned(), e.value.map(Cow::into_owned), e.modify_index)).collect();
+    assert!(out.iter().zip(&list).all(|(t, l)| t.0 == l.key && t.1.as_deref() == l.value.as_deref()));
+    Some(out)
+}
+
+fn scanned(body: &[u8]) -> Option<Vec<(String, Option<String>, u64)>> {
+    scan_kv_list(body).map(|v| v.into_iter().map(|e| (e.key.to_string(), e.value.map(str::to_string), e.modify_index)).collect())
+}
+
+/// Consul's answers (captured) are read by the scan, as serde_json reads them; forms it does
+/// not take are left to serde_json.
+#[test]
+fn kv_scan_reads_consul_answers_as_serde_does() {
+    for name in ["kv_app.json", "kv_hist_1.json", "kv_hist_2.json", "kv_hist_3.json"] {
+        let body = fixture(name);
+        assert!(scanned(&body).is_some(), "{name} not scanned");
+        assert_eq!(scanned(&body), serde_kv_list(&body), "{name}");
+    }
+    for (body, scans) in [
+        (&br#" [ ] "#[..], true),
+        (br#"[{"Key":"a","Value":null,"Session":"x","ModifyIndex":0}]"#, true),
+        (br#"[{"Key":"a","Value":"\u0041"}]"#, false),
+        (br#"[{"Key":"a","Key":"b"}]"#, false),
+        (br#"[{"Key":"a","ModifyIndex":1,"ModifyIndex":2}]"#, false),
+        (br#"[{"Key":"a","ModifyIndex":01}]"#, false),
+        (br#"[{"Key":"a","ModifyIndex":1.0}]"#, false),
+        (br#"[{"Key":"a","ModifyIndex":18446744073709551616}]"#, false),
+        (br#"[{"Key":"a","Flags":-1}]"#, false),
+        (br#"[{"Key":"a","Other":1}]"#, false),
+        (br#"[{"Value":null}]"#, false),
+        (br#"[["a",null]]"#, false),
+        (br#"[{"Key":"a"}] x"#, false),
+        (br#"[{"Key":"a"},]"#, false),
+        (b"[{\"Key\":\"a\tb\"}]", false),
+        (b"[{\"Key\":\"\xff\"}]", false),
+    ] {
+        assert_eq!(scanned(body).is_some(), scans, "{}", String::from_utf8_lossy(body));
+        if scans {
+            assert_eq!(scanned(body), serde_kv_list(body));
+        }
+    }
+}
+
 #[test]
 fn malformed_bodies_are_errors_naming_the_response() {
     for body in [&b"<html>"[..], b"{\"Key\":1}", b"[{\"Key\":5}]", b"[1,2", b"\"x\""] {
@@ -253,5 +401,66 @@ proptest! {
         let body = serde_json::json!([{ "Key": format!("p/{key}"), "Value": base64::engine::general_purpose::STANDARD.encode(&value) }]);
         let d = decode_kv("p", body.to_string().as_bytes()).unwrap();
         prop_assert_eq!(d.value.len() + d.skipped.len() <= 1, true);
+    }
+
+    /// Whatever the scan reads, serde_json reads the same way: Consul-shaped lists, indented or
+    /// not, with one byte replaced, inserted or removed anywhere.
+    #[test]
+    fn kv_scan_agrees_with_serde(
+        entries in prop::collection::vec((0u8..4, 0u8..3, 0u64..30), 0..5),
+        pretty in any::<bool>(),
+        edit in prop::option::of((any::<prop::sample::Index>(), 0u8..3, prop::sample::select(&b"\"\\{}[],:0123456789-.eEnul \n\txa\x01\xc3\xa9"[..]))),
+    ) {
+        let list: Vec<serde_json::Value> = entries
+            .iter()
+            .map(|&(k, v, i)| {
+                let value = [serde_json::Value::Null, "eyJ3ZWlnaHQiOjJ9".into(), "".into()][v as usize].clone();
+                serde_json::json!({ "LockIndex": 0, "Key": format!("p/10.0.0.{k}:80"), "Flags": 0, "Value": value, "CreateIndex": i, "ModifyIndex": i })
+            })
+            .collect();
+        let mut body = if pretty { serde_json::to_vec_pretty(&list).unwrap() } else { serde_json::to_vec(&list).unwrap() };
+        if edit.is_none() {
+            prop_assert!(scanned(&body).is_some());
+        }
+        if let Some((at, how, byte)) = edit {
+            let at = at.index(body.len() + 1);
+            match how {
+                0 if at < body.len() => body[at] = byte,
+                1 => body.insert(at, byte),
+                _ if at < body.len() => { body.remove(at); }
+                _ => {}
+            }
+        }
+        if let Some(s) = scanned(&body) {
+            prop_assert_eq!(Some(s), serde_kv_list(&body));
+        }
+    }
+
+    /// The eight-byte test never misses a byte that ends a string's plain part.
+    #[test]
+    fn kv_scan_word_test_misses_no_stop_byte(bytes in any::<[u8; 8]>(), at in 0usize..8, stop in prop::sample::select(&b"\"\\\x00\x1f\n"[..])) {
+        let x = u64::from_le_bytes(bytes);
+        prop_assert_eq!(may_stop_string(x), bytes.iter().any(|&c| STRING_STOP[c as usize]));
+        let mut with = bytes;
+        with[at] = stop;
+        prop_assert!(may_stop_string(u64::from_le_bytes(with)));
+    }
+
+    /// Two answers of arbitrary keys and values through one cache decode as without it.
+    #[test]
+    fn kv_cache_decodes_as_decode_kv(answers in prop::collection::vec(prop::collection::vec((0u8..6, 0u8..4, 0u64..3), 0..8), 2..4)) {
+        let mut cache = KvCache::default();
+        for entries in answers {
+            let body: Vec<serde_json::Value> = entries
+                .iter()
+                .map(|&(k, v, i)| {
+                    let value = ["", "eyJ3ZWlnaHQiOjJ9", "eyJkb3duIjoxfQ==", "%%%"][v as usize];
+                    let key = ["p/10.0.0.1:80", "p/10.0.0.2:80", "p/h.example:80", "p/bad", "p", "q/10.0.0.1:80"][k as usize];
+                    serde_json::json!({ "Key": key, "Value": value, "ModifyIndex": i })
+                })
+                .collect();
+            let body = serde_json::to_vec(&body).unwrap();
+            prop_assert_eq!(decode_kv_cached("p", &body, &mut cache).unwrap(), decode_kv("p", &body).unwrap());
+        }
     }
 }

@@ -51,6 +51,23 @@ fn index_going_backwards_resets_to_a_fresh_read() {
     assert_eq!(w.index(), 7);
 }
 
+/// The entries of a KV answer are decoded again only when they changed, unless Consul's
+/// index went backwards (a restored snapshot): then the whole answer is decoded afresh.
+#[test]
+fn an_index_going_backwards_decodes_the_whole_answer_again() {
+    let weights = |ev: Option<WatchEvent>| match ev {
+        Some(WatchEvent::Changed { value, .. }) => value.as_endpoints().unwrap().iter().map(|e| e.weight).collect::<Vec<_>>(),
+        other => panic!("expected Changed, got {other:?}"),
+    };
+    let mut w = watch();
+    assert_eq!(weights(w.on_result(resp(100, 200, kv_body(&["10.0.0.1:80", "10.0.0.2:80"])))), [1, 1]);
+    // Taken from the cache (marked): only the new key is decoded.
+    w.kv_cache.poison();
+    assert_eq!(weights(w.on_result(resp(101, 200, kv_body(&["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"])))), [99, 99, 1]);
+    w.kv_cache.poison();
+    assert_eq!(weights(w.on_result(resp(7, 200, kv_body(&["10.0.0.1:80", "10.0.0.2:80"])))), [1, 1]);
+}
+
 #[test]
 fn index_zero_is_never_blocked_on() {
     let mut w = watch();
