@@ -52,3 +52,22 @@ pub fn zone_rss_kib(pid: u32, size_kib: u64) -> Option<u64> {
     }
     None
 }
+
+/// Memory of one process (KiB, /proc/PID/smaps_rollup): resident, private (`Private_Clean` +
+/// `Private_Dirty`: pages no other process maps, so not a worker's copy-on-write pages shared
+/// with the master: what it costs on its own) and anonymous.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct ProcMem {
+    pub rss: u64,
+    pub private: u64,
+    pub anon: u64,
+}
+
+/// [`ProcMem`] of `pid` (zeros when it is gone).
+pub fn proc_mem(pid: u32) -> ProcMem {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    let field = |name: &str| {
+        rollup.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(':')?.split_whitespace().next()?.parse::<u64>().ok()).unwrap_or(0)
+    };
+    ProcMem { rss: field("Rss"), private: field("Private_Clean") + field("Private_Dirty"), anon: field("Anonymous") }
+}

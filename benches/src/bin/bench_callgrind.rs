@@ -36,7 +36,8 @@ use std::time::{Duration, Instant};
 
 use upsync_tests::consul::Consul;
 use upsync_tests::net::{free_port, port_open};
-use upsync_tests::proc::Proc;
+use upsync_tests::proc::{children_of, thread_count, Proc};
+use upsync_tests::wait::wait_for_value;
 use upsync_tests::TestDir;
 
 fn env(name: &str, default: u64) -> u64 {
@@ -144,24 +145,16 @@ http {{
     /// the one of the 2 workers whose process has a single thread, once the leader's poller
     /// runs; stock nginx: either).
     fn pick_follower(&mut self, module: bool) -> anyhow::Result<u32> {
-        let start = Instant::now();
-        loop {
-            let workers = children(self.proc.pid());
-            let single: Vec<u32> = workers.iter().copied().filter(|&w| threads(w) == 1).collect();
-            let found = workers.len() == 2 && single.len() == if module { 1 } else { 2 };
-            if found {
-                self.target = single[0];
-                self.target_dumps = 0;
-                self.trigger = Some(pinned_conn(self.port, Some(self.target))?);
-                return Ok(self.target);
-            }
-            anyhow::ensure!(
-                start.elapsed() < Duration::from_secs(60),
-                "no follower worker among {workers:?} (threads: {:?})",
-                workers.iter().map(|&w| threads(w)).collect::<Vec<_>>()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        // The workers and their thread counts.
+        let probe = || children_of(self.proc.pid()).into_iter().map(|w| (w, thread_count(w))).collect::<Vec<_>>();
+        let single = |workers: &[(u32, usize)]| workers.iter().filter(|w| w.1 == 1).map(|w| w.0).collect::<Vec<_>>();
+        let found = |workers: &Vec<(u32, usize)>| workers.len() == 2 && single(workers).len() == if module { 1 } else { 2 };
+        let workers = wait_for_value(Duration::from_secs(60), probe, found)
+            .map_err(|t| anyhow::anyhow!("no follower worker among the workers (pid, threads) {:?}", t.last))?;
+        self.target = single(&workers)[0];
+        self.target_dumps = 0;
+        self.trigger = Some(pinned_conn(self.port, Some(self.target))?);
+        Ok(self.target)
     }
 
     fn control(&mut self, what: &str) -> anyhow::Result<()> {
@@ -303,27 +296,6 @@ fn object_cost(text: &str, needle: &str) -> (u64, u64) {
         }
     }
     (own, calls)
-}
-
-/// Child processes of `pid` (nginx's workers under the master).
-fn children(pid: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(p) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else { continue };
-        // pid (comm) state ppid ...: comm may hold spaces, so split after the last ')'.
-        let ppid = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)).and_then(|v| v.parse::<u32>().ok());
-        if ppid == Some(pid) {
-            out.push(p);
-        }
-    }
-    out.sort();
-    out
-}
-
-/// Threads of process `pid`.
-fn threads(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/task")).map(|d| d.count()).unwrap_or(0)
 }
 
 impl Ir {

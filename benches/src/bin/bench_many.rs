@@ -51,7 +51,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use upsync_benches::{cpu_us, percentile, zone_rss_kib};
+use upsync_benches::{cpu_us, percentile, proc_mem, zone_rss_kib, ProcMem};
 use upsync_discovery::{Client, ConsulConfig, Query, WatchEvent, WatchOptions};
 use upsync_tests::consul::{Consul, ConsulOptions};
 use upsync_tests::net::connections_to;
@@ -421,25 +421,8 @@ struct PeerRaised {
     errors: BTreeMap<String, usize>,
 }
 
-/// Memory of one process (KiB): resident, private (not shared with any other process: what it
-/// costs on its own) and anonymous.
-#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
-struct Mem {
-    rss: u64,
-    private: u64,
-    anon: u64,
-}
-
-fn mem(pid: u32) -> Mem {
-    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
-    let field = |name: &str| {
-        rollup.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(':')?.split_whitespace().next()?.parse::<u64>().ok()).unwrap_or(0)
-    };
-    Mem { rss: field("Rss"), private: field("Private_Clean") + field("Private_Dirty"), anon: field("Anonymous") }
-}
-
-fn workers_mem(front: &Nginx) -> Vec<Mem> {
-    front.worker_pids().into_iter().map(mem).collect()
+fn workers_mem(front: &Nginx) -> Vec<ProcMem> {
+    front.worker_pids().into_iter().map(proc_mem).collect()
 }
 
 /// Polls `/?u=NAME` (a new connection each time) until every worker in `pids` answered `want`;
@@ -481,7 +464,7 @@ struct Report {
     listening_s: f64,
     consul_cpu_sync_s: f64,
     nginx_cpu_sync_s: f64,
-    mem_synced: Vec<Mem>,
+    mem_synced: Vec<ProcMem>,
     /// `upstream_show?upstream=ONE&format=json` latency (ms), median of 5.
     show_one_ms: f64,
     /// `upstream_show` (text, every upstream): latency (ms) and size.
@@ -502,9 +485,9 @@ struct Report {
     /// Every upstream listed what Consul holds (the full check, after the last change arrived).
     checked_all: bool,
     connections_peak: usize,
-    mem_after: Vec<Mem>,
+    mem_after: Vec<ProcMem>,
     zone_rss_kib: u64,
-    static_mem: Vec<Mem>,
+    static_mem: Vec<ProcMem>,
     static_start_s: f64,
     peer_default: Option<PeerDefaultLimit>,
     load2_s: f64,
@@ -829,7 +812,7 @@ fn main() -> anyhow::Result<()> {
 
 fn print_report(r: &Report, window: Duration, every: Duration) {
     let mib = |k: u64| format!("{:.0}", k as f64 / 1024.0);
-    let mems = |v: &[Mem], f: &dyn Fn(&Mem) -> u64| v.iter().map(|m| mib(f(m))).collect::<Vec<_>>().join(" / ");
+    let mems = |v: &[ProcMem], f: &dyn Fn(&ProcMem) -> u64| v.iter().map(|m| mib(f(m))).collect::<Vec<_>>().join(" / ");
     let per_min = |w: &Window| format!("{:.1} s/min", w.consul_cpu_s_per_min);
     let churn = |w: &Window| format!("{:.1} s of CPU in {:.0} s = {:.1} s/min", w.consul_cpu_s, w.seconds, w.consul_cpu_s_per_min);
     println!(

@@ -14,11 +14,12 @@
 //! module's leader worker, with the Consul poller thread, and the other). Sizes up to 10,000:
 //! `upstream_show`'s JSON of a larger upstream exceeds the test client's answer limit. The figures per 1,000 servers are
 //! differences against the smallest size. Prints a markdown section; writes build/bench/zone.json.
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use upsync_benches::zone_rss_kib;
+use upsync_benches::{proc_mem, zone_rss_kib};
 use upsync_tests::consul::Consul;
 use upsync_tests::nginx::{Nginx, NginxConf};
+use upsync_tests::wait::wait_for_value;
 use upsync_tests::TestDir;
 
 /// The module's zone (`upsync_shm_size`'s default) and stock nginx's `zone`, in KiB: the two
@@ -62,17 +63,7 @@ fn measure(nginx: &Nginx, zone_kib: u64, writer: Writer) -> Mem {
         pids.push(nginx.master_pid());
     }
     let zone = pids.iter().filter_map(|p| zone_rss_kib(*p, zone_kib)).max().unwrap_or(0);
-    let private = |pid: u32| {
-        let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
-        let field = |name: &str| {
-            rollup
-                .lines()
-                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':')?.split_whitespace().next()?.parse::<u64>().ok())
-                .unwrap_or(0)
-        };
-        field("Private_Clean") + field("Private_Dirty")
-    };
-    let mut by_threads: Vec<(usize, u64)> = workers.iter().map(|&p| (upsync_tests::proc::thread_count(p), private(p))).collect();
+    let mut by_threads: Vec<(usize, u64)> = workers.iter().map(|&p| (upsync_tests::proc::thread_count(p), proc_mem(p).private)).collect();
     by_threads.sort();
     let other_private = by_threads.first().map_or(0, |w| w.1);
     let leader_private = by_threads.last().map_or(0, |w| w.1);
@@ -104,11 +95,8 @@ fn main() -> anyhow::Result<()> {
             ))
             .workers(2),
         );
-        let start = Instant::now();
-        while upsync_tests::upsync::shown_count(&module, "app") != size {
-            anyhow::ensure!(start.elapsed() < Duration::from_secs(120), "the module did not sync {size} servers");
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        wait_for_value(Duration::from_secs(120), || upsync_tests::upsync::shown_count(&module, "app"), |&n| n == size)
+            .map_err(|t| anyhow::anyhow!("the module did not sync {size} servers ({} listed)", t.last))?;
         std::thread::sleep(Duration::from_secs(1));
         let m = measure(&module, MODULE_ZONE_KIB, Writer::Workers);
         drop(module);
