@@ -90,7 +90,12 @@ pub fn wait_server_field(nginx: &Nginx, upstream: &str, addr: &str, field: &str,
 
 /// The `server` names `upstream_show` lists (sorted).
 pub fn shown_servers(nginx: &Nginx, upstream: &str) -> Vec<String> {
-    let mut v: Vec<String> = show_json(nginx, upstream)["servers"]
+    server_names(&show_json(nginx, upstream))
+}
+
+/// The `server` names of one upstream of `upstream_show`'s JSON (sorted).
+pub fn server_names(upstream: &serde_json::Value) -> Vec<String> {
+    let mut v: Vec<String> = upstream["servers"]
         .as_array()
         .map(|a| a.iter().filter_map(|s| s["server"].as_str().map(str::to_string)).collect())
         .unwrap_or_default();
@@ -104,12 +109,7 @@ pub fn wait_servers(nginx: &Nginx, upstream: &str, expected: &[&str]) -> u64 {
     want.sort();
     wait_for(&format!("upstream {upstream} to list {want:?}"), Duration::from_secs(20), || {
         let s = show_json(nginx, upstream);
-        let mut got: Vec<String> = s["servers"]
-            .as_array()
-            .map(|a| a.iter().filter_map(|x| x["server"].as_str().map(str::to_string)).collect())
-            .unwrap_or_default();
-        got.sort();
-        (got == want).then(|| s["sync"]["version"].as_u64().unwrap_or(0))
+        (server_names(&s) == want).then(|| s["sync"]["version"].as_u64().unwrap_or(0))
     })
 }
 

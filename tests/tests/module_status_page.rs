@@ -14,7 +14,7 @@ use upsync_tests::net::free_port;
 use upsync_tests::nginx::{Nginx, NginxConf};
 use upsync_tests::proc::Proc;
 use upsync_tests::stream::{stream_block, stream_servers};
-use upsync_tests::upsync::{http_block, put_server, show_json, wait_servers};
+use upsync_tests::upsync::{http_block, put_server, server_names, show_json, wait_servers};
 use upsync_tests::{wait_for, wait_until, TestDir};
 
 /// `GET url` with `accept`: status, Content-Type, body.
@@ -283,10 +283,7 @@ fn show_doc(nginx: &Nginx, query: &str) -> (u16, serde_json::Value) {
 
 /// The `server` names of the entry `name` of a list of upstreams (sorted).
 fn names_of(list: &serde_json::Value, name: &str) -> Option<Vec<String>> {
-    let u = list.as_array()?.iter().find(|u| u["name"] == name)?;
-    let mut v: Vec<String> = u["servers"].as_array()?.iter().filter_map(|s| s["server"].as_str().map(str::to_string)).collect();
-    v.sort();
-    Some(v)
+    list.as_array()?.iter().find(|u| u["name"] == name).map(server_names)
 }
 
 fn upstream_names(list: &serde_json::Value) -> Vec<String> {
