@@ -12,6 +12,7 @@ pub mod conf;
 pub mod dump;
 pub mod fails;
 pub mod lease;
+pub mod link;
 pub mod model;
 pub mod peerplan;
 pub mod plan;

@@ -1,27 +1,31 @@
-//! The Consul poller: one thread in the leader worker, holding one blocking query per synced
-//! upstream through `upsync-discovery`, and handing results to the worker's event loop.
+//! The Consul poller: a process of its own, forked by the leader worker, holding one blocking
+//! query per synced upstream through `upsync-discovery` and reporting results to that worker
+//! over a socket ([`crate::link`]).
 //!
-//! The thread never touches nginx: it owns its data (`WatchSpec`s built from the config), puts
-//! [`Update`]s in a queue and pokes a socket the event loop watches. Everything that can take
-//! time is done here, off the event loop: hostname resolution (bounded by [`RESOLVE_TIMEOUT`]),
-//! encoding lists for the shared zone, summarising changes, and writing the dump files (asked for
-//! by the event loop once a list is installed, so the dump always matches what the workers serve).
+//! Why a process and not a thread of the worker: once a process has a second thread, glibc
+//! takes its multi-threaded path for good (locked malloc, cancellable system calls), which cost
+//! the leader worker ~1% more instructions on every request (`make bench`, callgrind). In a
+//! process of its own, the poller leaves every nginx worker single-threaded.
+//!
+//! The process never touches nginx: it owns its data (`WatchSpec`s built from the config before
+//! the fork) and sends [`Report`]s. Everything that can take time is done here, off the event
+//! loop: hostname resolution (bounded by [`RESOLVE_TIMEOUT`]), encoding lists for the shared
+//! zone, summarising changes, and writing the dump files (once the worker says a list is
+//! installed, so the dump always matches what the workers serve).
 //!
 //! Supervision: a watch whose client cannot be built (unreadable CA file, bad token file) retries
 //! with capped backoff and resumes by itself once the cause is fixed; a watch task that panics is
 //! logged, reported to `upstream_show` and restarted.
 //!
-//! Stopping never waits: [`Poller::stop`] flags the thread and returns at once (the event loop
-//! must not block on a join); the thread drops its tasks and its runtime without waiting for
-//! blocking work still running (a resolver that never answers), and ends.
+//! Stopping never waits: the worker closes its end of the socket and goes on; the poller sees
+//! the socket close, drops its tasks and its runtime without waiting for blocking work still
+//! running (a resolver that never answers), and exits.
 use std::collections::HashMap;
-use std::io::Write;
 use std::net::SocketAddr;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use tokio::sync::Notify;
@@ -32,6 +36,7 @@ use upsync_discovery::{
 };
 
 use crate::conf::{Consistency, Source, Token, UpstreamSync, Upsync, BURST};
+use crate::link::{self, Command, Report};
 use crate::model::{describe_change, encode_servers, listing_order, AddrMap, AddrSet, Server};
 use crate::plan::{self, Group, Unit, UnitKind};
 
@@ -79,25 +84,27 @@ pub struct DumpRequest {
     pub servers: Arc<Vec<Server>>,
 }
 
-/// Shared between the poller thread and the event loop.
+/// Between the poller's watches and whoever forwards their results: in the poller process,
+/// the link to the worker ([`run_process`]); in tests, the test itself.
 pub struct Mailbox {
     updates: Mutex<Vec<Update>>,
     dumps: Mutex<Vec<DumpRequest>>,
     dump_wanted: Notify,
     stop: AtomicBool,
     notify: Notify,
-    waker: UnixStream,
+    /// Something is waiting to be forwarded (an update, or a log line: see [`Mailbox::wake`]).
+    out_ready: Notify,
 }
 
 impl Mailbox {
-    pub fn new(waker: UnixStream) -> Arc<Mailbox> {
+    pub fn new() -> Arc<Mailbox> {
         Arc::new(Mailbox {
             updates: Mutex::new(Vec::new()),
             dumps: Mutex::new(Vec::new()),
             dump_wanted: Notify::new(),
             stop: AtomicBool::new(false),
             notify: Notify::new(),
-            waker,
+            out_ready: Notify::new(),
         })
     }
 
@@ -106,18 +113,18 @@ impl Mailbox {
         self.wake();
     }
 
-    /// Pokes the event loop. The socket is non-blocking: when it is full a wake-up is already
-    /// pending, so a failed write loses nothing.
+    /// Wakes the forwarder (the log layer calls this after queueing a line). A stored permit:
+    /// a wake-up while the forwarder is busy is not lost.
     pub fn wake(&self) {
-        let _ = (&self.waker).write(&[1]);
+        self.out_ready.notify_one();
     }
 
     pub fn take(&self) -> Vec<Update> {
         std::mem::take(&mut *self.updates.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
-    /// Asks the poller thread to write a dump file (the event loop calls this once a list is
-    /// installed in the shared zone). Only the newest request per file is kept.
+    /// Asks for a dump file to be written (once the worker says the list is served). Only the
+    /// newest request per file is kept.
     pub fn request_dump(&self, request: DumpRequest) {
         let mut q = self.dumps.lock().unwrap_or_else(|e| e.into_inner());
         q.retain(|r| r.path != request.path);
@@ -133,44 +140,12 @@ impl Mailbox {
     pub fn stopping(&self) -> bool {
         self.stop.load(Ordering::Acquire)
     }
-}
 
-/// The running poller thread.
-pub struct Poller {
-    mailbox: Arc<Mailbox>,
-    thread: Option<JoinHandle<()>>,
-}
-
-/// How the FFI layer starts a thread (it blocks all signals around the spawn).
-pub type Spawner = dyn FnOnce(Box<dyn FnOnce() + Send>) -> std::io::Result<JoinHandle<()>>;
-
-impl Poller {
-    /// Starts the thread watching `specs` with at most `connections` Consul connections per
-    /// client (see [`crate::plan`]).
-    pub fn start(specs: Vec<WatchSpec>, connections: usize, mailbox: Arc<Mailbox>, spawn: Box<Spawner>) -> std::io::Result<Poller> {
-        let mb = mailbox.clone();
-        let groups = plan::plan(specs, connections);
-        let thread = spawn(Box::new(move || run(groups, connections, mb, |client, unit, mb| Box::pin(watch_unit(client, unit, mb)))))?;
-        Ok(Poller { mailbox, thread: Some(thread) })
-    }
-
-    pub fn mailbox(&self) -> &Arc<Mailbox> {
-        &self.mailbox
-    }
-
-    /// Whether the thread ended (it only ends on stop, or if its runtime could not start).
-    pub fn is_finished(&self) -> bool {
-        self.thread.as_ref().is_none_or(|t| t.is_finished())
-    }
-
-    /// Tells the thread to stop and returns at once: it never waits for the thread, which
-    /// closes its connections and ends on its own (see the module's documentation).
-    pub fn stop(mut self) {
-        self.mailbox.stop.store(true, Ordering::Release);
-        // A stored permit: the thread sees it even if it is not waiting yet.
-        self.mailbox.notify.notify_one();
-        // Detach.
-        drop(self.thread.take());
+    /// Tells the supervisor to stop its watches; returns at once.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        // A stored permit: the supervisor sees it even if it is not waiting yet.
+        self.notify.notify_one();
     }
 }
 
@@ -204,16 +179,8 @@ pub fn unit_label(unit: &Unit) -> String {
     }
 }
 
-/// The poller thread's body: one supervised task per query of the plan, plus the dump
-/// writer, until the mailbox says stop.
-pub fn run(groups: Vec<Group>, connections: usize, mailbox: Arc<Mailbox>, task: TaskFn) {
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            tracing::error!("cannot start the poller's runtime: {e}");
-            return;
-        }
-    };
+/// The poller's watches as one list of (client, unit), logging what they are.
+fn units_of(groups: Vec<Group>, connections: usize) -> Vec<(Arc<GroupClient>, Unit)> {
     let upstreams: usize = groups.iter().flat_map(|g| &g.units).map(|u| u.members.len()).sum();
     let queries: usize = groups.iter().map(|g| g.units.len()).sum();
     tracing::info!(
@@ -221,16 +188,200 @@ pub fn run(groups: Vec<Group>, connections: usize, mailbox: Arc<Mailbox>, task: 
         if queries == 1 { "y" } else { "ies" },
         groups.len()
     );
-    let units: Vec<(Arc<GroupClient>, Unit)> = groups
+    groups
         .into_iter()
         .flat_map(|g| {
             let client = Arc::new(GroupClient::new(g.sync, connections));
             g.units.into_iter().map(move |u| (client.clone(), u))
         })
-        .collect();
-    rt.block_on(supervise(units, mailbox, task));
+        .collect()
+}
+
+fn runtime() -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => Some(rt),
+        Err(e) => {
+            tracing::error!("cannot start the poller's runtime: {e}");
+            None
+        }
+    }
+}
+
+/// The watches alone, with `task` for each unit, until the mailbox says stop (tests drive the
+/// supervisor through this; the module runs [`run_process`]).
+pub fn run(groups: Vec<Group>, connections: usize, mailbox: Arc<Mailbox>, task: TaskFn) {
+    let Some(rt) = runtime() else { return };
+    rt.block_on(supervise(units_of(groups, connections), mailbox, task));
     // Do not wait for blocking work still running (a hostname lookup that never returns).
     rt.shutdown_background();
+}
+
+/// The poller process's body: one supervised task per query of the plan, the dump writer, and
+/// the two directions of the link to the worker that forked it, until the link closes (the
+/// worker stopped leading or exited). `take_logs` hands over the log lines this process queued
+/// (its log layer queues every line and wakes `mailbox`).
+pub fn run_process(
+    specs: Vec<WatchSpec>,
+    connections: usize,
+    mailbox: Arc<Mailbox>,
+    link: UnixStream,
+    take_logs: fn() -> Vec<(usize, String)>,
+) {
+    let book = Arc::new(Mutex::new(DumpBook::new(&specs)));
+    // A list from Consul that no leader dumped yet (the first list of a strong_dependency=on
+    // upstream is read by the master): dump it once.
+    for spec in &specs {
+        if let (Some(path), Some(known)) = (&spec.sync.dump_path, &spec.known) {
+            mailbox.request_dump(DumpRequest { upstream: spec.upstream.clone(), path: path.clone(), servers: Arc::new(known.clone()) });
+        }
+    }
+    let units = units_of(plan::plan(specs, connections), connections);
+    let Some(rt) = runtime() else { return };
+    rt.block_on(async {
+        let link = match link.set_nonblocking(true).and_then(|()| tokio::net::UnixStream::from_std(link)) {
+            Ok(l) => Arc::new(l),
+            Err(e) => {
+                tracing::error!("cannot use the socket to the worker: {e}");
+                return;
+            }
+        };
+        let forward = tokio::spawn(forward(mailbox.clone(), link.clone(), book.clone(), take_logs));
+        let commands = tokio::spawn(commands(mailbox.clone(), link, book));
+        supervise(units, mailbox, |client, unit, mb| Box::pin(watch_unit(client, unit, mb))).await;
+        forward.abort();
+        commands.abort();
+    });
+    rt.shutdown_background();
+}
+
+/// What the poller process remembers for the dump files: per upstream, the lists it sent and
+/// the worker has not answered yet, so that a dump always holds a list the workers served.
+#[derive(Debug, Default)]
+pub struct DumpBook {
+    entries: HashMap<usize, BookEntry>,
+    seq: u64,
+}
+
+#[derive(Debug)]
+struct BookEntry {
+    upstream: String,
+    path: Option<PathBuf>,
+    sent: std::collections::VecDeque<(u64, Arc<Vec<Server>>)>,
+}
+
+impl DumpBook {
+    pub fn new(specs: &[WatchSpec]) -> DumpBook {
+        let entries = specs
+            .iter()
+            .map(|s| (s.id, BookEntry { upstream: s.upstream.clone(), path: s.sync.dump_path.clone(), sent: Default::default() }))
+            .collect();
+        DumpBook { entries, seq: 0 }
+    }
+
+    /// Numbers a list sent to the worker (kept only if the upstream has a dump file).
+    pub fn sent(&mut self, id: usize, servers: Vec<Server>) -> u64 {
+        self.seq += 1;
+        if let Some(e) = self.entries.get_mut(&id).filter(|e| e.path.is_some()) {
+            e.sent.push_back((self.seq, Arc::new(servers)));
+        }
+        self.seq
+    }
+
+    /// The worker answered list `seq` (answers come in the order the lists were sent): the
+    /// dump to write, if it asked for one.
+    pub fn ack(&mut self, id: usize, seq: u64, dump: bool) -> Option<DumpRequest> {
+        let e = self.entries.get_mut(&id)?;
+        while e.sent.front().is_some_and(|(s, _)| *s < seq) {
+            e.sent.pop_front();
+        }
+        let (_, servers) = e.sent.pop_front().filter(|(s, _)| *s == seq)?;
+        let path = e.path.clone()?;
+        dump.then(|| DumpRequest { upstream: e.upstream.clone(), path, servers })
+    }
+
+    /// Lists waiting for an answer (all upstreams).
+    pub fn waiting(&self) -> usize {
+        self.entries.values().map(|e| e.sent.len()).sum()
+    }
+}
+
+/// Sends the watches' results and this process's log lines to the worker, as they come.
+async fn forward(
+    mailbox: Arc<Mailbox>,
+    link: Arc<tokio::net::UnixStream>,
+    book: Arc<Mutex<DumpBook>>,
+    take_logs: fn() -> Vec<(usize, String)>,
+) {
+    let mut out = Vec::new();
+    loop {
+        mailbox.out_ready.notified().await;
+        out.clear();
+        for (level, line) in take_logs() {
+            link::frame(&Report::Log { level, line }, &mut out);
+        }
+        for u in mailbox.take() {
+            let report = match u {
+                Update::Servers { id, servers, encoded, summary, index } => {
+                    let count = servers.len();
+                    let seq = book.lock().unwrap_or_else(|e| e.into_inner()).sent(id, servers);
+                    Report::Servers { id, seq, count, encoded, summary, index }
+                }
+                Update::Synced { id, index } => Report::Synced { id, index },
+                Update::Error { id, message, index, watch_ok } => Report::Error { id, message, index, watch_ok },
+                Update::Restarted { id, message } => Report::Restarted { id, message },
+            };
+            link::frame(&report, &mut out);
+        }
+        let mut rest = &out[..];
+        while !rest.is_empty() {
+            let written = match link.writable().await {
+                Ok(()) => link.try_write(rest),
+                Err(e) => Err(e),
+            };
+            match written {
+                Ok(n) => rest = &rest[n..],
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => {
+                    // The worker is gone: nothing to report to.
+                    mailbox.stop();
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Reads the worker's answers; stops the poller when the link closes.
+async fn commands(mailbox: Arc<Mailbox>, link: Arc<tokio::net::UnixStream>, book: Arc<Mutex<DumpBook>>) {
+    let mut inbox = link::Inbox::default();
+    let mut buf = vec![0u8; 4096];
+    'read: loop {
+        let read = match link.readable().await {
+            Ok(()) => link.try_read(&mut buf),
+            Err(e) => Err(e),
+        };
+        match read {
+            Ok(0) => break,
+            Ok(n) => inbox.extend(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(_) => break,
+        }
+        loop {
+            match inbox.next_frame::<Command>() {
+                Ok(Some(Command::Ack { id, seq, dump })) => {
+                    if let Some(d) = book.lock().unwrap_or_else(|e| e.into_inner()).ack(id, seq, dump) {
+                        mailbox.request_dump(d);
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::error!("the socket from the worker is unreadable ({e}); the poller stops and the worker starts a new one");
+                    break 'read;
+                }
+            }
+        }
+    }
+    mailbox.stop();
 }
 
 async fn supervise(units: Vec<(Arc<GroupClient>, Unit)>, mailbox: Arc<Mailbox>, task: TaskFn) {
@@ -813,9 +964,7 @@ mod tests {
 
     #[test]
     fn a_watch_that_panics_is_reported_and_restarted() {
-        let (_rx, tx) = UnixStream::pair().unwrap();
-        tx.set_nonblocking(true).unwrap();
-        let mailbox = Mailbox::new(tx);
+        let mailbox = Mailbox::new();
         let spec = WatchSpec { id: 3, upstream: "app".into(), sync: UpstreamSync::default(), known: None };
         let mb = mailbox.clone();
         let groups = vec![Group { sync: UpstreamSync::default(), units: vec![Unit { kind: UnitKind::Single, members: vec![spec] }] }];
@@ -832,7 +981,7 @@ mod tests {
         );
         assert!(seen.iter().any(|u| matches!(u, Update::Synced { id: 3, index: 7 })), "not restarted: {seen:?}");
         // Stopping returns at once and the thread ends by itself.
-        Poller { mailbox: mailbox.clone(), thread: None }.stop();
+        mailbox.stop();
         thread.join().unwrap();
     }
 }

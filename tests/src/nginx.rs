@@ -295,6 +295,16 @@ impl Nginx {
         children_of(self.master_pid()).into_iter().filter(|p| cmdline(*p).contains("worker process")).collect()
     }
 
+    /// The module's Consul poller processes, as (worker, poller) PIDs: a poller is a child of
+    /// the leader worker that forked it, titled "upsync poller of worker PID" (the stream
+    /// module's "upsync stream poller ...").
+    pub fn poller_pids(&self) -> Vec<(u32, u32)> {
+        self.worker_pids()
+            .into_iter()
+            .flat_map(|w| children_of(w).into_iter().filter(|p| cmdline(*p).contains("poller of worker")).map(move |p| (w, p)))
+            .collect()
+    }
+
     /// Workers not shutting down.
     pub fn active_worker_pids(&self) -> Vec<u32> {
         children_of(self.master_pid())

@@ -62,58 +62,121 @@ fn reload_during_changes_new_workers_start_from_the_latest_list_old_ones_exit() 
 }
 
 #[test]
-fn quit_is_prompt_and_threads_do_not_leak() {
+fn quit_is_prompt_and_no_thread_or_poller_leaks() {
     let dir = TestDir::new("life_quit");
     let consul = Consul::start(dir.path());
     let a = Backend::start("a");
     let mut nginx = Nginx::start(dir.path(), NginxConf::new(&http_block("app", &consul.http_addr(), "", "")).workers(3));
     put_server(&consul, "app", &a.host_port(), "");
     wait_servers(&nginx, "app", &[&a.host_port()]);
-    let leader = leader_pid(&nginx);
-    // The leader runs nginx's thread and the poller; followers only nginx's.
-    for pid in nginx.worker_pids() {
-        let want = if pid == leader { 2 } else { 1 };
-        assert_eq!(thread_count(pid), want, "worker {pid} (leader {leader})");
-    }
+    // Every worker runs nginx's thread only; the leader has one child, its Consul poller process.
+    // Read the leader, the thread counts and the pollers together, once they agree (a worker
+    // that has just taken the lease starts its poller on the same tick).
+    type State = (Vec<(u32, usize, bool)>, Vec<(u32, u32)>);
+    let state = |nginx: &Nginx| -> State {
+        let leader = leader_pid(nginx);
+        (nginx.worker_pids().into_iter().map(|pid| (pid, thread_count(pid), pid == leader)).collect(), nginx.poller_pids())
+    };
+    let settled = |(workers, pollers): &State| {
+        workers.iter().all(|&(_, n, _)| n == 1) && pollers.len() == 1 && workers.iter().any(|&(pid, _, lead)| lead && pollers[0].0 == pid)
+    };
+    let first = match wait_for_value(Duration::from_secs(10), || state(&nginx), settled) {
+        Ok((_, pollers)) => pollers[0].1,
+        Err(t) => panic!("workers (pid, threads, leader) and pollers (worker, poller) at start: {:?}", t.last),
+    };
+    assert_eq!(std::fs::read_to_string(format!("/proc/{first}/comm")).unwrap_or_default().trim(), "upsync-poller");
     for _ in 0..3 {
         nginx.reload();
     }
-    // The lease moves to a new worker when the old leader exits: read the leader and the thread
-    // counts together, once the handover is done (one new worker with the poller, the others
-    // with nginx's thread only), rather than at one instant of the handover.
+    // The lease moves to a new worker when the old leader exits; the old poller goes with it.
     wait_until("old workers gone", Duration::from_secs(10), || nginx.worker_pids().len() == 3);
-    let threads = || -> Vec<(u32, usize, bool)> {
-        let leader = leader_pid(&nginx);
-        nginx.worker_pids().into_iter().map(|pid| (pid, thread_count(pid), pid == leader)).collect()
+    let last = match wait_for_value(Duration::from_secs(10), || state(&nginx), settled) {
+        Ok((_, pollers)) => pollers[0].1,
+        Err(t) => panic!("workers (pid, threads, leader) and pollers (worker, poller) after reloads: {:?}", t.last),
     };
-    let settled = |t: &[(u32, usize, bool)]| t.iter().all(|&(_, n, lead)| n == if lead { 2 } else { 1 });
-    if let Err(t) = wait_for_value(Duration::from_secs(10), threads, |t| settled(t)) {
-        panic!("threads after reloads (pid, threads, leader): {:?}", t.last);
-    }
+    assert_ne!(last, first, "the new configuration's leader runs a poller of its own");
+    wait_until("the first poller to exit", Duration::from_secs(5), || !alive(first));
     let start = Instant::now();
     assert!(nginx.quit(Duration::from_secs(10)), "nginx did not exit within 10 s of QUIT");
     let took = start.elapsed();
     eprintln!("nginx quit in {took:?}");
     // Nothing of the module keeps a worker alive: no join, no timer, no open socket.
     assert!(took < Duration::from_secs(1), "nginx took {took:?} to quit");
+    wait_until("the last poller to exit with nginx", Duration::from_secs(5), || !alive(last));
+    let log = nginx.error_log();
+    assert!(!log.contains("[alert]") && !log.contains("[crit]"), "{log}");
+}
+
+/// Consul, backends a and b, and nginx (2 workers) serving a from Consul: the start of the
+/// tests that kill the leader or its poller.
+struct Synced {
+    _dir: TestDir,
+    consul: Consul,
+    a: Backend,
+    b: Backend,
+    nginx: Nginx,
+    leader: u32,
+    poller: u32,
+}
+
+impl Synced {
+    fn start(name: &str) -> Synced {
+        let dir = TestDir::new(name);
+        let consul = Consul::start(dir.path());
+        let (a, b) = (Backend::start("a"), Backend::start("b"));
+        let nginx = Nginx::start(dir.path(), NginxConf::new(&http_block("app", &consul.http_addr(), "", "")).workers(2));
+        put_server(&consul, "app", &a.host_port(), "");
+        wait_servers(&nginx, "app", &[&a.host_port()]);
+        let leader = leader_pid(&nginx);
+        let (worker, poller) = wait_for("the poller", Duration::from_secs(10), || nginx.poller_pids().first().copied());
+        assert_eq!(worker, leader, "the leader forks the poller");
+        Synced { _dir: dir, consul, a, b, nginx, leader, poller }
+    }
+
+    /// Adds b in Consul and waits for nginx to serve a and b.
+    fn add_b(&self) {
+        put_server(&self.consul, "app", &self.b.host_port(), "");
+        wait_servers(&self.nginx, "app", &[&self.a.host_port(), &self.b.host_port()]);
+    }
+}
+
+/// SIGKILL to a process of the nginx a test started.
+fn kill9(pid: u32) {
+    assert_eq!(std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap().code(), Some(0));
+}
+
+#[test]
+fn a_killed_poller_is_replaced_and_syncing_continues() {
+    let t = Synced::start("life_poller_kill");
+    let (nginx, leader, poller) = (&t.nginx, t.leader, t.poller);
+    kill9(poller);
+    let again = wait_for("a new poller", Duration::from_secs(10), || {
+        nginx.poller_pids().into_iter().find(|&(w, p)| w == leader && p != poller).map(|(_, p)| p)
+    });
+    assert!(alive(leader), "the worker survives its poller");
+    t.add_b();
+    assert_eq!(leader_pid(nginx), leader, "the lease stays with the worker");
+    let log = nginx.error_log();
+    assert!(log.contains(&format!("the Consul poller process {poller} ended unexpectedly")), "{log}");
+    assert!(log.contains(&format!("(poller process {again})")), "{log}");
 }
 
 #[test]
 fn a_crashed_leader_is_replaced_and_syncing_continues() {
-    let dir = TestDir::new("life_crash");
-    let consul = Consul::start(dir.path());
-    let (a, b) = (Backend::start("a"), Backend::start("b"));
-    let nginx = Nginx::start(dir.path(), NginxConf::new(&http_block("app", &consul.http_addr(), "", "")).workers(2));
-    put_server(&consul, "app", &a.host_port(), "");
-    wait_servers(&nginx, "app", &[&a.host_port()]);
-    let leader = leader_pid(&nginx);
-    // SAFETY-free: a signal to a worker of the nginx this test started.
-    assert_eq!(std::process::Command::new("kill").args(["-9", &leader.to_string()]).status().unwrap().code(), Some(0));
+    let t = Synced::start("life_crash");
+    let (nginx, leader) = (&t.nginx, t.leader);
+    kill9(leader);
+    wait_until("the crashed worker's poller to die with it", Duration::from_secs(5), || !alive(t.poller));
     wait_until("the crashed worker replaced", Duration::from_secs(10), || !alive(leader) && nginx.active_worker_pids().len() == 2);
-    put_server(&consul, "app", &b.host_port(), "");
-    wait_servers(&nginx, "app", &[&a.host_port(), &b.host_port()]);
-    let new_leader = leader_pid(&nginx);
+    t.add_b();
+    let new_leader = leader_pid(nginx);
     assert_ne!(new_leader, leader);
+    // The crashed worker's poller died with it; the new leader runs the only one.
+    let pollers = wait_for("one poller", Duration::from_secs(10), || {
+        let p = nginx.poller_pids();
+        (p.len() == 1 && p[0].0 == new_leader).then_some(p)
+    });
+    assert!(!pollers.iter().any(|&(w, _)| w == leader), "{pollers:?}");
 }
 
 #[test]

@@ -20,8 +20,8 @@
 //! the table gives the minimum and the spread: glibc malloc's heap layout differs from start to
 //! start and moves a run by ±150-270 instructions per request. Beside the difference against
 //! stock nginx, the instructions executed inside the module's own object (callgrind's self cost
-//! per object, event loop only) per request. The single process is a leader (it runs the
-//! Consul poller thread, and with it glibc's multi-threaded system call path); the `follower`
+//! per object, event loop only) per request. The single process is a leader (it forks the
+//! Consul poller process, measured as well: see `Traced::fresh_poller`); the `follower`
 //! part runs the same three balancers with `master_process on`, 2 workers and `reuseport`,
 //! keeps only client connections the worker without the poller accepted (its pid in an `X-Pid`
 //! answer header) and measures that worker: what most workers of a large nginx pay. The
@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 
 use upsync_tests::consul::Consul;
 use upsync_tests::net::{free_port, port_open};
-use upsync_tests::proc::{children_of, thread_count, Proc};
+use upsync_tests::proc::{children_of, Proc};
 use upsync_tests::wait::wait_for_value;
 use upsync_tests::TestDir;
 
@@ -63,6 +63,11 @@ struct Traced {
     target: u32,
     /// Its dumps so far.
     target_dumps: usize,
+    /// `Mode::Single` with the module: the Consul poller process measured in the current window
+    /// (the single process forked it; it runs under callgrind too).
+    poller: Option<u32>,
+    /// The module is loaded.
+    module: bool,
     /// `Mode::Follower`: a connection to the measured worker, for the requests that zero and
     /// dump its counters (`callgrind_control` reaches only the process valgrind started, not
     /// the workers nginx forks; `--zero-before=ngx_http_arg` / `--dump-before=ngx_http_map_find`
@@ -138,19 +143,23 @@ http {{
             std::thread::sleep(Duration::from_millis(100));
         }
         let target = proc.pid();
-        Ok(Traced { proc, dir: dir.to_path_buf(), port, dumps: 0, target, target_dumps: 0, trigger: None })
+        Ok(Traced { proc, dir: dir.to_path_buf(), port, dumps: 0, target, target_dumps: 0, poller: None, module, trigger: None })
     }
 
-    /// `Mode::Follower`: measures a worker without the module's poller thread (with the module:
-    /// the one of the 2 workers whose process has a single thread, once the leader's poller
-    /// runs; stock nginx: either).
+    /// `Mode::Follower`: measures a worker that does not lead (with the module: the one of the
+    /// 2 workers without a Consul poller process, once the leader's runs; stock nginx: either).
     fn pick_follower(&mut self, module: bool) -> anyhow::Result<u32> {
-        // The workers and their thread counts.
-        let probe = || children_of(self.proc.pid()).into_iter().map(|w| (w, thread_count(w))).collect::<Vec<_>>();
-        let single = |workers: &[(u32, usize)]| workers.iter().filter(|w| w.1 == 1).map(|w| w.0).collect::<Vec<_>>();
-        let found = |workers: &Vec<(u32, usize)>| workers.len() == 2 && single(workers).len() == if module { 1 } else { 2 };
+        // The workers and whether each has forked a poller.
+        let has_poller = |w: u32| {
+            children_of(w)
+                .into_iter()
+                .any(|p| std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "upsync-poller"))
+        };
+        let probe = || children_of(self.proc.pid()).into_iter().map(|w| (w, has_poller(w))).collect::<Vec<_>>();
+        let single = |workers: &[(u32, bool)]| workers.iter().filter(|w| !w.1).map(|w| w.0).collect::<Vec<_>>();
+        let found = |workers: &Vec<(u32, bool)>| workers.len() == 2 && single(workers).len() == if module { 1 } else { 2 };
         let workers = wait_for_value(Duration::from_secs(60), probe, found)
-            .map_err(|t| anyhow::anyhow!("no follower worker among the workers (pid, threads) {:?}", t.last))?;
+            .map_err(|t| anyhow::anyhow!("no follower worker among the workers (pid, has a poller) {:?}", t.last))?;
         self.target = single(&workers)[0];
         self.target_dumps = 0;
         self.trigger = Some(pinned_conn(self.port, Some(self.target))?);
@@ -168,12 +177,46 @@ http {{
         Ok(())
     }
 
+    /// The module's Consul poller process: a child of the single process, named by its comm.
+    fn poller_pid(&self) -> Option<u32> {
+        children_of(self.target)
+            .into_iter()
+            .find(|p| std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "upsync-poller"))
+    }
+
+    /// Before a window of `Mode::Single` with the module: a poller process that started and
+    /// settled, whose whole life the window's count can take. valgrind's gdbserver, through
+    /// which callgrind_control zeroes and dumps, does not follow a fork, so a poller's counts
+    /// come only from the dump callgrind writes when it ends: the running poller is stopped
+    /// (SIGTERM), the worker starts the next one a second later, and it settles (its start, its
+    /// connection and its first answer, equal to the list served). The idle window pays the
+    /// same start, so the difference is the busy window's work.
+    fn fresh_poller(&mut self) -> anyhow::Result<()> {
+        let old = self.poller_pid();
+        if let Some(p) = old {
+            stop_poller(p);
+            dumped(&self.dir, &format!("callgrind.out.{p}-"))?;
+        }
+        // A forked child starts from its parent's counters: zero the worker's before it forks
+        // the next poller, so that the poller's dump holds only its own work (and the worker's
+        // few idle ticks until the fork, the same in every window).
+        self.control("--zero")?;
+        let next = wait_for_value(Duration::from_secs(60), || self.poller_pid(), |p| p.is_some() && *p != old)
+            .map_err(|t| anyhow::anyhow!("no new poller process after {old:?} (last seen {:?})", t.last))?;
+        std::thread::sleep(Duration::from_secs(3));
+        self.poller = next;
+        Ok(())
+    }
+
     /// Instructions executed in `work` (counters zeroed before, dumped after; in
     /// `Mode::Follower` the zero and dump requests add the same few instructions to every
     /// window, and the idle window takes them off again): by nginx's
-    /// event loop (the process's main thread, what every worker runs) and by the module's other
-    /// threads (the leader's Consul poller, builders of large lists).
+    /// event loop (the process's main thread, what every worker runs), by the module's other
+    /// threads (builders of large lists) and by the leader's Consul poller process.
     fn count(&mut self, work: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<Ir> {
+        if self.module && self.trigger.is_none() {
+            self.fresh_poller()?;
+        }
         self.control("--zero")?;
         work()?;
         self.control("--dump")?;
@@ -202,6 +245,10 @@ http {{
                 }
             }
             if main_seen {
+                if let Some(pid) = self.poller.take() {
+                    stop_poller(pid);
+                    ir.poller = dumped(&self.dir, &format!("callgrind.out.{pid}-"))?;
+                }
                 return Ok(ir);
             }
             anyhow::ensure!(start.elapsed() < Duration::from_secs(30), "no callgrind dump {}{prefix}01", self.dir.display());
@@ -221,6 +268,7 @@ http {{
         Ok(Ir {
             event_loop: busy.event_loop.saturating_sub(idle.event_loop),
             threads: busy.threads.saturating_sub(idle.threads),
+            poller: busy.poller.saturating_sub(idle.poller),
             module_own: busy.module_own.saturating_sub(idle.module_own),
             module_calls: busy.module_calls.saturating_sub(idle.module_calls),
         })
@@ -232,15 +280,52 @@ http {{
 struct Ir {
     /// nginx's event loop (the main thread): what every worker pays.
     event_loop: u64,
-    /// The module's other threads: the Consul poller (the leader worker only, once per nginx
-    /// instance) and the builders of large lists.
+    /// The module's other threads: the builders of large lists.
     threads: u64,
+    /// The leader's Consul poller process (once per nginx instance).
+    poller: u64,
     /// Of `event_loop`, the instructions executed inside the module's own object (self cost:
     /// not the libc or nginx functions it calls).
     module_own: u64,
     /// Of `event_loop`, the nginx and libc functions the module's code calls (not the
     /// balancer's own peer init, which stock nginx runs too).
     module_calls: u64,
+}
+
+/// Stops a poller process of the nginx this bench started (callgrind writes its dump as it ends).
+fn stop_poller(pid: u32) {
+    // SAFETY: a signal to a process this bench's nginx started; no memory is involved.
+    unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+}
+
+/// The instructions of a callgrind dump, all threads (the files named `prefix` + thread),
+/// waiting up to 30 s for callgrind to write it.
+fn dumped(dir: &Path, prefix: &str) -> anyhow::Result<u64> {
+    let start = Instant::now();
+    let mut seen = false;
+    loop {
+        let mut total = None;
+        for entry in std::fs::read_dir(dir)? {
+            let name = entry?.file_name().to_string_lossy().into_owned();
+            if !name.starts_with(prefix) {
+                continue;
+            }
+            let text = std::fs::read_to_string(dir.join(&name)).unwrap_or_default();
+            let line = text.lines().find_map(|l| l.strip_prefix("summary:").or_else(|| l.strip_prefix("totals:")));
+            if let Some(line) = line {
+                *total.get_or_insert(0) += line.split_whitespace().next().unwrap_or("0").parse::<u64>()?;
+            }
+        }
+        // Once the first thread's file is there, read again a moment later: callgrind writes
+        // one file per thread, one after the other.
+        match total {
+            Some(t) if seen => return Ok(t),
+            Some(_) => seen = true,
+            None => {}
+        }
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(30), "no callgrind dump {}/{prefix}*", dir.display());
+        std::thread::sleep(Duration::from_millis(if seen { 300 } else { 50 }));
+    }
 }
 
 /// The module's shared object, as callgrind names it.
@@ -300,7 +385,7 @@ fn object_cost(text: &str, needle: &str) -> (u64, u64) {
 
 impl Ir {
     fn total(self) -> u64 {
-        self.event_loop + self.threads
+        self.event_loop + self.threads + self.poller
     }
 }
 
@@ -543,9 +628,10 @@ fn main() -> anyhow::Result<()> {
     }
 
     // Control: stock nginx with one idle thread of its own (a thread pool), as the module's
-    // leader worker has its Consul poller thread. Once a process has a second thread, glibc's
-    // system call wrappers (recv, writev, epoll_wait...) add cancellation-point bookkeeping to
-    // every call; a worker that never starts a thread (a follower) does not pay it.
+    // leader worker had when its Consul poller was a thread. Once a process has a second
+    // thread, glibc's system call wrappers (recv, writev, epoll_wait...) add cancellation-point
+    // bookkeeping to every call, and malloc takes its locks: what the poller's own process
+    // spares every worker.
     let mut threaded_stock = Vec::new();
     if wanted("rr") {
         for run in 0..runs {
@@ -609,8 +695,8 @@ fn main() -> anyhow::Result<()> {
         "nginx under callgrind, {requests} requests over {CONNS} keep-alive connections, 4 servers, `keepalive 64`; an idle \
          window of the same length subtracted; {runs} process starts per configuration: the minimum, and in brackets how \
          much more the highest start counted (glibc malloc's heap layout). Stock nginx natively: {:.1} us CPU per request \
-         ({:.1} cores at 200k requests/s). \"Leader\": `master_process off`, the one process is the worker and runs \
-         the module's Consul poller thread. \"Follower\": `master_process on`, 2 workers, `reuseport`, the load on the \
+         ({:.1} cores at 200k requests/s). \"Leader\": `master_process off`, the one process is the worker and forks \
+         the module's Consul poller process. \"Follower\": `master_process on`, 2 workers, `reuseport`, the load on the \
          worker without the poller (stock nginx: one of its 2 workers). The module's code: instructions executed inside \
          the module's object on the event loop (callgrind's self cost), then with the nginx and libc functions it calls \
          (not the balancer's own peer init, which stock nginx runs too).\n",
@@ -667,12 +753,13 @@ fn main() -> anyhow::Result<()> {
         }
     }
     if !changes.is_empty() {
-        println!("\n| one list change in an upstream of | every worker (event loop: the slot to installed peers) | the module's threads (the leader's Consul poller: answer to slot; over 32 KB of list, every worker's builder) | total, leader worker |");
-        println!("|---|---:|---:|---:|");
+        println!("\n| one list change in an upstream of | the leader's Consul poller process (answer to encoded list) | every worker's event loop (the leader: the list into the slot; all: the slot to installed peers) | every worker's builder thread (lists over 32 KB) | total |");
+        println!("|---|---:|---:|---:|---:|");
     }
     for (size, ir) in &changes {
         println!(
-            "| {size} servers | {} ({:.0} per server) | {} | {} |",
+            "| {size} servers | {} | {} ({:.0} per server) | {} | {} |",
+            ir.poller,
             ir.event_loop,
             ir.event_loop as f64 / *size as f64,
             ir.threads,
@@ -685,7 +772,7 @@ fn main() -> anyhow::Result<()> {
 impl Ir {
     fn json(self) -> serde_json::Value {
         serde_json::json!({
-            "event_loop": self.event_loop, "threads": self.threads,
+            "event_loop": self.event_loop, "threads": self.threads, "poller": self.poller,
             "module_own": self.module_own, "module_calls": self.module_calls,
         })
     }

@@ -11,7 +11,8 @@
 //! (the shared mapping of exactly the zone's size in /proc/PID/smaps; [`Writer`]; nginx's slab
 //! allocator does not expose its own counters, so this is page-granular: 4 KiB) and each
 //! worker's private memory (`Private_Clean` + `Private_Dirty` of /proc/PID/smaps_rollup; the
-//! module's leader worker, with the Consul poller thread, and the other). Sizes up to 10,000:
+//! module's leader worker and the other; and the private memory of the leader's Consul poller
+//! process, forked by the leader and sharing its pages until either writes them). Sizes up to 10,000:
 //! `upstream_show`'s JSON of a larger upstream exceeds the test client's answer limit. The figures per 1,000 servers are
 //! differences against the smallest size. Prints a markdown section; writes build/bench/zone.json.
 use std::time::Duration;
@@ -38,10 +39,12 @@ struct Mem {
     /// Resident pages of the zone's mapping in the process that wrote the servers there.
     zone: u64,
     /// Private memory (`Private_Clean` + `Private_Dirty`: pages no other process maps, so not
-    /// the master's copy-on-write pages) of the worker with the most threads (the module's
-    /// leader, which runs the Consul poller) and of the other.
+    /// the master's copy-on-write pages) of the module's leader worker (the one that forked the
+    /// Consul poller; stock nginx: either worker) and of the other.
     leader_private: u64,
     other_private: u64,
+    /// Private memory of the module's Consul poller process (0 for stock nginx).
+    poller_private: u64,
 }
 
 /// Who wrote the servers into the zone, whose resident pages of it count.
@@ -63,11 +66,13 @@ fn measure(nginx: &Nginx, zone_kib: u64, writer: Writer) -> Mem {
         pids.push(nginx.master_pid());
     }
     let zone = pids.iter().filter_map(|p| zone_rss_kib(*p, zone_kib)).max().unwrap_or(0);
-    let mut by_threads: Vec<(usize, u64)> = workers.iter().map(|&p| (upsync_tests::proc::thread_count(p), proc_mem(p).private)).collect();
-    by_threads.sort();
-    let other_private = by_threads.first().map_or(0, |w| w.1);
-    let leader_private = by_threads.last().map_or(0, |w| w.1);
-    Mem { zone, leader_private, other_private }
+    let pollers = nginx.poller_pids();
+    let mut by_role: Vec<(bool, u64)> = workers.iter().map(|&p| (pollers.iter().any(|&(w, _)| w == p), proc_mem(p).private)).collect();
+    by_role.sort();
+    let other_private = by_role.first().map_or(0, |w| w.1);
+    let leader_private = by_role.last().map_or(0, |w| w.1);
+    let poller_private = pollers.first().map_or(0, |&(_, p)| proc_mem(p).private);
+    Mem { zone, leader_private, other_private, poller_private }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -125,29 +130,30 @@ fn main() -> anyhow::Result<()> {
          out in stock nginx with `zone app 16m` (2 workers). Zone: resident pages of its mapping (4 KiB granularity) in \
          the workers (module: the leader writes the list, the other reads it) or the master (stock: it copies the \
          peers in at start); worker: private memory (pages no other process maps), leader (the module's worker \
-         with the Consul poller) / other. KiB.\n"
+         that forked the Consul poller) / other; the poller process's private memory. KiB.\n"
     );
     println!(
-        "| servers | module: shared zone | module: leader / other worker | stock nginx `zone`: shared zone | stock nginx: per worker |"
+        "| servers | module: shared zone | module: leader / other worker | module: poller process | stock nginx `zone`: shared zone | stock nginx: per worker |"
     );
-    println!("|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|");
     for (size, m, s) in &results {
         println!(
-            "| {size} | {} | {} / {} | {} | {} / {} |",
-            m.zone, m.leader_private, m.other_private, s.zone, s.leader_private, s.other_private
+            "| {size} | {} | {} / {} | {} | {} | {} / {} |",
+            m.zone, m.leader_private, m.other_private, m.poller_private, s.zone, s.leader_private, s.other_private
         );
     }
     let (base, bm, bs) = results[0];
     println!("\nPer 1,000 servers (difference against {base} servers), bytes:\n");
-    println!("| from | module: shared zone | module: leader / other worker | stock nginx `zone`: shared zone | stock nginx: per worker |");
-    println!("|---:|---:|---:|---:|---:|");
+    println!("| from | module: shared zone | module: leader / other worker | module: poller process | stock nginx `zone`: shared zone | stock nginx: per worker |");
+    println!("|---:|---:|---:|---:|---:|---:|");
     let per_1000 = |a: u64, b: u64, n: usize| (a as f64 - b as f64) * 1024.0 * 1000.0 / (n - base) as f64;
     for (size, m, s) in &results[1..] {
         println!(
-            "| {size} servers | {:.0} | {:.0} / {:.0} | {:.0} | {:.0} / {:.0} |",
+            "| {size} servers | {:.0} | {:.0} / {:.0} | {:.0} | {:.0} | {:.0} / {:.0} |",
             per_1000(m.zone, bm.zone, *size),
             per_1000(m.leader_private, bm.leader_private, *size),
             per_1000(m.other_private, bm.other_private, *size),
+            per_1000(m.poller_private, bm.poller_private, *size),
             per_1000(s.zone, bs.zone, *size),
             per_1000(s.leader_private, bs.leader_private, *size),
             per_1000(s.other_private, bs.other_private, *size)

@@ -1,11 +1,13 @@
 //! `tracing` events into nginx's error log.
 //!
 //! On the process's main thread an event goes straight to `ngx_log_error` on the cycle's log.
-//! Other threads (the Consul poller) must not call nginx, so their events wait in a bounded
-//! queue; the poller's wake-up socket (or the next tick) makes the main thread write them.
+//! Other threads (builders of large lists) must not call nginx, so their events wait in a
+//! bounded queue that the main thread writes on its next tick. In the Consul poller process
+//! ([`forward_all`]) every event waits in a queue of its own, which the poller sends to its
+//! worker, and the worker writes them ([`write_line`]).
 use std::collections::VecDeque;
 use std::fmt::Write;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::ThreadId;
 
@@ -23,10 +25,14 @@ static MAIN_THREAD: OnceLock<ThreadId> = OnceLock::new();
 /// nginx's log level for the cycle's error log (NGX_LOG_*), readable from any thread.
 static NGX_LEVEL: AtomicUsize = AtomicUsize::new(NGX_LOG_NOTICE as usize);
 static QUEUE: Mutex<VecDeque<(usize, String)>> = Mutex::new(VecDeque::new());
-static WAKER: Mutex<Option<Arc<Mailbox>>> = Mutex::new(None);
 /// Lines from other threads beyond this many are dropped (with a count) until the main thread catches up.
 const QUEUE_MAX: usize = 1000;
 static DROPPED: AtomicUsize = AtomicUsize::new(0);
+/// Set in the poller process: every event goes to [`FORWARD_QUEUE`]. A queue the worker never
+/// touched, so no lock held by another thread of the worker at the fork can be inherited.
+static FORWARD: AtomicBool = AtomicBool::new(false);
+static FORWARD_QUEUE: Mutex<VecDeque<(usize, String)>> = Mutex::new(VecDeque::new());
+static FORWARD_WAKER: OnceLock<Arc<Mailbox>> = OnceLock::new();
 
 /// Installs the subscriber (once per process; workers inherit it through fork).
 pub fn init() {
@@ -46,10 +52,6 @@ pub fn set_level(level: usize) {
     NGX_LEVEL.store(level, Ordering::Relaxed);
 }
 
-pub fn set_waker(mailbox: Option<Arc<Mailbox>>) {
-    *WAKER.lock().unwrap_or_else(|e| e.into_inner()) = mailbox;
-}
-
 fn ngx_level(level: &Level) -> usize {
     (match *level {
         Level::ERROR => NGX_LOG_ERR,
@@ -60,7 +62,40 @@ fn ngx_level(level: &Level) -> usize {
 }
 
 fn on_main_thread() -> bool {
-    MAIN_THREAD.get() == Some(&std::thread::current().id())
+    !FORWARD.load(Ordering::Relaxed) && MAIN_THREAD.get() == Some(&std::thread::current().id())
+}
+
+fn queue() -> &'static Mutex<VecDeque<(usize, String)>> {
+    if FORWARD.load(Ordering::Relaxed) {
+        &FORWARD_QUEUE
+    } else {
+        &QUEUE
+    }
+}
+
+/// In the poller process, right after the fork: from now on no event calls nginx; they queue
+/// for [`take_queued`] and wake `mailbox`.
+pub fn forward_all(mailbox: Arc<Mailbox>) {
+    FORWARD.store(true, Ordering::Relaxed);
+    DROPPED.store(0, Ordering::Relaxed);
+    let _ = FORWARD_WAKER.set(mailbox);
+}
+
+/// The lines queued so far (with a line counting those dropped when the queue was full).
+pub fn take_queued() -> Vec<(usize, String)> {
+    let mut lines: Vec<(usize, String)> = queue().lock().unwrap_or_else(|e| e.into_inner()).drain(..).collect();
+    let dropped = DROPPED.swap(0, Ordering::Relaxed);
+    if dropped > 0 {
+        lines.insert(0, (NGX_LOG_WARN as usize, format!("upsync: {dropped} log lines of the poller were dropped (queue full)")));
+    }
+    lines
+}
+
+/// Writes a line the poller process sent. Main thread of the worker only.
+pub fn write_line(level: usize, line: &str) {
+    if on_main_thread() && level <= NGX_LEVEL.load(Ordering::Relaxed) {
+        write_now(level, line);
+    }
 }
 
 fn write_now(level: usize, line: &str) {
@@ -78,12 +113,7 @@ pub fn drain() {
     if !on_main_thread() {
         return;
     }
-    let lines: Vec<(usize, String)> = QUEUE.lock().unwrap_or_else(|e| e.into_inner()).drain(..).collect();
-    let dropped = DROPPED.swap(0, Ordering::Relaxed);
-    if dropped > 0 {
-        write_now(NGX_LOG_WARN as usize, &format!("upsync: {dropped} log lines of the poller thread were dropped (queue full)"));
-    }
-    for (level, line) in lines {
+    for (level, line) in take_queued() {
         write_now(level, &line);
     }
 }
@@ -135,14 +165,14 @@ impl<S: Subscriber> Layer<S> for NginxLayer {
             return;
         }
         {
-            let mut q = QUEUE.lock().unwrap_or_else(|e| e.into_inner());
+            let mut q = queue().lock().unwrap_or_else(|e| e.into_inner());
             if q.len() >= QUEUE_MAX {
                 DROPPED.fetch_add(1, Ordering::Relaxed);
                 return;
             }
             q.push_back((level, line.0));
         }
-        if let Some(m) = WAKER.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        if let Some(m) = FORWARD_WAKER.get().filter(|_| FORWARD.load(Ordering::Relaxed)) {
             m.wake();
         }
     }

@@ -1,30 +1,33 @@
 //! Per-worker lifecycle: a tick timer that renews or contends for the leader lease and keeps the
-//! worker's peers in step with the shared slots; in the leader, the poller thread and the socket
-//! through which it wakes the event loop.
+//! worker's peers in step with the shared slots; in the leader, the Consul poller process it
+//! forks and the socket through which the poller reports to the event loop.
 //!
 //! How one poll per nginx instance works: see `module/README.md`. In short: the lease (PID,
 //! generation, heartbeat) is in the shared zone; on every tick a worker renews it (leader),
 //! takes it with a compare-and-swap when it is vacant (no leader, leader PID gone, heartbeat
-//! stale, or leader from an older configuration), or follows. The leader's poller thread holds
-//! one blocking query per upstream; results come back to the leader's event loop, which writes
-//! the slots. Every worker (leader included) installs a slot's list when its version moves, at
+//! stale, or leader from an older configuration), or follows. The leader's poller process holds
+//! one blocking query per upstream; results come back over a socket to the leader's event loop,
+//! which writes the slots. No worker has a thread of the module's for the poller (see
+//! `crate::poller` for why). Every worker (leader included) installs a slot's list when its version moves, at
 //! the latest on its next request to that upstream.
 use core::ffi::c_void;
 use core::ptr;
 use std::cell::RefCell;
-use std::os::fd::IntoRawFd;
+use std::os::fd::{FromRawFd, IntoRawFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::sync::Arc;
 
 use ngx::ffi::*;
 
 use super::{cycle_main_conf, guard, log, main_conf_of, peers, shm, MainConf, SrvConf};
 use crate::lease::{self, Decision, Lease, Me};
-use crate::model::{decode_servers, unix_ms, Origin, Server, SlotMeta, WatchHealth};
-use crate::poller::{DumpRequest, Mailbox, Poller, Update, WatchSpec};
+use crate::link::{self, Command, Inbox, Report};
+use crate::model::{decode_servers, unix_ms, Origin, SlotMeta, WatchHealth};
+use crate::poller::{self, Mailbox, WatchSpec};
 
 /// How often a worker looks at the lease and the slots.
 const TICK_MS: ngx_msec_t = 200;
+/// After the poller process ended unexpectedly, the pause before the next one starts.
+const RESTART_AFTER_MS: u64 = 1000;
 
 struct Worker {
     main: *mut MainConf,
@@ -34,20 +37,31 @@ struct Worker {
     /// prints its fd, so a timer without a connection needs a stand-in with `fd = -1`.
     _dummy: Box<ngx_connection_t>,
     leader: Option<Leadership>,
+    /// When the last poller process ended unexpectedly (ngx_current_msec), for the restart pause.
+    lost_at: Option<u64>,
 }
 
 /// What the leader knows of one upstream's slot (index = position in MainConf::upstreams).
 struct LeaderSlot {
-    /// The list installed in the slot (what every worker serves).
-    servers: Arc<Vec<Server>>,
+    /// The list installed in the slot (what every worker serves), as the zone stores it.
+    encoded: Vec<u8>,
     meta: SlotMeta,
 }
 
 /// What the leader runs.
 struct Leadership {
-    poller: Poller,
-    /// The socket the poller writes to, registered in nginx's event loop.
-    wake: *mut ngx_connection_t,
+    /// The poller process (a child of this worker).
+    pid: libc::pid_t,
+    /// Our end of the socket to the poller, registered in nginx's event loop.
+    link: *mut ngx_connection_t,
+    /// What the poller sent that does not make a whole frame yet.
+    inbox: Inbox,
+    /// The buffer `read` fills, kept (a fresh one per wake-up was most of its cost).
+    buf: Vec<u8>,
+    /// Answers to the poller not written yet (its socket was full).
+    outbox: Vec<u8>,
+    /// The poller's socket closed or broke: the next tick starts a new poller.
+    lost: bool,
     slots: Vec<LeaderSlot>,
 }
 
@@ -110,7 +124,7 @@ unsafe fn start_worker(cycle: *mut ngx_cycle_t) {
     // A cancelable timer never keeps a shutting-down worker alive.
     tick.set_cancelable(1);
     let tick_ptr: *mut ngx_event_t = &mut *tick;
-    WORKER.with(|w| *w.borrow_mut() = Some(Worker { main, _tick: tick, _dummy: dummy, leader: None }));
+    WORKER.with(|w| *w.borrow_mut() = Some(Worker { main, _tick: tick, _dummy: dummy, leader: None, lost_at: None }));
     // First tick right away: a new worker takes a vacant lease (e.g. after a reload) at once.
     // SAFETY: the event lives in the Worker until exit_process; main thread.
     unsafe { nginx_sys::ngx_add_timer(tick_ptr, 1) };
@@ -195,15 +209,19 @@ unsafe fn tick(w: &mut Worker) {
     let (decision, previous) = unsafe { shm::update_lease(main, decide) };
     match decision {
         Decision::Renew => {
-            let dead = w.leader.as_ref().is_some_and(|l| l.poller.is_finished());
-            if w.leader.is_none() || dead {
-                if dead {
-                    tracing::error!("the Consul poller thread stopped unexpectedly; restarting it");
-                }
+            if w.leader.as_ref().is_some_and(|l| l.lost) {
                 // SAFETY: main thread.
                 unsafe { stop_leading(w, false) };
+                w.lost_at = Some(now);
+            }
+            let pausing = w.lost_at.is_some_and(|at| now.saturating_sub(at) < RESTART_AFTER_MS);
+            if w.leader.is_none() && !pausing {
                 // SAFETY: main thread.
                 unsafe { start_leading(w) };
+            }
+            if let Some(l) = w.leader.as_mut() {
+                // SAFETY: the link connection is ours, on the main thread.
+                unsafe { flush(l) };
             }
         }
         Decision::Release => {
@@ -231,7 +249,7 @@ unsafe fn tick(w: &mut Worker) {
     }
 }
 
-/// Starts the poller thread and its wake-up socket.
+/// Forks the poller process and registers our end of its socket with the event loop.
 ///
 /// # Safety
 /// Main thread; `w.main` of the running cycle.
@@ -244,82 +262,142 @@ unsafe fn start_leading(w: &mut Worker) {
     for (id, &srv) in main.upstreams.iter().enumerate() {
         // SAFETY: srv is a synced upstream conf of this cycle.
         let srv: &SrvConf = unsafe { &*srv };
-        let (meta, servers) = match srv.slot {
+        let (meta, encoded) = match srv.slot {
             Some(s) => {
                 // SAFETY: main thread, zone pointers of this cycle.
                 let (_, meta) = unsafe { shm::read_meta(pool, s.as_ptr()) };
                 // SAFETY: as above.
-                let servers = unsafe { shm::read_servers(pool, s.as_ptr()) }.and_then(|(_, b)| decode_servers(&b).ok()).unwrap_or_default();
-                (meta, servers)
+                let encoded = unsafe { shm::read_servers(pool, s.as_ptr()) }.map(|(_, b)| b).unwrap_or_default();
+                (meta, encoded)
             }
             None => (SlotMeta::default(), Vec::new()),
         };
-        specs.push(WatchSpec {
-            id,
-            upstream: shm::upstream_name(srv),
-            sync: srv.sync.clone(),
-            known: (meta.origin == Origin::Consul).then(|| servers.clone()),
-        });
-        slots.push(LeaderSlot { servers: Arc::new(servers), meta });
+        // The poller's watch starts from the list served when it came from Consul (an answer
+        // equal to it changes nothing); a list from the dump file or the config is replaced by
+        // Consul's first answer.
+        let known = if meta.origin == Origin::Consul { decode_servers(&encoded).ok() } else { None };
+        specs.push(WatchSpec { id, upstream: shm::upstream_name(srv), sync: srv.sync.clone(), known });
+        slots.push(LeaderSlot { encoded, meta });
     }
-    let (rx, tx) = match UnixStream::pair().and_then(|(rx, tx)| {
-        rx.set_nonblocking(true)?;
-        tx.set_nonblocking(true)?;
-        Ok((rx, tx))
-    }) {
+    let (ours, theirs) = match UnixStream::pair().and_then(|(ours, theirs)| ours.set_nonblocking(true).map(|()| (ours, theirs))) {
         Ok(p) => p,
         Err(e) => {
-            tracing::error!("cannot create the poller's wake-up socket: {e}; retrying on the next tick");
+            tracing::error!("cannot create the socket to the Consul poller process: {e}; retrying on the next tick");
             return;
         }
     };
-    // SAFETY: main thread; registers rx's fd (ownership passes to nginx) with the event loop.
-    let wake = match unsafe { register_wake(rx) } {
-        Some(c) => c,
-        None => {
-            tracing::error!(
-                "cannot register the poller's wake-up socket with nginx (worker_connections exhausted?); retrying on the next tick"
-            );
-            return;
-        }
-    };
-    let mailbox = Mailbox::new(tx);
-    log::set_waker(Some(mailbox.clone()));
     let connections = main.consul_connections.unwrap_or(crate::plan::DEFAULT_CONNECTIONS);
-    match Poller::start(specs, connections, mailbox, Box::new(|f| spawn_without_signals(f, "upsync-poller"))) {
-        Ok(poller) => {
-            tracing::info!("worker {} holds the Consul watches of {} upstream(s)", std::process::id(), main.upstreams.len());
-            // A list from Consul that no leader dumped yet (the first list of a
-            // strong_dependency=on upstream is read by the master): dump it once.
-            for (&srv, slot) in main.upstreams.iter().zip(&slots) {
-                if slot.meta.origin == Origin::Consul {
-                    // SAFETY: srv is a synced upstream conf of this cycle.
-                    let srv = unsafe { &*srv };
-                    request_dump(poller.mailbox(), srv, &shm::upstream_name(srv), &slot.servers);
-                }
-            }
-            w.leader = Some(Leadership { poller, wake, slots });
-        }
+    // SAFETY: main thread of a worker; `theirs` is a fresh socket handed to the child.
+    let pid = match unsafe { fork_poller(theirs, specs, connections) } {
+        Ok(pid) => pid,
         Err(e) => {
-            log::set_waker(None);
-            // SAFETY: wake was registered above and is not used elsewhere.
-            unsafe { ngx_close_connection(wake) };
-            tracing::error!("cannot start the Consul poller thread: {e}; retrying on the next tick");
+            tracing::error!("cannot start the Consul poller process (fork: {e}); retrying on the next tick");
+            return;
         }
+    };
+    // SAFETY: main thread; registers ours's fd (ownership passes to nginx) with the event loop.
+    let Some(link) = (unsafe { register_wake(ours) }) else {
+        // The poller sees its socket close and exits.
+        tracing::error!(
+            "cannot register the socket to the Consul poller process with nginx (worker_connections exhausted?); retrying on the next tick"
+        );
+        return;
+    };
+    tracing::info!("worker {} holds the Consul watches of {} upstream(s) (poller process {pid})", std::process::id(), main.upstreams.len());
+    w.lost_at = None;
+    w.leader = Some(Leadership { pid, link, inbox: Inbox::default(), buf: vec![0; 64 * 1024], outbox: Vec::new(), lost: false, slots });
+}
+
+/// Forks the poller process, which runs [`poller::run_process`] on `link` and never returns
+/// into nginx. Returns its PID.
+///
+/// # Safety
+/// Main thread of a worker.
+unsafe fn fork_poller(link: UnixStream, specs: Vec<WatchSpec>, connections: usize) -> std::io::Result<libc::pid_t> {
+    // SAFETY: plain system call.
+    let worker = unsafe { libc::getpid() };
+    // SAFETY: fork in a worker whose only thread of ours is this one (builder threads take no
+    // lock the child uses: its log queue and waker are its own, see log::forward_all). The
+    // child only runs poller_main, which never returns.
+    match unsafe { libc::fork() } {
+        -1 => Err(std::io::Error::last_os_error()),
+        0 => poller_main(link, worker, specs, connections),
+        pid => Ok(pid),
     }
 }
 
-/// Stops the poller (without waiting for its thread) and closes the wake-up socket; with
-/// `release`, also gives the lease back so another worker takes it on its next tick.
+/// The poller process, from the fork to its exit.
+fn poller_main(link: UnixStream, worker: libc::pid_t, specs: Vec<WatchSpec>, connections: usize) -> ! {
+    let run = std::panic::AssertUnwindSafe(move || {
+        // SAFETY: in the child right after the fork, with one thread.
+        let fd = unsafe { become_poller(link.into_raw_fd(), worker) };
+        // SAFETY: become_poller left the socket alone at `fd`; nothing else owns it.
+        let link = unsafe { UnixStream::from_raw_fd(fd) };
+        let mailbox = Mailbox::new();
+        log::forward_all(mailbox.clone());
+        poller::run_process(specs, connections, mailbox, link, log::take_queued);
+    });
+    let code = if std::panic::catch_unwind(run).is_ok() { 0 } else { 1 };
+    // SAFETY: ends the child without running anything of the worker's (atexit, destructors).
+    unsafe { libc::_exit(code) }
+}
+
+/// Makes the fresh child a process of its own: it dies with its worker, leaves nginx's process
+/// group, has the default signal handling, no file of the worker's open (client connections,
+/// listening sockets, the epoll instance) but the socket, which it returns at fd 3, and names
+/// itself in `ps`.
+///
+/// # Safety
+/// In the child right after the fork, with one thread; `fd` is the child's end of the socket.
+unsafe fn become_poller(fd: RawFd, worker: libc::pid_t) -> RawFd {
+    // SAFETY: plain system calls on this process, with valid arguments; the title is a
+    // NUL-terminated string nginx copies into its argv area (as for its own processes).
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+        if libc::getppid() != worker {
+            // The worker is already gone.
+            libc::_exit(0);
+        }
+        libc::setsid();
+        let mut none: libc::sigset_t = core::mem::zeroed();
+        libc::sigemptyset(&mut none);
+        libc::sigprocmask(libc::SIG_SETMASK, &none, ptr::null_mut());
+        for sig in 1..libc::SIGRTMIN() {
+            libc::signal(sig, libc::SIG_DFL);
+        }
+        // A write to a closed socket is an error to handle, not a signal.
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+        let at = if fd == 3 { 3 } else { libc::dup2(fd, 3) };
+        if at != 3 {
+            libc::_exit(1);
+        }
+        if libc::syscall(libc::SYS_close_range, 4u32, u32::MAX, 0u32) != 0 {
+            // Kernels before 5.9: close what /proc lists.
+            let open: Vec<RawFd> = std::fs::read_dir("/proc/self/fd")
+                .map(|d| d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect())
+                .unwrap_or_default();
+            for f in open.into_iter().filter(|&f| f > 3) {
+                libc::close(f);
+            }
+        }
+        libc::prctl(libc::PR_SET_NAME, c"upsync-poller".as_ptr());
+        let what = if cfg!(upsync_stream) { "upsync stream poller" } else { "upsync poller" };
+        let title = format!("{what} of worker {worker}\0");
+        ngx_setproctitle(title.as_ptr() as *mut core::ffi::c_char);
+    }
+    3
+}
+
+/// Stops the poller by closing its socket (it sees the close and exits; it also dies with this
+/// worker in any case) without waiting for it; with `release`, also gives the lease back so
+/// another worker takes it on its next tick.
 ///
 /// # Safety
 /// Main thread; `w.main` of the running cycle.
 unsafe fn stop_leading(w: &mut Worker, release: bool) {
     if let Some(l) = w.leader.take() {
-        log::set_waker(None);
-        l.poller.stop();
         // SAFETY: the connection was registered by start_leading and is closed only here.
-        unsafe { ngx_close_connection(l.wake) };
+        unsafe { ngx_close_connection(l.link) };
     }
     if release {
         let pid = std::process::id() as i64;
@@ -356,7 +434,7 @@ pub(super) fn spawn_without_signals(f: Box<dyn FnOnce() + Send>, name: &str) -> 
     }
 }
 
-/// Puts the read end of the wake-up socket into nginx's event loop.
+/// Puts our end of the poller's socket into nginx's event loop.
 ///
 /// # Safety
 /// Main thread of a worker.
@@ -389,7 +467,7 @@ unsafe fn register_wake(rx: UnixStream) -> Option<*mut ngx_connection_t> {
     Some(c)
 }
 
-/// The poller (or a log line from it) woke us up; or nginx is shutting down.
+/// The poller sent something, or its socket closed; or nginx is shutting down.
 unsafe extern "C" fn on_wake(ev: *mut ngx_event_t) {
     guard("the poller's wake-up", (), || {
         // SAFETY: ev is the read event of our wake connection.
@@ -407,41 +485,113 @@ unsafe extern "C" fn on_wake(ev: *mut ngx_event_t) {
             log::drain();
             return;
         }
-        // Drain the socket until EAGAIN (nginx registers it edge-triggered on epoll).
-        let mut buf = [0u8; 256];
-        // SAFETY: c is our connection; fd is a non-blocking socket we own through it.
-        while unsafe { libc::read((*c).fd, buf.as_mut_ptr() as *mut c_void, buf.len()) } > 0 {}
-        log::drain();
         WORKER.with(|cell| {
             if let Some(w) = cell.borrow_mut().as_mut() {
-                // SAFETY: main thread.
-                unsafe { apply_updates(w) };
+                // SAFETY: main thread; c is the leader's link connection.
+                unsafe { receive(w, c) };
             }
         });
     })
 }
 
+/// Reads what the poller sent (until EAGAIN: nginx registers the socket edge-triggered on
+/// epoll), applies it, and writes the answers.
+///
+/// # Safety
+/// Main thread; `w.main` of the running cycle; `c` our link connection.
+unsafe fn receive(w: &mut Worker, c: *mut ngx_connection_t) {
+    let Some(l) = w.leader.as_mut().filter(|l| l.link == c) else { return };
+    let closed = loop {
+        // SAFETY: c is our connection; its fd a non-blocking socket we own through it; the
+        // buffer is initialised and `len` long.
+        let n = unsafe { libc::read((*c).fd, l.buf.as_mut_ptr() as *mut c_void, l.buf.len()) };
+        if n > 0 {
+            l.inbox.extend(&l.buf[..n as usize]);
+            continue;
+        }
+        if n == 0 {
+            break true;
+        }
+        match std::io::Error::last_os_error().kind() {
+            std::io::ErrorKind::WouldBlock => break false,
+            std::io::ErrorKind::Interrupted => continue,
+            _ => break true,
+        }
+    };
+    let mut reports = Vec::new();
+    loop {
+        match l.inbox.next_frame::<Report>() {
+            Ok(Some(r)) => reports.push(r),
+            Ok(None) => break,
+            Err(e) => {
+                tracing::error!("the socket from the Consul poller process {} is unreadable ({e}); starting a new poller", l.pid);
+                l.lost = true;
+                break;
+            }
+        }
+    }
+    if closed && !l.lost {
+        tracing::error!(
+            "the Consul poller process {} ended unexpectedly (its exit status is in nginx's notice log as \"unknown process\"); starting a new one",
+            l.pid
+        );
+        l.lost = true;
+    }
+    // SAFETY: contract.
+    unsafe { apply_reports(w, reports) };
+    if let Some(l) = w.leader.as_mut() {
+        // SAFETY: contract.
+        unsafe { flush(l) };
+    }
+}
+
+/// Writes the answers waiting for the poller, as far as its socket takes them (the rest waits
+/// for the next call: the answers are a few bytes each and the poller reads them at once).
+///
+/// # Safety
+/// Main thread; `l.link` our live connection.
+unsafe fn flush(l: &mut Leadership) {
+    while !l.outbox.is_empty() && !l.lost {
+        // SAFETY: the connection's fd is our non-blocking socket; the buffer is initialised.
+        let n = unsafe { libc::write((*l.link).fd, l.outbox.as_ptr() as *const c_void, l.outbox.len()) };
+        if n > 0 {
+            l.outbox.drain(..n as usize);
+            continue;
+        }
+        match std::io::Error::last_os_error().kind() {
+            std::io::ErrorKind::WouldBlock => break,
+            std::io::ErrorKind::Interrupted => {}
+            // The poller is gone; the read side says so.
+            _ => break,
+        }
+    }
+}
+
 /// Writes the poller's results into the shared slots and installs them in this worker. The
-/// work per update is a comparison with the installed list and a copy of the prepared bytes
-/// into the zone (the poller thread decoded, summarised and encoded the list).
+/// work per list is a comparison with the installed bytes and a copy into the zone (the poller
+/// decoded, summarised and encoded the list).
 ///
 /// # Safety
 /// Main thread; `w.main` of the running cycle.
-unsafe fn apply_updates(w: &mut Worker) {
+unsafe fn apply_reports(w: &mut Worker, reports: Vec<Report>) {
     // SAFETY: contract.
     let main = unsafe { &mut *w.main };
     let Some(l) = w.leader.as_mut() else { return };
     let pid = std::process::id() as i64;
-    // SAFETY: main thread, header of the running cycle.
-    if unsafe { shm::leader_pid(main) } != pid {
-        // Lost the lease (we were stuck); the next tick stops the poller.
-        return;
-    }
     let pool = shm::pool_of(main);
-    for u in l.poller.mailbox().take() {
-        let id = match &u {
-            Update::Servers { id, .. } | Update::Synced { id, .. } | Update::Error { id, .. } | Update::Restarted { id, .. } => *id,
+    for r in reports {
+        let id = match &r {
+            Report::Log { level, line } => {
+                log::write_line(*level, line);
+                continue;
+            }
+            Report::Servers { id, .. } | Report::Synced { id, .. } | Report::Error { id, .. } | Report::Restarted { id, .. } => *id,
         };
+        // SAFETY: main thread, header of the running cycle.
+        if unsafe { shm::leader_pid(main) } != pid {
+            // Lost the lease (we were stuck); the next tick stops the poller.
+            continue;
+        }
         let (Some(&srv), Some(state)) = (main.upstreams.get(id), l.slots.get_mut(id)) else { continue };
         // SAFETY: srv is a synced upstream conf of this cycle.
         let srv = unsafe { &mut *srv };
@@ -450,8 +600,8 @@ unsafe fn apply_updates(w: &mut Worker) {
         let now = unix_ms();
         let meta = &mut state.meta;
         meta.leader_pid = pid;
-        match u {
-            Update::Servers { servers, encoded, summary, index, .. } if *state.servers != servers => {
+        match r {
+            Report::Servers { seq, count, encoded, summary, index, .. } if state.encoded != encoded => {
                 let mut next = meta.clone();
                 next.origin = Origin::Consul;
                 next.consul_index = index;
@@ -460,42 +610,44 @@ unsafe fn apply_updates(w: &mut Worker) {
                 next.last_error = None;
                 next.watch = WatchHealth::Healthy;
                 // SAFETY: main thread; zone pointers of this cycle.
-                match unsafe { shm::install(pool, slot.as_ptr(), &encoded, &next) } {
+                let installed = match unsafe { shm::install(pool, slot.as_ptr(), &encoded, &next) } {
                     Ok(()) => {
-                        tracing::info!("upstream \"{name}\": {} server(s) from Consul at index {index} ({summary})", servers.len());
+                        tracing::info!("upstream \"{name}\": {count} server(s) from Consul at index {index} ({summary})");
                         *meta = next;
-                        state.servers = Arc::new(servers);
-                        request_dump(l.poller.mailbox(), srv, &name, &state.servers);
+                        state.encoded = encoded;
                         // SAFETY: main thread.
                         unsafe { peers::sync(srv) };
+                        true
                     }
                     Err(e) => {
-                        tracing::error!("upstream \"{name}\": {e} (Consul index {index}, {} servers)", servers.len());
+                        tracing::error!("upstream \"{name}\": {e} (Consul index {index}, {count} servers)");
                         meta.last_error = Some(e);
                         meta.error_ms = now;
                         meta.consul_index = index;
                         meta.watch = WatchHealth::Healthy;
                         // SAFETY: main thread; zone pointers of this cycle.
                         unsafe { shm::write_meta(pool, slot.as_ptr(), meta) };
+                        false
                     }
-                }
+                };
+                link::frame(&Command::Ack { id, seq, dump: installed }, &mut l.outbox);
             }
-            Update::Servers { index, .. } | Update::Synced { index, .. } => {
+            Report::Servers { seq, index, .. } => {
                 // An answer equal to the list installed (also after a failed install was
                 // followed by the previous list again). A list from the dump file or the
                 // config that Consul confirms is now Consul's, and the dump file says so.
-                if meta.origin != Origin::Consul {
-                    meta.origin = Origin::Consul;
-                    request_dump(l.poller.mailbox(), srv, &name, &state.servers);
-                }
-                meta.consul_index = index;
-                meta.synced_ms = now;
-                meta.last_error = None;
-                meta.watch = WatchHealth::Healthy;
+                let dump = meta.origin != Origin::Consul;
+                confirm(meta, index, now);
+                // SAFETY: main thread; zone pointers of this cycle.
+                unsafe { shm::write_meta(pool, slot.as_ptr(), meta) };
+                link::frame(&Command::Ack { id, seq, dump }, &mut l.outbox);
+            }
+            Report::Synced { index, .. } => {
+                confirm(meta, index, now);
                 // SAFETY: main thread; zone pointers of this cycle.
                 unsafe { shm::write_meta(pool, slot.as_ptr(), meta) };
             }
-            Update::Error { message, index, watch_ok, .. } => {
+            Report::Error { message, index, watch_ok, .. } => {
                 meta.last_error = Some(message);
                 meta.error_ms = now;
                 meta.watch = if watch_ok { WatchHealth::Healthy } else { WatchHealth::Failing };
@@ -505,7 +657,7 @@ unsafe fn apply_updates(w: &mut Worker) {
                 // SAFETY: main thread; zone pointers of this cycle.
                 unsafe { shm::write_meta(pool, slot.as_ptr(), meta) };
             }
-            Update::Restarted { message, .. } => {
+            Report::Restarted { message, .. } => {
                 meta.last_error = Some(message);
                 meta.error_ms = now;
                 meta.watch = WatchHealth::Failing;
@@ -513,13 +665,16 @@ unsafe fn apply_updates(w: &mut Worker) {
                 // SAFETY: main thread; zone pointers of this cycle.
                 unsafe { shm::write_meta(pool, slot.as_ptr(), meta) };
             }
+            Report::Log { .. } => {}
         }
     }
 }
 
-/// Asks the poller thread to write the upstream's dump file (when it has one) with `servers`.
-fn request_dump(mailbox: &Mailbox, srv: &SrvConf, name: &str, servers: &Arc<Vec<Server>>) {
-    if let Some(path) = &srv.sync.dump_path {
-        mailbox.request_dump(DumpRequest { upstream: name.to_string(), path: path.clone(), servers: servers.clone() });
-    }
+/// Consul answered with the list served, at `index`.
+fn confirm(meta: &mut SlotMeta, index: u64, now: u64) {
+    meta.origin = Origin::Consul;
+    meta.consul_index = index;
+    meta.synced_ms = now;
+    meta.last_error = None;
+    meta.watch = WatchHealth::Healthy;
 }
