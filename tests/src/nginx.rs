@@ -305,6 +305,12 @@ impl Nginx {
             .collect()
     }
 
+    /// Every process of this nginx: the master, its workers and the module's poller processes
+    /// (e.g. to count nginx's connections to Consul, which the pollers hold).
+    pub fn process_pids(&self) -> Vec<u32> {
+        crate::proc::tree_of(self.master_pid())
+    }
+
     /// Workers not shutting down.
     pub fn active_worker_pids(&self) -> Vec<u32> {
         children_of(self.master_pid())

@@ -136,6 +136,19 @@ pub fn children_of(pid: u32) -> Vec<u32> {
     std::fs::read_to_string(path).unwrap_or_default().split_whitespace().filter_map(|s| s.parse().ok()).collect()
 }
 
+/// `pid` and all its descendants (children, their children...), from /proc: e.g. an nginx
+/// master, its workers and the module's poller processes the leader workers forked.
+pub fn tree_of(pid: u32) -> Vec<u32> {
+    let mut all = vec![pid];
+    let mut i = 0;
+    while i < all.len() {
+        let kids = children_of(all[i]);
+        all.extend(kids);
+        i += 1;
+    }
+    all
+}
+
 /// The command line of a process, or "" if it is gone.
 pub fn cmdline(pid: u32) -> String {
     std::fs::read(format!("/proc/{pid}/cmdline"))

@@ -143,9 +143,9 @@ fn a_three_member_cluster_loses_the_member_in_use() {
         wait_servers(&nginx, name, &[&a.host_port()]);
     }
     // Both watches are on the first member listed.
-    let pids: Vec<u32> = std::iter::once(nginx.master_pid()).chain(nginx.worker_pids()).collect();
-    wait_until("nginx's watches on member0", Duration::from_secs(20), || connections_to(&pids, members[0].client_port) >= 2);
-    assert_eq!(connections_to(&pids, members[1].client_port) + connections_to(&pids, members[2].client_port), 0);
+    let pids = || nginx.process_pids();
+    wait_until("nginx's watches on member0", Duration::from_secs(20), || connections_to(&pids(), members[0].client_port) >= 2);
+    assert_eq!(connections_to(&pids(), members[1].client_port) + connections_to(&pids(), members[2].client_port), 0);
 
     members[0].kill();
     // The writes below wait for the two others to elect a leader if member0 was it.
@@ -159,7 +159,7 @@ fn a_three_member_cluster_loses_the_member_in_use() {
     }
     // The watches moved to another member and stay there.
     wait_until("nginx's watches on the other members", Duration::from_secs(20), || {
-        connections_to(&pids, members[1].client_port) + connections_to(&pids, members[2].client_port) >= 2
+        connections_to(&pids(), members[1].client_port) + connections_to(&pids(), members[2].client_port) >= 2
     });
     for (name, api) in [("app2", Api::V2), ("app3", Api::V3)] {
         api.put(&members[2], name, &a.host_port(), "");

@@ -119,15 +119,12 @@ impl Drop for Watcher {
 }
 
 fn nginx_pids(dir: &std::path::Path) -> impl Fn() -> Vec<u32> + Send + 'static {
-    // The processes of the nginx this test started: its master's children (read from /proc).
+    // The processes of the nginx this test started: its master and every descendant (workers
+    // and the leader's poller process, which holds the Consul connections), read from /proc.
     let pid_file = dir.join("nginx.pid");
     move || {
         let Some(master) = std::fs::read_to_string(&pid_file).ok().and_then(|s| s.trim().parse::<u32>().ok()) else { return Vec::new() };
-        let mut pids = vec![master];
-        if let Ok(children) = std::fs::read_to_string(format!("/proc/{master}/task/{master}/children")) {
-            pids.extend(children.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
-        }
-        pids
+        upsync_tests::proc::tree_of(master)
     }
 }
 

@@ -58,11 +58,10 @@ fn tcp_add_remove_down_weight_reach_new_connections_and_established_ones_stay() 
     // No reload, and one Consul connection (one watched upstream) for the 4 workers.
     assert_eq!(nginx.master_pid(), master, "the master changed");
     assert_eq!(nginx.worker_pids(), workers, "workers were replaced: something reloaded nginx");
-    let pids: Vec<u32> = std::iter::once(master).chain(workers).collect();
-    wait_until("one Consul connection", Duration::from_secs(10), || connections_to(&pids, consul.ports.http) == 1);
+    wait_until("one Consul connection", Duration::from_secs(10), || connections_to(&nginx.process_pids(), consul.ports.http) == 1);
     for _ in 0..5 {
         std::thread::sleep(Duration::from_millis(100));
-        assert_eq!(connections_to(&pids, consul.ports.http), 1, "more than one Consul connection for one watched upstream");
+        assert_eq!(connections_to(&nginx.process_pids(), consul.ports.http), 1, "more than one Consul connection for one watched upstream");
     }
     let log = nginx.error_log();
     assert!(!log.contains("[alert]") && !log.contains("[crit]"), "{log}");

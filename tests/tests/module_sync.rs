@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use upsync_tests::backend::Backend;
 use upsync_tests::consul::Consul;
-use upsync_tests::net::http_get;
+use upsync_tests::net::{connections_to, http_get};
 use upsync_tests::nginx::{Nginx, NginxConf};
 use upsync_tests::upsync::{all_ok, delete_server, hits, http_block, put_server, show_json, shown_server, wait_server_field, wait_servers};
 use upsync_tests::{wait_until, TestDir};
@@ -57,13 +57,6 @@ fn add_remove_reweight_down_and_backup_reach_traffic_without_reload() {
     assert!(!nginx.error_log().contains("[alert]") && !nginx.error_log().contains("[crit]"), "{}", nginx.error_log());
 }
 
-/// Connections from nginx's processes to 127.0.0.1:port, from `ss`.
-fn connections_to(port: u16, pids: &[u32]) -> usize {
-    let out =
-        std::process::Command::new("ss").args(["-tnpH", "state", "established", "dport", &format!("= :{port}")]).output().expect("ss");
-    String::from_utf8_lossy(&out.stdout).lines().filter(|l| pids.iter().any(|p| l.contains(&format!("pid={p},")))).count()
-}
-
 #[test]
 fn four_workers_one_version_one_consul_connection_per_upstream() {
     let dir = TestDir::new("sync_workers");
@@ -96,12 +89,11 @@ fn four_workers_one_version_one_consul_connection_per_upstream() {
         assert_eq!(seen.into_iter().collect::<Vec<_>>(), vec![version], "workers disagree on the list version");
         assert!(pids.len() > 1, "the check needs answers from several workers, got {pids:?}");
     }
-    let pids: Vec<u32> = std::iter::once(nginx.master_pid()).chain(nginx.worker_pids()).collect();
-    wait_until("two Consul connections", Duration::from_secs(10), || connections_to(consul.ports.http, &pids) == 2);
+    wait_until("two Consul connections", Duration::from_secs(10), || connections_to(&nginx.process_pids(), consul.ports.http) == 2);
     // And it stays at one per upstream (no per-worker polling, no leaks) over a while.
     for _ in 0..10 {
         std::thread::sleep(Duration::from_millis(100));
-        assert_eq!(connections_to(consul.ports.http, &pids), 2);
+        assert_eq!(connections_to(&nginx.process_pids(), consul.ports.http), 2);
     }
 }
 

@@ -28,6 +28,9 @@ use crate::poller::{self, Mailbox, WatchSpec};
 const TICK_MS: ngx_msec_t = 200;
 /// After the poller process ended unexpectedly, the pause before the next one starts.
 const RESTART_AFTER_MS: u64 = 1000;
+/// A poller that ends before sending anything, this many times in a row, is run as a thread of
+/// the worker from then on (see `Worker::thread_poller`).
+const QUICK_EXITS_MAX: u32 = 2;
 
 struct Worker {
     main: *mut MainConf,
@@ -39,6 +42,12 @@ struct Worker {
     leader: Option<Leadership>,
     /// When the last poller process ended unexpectedly (ngx_current_msec), for the restart pause.
     lost_at: Option<u64>,
+    /// Pollers in a row that ended before sending anything.
+    quick_exits: u32,
+    /// Run the poller as a thread of this worker instead of a process: the fallback when forked
+    /// pollers keep ending at once (the link protocol is the same; the worker then pays glibc's
+    /// multi-threaded path, ~1% per request).
+    thread_poller: bool,
 }
 
 /// What the leader knows of one upstream's slot (index = position in MainConf::upstreams).
@@ -50,7 +59,7 @@ struct LeaderSlot {
 
 /// What the leader runs.
 struct Leadership {
-    /// The poller process (a child of this worker).
+    /// The poller process (a child of this worker); 0 for a poller thread.
     pid: libc::pid_t,
     /// Our end of the socket to the poller, registered in nginx's event loop.
     link: *mut ngx_connection_t,
@@ -62,6 +71,8 @@ struct Leadership {
     outbox: Vec<u8>,
     /// The poller's socket closed or broke: the next tick starts a new poller.
     lost: bool,
+    /// The poller sent something (a report or a log line).
+    heard: bool,
     slots: Vec<LeaderSlot>,
 }
 
@@ -124,7 +135,10 @@ unsafe fn start_worker(cycle: *mut ngx_cycle_t) {
     // A cancelable timer never keeps a shutting-down worker alive.
     tick.set_cancelable(1);
     let tick_ptr: *mut ngx_event_t = &mut *tick;
-    WORKER.with(|w| *w.borrow_mut() = Some(Worker { main, _tick: tick, _dummy: dummy, leader: None, lost_at: None }));
+    WORKER.with(|w| {
+        *w.borrow_mut() =
+            Some(Worker { main, _tick: tick, _dummy: dummy, leader: None, lost_at: None, quick_exits: 0, thread_poller: false })
+    });
     // First tick right away: a new worker takes a vacant lease (e.g. after a reload) at once.
     // SAFETY: the event lives in the Worker until exit_process; main thread.
     unsafe { nginx_sys::ngx_add_timer(tick_ptr, 1) };
@@ -211,8 +225,18 @@ unsafe fn tick(w: &mut Worker) {
         Decision::Renew => {
             if w.leader.as_ref().is_some_and(|l| l.lost) {
                 // SAFETY: main thread.
+                let quick = w.leader.as_ref().is_some_and(|l| !l.heard);
+                // SAFETY: main thread.
                 unsafe { stop_leading(w, false) };
                 w.lost_at = Some(now);
+                w.quick_exits = if quick { w.quick_exits + 1 } else { 0 };
+                if w.quick_exits >= QUICK_EXITS_MAX && !w.thread_poller {
+                    w.thread_poller = true;
+                    tracing::error!(
+                        "{} Consul poller processes in a row ended before sending anything; this worker runs the poller as a thread from now on (each request then costs ~1% more: glibc's multi-threaded path)",
+                        w.quick_exits
+                    );
+                }
             }
             let pausing = w.lost_at.is_some_and(|at| now.saturating_sub(at) < RESTART_AFTER_MS);
             if w.leader.is_none() && !pausing {
@@ -287,12 +311,23 @@ unsafe fn start_leading(w: &mut Worker) {
         }
     };
     let connections = main.consul_connections.unwrap_or(crate::plan::DEFAULT_CONNECTIONS);
-    // SAFETY: main thread of a worker; `theirs` is a fresh socket handed to the child.
-    let pid = match unsafe { fork_poller(theirs, specs, connections) } {
-        Ok(pid) => pid,
-        Err(e) => {
-            tracing::error!("cannot start the Consul poller process (fork: {e}); retrying on the next tick");
-            return;
+    let pid = if w.thread_poller {
+        let run = move || poller::run_process(specs, connections, Mailbox::new(), theirs, Vec::new);
+        match spawn_without_signals(Box::new(run), "upsync-poller") {
+            Ok(_) => 0,
+            Err(e) => {
+                tracing::error!("cannot start the Consul poller thread: {e}; retrying on the next tick");
+                return;
+            }
+        }
+    } else {
+        // SAFETY: main thread of a worker; `theirs` is a fresh socket handed to the child.
+        match unsafe { fork_poller(theirs, specs, connections) } {
+            Ok(pid) => pid,
+            Err(e) => {
+                tracing::error!("cannot start the Consul poller process (fork: {e}); retrying on the next tick");
+                return;
+            }
         }
     };
     // SAFETY: main thread; registers ours's fd (ownership passes to nginx) with the event loop.
@@ -303,9 +338,21 @@ unsafe fn start_leading(w: &mut Worker) {
         );
         return;
     };
-    tracing::info!("worker {} holds the Consul watches of {} upstream(s) (poller process {pid})", std::process::id(), main.upstreams.len());
+    let l =
+        Leadership { pid, link, inbox: Inbox::default(), buf: vec![0; 64 * 1024], outbox: Vec::new(), lost: false, heard: false, slots };
+    tracing::info!("worker {} holds the Consul watches of {} upstream(s) ({})", std::process::id(), main.upstreams.len(), l.name());
     w.lost_at = None;
-    w.leader = Some(Leadership { pid, link, inbox: Inbox::default(), buf: vec![0; 64 * 1024], outbox: Vec::new(), lost: false, slots });
+    w.leader = Some(l);
+}
+
+impl Leadership {
+    fn name(&self) -> String {
+        if self.pid == 0 {
+            "poller thread".into()
+        } else {
+            format!("poller process {}", self.pid)
+        }
+    }
 }
 
 /// Forks the poller process, which runs [`poller::run_process`] on `link` and never returns
@@ -336,6 +383,13 @@ fn poller_main(link: UnixStream, worker: libc::pid_t, specs: Vec<WatchSpec>, con
         let mailbox = Mailbox::new();
         log::forward_all(mailbox.clone());
         poller::run_process(specs, connections, mailbox, link, log::take_queued);
+        // What could not reach the worker (the socket broke): its warnings and errors go to
+        // stderr, which nginx points at its error log.
+        for (level, line) in log::take_queued() {
+            if level <= NGX_LOG_WARN as usize {
+                eprintln!("{line} (poller process {}, after its socket to worker {worker} closed)", std::process::id());
+            }
+        }
     });
     let code = if std::panic::catch_unwind(run).is_ok() { 0 } else { 1 };
     // SAFETY: ends the child without running anything of the worker's (atexit, destructors).
@@ -355,7 +409,7 @@ unsafe fn become_poller(fd: RawFd, worker: libc::pid_t) -> RawFd {
     unsafe {
         libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
         if libc::getppid() != worker {
-            // The worker is already gone.
+            eprintln!("upsync: poller process {}: its worker {worker} is already gone; exiting", libc::getpid());
             libc::_exit(0);
         }
         libc::setsid();
@@ -491,6 +545,8 @@ unsafe extern "C" fn on_wake(ev: *mut ngx_event_t) {
                 unsafe { receive(w, c) };
             }
         });
+        // A poller thread's lines (the fallback) wait in the queue.
+        log::drain();
     })
 }
 
@@ -506,6 +562,7 @@ unsafe fn receive(w: &mut Worker, c: *mut ngx_connection_t) {
         // buffer is initialised and `len` long.
         let n = unsafe { libc::read((*c).fd, l.buf.as_mut_ptr() as *mut c_void, l.buf.len()) };
         if n > 0 {
+            l.heard = true;
             l.inbox.extend(&l.buf[..n as usize]);
             continue;
         }
@@ -524,7 +581,7 @@ unsafe fn receive(w: &mut Worker, c: *mut ngx_connection_t) {
             Ok(Some(r)) => reports.push(r),
             Ok(None) => break,
             Err(e) => {
-                tracing::error!("the socket from the Consul poller process {} is unreadable ({e}); starting a new poller", l.pid);
+                tracing::error!("the socket from the Consul {} is unreadable ({e}); starting a new poller", l.name());
                 l.lost = true;
                 break;
             }
@@ -532,8 +589,8 @@ unsafe fn receive(w: &mut Worker, c: *mut ngx_connection_t) {
     }
     if closed && !l.lost {
         tracing::error!(
-            "the Consul poller process {} ended unexpectedly (its exit status is in nginx's notice log as \"unknown process\"); starting a new one",
-            l.pid
+            "the Consul {} ended unexpectedly (a process's exit status is in nginx's notice log as \"unknown process\"); starting a new one",
+            l.name()
         );
         l.lost = true;
     }
