@@ -273,6 +273,15 @@ fn strong_dependency_on_refuses_to_start_without_consul_and_starts_synced_with_i
     // Consul reachable: the first request already goes to the synced server, not the placeholder.
     let nginx = Nginx::start(dir.path(), NginxConf::new(&http_block("app", &consul.http_addr(), "strong_dependency=on", "")));
     assert_eq!(all_ok(&nginx.url("/"), 3).get("a"), Some(&3));
+    // The master read that list on a tokio runtime of its own, and tokio keeps process-wide
+    // files from it (its signal pipe). The leader's poller process keeps them open and syncs:
+    // when it closed every inherited file, its own runtime failed to start (EBADF).
+    let b = Backend::start("b");
+    put_server(&consul, "app", &b.host_port(), "");
+    wait_servers(&nginx, "app", &[&a.host_port(), &b.host_port()]);
+    assert_eq!(nginx.poller_pids().len(), 1, "no poller process: {}", nginx.error_log());
+    let log = nginx.error_log();
+    assert!(!log.contains("ended unexpectedly") && !log.contains("as a thread"), "{log}");
     drop(nginx);
 
     // Nobody listens on this port: nginx must refuse to start, saying why.

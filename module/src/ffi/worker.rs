@@ -378,7 +378,7 @@ fn poller_main(link: UnixStream, worker: libc::pid_t, specs: Vec<WatchSpec>, con
     let run = std::panic::AssertUnwindSafe(move || {
         // SAFETY: in the child right after the fork, with one thread.
         let fd = unsafe { become_poller(link.into_raw_fd(), worker) };
-        // SAFETY: become_poller left the socket alone at `fd`; nothing else owns it.
+        // SAFETY: become_poller left the socket open at `fd`; nothing else owns it.
         let link = unsafe { UnixStream::from_raw_fd(fd) };
         let mailbox = Mailbox::new();
         log::forward_all(mailbox.clone());
@@ -397,9 +397,15 @@ fn poller_main(link: UnixStream, worker: libc::pid_t, specs: Vec<WatchSpec>, con
 }
 
 /// Makes the fresh child a process of its own: it dies with its worker, leaves nginx's process
-/// group, has the default signal handling, no file of the worker's open (client connections,
-/// listening sockets, the epoll instance) but the socket, which it returns at fd 3, and names
-/// itself in `ps`.
+/// group, has the default signal handling, none of nginx's sockets open (client and upstream
+/// connections, listening sockets, the channel to the master: a client connection the child
+/// held would stay open after the worker closed it) but its own, and names itself in `ps`.
+///
+/// Only nginx's sockets are closed, not every inherited file: libraries keep files in statics
+/// across a fork, e.g. tokio's process-wide signal pipe, which the master creates when it reads
+/// a `strong_dependency=on` upstream's first list, and which the child's runtime reuses (closing
+/// every file made its runtime fail with EBADF). The files left (nginx's logs, its epoll
+/// instance) are never used by the child.
 ///
 /// # Safety
 /// In the child right after the fork, with one thread; `fd` is the child's end of the socket.
@@ -421,25 +427,55 @@ unsafe fn become_poller(fd: RawFd, worker: libc::pid_t) -> RawFd {
         }
         // A write to a closed socket is an error to handle, not a signal.
         libc::signal(libc::SIGPIPE, libc::SIG_IGN);
-        let at = if fd == 3 { 3 } else { libc::dup2(fd, 3) };
-        if at != 3 {
-            libc::_exit(1);
-        }
-        if libc::syscall(libc::SYS_close_range, 4u32, u32::MAX, 0u32) != 0 {
-            // Kernels before 5.9: close what /proc lists.
-            let open: Vec<RawFd> = std::fs::read_dir("/proc/self/fd")
-                .map(|d| d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect())
-                .unwrap_or_default();
-            for f in open.into_iter().filter(|&f| f > 3) {
-                libc::close(f);
-            }
-        }
+        close_nginx_sockets(fd);
         libc::prctl(libc::PR_SET_NAME, c"upsync-poller".as_ptr());
         let what = if cfg!(upsync_stream) { "upsync stream poller" } else { "upsync poller" };
         let title = format!("{what} of worker {worker}\0");
         ngx_setproctitle(title.as_ptr() as *mut core::ffi::c_char);
     }
-    3
+    fd
+}
+
+/// Closes, in the poller child, every socket of the running cycle's connections (nginx sets a
+/// connection's fd to -1 when it closes it) and of its listening sockets (with `reuseport`, the
+/// other workers' too), except `keep`. A number that is not a socket any more is left alone.
+///
+/// # Safety
+/// In the child right after the fork, with one thread.
+unsafe fn close_nginx_sockets(keep: RawFd) {
+    let close_socket = |fd: RawFd| {
+        if fd < 0 || fd == keep {
+            return;
+        }
+        // SAFETY: fstat into a local struct; close of a descriptor this process owns (the
+        // child's copy of nginx's).
+        unsafe {
+            let mut st: libc::stat = core::mem::zeroed();
+            if libc::fstat(fd, &mut st) == 0 && st.st_mode & libc::S_IFMT == libc::S_IFSOCK {
+                libc::close(fd);
+            }
+        }
+    };
+    // SAFETY: the cycle the worker ran when it forked, copied into this process with its
+    // connections array (connection_n entries) and its listening array.
+    unsafe {
+        let cycle = ngx_cycle;
+        if cycle.is_null() {
+            return;
+        }
+        let (conns, n) = ((*cycle).connections, (*cycle).connection_n);
+        if !conns.is_null() {
+            for i in 0..n {
+                close_socket((*conns.add(i)).fd);
+            }
+        }
+        let ls = &(*cycle).listening;
+        if !ls.elts.is_null() {
+            for i in 0..ls.nelts {
+                close_socket((*(ls.elts as *const ngx_listening_t).add(i)).fd);
+            }
+        }
+    }
 }
 
 /// Stops the poller by closing its socket (it sees the close and exits; it also dies with this
