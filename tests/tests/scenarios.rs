@@ -228,6 +228,12 @@ impl Site {
         })
     }
 
+    /// The Consul poller process of the leader worker `leader` (it holds the module's Consul
+    /// connections).
+    fn poller_of(&self, leader: u32) -> u32 {
+        wait_for("the leader's poller process", LONG, || self.nginx.poller_pids().into_iter().find(|&(w, _)| w == leader).map(|(_, p)| p))
+    }
+
     /// Indexes of the Consul servers `pid` holds connections to (their HTTP API).
     fn servers_used_by(&self, pid: u32) -> Vec<usize> {
         let peers = tcp_peers(pid);
@@ -455,8 +461,8 @@ fn an_application_host_cut_off_leaves_nginx_and_dns_and_comes_back_when_healed()
 fn the_consul_server_in_use_cut_off_fails_over_and_changes_keep_arriving() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let site = Site::start("scenario_cut_consul_server");
-    let leader = site.leader_worker();
-    let used = wait_for("the module's connection to a Consul server", LONG, || site.servers_used_by(leader).first().copied());
+    let poller = site.poller_of(site.leader_worker());
+    let used = wait_for("the module's connection to a Consul server", LONG, || site.servers_used_by(poller).first().copied());
     let dns_used = site.servers_used_by(site.dns.pid()).first().copied();
     let raft_leader =
         site.server_hosts[used].run(|| site.servers[used].api("GET", "/v1/status/leader", None)).map(|(_, b)| b).unwrap_or_default();
@@ -472,7 +478,7 @@ fn the_consul_server_in_use_cut_off_fails_over_and_changes_keep_arriving() {
     let (added_nginx, added_dns) = site.wait_lists("a change made after the cut", &want, t_cut);
     let now_used = wait_for("the module's connection to another server", LONG, || {
         // (A connection to the cut server may linger until the module closes it.)
-        site.servers_used_by(leader).into_iter().find(|&i| i != used)
+        site.servers_used_by(poller).into_iter().find(|&i| i != used)
     });
     // And one more, with the module settled on its new server.
     let t_change = Instant::now();

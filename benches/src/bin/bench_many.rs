@@ -254,11 +254,9 @@ fn wait_synced(front: &Nginx, data: &Data, ports: &[u16], timeout: Duration) -> 
     }
 }
 
-/// The processes of an nginx: master and workers.
+/// The processes of an nginx: master, workers and the module's poller process.
 fn nginx_pids(front: &Nginx) -> Vec<u32> {
-    let mut p = vec![front.master_pid()];
-    p.extend(front.worker_pids());
-    p
+    front.process_pids()
 }
 
 /// Samples, until finished, the connections `pids()` hold to `port` (the highest count seen).
@@ -597,11 +595,9 @@ fn main() -> anyhow::Result<()> {
     let front = Nginx::start(&dir.subdir("front"), NginxConf::new(&http_conf(&consul, &data, shm_mb, connections, true)).workers(workers));
     let master = front.master_pid();
     let conns = ConnWatch::start(
-        move || {
-            let mut p = vec![master];
-            p.extend(upsync_tests::proc::children_of(master));
-            p
-        },
+        // The master and every descendant: workers and the poller process, which holds the
+        // module's Consul connections.
+        move || upsync_tests::proc::tree_of(master),
         consul.ports.http,
     );
     report.listening_s = t_start.elapsed().as_secs_f64();

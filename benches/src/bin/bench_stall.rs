@@ -109,8 +109,8 @@ struct Run {
     loadavg: String,
 }
 
-/// On-CPU time of each worker's main thread (its event loop; the leader's Consul thread is
-/// another task), in ns, from the scheduler's accounting (`/proc/PID/task/PID/schedstat`).
+/// On-CPU time of each worker's main thread (its event loop; the Consul poller is a process of
+/// its own, a builder thread another task), in ns, from the scheduler's accounting (`/proc/PID/task/PID/schedstat`).
 fn event_loop_cpu_ns(pids: &[u32]) -> Vec<u64> {
     pids.iter()
         .map(|p| {
