@@ -209,7 +209,8 @@ fn runtime() -> Option<tokio::runtime::Runtime> {
 
 /// The watches alone, with `task` for each unit, until the mailbox says stop (tests drive the
 /// supervisor through this; the module runs [`run_process`]).
-pub fn run(groups: Vec<Group>, connections: usize, mailbox: Arc<Mailbox>, task: TaskFn) {
+#[cfg(test)]
+fn run(groups: Vec<Group>, connections: usize, mailbox: Arc<Mailbox>, task: TaskFn) {
     let Some(rt) = runtime() else { return };
     rt.block_on(supervise(units_of(groups, connections), mailbox, task));
     // Do not wait for blocking work still running (a hostname lookup that never returns).
@@ -297,11 +298,6 @@ impl DumpBook {
         let (_, servers) = e.sent.pop_front().filter(|(s, _)| *s == seq)?;
         let path = e.path.clone()?;
         dump.then(|| DumpRequest { upstream: e.upstream.clone(), path, servers })
-    }
-
-    /// Lists waiting for an answer (all upstreams).
-    pub fn waiting(&self) -> usize {
-        self.entries.values().map(|e| e.sent.len()).sum()
     }
 }
 

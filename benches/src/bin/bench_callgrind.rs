@@ -229,13 +229,7 @@ http {{
         loop {
             let mut ir = Ir::default();
             let mut main_seen = false;
-            for entry in std::fs::read_dir(&self.dir)? {
-                let name = entry?.file_name().to_string_lossy().into_owned();
-                let Some(thread) = name.strip_prefix(&prefix) else { continue };
-                let text = std::fs::read_to_string(self.dir.join(&name)).unwrap_or_default();
-                let total = text.lines().find_map(|l| l.strip_prefix("summary:").or_else(|| l.strip_prefix("totals:")));
-                let Some(total) = total else { continue };
-                let n: u64 = total.split_whitespace().next().unwrap_or("0").parse()?;
+            for (thread, text, n) in dump_files(&self.dir, &prefix)? {
                 if thread == "01" {
                     ir.event_loop += n;
                     (ir.module_own, ir.module_calls) = object_cost(&text, MODULE_OBJECT);
@@ -304,18 +298,8 @@ fn dumped(dir: &Path, prefix: &str) -> anyhow::Result<u64> {
     let start = Instant::now();
     let mut seen = false;
     loop {
-        let mut total = None;
-        for entry in std::fs::read_dir(dir)? {
-            let name = entry?.file_name().to_string_lossy().into_owned();
-            if !name.starts_with(prefix) {
-                continue;
-            }
-            let text = std::fs::read_to_string(dir.join(&name)).unwrap_or_default();
-            let line = text.lines().find_map(|l| l.strip_prefix("summary:").or_else(|| l.strip_prefix("totals:")));
-            if let Some(line) = line {
-                *total.get_or_insert(0) += line.split_whitespace().next().unwrap_or("0").parse::<u64>()?;
-            }
-        }
+        let files = dump_files(dir, prefix)?;
+        let total = (!files.is_empty()).then(|| files.iter().map(|f| f.2).sum::<u64>());
         // Once the first thread's file is there, read again a moment later: callgrind writes
         // one file per thread, one after the other.
         match total {
@@ -326,6 +310,22 @@ fn dumped(dir: &Path, prefix: &str) -> anyhow::Result<u64> {
         anyhow::ensure!(start.elapsed() < Duration::from_secs(30), "no callgrind dump {}/{prefix}*", dir.display());
         std::thread::sleep(Duration::from_millis(if seen { 300 } else { 50 }));
     }
+}
+
+/// The callgrind dump files in `dir` named `prefix` + thread that are complete (they have their
+/// `summary:`/`totals:` line): (thread, text, instructions).
+fn dump_files(dir: &Path, prefix: &str) -> anyhow::Result<Vec<(String, String, u64)>> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        let Some(thread) = name.strip_prefix(prefix) else { continue };
+        let text = std::fs::read_to_string(dir.join(&name)).unwrap_or_default();
+        let total = text.lines().find_map(|l| l.strip_prefix("summary:").or_else(|| l.strip_prefix("totals:")));
+        let Some(total) = total else { continue };
+        let n: u64 = total.split_whitespace().next().unwrap_or("0").parse()?;
+        files.push((thread.to_string(), text, n));
+    }
+    Ok(files)
 }
 
 /// The module's shared object, as callgrind names it.

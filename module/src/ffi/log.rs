@@ -7,7 +7,7 @@
 //! worker, and the worker writes them ([`write_line`]).
 use std::collections::VecDeque;
 use std::fmt::Write;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::ThreadId;
 
@@ -28,11 +28,15 @@ static QUEUE: Mutex<VecDeque<(usize, String)>> = Mutex::new(VecDeque::new());
 /// Lines from other threads beyond this many are dropped (with a count) until the main thread catches up.
 const QUEUE_MAX: usize = 1000;
 static DROPPED: AtomicUsize = AtomicUsize::new(0);
-/// Set in the poller process: every event goes to [`FORWARD_QUEUE`]. A queue the worker never
-/// touched, so no lock held by another thread of the worker at the fork can be inherited.
-static FORWARD: AtomicBool = AtomicBool::new(false);
-static FORWARD_QUEUE: Mutex<VecDeque<(usize, String)>> = Mutex::new(VecDeque::new());
+/// Set in the poller process (and only there): every event goes to [`FORWARD_QUEUE`], a queue
+/// the worker never touched, so no lock held by another thread of the worker at the fork can be
+/// inherited, and wakes this mailbox.
 static FORWARD_WAKER: OnceLock<Arc<Mailbox>> = OnceLock::new();
+static FORWARD_QUEUE: Mutex<VecDeque<(usize, String)>> = Mutex::new(VecDeque::new());
+
+fn forwarding() -> bool {
+    FORWARD_WAKER.get().is_some()
+}
 
 /// Installs the subscriber (once per process; workers inherit it through fork).
 pub fn init() {
@@ -62,11 +66,11 @@ fn ngx_level(level: &Level) -> usize {
 }
 
 fn on_main_thread() -> bool {
-    !FORWARD.load(Ordering::Relaxed) && MAIN_THREAD.get() == Some(&std::thread::current().id())
+    !forwarding() && MAIN_THREAD.get() == Some(&std::thread::current().id())
 }
 
 fn queue() -> &'static Mutex<VecDeque<(usize, String)>> {
-    if FORWARD.load(Ordering::Relaxed) {
+    if forwarding() {
         &FORWARD_QUEUE
     } else {
         &QUEUE
@@ -76,7 +80,6 @@ fn queue() -> &'static Mutex<VecDeque<(usize, String)>> {
 /// In the poller process, right after the fork: from now on no event calls nginx; they queue
 /// for [`take_queued`] and wake `mailbox`.
 pub fn forward_all(mailbox: Arc<Mailbox>) {
-    FORWARD.store(true, Ordering::Relaxed);
     DROPPED.store(0, Ordering::Relaxed);
     let _ = FORWARD_WAKER.set(mailbox);
 }
@@ -172,7 +175,7 @@ impl<S: Subscriber> Layer<S> for NginxLayer {
             }
             q.push_back((level, line.0));
         }
-        if let Some(m) = FORWARD_WAKER.get().filter(|_| FORWARD.load(Ordering::Relaxed)) {
+        if let Some(m) = FORWARD_WAKER.get() {
             m.wake();
         }
     }

@@ -13,7 +13,7 @@
 use core::ffi::c_void;
 use core::ptr;
 use std::cell::RefCell;
-use std::os::fd::{FromRawFd, IntoRawFd, RawFd};
+use std::os::fd::{AsRawFd, IntoRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 
 use ngx::ffi::*;
@@ -224,7 +224,6 @@ unsafe fn tick(w: &mut Worker) {
     match decision {
         Decision::Renew => {
             if w.leader.as_ref().is_some_and(|l| l.lost) {
-                // SAFETY: main thread.
                 let quick = w.leader.as_ref().is_some_and(|l| !l.heard);
                 // SAFETY: main thread.
                 unsafe { stop_leading(w, false) };
@@ -376,10 +375,8 @@ unsafe fn fork_poller(link: UnixStream, specs: Vec<WatchSpec>, connections: usiz
 /// The poller process, from the fork to its exit.
 fn poller_main(link: UnixStream, worker: libc::pid_t, specs: Vec<WatchSpec>, connections: usize) -> ! {
     let run = std::panic::AssertUnwindSafe(move || {
-        // SAFETY: in the child right after the fork, with one thread.
-        let fd = unsafe { become_poller(link.into_raw_fd(), worker) };
-        // SAFETY: become_poller left the socket open at `fd`; nothing else owns it.
-        let link = unsafe { UnixStream::from_raw_fd(fd) };
+        // SAFETY: in the child right after the fork, with one thread; `link` is its socket.
+        unsafe { become_poller(link.as_raw_fd(), worker) };
         let mailbox = Mailbox::new();
         log::forward_all(mailbox.clone());
         poller::run_process(specs, connections, mailbox, link, log::take_queued);
@@ -408,8 +405,8 @@ fn poller_main(link: UnixStream, worker: libc::pid_t, specs: Vec<WatchSpec>, con
 /// instance) are never used by the child.
 ///
 /// # Safety
-/// In the child right after the fork, with one thread; `fd` is the child's end of the socket.
-unsafe fn become_poller(fd: RawFd, worker: libc::pid_t) -> RawFd {
+/// In the child right after the fork, with one thread; `keep` is the child's end of the socket.
+unsafe fn become_poller(keep: RawFd, worker: libc::pid_t) {
     // SAFETY: plain system calls on this process, with valid arguments; the title is a
     // NUL-terminated string nginx copies into its argv area (as for its own processes).
     unsafe {
@@ -427,13 +424,12 @@ unsafe fn become_poller(fd: RawFd, worker: libc::pid_t) -> RawFd {
         }
         // A write to a closed socket is an error to handle, not a signal.
         libc::signal(libc::SIGPIPE, libc::SIG_IGN);
-        close_nginx_sockets(fd);
+        close_nginx_sockets(keep);
         libc::prctl(libc::PR_SET_NAME, c"upsync-poller".as_ptr());
         let what = if cfg!(upsync_stream) { "upsync stream poller" } else { "upsync poller" };
         let title = format!("{what} of worker {worker}\0");
         ngx_setproctitle(title.as_ptr() as *mut core::ffi::c_char);
     }
-    fd
 }
 
 /// Closes, in the poller child, every socket of the running cycle's connections (nginx sets a
