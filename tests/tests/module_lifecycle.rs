@@ -1,6 +1,7 @@
 //! The nginx module across process events: reload, quit, a crashed leader worker, Consul
 //! stopping and restarting, start-up from the dump file, strong_dependency, memory over many
 //! changes.
+use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use upsync_tests::backend::Backend;
@@ -159,6 +160,36 @@ fn a_killed_poller_is_replaced_and_syncing_continues() {
     let log = nginx.error_log();
     assert!(log.contains(&format!("the Consul poller process {poller} ended unexpectedly")), "{log}");
     assert!(log.contains(&format!("(poller process {again})")), "{log}");
+}
+
+#[test]
+fn a_client_connection_open_when_the_poller_forks_is_closed_with_the_worker() {
+    let dir = TestDir::new("life_poller_sockets");
+    let consul = Consul::start(dir.path());
+    let a = Backend::start("a");
+    put_server(&consul, "app", &a.host_port(), "");
+    let http = format!("keepalive_timeout 5s;\n{}", http_block("app", &consul.http_addr(), "", ""));
+    let nginx = Nginx::start(dir.path(), NginxConf::new(&http).workers(1));
+    wait_servers(&nginx, "app", &[&a.host_port()]);
+    let (_, poller) = wait_for("the poller", Duration::from_secs(10), || nginx.poller_pids().first().copied());
+    // A keep-alive client connection of the only worker, open while it forks its next poller.
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", nginx.port())).unwrap();
+    c.write_all(b"GET /show?format=json HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut buf = [0u8; 65536];
+    assert!(c.read(&mut buf).unwrap() > 0, "no answer");
+    kill9(poller);
+    wait_for("a new poller", Duration::from_secs(10), || nginx.poller_pids().into_iter().find(|&(_, p)| p != poller));
+    // The worker closes the idle connection after keepalive_timeout: the client sees it close.
+    // A poller holding its copy of the socket would keep it open (no FIN) for as long as it runs.
+    c.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    loop {
+        match c.read(&mut buf) {
+            Ok(0) => break,
+            Ok(_) => continue,
+            Err(e) => panic!("the connection was not closed 15 s after the keepalive timeout of 5 s: {e}"),
+        }
+    }
 }
 
 #[test]
