@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use upsync_tests::backend::Backend;
 use upsync_tests::consul::Consul;
+use upsync_tests::faultproxy::{Fault, FaultProxy};
 use upsync_tests::nginx::{Nginx, NginxConf};
 use upsync_tests::proc::{alive, rss_kib, thread_count};
 use upsync_tests::upsync::{all_ok, delete_server, http_block, put_server, show_json, wait_servers};
@@ -160,6 +161,47 @@ fn a_killed_poller_is_replaced_and_syncing_continues() {
     let log = nginx.error_log();
     assert!(log.contains(&format!("the Consul poller process {poller} ended unexpectedly")), "{log}");
     assert!(log.contains(&format!("(poller process {again})")), "{log}");
+}
+
+#[test]
+fn pollers_that_end_before_any_result_from_consul_make_the_worker_run_the_poller_as_a_thread() {
+    // Consul behind a proxy that can stall its answers: a poller whose first answer stalls has
+    // sent no result (only its start's log line) when it is killed. Two such ends in a row switch
+    // the worker to a poller thread (the safety net for a poller process that cannot run), which
+    // keeps the lease and syncs.
+    let dir = TestDir::new("life_poller_fallback");
+    let consul = Consul::start(dir.path());
+    let proxy = FaultProxy::start(consul.ports.http);
+    let (a, b) = (Backend::start("a"), Backend::start("b"));
+    put_server(&consul, "app", &a.host_port(), "");
+    let nginx = Nginx::start(dir.path(), NginxConf::new(&http_block("app", &proxy.addr(), "", "")).workers(1));
+    wait_servers(&nginx, "app", &[&a.host_port()]);
+    let worker = nginx.worker_pids()[0];
+    let (_, mut poller) = wait_for("the poller", Duration::from_secs(10), || nginx.poller_pids().first().copied());
+    proxy.set(Fault::Stall);
+    for _ in 0..2 {
+        let asked = proxy.requests();
+        kill9(poller);
+        // The next poller, once its first request is stalled.
+        poller = wait_for("a new poller with a stalled request", Duration::from_secs(10), || {
+            let p = nginx.poller_pids().into_iter().find(|&(_, p)| p != poller)?.1;
+            (proxy.requests() > asked).then_some(p)
+        });
+    }
+    kill9(poller);
+    proxy.set(Fault::Pass);
+    wait_until("the worker to run the poller as a thread", Duration::from_secs(10), || {
+        thread_count(worker) == 2 && nginx.poller_pids().is_empty()
+    });
+    put_server(&consul, "app", &b.host_port(), "");
+    wait_servers(&nginx, "app", &[&a.host_port(), &b.host_port()]);
+    assert_eq!(leader_pid(&nginx), worker, "the worker keeps the lease");
+    assert!(nginx.poller_pids().is_empty(), "no poller process once the thread runs: {:?}", nginx.poller_pids());
+    let log = nginx.error_log();
+    assert!(
+        log.contains("2 Consul poller processes in a row ended before any result from Consul; this worker runs the poller as a thread"),
+        "{log}"
+    );
 }
 
 #[test]

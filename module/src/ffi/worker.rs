@@ -28,8 +28,8 @@ use crate::poller::{self, Mailbox, WatchSpec};
 const TICK_MS: ngx_msec_t = 200;
 /// After the poller process ended unexpectedly, the pause before the next one starts.
 const RESTART_AFTER_MS: u64 = 1000;
-/// A poller that ends before sending anything, this many times in a row, is run as a thread of
-/// the worker from then on (see `Worker::thread_poller`).
+/// A poller that ends before any watch result (a list, a sync or an error), this many times in
+/// a row, is run as a thread of the worker from then on (see `Worker::thread_poller`).
 const QUICK_EXITS_MAX: u32 = 2;
 
 struct Worker {
@@ -42,7 +42,7 @@ struct Worker {
     leader: Option<Leadership>,
     /// When the last poller process ended unexpectedly (ngx_current_msec), for the restart pause.
     lost_at: Option<u64>,
-    /// Pollers in a row that ended before sending anything.
+    /// Pollers in a row that ended before any watch result.
     quick_exits: u32,
     /// Run the poller as a thread of this worker instead of a process: the fallback when forked
     /// pollers keep ending at once (the link protocol is the same; the worker then pays glibc's
@@ -71,7 +71,8 @@ struct Leadership {
     outbox: Vec<u8>,
     /// The poller's socket closed or broke: the next tick starts a new poller.
     lost: bool,
-    /// The poller sent something (a report or a log line).
+    /// The poller reported on a watch (a list, a sync, an error): it runs. Its log lines do not
+    /// count: a poller that logs its start and dies before any watch result ends "quickly".
     heard: bool,
     slots: Vec<LeaderSlot>,
 }
@@ -232,7 +233,7 @@ unsafe fn tick(w: &mut Worker) {
                 if w.quick_exits >= QUICK_EXITS_MAX && !w.thread_poller {
                     w.thread_poller = true;
                     tracing::error!(
-                        "{} Consul poller processes in a row ended before sending anything; this worker runs the poller as a thread from now on (each request then costs ~1% more: glibc's multi-threaded path)",
+                        "{} Consul poller processes in a row ended before any result from Consul; this worker runs the poller as a thread from now on (each request then costs ~1% more: glibc's multi-threaded path)",
                         w.quick_exits
                     );
                 }
@@ -594,7 +595,6 @@ unsafe fn receive(w: &mut Worker, c: *mut ngx_connection_t) {
         // buffer is initialised and `len` long.
         let n = unsafe { libc::read((*c).fd, l.buf.as_mut_ptr() as *mut c_void, l.buf.len()) };
         if n > 0 {
-            l.heard = true;
             l.inbox.extend(&l.buf[..n as usize]);
             continue;
         }
@@ -610,7 +610,10 @@ unsafe fn receive(w: &mut Worker, c: *mut ngx_connection_t) {
     let mut reports = Vec::new();
     loop {
         match l.inbox.next_frame::<Report>() {
-            Ok(Some(r)) => reports.push(r),
+            Ok(Some(r)) => {
+                l.heard |= !matches!(r, Report::Log { .. });
+                reports.push(r);
+            }
             Ok(None) => break,
             Err(e) => {
                 tracing::error!("the socket from the Consul {} is unreadable ({e}); starting a new poller", l.name());
