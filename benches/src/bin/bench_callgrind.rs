@@ -13,8 +13,11 @@
 //! module with the same 4 servers synced from Consul, for round robin, `least_conn` and
 //! `ip_hash`, `keepalive` on, UPSYNC_BENCH_CG_REQUESTS requests (default 20,000) over 8
 //! keep-alive client connections; the module again while a fifth server is added or removed
-//! every 100 requests; and what one list change costs the worker for lists of 10 / 1,000 /
-//! 20,000 servers (a window with one change minus an idle window).
+//! every 100 requests (`upsync_interval=10ms`: under valgrind every change gets a Consul read and
+//! a list of its own), and on the leader the same churn at the default `upsync_interval`, where
+//! the poller's token bucket merges changes, with the projection of both to 200k requests/s;
+//! and what one list change costs the worker for lists of 10 / 1,000 / 20,000 servers (a window
+//! with one change minus an idle window).
 //!
 //! Each per-request configuration runs in UPSYNC_BENCH_CG_RUNS process starts (default 3) and
 //! the table gives the minimum and the spread: glibc malloc's heap layout differs from start to
@@ -27,7 +30,9 @@
 //! answer header) and measures that worker: what most workers of a large nginx pay. The
 //! projection to 200k requests/s uses stock nginx's CPU time per request measured natively
 //! (outside valgrind) in the same run. Prints a markdown section and writes every window's
-//! counts to build/bench/callgrind.json.
+//! counts to build/bench/callgrind.json (UPSYNC_BENCH_CG_JSON: another path). `make test` runs a
+//! short version of it and checks the module's code against its budget
+//! (benches/tests/instruction_budget.rs).
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -395,8 +400,13 @@ struct Row {
     mode: Mode,
     stock: Vec<Ir>,
     module: Vec<Ir>,
-    /// The module's run again while a server is added or removed every 100 requests.
-    churn: Vec<Ir>,
+    /// The module's run again while a server is added or removed every 100 requests
+    /// (`upsync_interval=10ms`: one Consul read and one list per change), with the lists the
+    /// workers installed in the window.
+    churn: Vec<(Ir, u64)>,
+    /// The leader only: the same churn with `upsync_interval` at its default (500ms), where the
+    /// poller's token bucket merges changes that come faster than one per interval.
+    churn_default: Vec<(Ir, u64)>,
 }
 
 fn min(v: &[f64]) -> f64 {
@@ -487,6 +497,36 @@ fn request(c: &mut TcpStream, buf: &mut Vec<u8>, path: &str) -> anyhow::Result<S
     }
 }
 
+/// A fifth server added or removed every 100 requests, `requests` in all, counted; with the
+/// lists the workers installed meanwhile (the list version's growth).
+fn churn(t: &mut Traced, c: &mut Client, consul: &Consul, key: &str, requests: usize) -> anyhow::Result<(Ir, u64)> {
+    let before = show_version(t.port)?;
+    let mut on = false;
+    let ir = t.net_count(|| {
+        for _ in 0..requests / 100 {
+            on = !on;
+            if on {
+                consul.kv_put(key, "");
+            } else {
+                consul.kv_delete(key);
+            }
+            c.run(100)?;
+        }
+        Ok(())
+    })?;
+    let lists = show_version(t.port)? - before;
+    if on {
+        consul.kv_delete(key);
+    }
+    Ok((ir, lists))
+}
+
+/// The version of the list the workers serve (one more for each list installed).
+fn show_version(port: u16) -> anyhow::Result<u64> {
+    let v: serde_json::Value = ureq::get(&format!("http://127.0.0.1:{port}/show?upstream=app&format=json")).call()?.into_json()?;
+    v["upstreams"][0]["sync"]["version"].as_u64().ok_or_else(|| anyhow::anyhow!("no list version in {v}"))
+}
+
 fn show_count(port: u16) -> usize {
     ureq::get(&format!("http://127.0.0.1:{port}/show?upstream=app&format=json"))
         .call()
@@ -552,7 +592,8 @@ fn main() -> anyhow::Result<()> {
     };
     eprintln!("native stock nginx: {:.1} us CPU per request", native * 1e6);
 
-    // UPSYNC_BENCH_CG_ONLY (comma-separated: rr, least_conn, ip_hash, follower, churn, change)
+    // UPSYNC_BENCH_CG_ONLY (comma-separated: rr, least_conn, ip_hash, follower, churn,
+    // churn-default, change)
     // runs only those parts (follower: the three balancers on a follower worker, or one with
     // follower-rr / follower-least_conn / follower-ip_hash; churn runs with the round robin rows'
     // module runs, leader and follower; to profile one part
@@ -566,7 +607,9 @@ fn main() -> anyhow::Result<()> {
     let mut rows: Vec<Row> = Vec::new();
     // Parts: rr, least_conn, ip_hash (single process: the worker leads); follower (the same three
     // balancers with 2 workers, the one without the poller measured; follower-rr,
-    // follower-least_conn, follower-ip_hash run one); churn (with both round robin rows).
+    // follower-least_conn, follower-ip_hash run one); churn (with both round robin rows:
+    // `upsync_interval=10ms`, one list per change); churn-default (the leader's round robin row
+    // again at the default interval, another start).
     for (lb, part, directive, mode) in [
         ("round robin", "rr", "", Mode::Single),
         ("least_conn", "least_conn", "least_conn;", Mode::Single),
@@ -579,7 +622,8 @@ fn main() -> anyhow::Result<()> {
             continue;
         }
         let with_churn = wanted("churn") && lb == "round robin";
-        let mut row = Row { lb, mode, stock: Vec::new(), module: Vec::new(), churn: Vec::new() };
+        let with_churn_default = wanted("churn-default") && lb == "round robin" && mode == Mode::Single;
+        let mut row = Row { lb, mode, stock: Vec::new(), module: Vec::new(), churn: Vec::new(), churn_default: Vec::new() };
         for run in 0..runs {
             for module in [false, true] {
                 let label = format!("{lb} {:?} {} run {}", mode, if module { "module" } else { "stock" }, run + 1);
@@ -601,26 +645,24 @@ fn main() -> anyhow::Result<()> {
                 }
                 row.module.push(ir);
                 if with_churn {
-                    // Churn: a fifth server added or removed every 100 requests.
-                    let key = format!("upstreams/app/{}", addr(BASE));
-                    let mut on = false;
-                    let ir = t.net_count(|| {
-                        for _ in 0..requests / 100 {
-                            on = !on;
-                            if on {
-                                consul.kv_put(&key, "");
-                            } else {
-                                consul.kv_delete(&key);
-                            }
-                            c.run(100)?;
-                        }
-                        Ok(())
-                    })?;
-                    eprintln!("{label}, churn: {ir:?}");
-                    if on {
-                        consul.kv_delete(&key);
-                    }
-                    row.churn.push(ir);
+                    let (ir, lists) = churn(&mut t, &mut c, &consul, &format!("upstreams/app/{}", addr(BASE)), requests)?;
+                    eprintln!("{label}, churn: {ir:?}, {lists} lists");
+                    row.churn.push((ir, lists));
+                }
+                if with_churn_default {
+                    // The same churn at the default upsync_interval (another start: the interval
+                    // is configuration).
+                    drop(c);
+                    drop(t);
+                    let d = dir.subdir(&format!("cg-{part}-default-interval-{run}"));
+                    let body = upsync("app").replace(" upsync_interval=10ms", "");
+                    let mut t = Traced::start(&d, "", &format!("upstream app {{ {directive} {body} keepalive 64; }}"), true, mode)?;
+                    wait_count(t.port, BASE)?;
+                    let mut c = Client::pinned(t.port, None)?;
+                    c.run(1_000)?;
+                    let (ir, lists) = churn(&mut t, &mut c, &consul, &format!("upstreams/app/{}", addr(BASE)), requests)?;
+                    eprintln!("{label}, churn at the default upsync_interval: {ir:?}, {lists} lists");
+                    row.churn_default.push((ir, lists));
                 }
             }
         }
@@ -739,17 +781,73 @@ fn main() -> anyhow::Result<()> {
             line("control: stock nginx with one `thread_pool` thread, no module (against stock)", &stock, &t, None);
         }
         if !r.churn.is_empty() {
-            let own: Vec<f64> = r.churn.iter().map(|i| per(i.module_own)).collect();
-            let code: Vec<f64> = r.churn.iter().map(|i| per(i.module_own + i.module_calls)).collect();
-            let ev: Vec<f64> = r.churn.iter().map(|i| per(i.event_loop)).collect();
-            let label = format!("{who}, {}, a server added or removed every 100 requests", r.lb);
+            let own: Vec<f64> = r.churn.iter().map(|(i, _)| per(i.module_own)).collect();
+            let code: Vec<f64> = r.churn.iter().map(|(i, _)| per(i.module_own + i.module_calls)).collect();
+            let ev: Vec<f64> = r.churn.iter().map(|(i, _)| per(i.event_loop)).collect();
+            let lists: Vec<String> = r.churn.iter().map(|(_, l)| l.to_string()).collect();
+            let label = format!(
+                "{who}, {}, a server added or removed every 100 requests (lists installed for {} changes: {})",
+                r.lb,
+                requests / 100,
+                lists.join(", ")
+            );
             if r.mode == Mode::Single {
                 line(&format!("{label}: event loop"), &stock, &ev, Some((&own, &code)));
-                let total: Vec<f64> = r.churn.iter().map(|i| per(i.total())).collect();
+                let total: Vec<f64> = r.churn.iter().map(|(i, _)| per(i.total())).collect();
                 line(&format!("{label}: event loop + its Consul poller"), &stock, &total, None);
             } else {
                 line(&label, &stock, &ev, Some((&own, &code)));
             }
+        }
+        if !r.churn_default.is_empty() {
+            let own: Vec<f64> = r.churn_default.iter().map(|(i, _)| per(i.module_own)).collect();
+            let code: Vec<f64> = r.churn_default.iter().map(|(i, _)| per(i.module_own + i.module_calls)).collect();
+            let total: Vec<f64> = r.churn_default.iter().map(|(i, _)| per(i.total())).collect();
+            let lists: Vec<String> = r.churn_default.iter().map(|(_, l)| l.to_string()).collect();
+            let label = format!(
+                "{who}, {}, the same churn at the default `upsync_interval` (500ms; lists installed for {} changes: {}): event loop + its Consul poller",
+                r.lb,
+                requests / 100,
+                lists.join(", ")
+            );
+            line(&label, &stock, &total, Some((&own, &code)));
+        }
+    }
+    // At 200k requests/s a change every 100 requests is 2,000 changes a second. Under callgrind
+    // a request takes ~50 times as long, so every change of the churn rows above gets a Consul
+    // read and a list of its own; at full speed the poller's token bucket reads at most one list
+    // per `upsync_interval` once its burst is spent, whatever the change rate. Projected from
+    // the cost of one list measured in the leader's churn (upsync_interval=10ms) windows.
+    if let Some(leader) = rows.iter().find(|r| r.mode == Mode::Single && !r.churn.is_empty()) {
+        let stock = min(&leader.stock.iter().map(|i| per(i.total())).collect::<Vec<_>>());
+        let base_ev = min(&leader.module.iter().map(|i| per(i.event_loop)).collect::<Vec<_>>());
+        let base_code = min(&leader.module.iter().map(|i| per(i.module_own + i.module_calls)).collect::<Vec<_>>());
+        let (ir, lists) = leader.churn.iter().min_by_key(|(i, _)| i.total()).copied().unwrap_or_default();
+        let lists = lists.max(1) as f64;
+        let poller_per_list = ir.poller as f64 / lists;
+        // The event loop's whole growth (the link's wake-ups too), or the module code's if heap
+        // layout made that smaller: the larger of the two.
+        let grown = |now: f64, before: f64| (now - before) * requests as f64 / lists;
+        let loop_per_list = grown(per(ir.event_loop), base_ev).max(grown(per(ir.module_own + ir.module_calls), base_code)).max(0.0);
+        println!(
+            "\nUnder churn at 200k requests/s (a change every 100 requests: 2,000 a second), projected from one list's \
+             cost in the leader's churn windows ({lists:.0} lists): its Consul poller {poller_per_list:.0} instructions, its \
+             event loop {loop_per_list:.0} (every worker installs each list). Leader's module code without \
+             churn: {base_code:.0} per request (event loop {:+.2}% against stock).\n",
+            (base_ev - stock) / stock * 100.0
+        );
+        println!("| `upsync_interval` | lists a second at most (after a burst of 10) | the poller per request | each worker's event loop per request, beyond no churn | the leader in all: module code + poller, against stock |");
+        println!("|---|---:|---:|---:|---:|");
+        for (what, per_second) in [("500ms (default)", 2.0f64), ("10ms", 100.0), ("1ms (the least)", 1_000.0)] {
+            let lists_per_request = per_second.min(2_000.0) / 200_000.0;
+            let poller = lists_per_request * poller_per_list;
+            let ev = lists_per_request * loop_per_list;
+            println!(
+                "| {what} | {per_second:.0} | {poller:.1} ({:.3}%) | {ev:.1} ({:.3}%) | {:.2}% |",
+                poller / stock * 100.0,
+                ev / stock * 100.0,
+                (base_code + ev + poller) / stock * 100.0
+            );
         }
     }
     if !changes.is_empty() {
@@ -797,7 +895,9 @@ fn write_json(requests: usize, native: f64, rows: &[Row], threaded_stock: &[Ir],
         .map(|r| {
             serde_json::json!({
                 "worker": r.mode.worker(), "balancer": r.lb,
-                "stock": list(&r.stock), "module": list(&r.module), "churn": list(&r.churn),
+                "stock": list(&r.stock), "module": list(&r.module),
+                "churn": r.churn.iter().map(|(i, l)| serde_json::json!({ "ir": i.json(), "lists": l })).collect::<Vec<_>>(),
+                "churn_default_interval": r.churn_default.iter().map(|(i, l)| serde_json::json!({ "ir": i.json(), "lists": l })).collect::<Vec<_>>(),
             })
         })
         .collect();
@@ -806,8 +906,15 @@ fn write_json(requests: usize, native: f64, rows: &[Row], threaded_stock: &[Ir],
         "requests": requests, "native_stock_us_per_request": native * 1e6,
         "rows": rows, "stock_with_thread_pool": list(threaded_stock), "changes": changes,
     });
-    let out = upsync_tests::paths::build_dir().join("bench");
-    std::fs::create_dir_all(&out)?;
-    std::fs::write(out.join("callgrind.json"), serde_json::to_string_pretty(&json)?)?;
+    // UPSYNC_BENCH_CG_JSON: another path (the instruction-count check of `make test` uses one
+    // of its own).
+    let path = match std::env::var_os("UPSYNC_BENCH_CG_JSON") {
+        Some(p) => PathBuf::from(p),
+        None => upsync_tests::paths::build_dir().join("bench").join("callgrind.json"),
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&path, serde_json::to_string_pretty(&json)?)?;
     Ok(())
 }
