@@ -124,16 +124,19 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const MAX_MESSAGE: usize = 400;
 
 /// TCP keepalive on every Consul connection: the first probe after this much silence...
-pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(15);
+pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(5);
 /// ...then one probe per interval...
-pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
 /// ...and the connection is dropped after this many unanswered probes.
 pub const KEEPALIVE_PROBES: u32 = 3;
 /// Longest time a connection whose peer vanished without a FIN or RST (host powered off,
 /// network partition, a NAT or firewall that forgot the flow) goes unnoticed, whether it is idle
 /// in the pool, waiting in a blocking query, or has unacknowledged data in flight
-/// (`TCP_USER_TIMEOUT`, set to the same bound): 15 s + 3 x 5 s.
-pub const HALF_OPEN_BOUND: Duration = Duration::from_secs(15 + 3 * 5);
+/// (`TCP_USER_TIMEOUT`, set to the same bound): 5 s + 3 x 2 s. A blocking query holds its
+/// connection silent for up to 10 minutes, so this, not the query's own bound, is how long a
+/// watch on a vanished Consul goes on waiting. The probes are answered by the peer's kernel, not
+/// by Consul: two small packets per connection every 5 s while it is quiet.
+pub const HALF_OPEN_BOUND: Duration = Duration::from_secs(5 + 3 * 2);
 
 impl Client {
     /// Checks `cfg`, loads the TLS files and the token file. Does no network I/O and needs no
