@@ -780,37 +780,34 @@ fn main() -> anyhow::Result<()> {
             let t: Vec<f64> = threaded_stock.iter().map(|i| per(i.total())).collect();
             line("control: stock nginx with one `thread_pool` thread, no module (against stock)", &stock, &t, None);
         }
+        // Per request, a field of each churn window; and the lists installed in each.
+        let col = |w: &[(Ir, u64)], f: fn(&Ir) -> u64| w.iter().map(|(i, _)| per(f(i))).collect::<Vec<f64>>();
+        let lists = |w: &[(Ir, u64)]| w.iter().map(|(_, l)| l.to_string()).collect::<Vec<_>>().join(", ");
         if !r.churn.is_empty() {
-            let own: Vec<f64> = r.churn.iter().map(|(i, _)| per(i.module_own)).collect();
-            let code: Vec<f64> = r.churn.iter().map(|(i, _)| per(i.module_own + i.module_calls)).collect();
-            let ev: Vec<f64> = r.churn.iter().map(|(i, _)| per(i.event_loop)).collect();
-            let lists: Vec<String> = r.churn.iter().map(|(_, l)| l.to_string()).collect();
             let label = format!(
                 "{who}, {}, a server added or removed every 100 requests (lists installed for {} changes: {})",
                 r.lb,
                 requests / 100,
-                lists.join(", ")
+                lists(&r.churn)
             );
+            let (o, c, ev) =
+                (col(&r.churn, |i| i.module_own), col(&r.churn, |i| i.module_own + i.module_calls), col(&r.churn, |i| i.event_loop));
             if r.mode == Mode::Single {
-                line(&format!("{label}: event loop"), &stock, &ev, Some((&own, &code)));
-                let total: Vec<f64> = r.churn.iter().map(|(i, _)| per(i.total())).collect();
-                line(&format!("{label}: event loop + its Consul poller"), &stock, &total, None);
+                line(&format!("{label}: event loop"), &stock, &ev, Some((&o, &c)));
+                line(&format!("{label}: event loop + its Consul poller"), &stock, &col(&r.churn, |i| i.total()), None);
             } else {
-                line(&label, &stock, &ev, Some((&own, &code)));
+                line(&label, &stock, &ev, Some((&o, &c)));
             }
         }
         if !r.churn_default.is_empty() {
-            let own: Vec<f64> = r.churn_default.iter().map(|(i, _)| per(i.module_own)).collect();
-            let code: Vec<f64> = r.churn_default.iter().map(|(i, _)| per(i.module_own + i.module_calls)).collect();
-            let total: Vec<f64> = r.churn_default.iter().map(|(i, _)| per(i.total())).collect();
-            let lists: Vec<String> = r.churn_default.iter().map(|(_, l)| l.to_string()).collect();
             let label = format!(
                 "{who}, {}, the same churn at the default `upsync_interval` (500ms; lists installed for {} changes: {}): event loop + its Consul poller",
                 r.lb,
                 requests / 100,
-                lists.join(", ")
+                lists(&r.churn_default)
             );
-            line(&label, &stock, &total, Some((&own, &code)));
+            let (o, c) = (col(&r.churn_default, |i| i.module_own), col(&r.churn_default, |i| i.module_own + i.module_calls));
+            line(&label, &stock, &col(&r.churn_default, |i| i.total()), Some((&o, &c)));
         }
     }
     // At 200k requests/s a change every 100 requests is 2,000 changes a second. Under callgrind
