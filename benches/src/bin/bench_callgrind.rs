@@ -392,6 +392,12 @@ impl Ir {
     fn total(self) -> u64 {
         self.event_loop + self.threads + self.poller
     }
+
+    /// The module's code on the event loop: its own instructions and the nginx/libc functions
+    /// it calls.
+    fn code(self) -> u64 {
+        self.module_own + self.module_calls
+    }
 }
 
 /// One configuration's measurements, one per process start.
@@ -521,19 +527,20 @@ fn churn(t: &mut Traced, c: &mut Client, consul: &Consul, key: &str, requests: u
     Ok((ir, lists))
 }
 
+/// The module's status of upstream `app` (`/show`, JSON).
+fn show_app(port: u16) -> anyhow::Result<serde_json::Value> {
+    let v: serde_json::Value = ureq::get(&format!("http://127.0.0.1:{port}/show?upstream=app&format=json")).call()?.into_json()?;
+    Ok(v["upstreams"][0].clone())
+}
+
 /// The version of the list the workers serve (one more for each list installed).
 fn show_version(port: u16) -> anyhow::Result<u64> {
-    let v: serde_json::Value = ureq::get(&format!("http://127.0.0.1:{port}/show?upstream=app&format=json")).call()?.into_json()?;
-    v["upstreams"][0]["sync"]["version"].as_u64().ok_or_else(|| anyhow::anyhow!("no list version in {v}"))
+    let u = show_app(port)?;
+    u["sync"]["version"].as_u64().ok_or_else(|| anyhow::anyhow!("no list version in {u}"))
 }
 
 fn show_count(port: u16) -> usize {
-    ureq::get(&format!("http://127.0.0.1:{port}/show?upstream=app&format=json"))
-        .call()
-        .ok()
-        .and_then(|r| r.into_json::<serde_json::Value>().ok())
-        .and_then(|v| v["upstreams"][0]["servers"].as_array().map(Vec::len))
-        .unwrap_or(0)
+    show_app(port).ok().and_then(|u| u["servers"].as_array().map(Vec::len)).unwrap_or(0)
 }
 
 fn wait_count(port: u16, n: usize) -> anyhow::Result<()> {
@@ -774,7 +781,7 @@ fn main() -> anyhow::Result<()> {
         let stock: Vec<f64> = r.stock.iter().map(|i| per(i.total())).collect();
         let module: Vec<f64> = r.module.iter().map(|i| per(i.total())).collect();
         let own: Vec<f64> = r.module.iter().map(|i| per(i.module_own)).collect();
-        let code: Vec<f64> = r.module.iter().map(|i| per(i.module_own + i.module_calls)).collect();
+        let code: Vec<f64> = r.module.iter().map(|i| per(i.code())).collect();
         line(&format!("{who}, {}", r.lb), &stock, &module, Some((&own, &code)));
         if r.mode == Mode::Single && r.lb == "round robin" && !threaded_stock.is_empty() {
             let t: Vec<f64> = threaded_stock.iter().map(|i| per(i.total())).collect();
@@ -790,8 +797,7 @@ fn main() -> anyhow::Result<()> {
                 requests / 100,
                 lists(&r.churn)
             );
-            let (o, c, ev) =
-                (col(&r.churn, |i| i.module_own), col(&r.churn, |i| i.module_own + i.module_calls), col(&r.churn, |i| i.event_loop));
+            let (o, c, ev) = (col(&r.churn, |i| i.module_own), col(&r.churn, |i| i.code()), col(&r.churn, |i| i.event_loop));
             if r.mode == Mode::Single {
                 line(&format!("{label}: event loop"), &stock, &ev, Some((&o, &c)));
                 line(&format!("{label}: event loop + its Consul poller"), &stock, &col(&r.churn, |i| i.total()), None);
@@ -806,7 +812,7 @@ fn main() -> anyhow::Result<()> {
                 requests / 100,
                 lists(&r.churn_default)
             );
-            let (o, c) = (col(&r.churn_default, |i| i.module_own), col(&r.churn_default, |i| i.module_own + i.module_calls));
+            let (o, c) = (col(&r.churn_default, |i| i.module_own), col(&r.churn_default, |i| i.code()));
             line(&label, &stock, &col(&r.churn_default, |i| i.total()), Some((&o, &c)));
         }
     }
@@ -818,14 +824,14 @@ fn main() -> anyhow::Result<()> {
     if let Some(leader) = rows.iter().find(|r| r.mode == Mode::Single && !r.churn.is_empty()) {
         let stock = min(&leader.stock.iter().map(|i| per(i.total())).collect::<Vec<_>>());
         let base_ev = min(&leader.module.iter().map(|i| per(i.event_loop)).collect::<Vec<_>>());
-        let base_code = min(&leader.module.iter().map(|i| per(i.module_own + i.module_calls)).collect::<Vec<_>>());
+        let base_code = min(&leader.module.iter().map(|i| per(i.code())).collect::<Vec<_>>());
         let (ir, lists) = leader.churn.iter().min_by_key(|(i, _)| i.total()).copied().unwrap_or_default();
         let lists = lists.max(1) as f64;
         let poller_per_list = ir.poller as f64 / lists;
         // The event loop's whole growth (the link's wake-ups too), or the module code's if heap
         // layout made that smaller: the larger of the two.
         let grown = |now: f64, before: f64| (now - before) * requests as f64 / lists;
-        let loop_per_list = grown(per(ir.event_loop), base_ev).max(grown(per(ir.module_own + ir.module_calls), base_code)).max(0.0);
+        let loop_per_list = grown(per(ir.event_loop), base_ev).max(grown(per(ir.code()), base_code)).max(0.0);
         println!(
             "\nUnder churn at 200k requests/s (a change every 100 requests: 2,000 a second), projected from one list's \
              cost in the leader's churn windows ({lists:.0} lists): its Consul poller {poller_per_list:.0} instructions, its \
@@ -887,14 +893,14 @@ impl Mode {
 /// process start, as measured.
 fn write_json(requests: usize, native: f64, rows: &[Row], threaded_stock: &[Ir], changes: &[(usize, Ir)]) -> anyhow::Result<()> {
     let list = |v: &[Ir]| v.iter().map(|i| i.json()).collect::<Vec<_>>();
+    let churn = |v: &[(Ir, u64)]| v.iter().map(|(i, l)| serde_json::json!({ "ir": i.json(), "lists": l })).collect::<Vec<_>>();
     let rows: Vec<_> = rows
         .iter()
         .map(|r| {
             serde_json::json!({
                 "worker": r.mode.worker(), "balancer": r.lb,
                 "stock": list(&r.stock), "module": list(&r.module),
-                "churn": r.churn.iter().map(|(i, l)| serde_json::json!({ "ir": i.json(), "lists": l })).collect::<Vec<_>>(),
-                "churn_default_interval": r.churn_default.iter().map(|(i, l)| serde_json::json!({ "ir": i.json(), "lists": l })).collect::<Vec<_>>(),
+                "churn": churn(&r.churn), "churn_default_interval": churn(&r.churn_default),
             })
         })
         .collect();
